@@ -1,0 +1,54 @@
+# Two commands matter on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest
+# pytest exits 5 when a folder holds no tests yet; that is not a failure of the target.
+RUN_TESTS = $(PYTEST) $(1) || [ $$? -eq 5 ]
+
+.PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
+        test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean
+
+$(STAMP): pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvroute demo
+
+test: $(STAMP)
+	$(call RUN_TESTS,tests -q -p no:cacheprovider)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(VENV)/bin/kvroute bench all --size full
+
+test-kv-sync: $(STAMP)
+	$(call RUN_TESTS,tests/unit -q)
+
+test-zmq: $(STAMP)
+	$(call RUN_TESTS,tests/zmq -q)
+
+test-kv-sync-e2e: $(STAMP)
+	$(call RUN_TESTS,tests/e2e -q)
+
+test-kv-sync-benchmark: $(STAMP)
+	$(call RUN_TESTS,tests/benchmark -q)
+
+test-kv-sync-chaos: $(STAMP)
+	$(call RUN_TESTS,tests/chaos -q)
+
+test-kv-sync-all: $(STAMP)
+	$(call RUN_TESTS,tests -q)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""kvroute.bench (in progress)."""
+
+__all__: list[str] = []

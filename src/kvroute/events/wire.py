@@ -1,0 +1,350 @@
+"""Decode one vLLM KV-event payload (frame 2 of a live message), of any release, into typed events.
+
+vLLM's wire shapes stop here: everything downstream sees only `EventBatch` and its events.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, TypeAlias
+
+import msgspec
+from msgspec.structs import force_setattr
+
+from kvroute.errors import WireError
+
+__all__ = [
+    "AllBlocksCleared",
+    "BatchDecoder",
+    "BlockRemoved",
+    "BlockStored",
+    "EngineHash",
+    "Event",
+    "EventBatch",
+    "decode_batch",
+]
+
+EngineHash: TypeAlias = int | bytes
+"""A block hash as the engine sent it: int (signed or unsigned 64-bit) or bytes (16/32/64+)."""
+
+
+def _upper_medium(event: BlockStored | BlockRemoved) -> None:
+    # The Mooncake store sends "cpu" where vLLM's pools send "CPU"; normalise once, here.
+    # Pinned by test_medium_is_upper_cased.
+    medium = event.medium
+    if medium is not None and not medium.isupper():
+        force_setattr(event, "medium", medium.upper())
+
+
+class BlockStored(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="BlockStored"):
+    """A run of newly cached full blocks of one request; hashes chain from `parent_block_hash`.
+
+    The union of every release's fields; a field the release does not send is None.
+    """
+
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None = None
+    token_ids: list[int] | None = None
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        _upper_medium(self)
+
+
+class BlockRemoved(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="BlockRemoved"):
+    """Blocks evicted from one medium (in practice one hash per event, once per physical copy)."""
+
+    block_hashes: list[EngineHash]
+    medium: str | None = None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+    def __post_init__(self) -> None:
+        _upper_medium(self)
+
+
+class AllBlocksCleared(
+    msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="AllBlocksCleared"
+):
+    """The engine dropped its whole prefix cache (`/reset_prefix_cache`, sleep/wake)."""
+
+
+Event: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
+
+_EVENT_TYPES: Final[dict[str, type[Event]]] = {
+    "BlockStored": BlockStored,
+    "BlockRemoved": BlockRemoved,
+    "AllBlocksCleared": AllBlocksCleared,
+}
+
+
+class EventBatch(msgspec.Struct, frozen=True, gc=False):
+    """One scheduler step's events from one engine source, in the order they happened.
+
+    `skipped_events` counts events of kinds this decoder does not know (dropped, not fatal).
+    """
+
+    ts: float
+    events: list[Event]
+    data_parallel_rank: int | None = None
+    skipped_events: int = 0
+
+
+# --- positional (array) events, vLLM 0.9.0 – 0.23.x -----------------------------------------
+#
+# In array mode msgspec writes every declared field, so a release's arrays have a fixed length;
+# fields were only ever appended. Missing trailing positions take the default (None), extra
+# trailing positions are ignored (msgspec does both for array_like Structs).
+# Pinned by test_block_stored_array_with_missing_trailing_fields and
+# test_block_stored_array_with_extra_trailing_fields.
+#
+# BlockStored                               BlockRemoved
+#  pos field                        since    pos field         since
+#   0  tag "BlockStored"            0.9.0     0  tag           0.9.0
+#   1  block_hashes  [int|bin]      0.9.0     1  block_hashes  0.9.0
+#   2  parent_block_hash int|bin|nil 0.9.0    2  medium        0.10.2
+#   3  token_ids [int]              0.9.0     3  group_idx     0.20.0
+#   4  block_size int               0.9.0
+#   5  lora_id int|nil              0.9.0   AllBlocksCleared: ["AllBlocksCleared"]
+#   6  medium str|nil               0.10.2
+#   7  lora_name str|nil            0.14.0  Outer batch (every release, always an array):
+#   8  extra_keys [..]|nil          0.17.0    [ts, events]                      0.9.0
+#   9  group_idx int|nil            0.20.0    [ts, events, data_parallel_rank]  0.9.1+
+#  10  kv_cache_spec_kind str|nil   0.22.0
+#  11  kv_cache_spec_sliding_window 0.22.0  From 0.24.0 events are maps {"type": tag, ...}
+#                                            with unknown keys ignored (locality 0.26,
+#                                            ownership 0.29, session_id 0.30, ...).
+_STORED_POSITIONS: Final = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
+    "kv_cache_spec_sliding_window",
+)
+_REMOVED_POSITIONS: Final = ("block_hashes", "medium", "group_idx")
+_POSITIONS: Final[dict[str, tuple[str, ...]]] = {
+    "BlockStored": _STORED_POSITIONS,
+    "BlockRemoved": _REMOVED_POSITIONS,
+    "AllBlocksCleared": (),
+}
+
+
+class _ArrayBlockStored(msgspec.Struct, array_like=True, gc=False, tag="BlockStored"):
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None = None
+    token_ids: list[int] | None = None
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+
+
+class _ArrayBlockRemoved(msgspec.Struct, array_like=True, gc=False, tag="BlockRemoved"):
+    block_hashes: list[EngineHash]
+    medium: str | None = None
+    group_idx: int | None = None
+
+
+class _ArrayAllBlocksCleared(msgspec.Struct, array_like=True, gc=False, tag="AllBlocksCleared"):
+    pass
+
+
+class _ArrayEventBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+class _MapEventBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[Event]
+    data_parallel_rank: int | None = None
+
+
+_CLEARED: Final = AllBlocksCleared()
+
+
+def _from_array(raw: _ArrayBatchEvent) -> Event:
+    if type(raw) is _ArrayBlockStored:
+        return BlockStored(
+            raw.block_hashes,
+            raw.parent_block_hash,
+            raw.token_ids,
+            raw.block_size,
+            raw.lora_id,
+            raw.medium,
+            raw.lora_name,
+            raw.extra_keys,
+            raw.group_idx,
+            raw.kv_cache_spec_kind,
+            raw.kv_cache_spec_sliding_window,
+        )
+    if type(raw) is _ArrayBlockRemoved:
+        return BlockRemoved(raw.block_hashes, raw.medium, raw.group_idx)
+    return _CLEARED
+
+
+_ArrayBatchEvent: TypeAlias = _ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared
+
+_map_decoder: Final = msgspec.msgpack.Decoder(_MapEventBatch)
+_array_decoder: Final = msgspec.msgpack.Decoder(_ArrayEventBatch)
+_untyped_decoder: Final = msgspec.msgpack.Decoder()
+
+
+def _decode_map(payload: bytes) -> EventBatch:
+    raw = _map_decoder.decode(payload)
+    return EventBatch(raw.ts, raw.events, raw.data_parallel_rank)
+
+
+def _decode_array(payload: bytes) -> EventBatch:
+    raw = _array_decoder.decode(payload)
+    return EventBatch(raw.ts, [_from_array(e) for e in raw.events], raw.data_parallel_rank)
+
+
+class BatchDecoder:
+    """Decodes payloads of one source, trying first the shape that source sent last time.
+
+    Typed msgspec decoding handles the common shapes (map events ≥0.24, array events ≤0.23);
+    anything else takes the tolerant path, which either normalises it or raises `WireError`.
+    """
+
+    __slots__ = ("_fast",)
+
+    def __init__(self) -> None:
+        self._fast = (_decode_map, _decode_array)
+
+    def decode(self, payload: bytes) -> EventBatch:
+        first, second = self._fast
+        try:
+            return first(payload)
+        except (msgspec.DecodeError, ValueError):
+            pass
+        try:
+            batch = second(payload)
+        except (msgspec.DecodeError, ValueError):
+            return _decode_tolerant(payload)
+        self._fast = (second, first)
+        return batch
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """Decode one payload of any vLLM release (0.9.0 – 0.33.0); raise `WireError` if malformed."""
+    try:
+        return _decode_map(payload)
+    except (msgspec.DecodeError, ValueError):
+        pass
+    try:
+        return _decode_array(payload)
+    except (msgspec.DecodeError, ValueError):
+        return _decode_tolerant(payload)
+
+
+# --- the tolerant path ------------------------------------------------------------------------
+
+_MSGSPEC_ERROR = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _type_name(value: object) -> str:
+    return {
+        dict: "map",
+        list: "array",
+        tuple: "array",
+        str: "str",
+        bytes: "bin",
+        int: "int",
+        float: "float",
+        bool: "bool",
+        type(None): "nil",
+    }.get(type(value), type(value).__name__)
+
+
+def _validation_message(where: str, exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.block_size`"; we say
+    # "BlockStored.block_size: expected int, got str".
+    match = _MSGSPEC_ERROR.match(str(exc))
+    what = str(exc) if match is None else match["what"]
+    path = "" if match is None or not match["path"] else match["path"]
+    what = what.replace("`", "")
+    if what[:1].isupper():
+        what = what[0].lower() + what[1:]
+    return f"{where}{path}: {what}"
+
+
+def _decode_tolerant(payload: bytes) -> EventBatch:
+    try:
+        obj = _untyped_decoder.decode(payload)
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"payload: expected a msgpack KVEventBatch, got undecodable bytes ({exc})") from exc
+
+    if isinstance(obj, dict):  # not sent by any release; accepted defensively
+        ts, raw_events, rank = obj.get("ts"), obj.get("events"), obj.get("data_parallel_rank")
+    elif isinstance(obj, list):
+        if len(obj) < 2:
+            raise WireError(f"EventBatch: expected an array of 2 or 3 items, got {len(obj)}")
+        ts, raw_events = obj[0], obj[1]
+        rank = obj[2] if len(obj) > 2 else None
+    else:
+        raise WireError(f"EventBatch: expected array, got {_type_name(obj)}")
+
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise WireError(f"EventBatch.ts: expected float, got {_type_name(ts)}")
+    if not isinstance(raw_events, list):
+        raise WireError(f"EventBatch.events: expected array, got {_type_name(raw_events)}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise WireError(f"EventBatch.data_parallel_rank: expected int or nil, got {_type_name(rank)}")
+
+    events: list[Event] = []
+    skipped = 0
+    for i, raw in enumerate(raw_events):
+        event = _normalise_event(i, raw)
+        if event is None:
+            skipped += 1
+        else:
+            events.append(event)
+    return EventBatch(float(ts), events, rank, skipped)
+
+
+def _normalise_event(i: int, raw: object) -> Event | None:
+    """Turn one untyped event into its Struct; None for a kind we do not know."""
+    if isinstance(raw, dict):
+        kind = raw.get("type")
+        fields = {k: v for k, v in raw.items() if k != "type"}
+    elif isinstance(raw, list) and raw:
+        kind = raw[0]
+        positions = _POSITIONS.get(kind, ()) if isinstance(kind, str) else ()
+        fields = dict(zip(positions, raw[1:], strict=False))
+    else:
+        raise WireError(f"events[{i}]: expected array or map event, got {_type_name(raw)}")
+    if not isinstance(kind, str):
+        raise WireError(f"events[{i}].type: expected str, got {_type_name(kind)}")
+    cls = _EVENT_TYPES.get(kind)
+    if cls is None:
+        return None
+    # Keep only the fields the Struct knows: unknown keys of newer releases are ignored.
+    known = {k: v for k, v in fields.items() if k in cls.__struct_fields__}
+    try:
+        return msgspec.convert(known, cls)
+    except msgspec.ValidationError as exc:
+        raise WireError(_validation_message(f"events[{i}] {kind}", exc)) from exc

@@ -1,0 +1,3 @@
+"""kvroute.fleet (in progress)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""kvroute.gateway (in progress)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""kvroute.routing (in progress)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""kvroute.sim (in progress)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""kvroute.tokenize (in progress)."""
+
+__all__: list[str] = []
