@@ -48,7 +48,9 @@ class Scenario:
 
 @cache
 def expected_json(version: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((event_fixtures_dir() / version / "expected.json").read_text())
+    data: dict[str, Any] = json.loads(
+        (event_fixtures_dir() / version / "expected.json").read_text()
+    )
     return data
 
 

@@ -1,4 +1,4 @@
-"""kvroute: route OpenAI-style requests to the vLLM engine that already holds the prompt's prefix."""
+"""kvroute: route OpenAI-style requests to the vLLM engine holding the prompt's prefix."""
 
 __all__ = ["__version__"]
 

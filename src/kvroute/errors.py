@@ -1,11 +1,11 @@
 """The one exception tree of kvroute; every error kvroute raises on purpose is one of these.
 
-    KvrouteError                 base; never raised itself
-    ├── WireError                a payload or frame is not a vLLM KV-event batch we can read
-    ├── IndexStateError          an index operation would corrupt or cannot use the index state
-    ├── TokenizeError            a request could not be turned into token ids
-    ├── EngineError              an engine is unreachable, timed out or answered with an error
-    └── ConfigError              settings or the fleet file are invalid
+KvrouteError                 base; never raised itself
+├── WireError                a payload or frame is not a vLLM KV-event batch we can read
+├── IndexStateError          an index operation would corrupt or cannot use the index state
+├── TokenizeError            a request could not be turned into token ids
+├── EngineError              an engine is unreachable, timed out or answered with an error
+└── ConfigError              settings or the fleet file are invalid
 """
 
 from __future__ import annotations

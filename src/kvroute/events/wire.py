@@ -296,7 +296,9 @@ def _decode_tolerant(payload: bytes) -> EventBatch:
     try:
         obj = _untyped_decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
-        raise WireError(f"payload: expected a msgpack KVEventBatch, got undecodable bytes ({exc})") from exc
+        raise WireError(
+            f"payload: expected a msgpack KVEventBatch, got undecodable bytes ({exc})"
+        ) from exc
 
     if isinstance(obj, dict):  # not sent by any release; accepted defensively
         ts, raw_events, rank = obj.get("ts"), obj.get("events"), obj.get("data_parallel_rank")
@@ -313,7 +315,9 @@ def _decode_tolerant(payload: bytes) -> EventBatch:
     if not isinstance(raw_events, list):
         raise WireError(f"EventBatch.events: expected array, got {_type_name(raw_events)}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
-        raise WireError(f"EventBatch.data_parallel_rank: expected int or nil, got {_type_name(rank)}")
+        raise WireError(
+            f"EventBatch.data_parallel_rank: expected int or nil, got {_type_name(rank)}"
+        )
 
     events: list[Event] = []
     skipped = 0
