@@ -1,0 +1,59 @@
+"""Benchmark reporting: a table on stdout and a JSON file under bench-results/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_OUT_DIR", "print_table", "save_json"]
+
+DEFAULT_OUT_DIR = Path("bench-results")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a table with rich when it is installed (the `bench` extra), plain text otherwise."""
+    cells = [[_fmt(v) for v in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+        print(f"\n{title}")
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+        for r in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in cells:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def save_json(name: str, data: dict[str, Any], out_dir: Path = DEFAULT_OUT_DIR) -> Path:
+    """Write `data` (plus host facts) to out_dir/name.json and return the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    record = {
+        "name": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {"python": platform.python_version(), "machine": platform.machine()},
+        **data,
+    }
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
