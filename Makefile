@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 # pytest exits 5 when a folder holds no tests yet; that is not a failure of the target.
 RUN_TESTS = $(PYTEST) $(1) || [ $$? -eq 5 ]
+SHARED ?= $(or $(KVROUTE_SHARED),../shared)
+# The real vLLM CPU install (~2.5 GB) is cached here between runs.
+VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean
@@ -49,6 +52,13 @@ test-kv-sync-chaos: $(STAMP)
 
 test-kv-sync-all: $(STAMP)
 	$(call RUN_TESTS,tests -q)
+	$(MAKE) test-vllm
+
+# Two real vLLM engines (CPU build, tiny model) + `kvroute serve`; see tests/e2e/real_vllm.
+test-vllm: $(STAMP)
+	ROOT=$(VLLM_ROOT) INSTALL_ONLY=1 bash $(SHARED)/vllm-cpu/vllm_cpu_e2e.sh
+	KVROUTE_REAL_VLLM=1 KVROUTE_VLLM_ROOT=$(VLLM_ROOT) KVROUTE_VLLM_LOGS=$(VLLM_ROOT)/logs \
+		$(PYTEST) tests/e2e/real_vllm -q -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,227 @@
+"""Start and stop real vLLM engines and `kvroute serve` as child processes, with no leftovers."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def _kill_group(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, wait_s: float = 20
+) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@atexit.register
+def _kill_all() -> None:
+    for proc in _CHILDREN:
+        _kill_group(proc, signal.SIGKILL, 5)
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, *, timeout: float = 120) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    method = "GET" if body is None else "POST"
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def http_ok(url: str, timeout: float = 2) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@dataclass
+class VllmEngine:
+    """One real vLLM CPU engine serving the tiny model with KV events and replay on."""
+
+    root: Path
+    index: int
+    http_port: int
+    pub_port: int
+    replay_port: int
+    log_dir: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    starts: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"vllm-{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env.update(
+            TMPDIR=str(tmp),
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_CPU_OMP_THREADS_BIND=str(self.index % max(os.cpu_count() or 1, 1)),
+            VLLM_CACHE_ROOT=str(self.root / "cache"),
+            HF_HOME=str(self.root / "hf"),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            VLLM_SERVER_DEV_MODE="1",  # POST /reset_prefix_cache
+        )
+        kv_events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            # vLLM binds only when the endpoint has '*': tcp://127.0.0.1:N would connect.
+            "endpoint": f"tcp://*:{self.pub_port}",
+            "replay_endpoint": f"tcp://*:{self.replay_port}",
+            "topic": "kv",
+        }
+        cmd = [
+            str(self.root / "venv" / "bin" / "vllm"), "serve", str(self.root / "tiny-llama"),
+            "--host", "127.0.0.1", "--port", str(self.http_port), "--served-model-name", "tiny",
+            "--block-size", "32", "--max-model-len", "512", "--max-num-seqs", "4",
+            "--num-gpu-blocks-override", "24", "--dtype", "bfloat16", "--enforce-eager",
+            "--enable-prefix-caching", "--enable-prompt-tokens-details",
+            "--kv-events-config", json.dumps(kv_events),
+        ]  # fmt: skip
+        self.starts += 1
+        log = open(self.log_dir / f"{self.name}.{self.starts}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        _CHILDREN.append(self.proc)
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                log = (self.log_dir / f"{self.name}.{self.starts}.log").read_text()[-3000:]
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{log}")
+            return http_ok(f"{self.url}/health")
+
+        wait_until(ready, timeout_s, f"{self.name} /health")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc, sig)
+            self.proc = None
+
+    def complete(self, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        result: dict[str, Any] = http_json(f"{self.url}/v1/completions", body)
+        return result
+
+    def tokenize(self, prompt: str) -> list[int]:
+        tokens: list[int] = http_json(f"{self.url}/tokenize", {"model": "tiny", "prompt": prompt})[
+            "tokens"
+        ]
+        return tokens
+
+
+@dataclass
+class KvrouteServer:
+    """`kvroute serve` as a child process, the way an operator runs it."""
+
+    fleet_file: Path
+    port: int
+    log_dir: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(
+            KVROUTE_LOG_LEVEL="info",
+            AIBRIX_USE_REMOTE_TOKENIZER="true",
+            KVROUTE_HEALTH_INTERVAL_S="0.5",
+        )
+        kvroute = Path(sys.executable).with_name("kvroute")
+        cmd = [str(kvroute), "serve", "--fleet", str(self.fleet_file), "--port", str(self.port)]
+        self.starts += 1
+        log = open(self.log_dir / f"kvroute.{self.starts}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        _CHILDREN.append(self.proc)
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                log = (self.log_dir / f"kvroute.{self.starts}.log").read_text()[-3000:]
+                raise RuntimeError(f"kvroute exited with {self.proc.returncode}:\n{log}")
+            return http_ok(f"{self.url}/readyz")
+
+        wait_until(ready, timeout_s, "kvroute /readyz")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            self.proc = None
+
+    def route(self, prompt: str) -> dict[str, Any]:
+        result: dict[str, Any] = http_json(
+            f"{self.url}/v1/route", {"model": "tiny", "prompt": prompt, "max_tokens": 4}
+        )
+        return result
+
+    def blocks_by_engine(self, prompt: str) -> dict[str, int]:
+        return {e["name"]: e["blocks_matched"] for e in self.route(prompt)["engines"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels`."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, label_text = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
