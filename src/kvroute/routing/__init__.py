@@ -1,3 +1,22 @@
-"""kvroute.routing (in progress)."""
+"""Routing: score engines from prefix matches and load, and pick one, behind one sync interface."""
 
-__all__: list[str] = []
+from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
+from kvroute.routing.factory import POLICY_NAMES, make_policy
+from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost
+from kvroute.routing.types import Candidate, CostWeights, Decision, EngineScore, Policy
+
+__all__ = [
+    "GUARD_POLICY_NAME",
+    "POLICY_NAMES",
+    "Candidate",
+    "CostWeights",
+    "Decision",
+    "EngineScore",
+    "KvAwarePolicy",
+    "LeastLoadedPolicy",
+    "Policy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "kv_cost",
+    "make_policy",
+]

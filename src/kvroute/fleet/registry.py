@@ -1,0 +1,333 @@
+"""The engine registry: membership, health probes, in-flight load, scraped `vllm:` gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from kvroute.errors import ConfigError, EngineError
+from kvroute.fleet.scrape import parse_vllm_gauges
+from kvroute.fleet.source import FileFleetSource, FleetSource
+from kvroute.fleet.spec import EngineSpec
+from kvroute.metrics import Metrics
+
+__all__ = ["ChangeCallback", "EngineState", "Fleet"]
+
+log = logging.getLogger(__name__)
+
+ChangeCallback = Callable[[list[EngineSpec], list[EngineSpec]], Awaitable[None]]
+"""Called with (added, removed) specs; a changed engine is in both (old spec in removed)."""
+
+
+@dataclass(eq=False)
+class EngineState:
+    """What the fleet knows about one engine right now (mutated only by the Fleet)."""
+
+    spec: EngineSpec
+    healthy: bool = True  # optimistic until `unhealthy_after` consecutive failures
+    in_flight_requests: int = 0
+    outstanding_tokens: int = 0  # prompt + max output tokens of requests in flight
+    scraped: dict[str, float] = field(default_factory=dict)  # vllm: gauges of the last scrape
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    scraped_at: float | None = None  # time.monotonic() of the last good scrape
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Fleet:
+    """Which engines exist and how they are doing. Build it, `await start()`, `await close()`.
+
+    Health: GET `{url}/health` every `health_interval_s`; an engine is ejected after
+    `unhealthy_after` consecutive failures (probe failures and proxy connect failures reported
+    through `mark_failure`) and re-admitted after one successful probe. Load: the proxy calls
+    `begin_request`/`end_request`; `{url}/metrics` is scraped every `scrape_interval_s`.
+    Membership: a `FleetSource` (the fleet file, polled every `watch_interval_s`, when
+    `fleet_file` is given) feeds `update()`, which calls the `on_change` callbacks.
+    An interval of 0 disables that loop (tests drive `check_health()`/`scrape()` directly).
+    """
+
+    def __init__(
+        self,
+        specs: list[EngineSpec],
+        client: httpx.AsyncClient,
+        metrics: Metrics,
+        *,
+        health_interval_s: float = 2.0,
+        unhealthy_after: int = 3,
+        scrape_interval_s: float = 5.0,
+        fleet_file: Path | None = None,
+        watch_interval_s: float = 2.0,
+        probe_timeout_s: float = 2.0,
+        source: FleetSource | None = None,
+    ) -> None:
+        if unhealthy_after < 1:
+            raise ConfigError(f"unhealthy_after: expected >= 1, got {unhealthy_after}")
+        self._client = client
+        self._metrics = metrics
+        self._health_interval_s = health_interval_s
+        self._unhealthy_after = unhealthy_after
+        self._scrape_interval_s = scrape_interval_s
+        self._probe_timeout_s = probe_timeout_s
+        self._watch_interval_s = watch_interval_s
+        if source is None and fleet_file is not None:
+            source = FileFleetSource(fleet_file, watch_interval_s, metrics=metrics)
+        self._source = source
+        self._engines: dict[str, EngineState] = {}
+        self._callbacks: list[ChangeCallback] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._created = int(time.time())
+        for spec in _unique(specs):
+            self._engines[spec.name] = EngineState(spec=spec)
+            metrics.engine_healthy.labels(engine=spec.name).set(1)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def engines(self) -> list[EngineState]:
+        return list(self._engines.values())
+
+    def get(self, name: str) -> EngineState | None:
+        return self._engines.get(name)
+
+    def specs(self) -> list[EngineSpec]:
+        return [state.spec for state in self._engines.values()]
+
+    def engines_for_model(self, model: str) -> tuple[str, list[EngineState]]:
+        """(base model, engines serving it) for a base model or a LoRA adapter name; unknown
+        names give (model, []). Unhealthy engines are included: the caller tells 404 from 503."""
+        serving = [s for s in self._engines.values() if s.spec.model == model]
+        if serving:
+            return model, serving
+        with_lora = [s for s in self._engines.values() if model in s.spec.lora]
+        if not with_lora:
+            return model, []
+        base = min(s.spec.model for s in with_lora)  # an adapter name under two bases: pick one
+        return base, [s for s in with_lora if s.spec.model == base]
+
+    def url_for_model(self, model: str) -> str | None:
+        """Base URL of a healthy engine serving `model` (a base model or LoRA name), the one
+        with the fewest requests in flight; None when none is healthy. Fits RemoteTokenizer."""
+        _base, serving = self.engines_for_model(model)
+        healthy = [s for s in serving if s.healthy]
+        if not healthy:
+            return None
+        return min(healthy, key=lambda s: (s.in_flight_requests, s.name)).spec.url
+
+    def models(self) -> list[dict[str, Any]]:
+        """OpenAI `/v1/models` data: every base model, then its adapters with `parent` set."""
+        bases: dict[str, set[str]] = {}
+        for state in self._engines.values():
+            bases.setdefault(state.spec.model, set()).update(state.spec.lora)
+        cards: list[dict[str, Any]] = []
+        for base in sorted(bases):
+            cards.append(self._card(base, None))
+            cards.extend(self._card(lora, base) for lora in sorted(bases[base] - bases.keys()))
+        return cards
+
+    def _card(self, model_id: str, parent: str | None) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "kvroute",
+            "root": model_id,
+            "parent": parent,
+        }
+
+    # ---- load and health, reported by the proxy ----------------------------------------------
+
+    def begin_request(self, engine: str, tokens: int) -> None:
+        state = self._engines.get(engine)
+        if state is not None:
+            state.in_flight_requests += 1
+            state.outstanding_tokens += max(0, tokens)
+
+    def end_request(self, engine: str, tokens: int) -> None:
+        state = self._engines.get(engine)
+        if state is not None:
+            state.in_flight_requests = max(0, state.in_flight_requests - 1)
+            state.outstanding_tokens = max(0, state.outstanding_tokens - max(0, tokens))
+
+    def mark_failure(self, engine: str, reason: str = "proxy connect failure") -> None:
+        state = self._engines.get(engine)
+        if state is not None:
+            self._failed(state, reason)
+
+    def _failed(self, state: EngineState, reason: str) -> None:
+        state.consecutive_failures += 1
+        state.last_error = reason
+        if state.healthy and state.consecutive_failures >= self._unhealthy_after:
+            state.healthy = False
+            self._metrics.engine_healthy.labels(engine=state.name).set(0)
+            log.warning(
+                "engine %s ejected after %d failures: %s",
+                state.name,
+                state.consecutive_failures,
+                reason,
+            )
+
+    def _succeeded(self, state: EngineState) -> None:
+        state.consecutive_failures = 0
+        state.last_error = None
+        if not state.healthy:
+            state.healthy = True
+            self._metrics.engine_healthy.labels(engine=state.name).set(1)
+            log.info("engine %s re-admitted", state.name)
+
+    # ---- periodic work -----------------------------------------------------------------------
+
+    async def _get(self, url: str) -> httpx.Response:
+        # httpx's timeout is per phase; a slowly dripping body must not stall a round either.
+        async with asyncio.timeout(self._probe_timeout_s):
+            return await self._client.get(url, timeout=self._probe_timeout_s)
+
+    async def check_health(self) -> None:
+        """One probe round over every engine, concurrently."""
+        await asyncio.gather(*(self._probe(state) for state in list(self._engines.values())))
+
+    async def _probe(self, state: EngineState) -> None:
+        url = f"{state.spec.url}/health"
+        try:
+            response = await self._get(url)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            reason = f"GET {url}: {type(exc).__name__}: {exc}"
+            ok = False
+        else:
+            reason = f"GET {url}: status {response.status_code}"
+            ok = response.status_code == 200
+        if self._engines.get(state.name) is not state:
+            return  # removed or replaced while probing
+        if ok:
+            self._succeeded(state)
+        else:
+            self._failed(state, reason)
+
+    async def scrape(self) -> None:
+        """One `/metrics` scrape round over every engine, concurrently."""
+        await asyncio.gather(*(self._scrape(state) for state in list(self._engines.values())))
+
+    async def _scrape(self, state: EngineState) -> None:
+        url = f"{state.spec.url}/metrics"
+        try:
+            response = await self._get(url)
+            if response.status_code != 200:
+                raise EngineError(f"GET {url}: expected status 200, got {response.status_code}")
+            gauges = parse_vllm_gauges(response.text)
+        except (httpx.HTTPError, TimeoutError, EngineError) as exc:
+            log.debug("scrape of %s failed: %s", state.name, exc)
+            return
+        if self._engines.get(state.name) is state:
+            state.scraped = gauges
+            state.scraped_at = time.monotonic()
+
+    # ---- membership --------------------------------------------------------------------------
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        self._callbacks.append(callback)
+
+    async def update(self, specs: list[EngineSpec]) -> tuple[list[EngineSpec], list[EngineSpec]]:
+        """Make `specs` the fleet; returns and reports (added, removed). A changed engine keeps
+        its in-flight counts but starts healthy again with a fresh failure count."""
+        wanted = {spec.name: spec for spec in _unique(specs)}
+        removed = [s.spec for name, s in self._engines.items() if wanted.get(name) != s.spec]
+        added = [
+            spec
+            for name, spec in wanted.items()
+            if name not in self._engines or self._engines[name].spec != spec
+        ]
+        if not added and not removed:
+            return [], []
+        engines: dict[str, EngineState] = {}
+        for name, spec in wanted.items():
+            old = self._engines.get(name)
+            if old is not None and old.spec == spec:
+                engines[name] = old
+                continue
+            state = EngineState(spec=spec)
+            if old is not None:
+                state.in_flight_requests = old.in_flight_requests
+                state.outstanding_tokens = old.outstanding_tokens
+            engines[name] = state
+            self._metrics.engine_healthy.labels(engine=name).set(1)
+        for name in self._engines.keys() - wanted.keys():
+            with contextlib.suppress(KeyError):
+                self._metrics.engine_healthy.remove(name)
+        self._engines = engines
+        log.info(
+            "fleet changed: added %s, removed %s",
+            [s.name for s in added],
+            [s.name for s in removed],
+        )
+        for callback in list(self._callbacks):
+            try:
+                await callback(added, removed)
+            except Exception:  # one broken listener must not stop the fleet from updating
+                log.exception("fleet on_change callback failed")
+        return added, removed
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        if self._health_interval_s > 0:
+            self._tasks.append(
+                asyncio.create_task(self._every(self._health_interval_s, self.check_health))
+            )
+        if self._scrape_interval_s > 0:
+            self._tasks.append(
+                asyncio.create_task(self._every(self._scrape_interval_s, self.scrape))
+            )
+        if self._source is not None:
+            self._tasks.append(asyncio.create_task(self._watch(self._source)))
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    async def _every(interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await work()
+            except Exception:  # keep probing whatever one round did
+                log.exception("fleet periodic task failed")
+            await asyncio.sleep(interval_s)
+
+    async def _watch(self, source: FleetSource) -> None:
+        while True:
+            try:
+                async for specs in source.watch():
+                    try:
+                        await self.update(specs)
+                    except ConfigError as exc:
+                        log.warning("fleet update rejected, keeping the current fleet: %s", exc)
+                        self._metrics.fleet_reloads.labels(outcome="error").inc()
+                return  # the source ended: the fleet stays as it is
+            except Exception:  # a broken source (API down, bug) is retried, never fatal
+                log.exception("fleet source failed; retrying in %s s", self._watch_interval_s)
+                self._metrics.fleet_reloads.labels(outcome="error").inc()
+            await asyncio.sleep(self._watch_interval_s)
+
+
+def _unique(specs: list[EngineSpec]) -> list[EngineSpec]:
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ConfigError(
+                f"fleet: engine {spec.name!r}: field 'name': expected unique, got a duplicate"
+            )
+        seen.add(spec.name)
+    return specs

@@ -1,0 +1,104 @@
+"""The load-only baselines kv_aware is measured against: least_loaded, round_robin, random."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+
+from kvroute.index.types import MatchResult
+from kvroute.routing.scores import healthy_candidates, least_loaded_order, pick_tied, score_row
+from kvroute.routing.types import Candidate, Decision
+
+__all__ = ["LeastLoadedPolicy", "RandomPolicy", "RoundRobinPolicy", "least_loaded_decision"]
+
+
+def least_loaded_decision(
+    policy: str,
+    rng: random.Random,
+    candidates: Sequence[Candidate],
+    matches: Mapping[str, MatchResult],
+    costs: Mapping[str, float] | None = None,
+) -> Decision:
+    """Least outstanding tokens, then fewest in flight; exact ties broken by `rng`.
+
+    `costs` lets kv_aware's imbalance guard keep its own cost column in the scores.
+    """
+    ordered = least_loaded_order(healthy_candidates(candidates))
+    best = (ordered[0].outstanding_tokens, ordered[0].in_flight)
+    tied = sum(1 for c in ordered if (c.outstanding_tokens, c.in_flight) == best)
+    ranked = pick_tied(rng, ordered, tied)
+    scores = [
+        score_row(
+            c,
+            matches.get(c.name),
+            costs.get(c.name) if costs is not None else float(c.outstanding_tokens),
+        )
+        for c in candidates
+    ]
+    return Decision(
+        engine=ranked[0].name, policy=policy, scores=scores, ranked=[c.name for c in ranked]
+    )
+
+
+class LeastLoadedPolicy:
+    """Fewest outstanding tokens (prompt + max output of requests in flight), then fewest
+    requests in flight. Its cost column is the outstanding token count."""
+
+    name: str = "least_loaded"
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, MatchResult],
+        prompt_tokens: int,
+    ) -> Decision:
+        return least_loaded_decision(self.name, self._rng, candidates, matches)
+
+
+class RoundRobinPolicy:
+    """Healthy engines in name order, one after another; no cost column."""
+
+    name: str = "round_robin"
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, MatchResult],
+        prompt_tokens: int,
+    ) -> Decision:
+        healthy = sorted(healthy_candidates(candidates), key=lambda c: c.name)
+        start = self._turn % len(healthy)
+        self._turn += 1
+        ranked = healthy[start:] + healthy[:start]
+        scores = [score_row(c, matches.get(c.name), None) for c in candidates]
+        return Decision(
+            engine=ranked[0].name, policy=self.name, scores=scores, ranked=[c.name for c in ranked]
+        )
+
+
+class RandomPolicy:
+    """A seeded uniform choice among healthy engines; the fallback order is a seeded shuffle."""
+
+    name: str = "random"
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, MatchResult],
+        prompt_tokens: int,
+    ) -> Decision:
+        ranked = sorted(healthy_candidates(candidates), key=lambda c: c.name)
+        self._rng.shuffle(ranked)
+        scores = [score_row(c, matches.get(c.name), None) for c in candidates]
+        return Decision(
+            engine=ranked[0].name, policy=self.name, scores=scores, ranked=[c.name for c in ranked]
+        )

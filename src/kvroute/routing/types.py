@@ -1,0 +1,87 @@
+"""What routing policies take and return: candidates, per-engine scores, decisions, cost weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvroute.index.types import MatchResult
+
+__all__ = ["Candidate", "CostWeights", "Decision", "EngineScore", "Policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One engine the request may go to, as the fleet sees it right now."""
+
+    name: str
+    healthy: bool
+    outstanding_tokens: int  # prompt + max output tokens of requests in flight to it
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineScore:
+    """How one candidate scored: what it holds of the prompt, its load, and its cost.
+
+    `cost` is None for unhealthy candidates and for policies that do not compute one
+    (round_robin, random); `stale` is filled by the gateway from subscriber status.
+    """
+
+    name: str
+    blocks_matched: int
+    tokens_matched: int
+    by_medium: dict[str, int]
+    speculative_blocks: int
+    outstanding_tokens: int
+    cost: float | None
+    healthy: bool
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The chosen engine, the policy that chose it, every candidate's score, and the fallback
+    order (`ranked[0] == engine`, then the next-best healthy engines)."""
+
+    engine: str
+    policy: str
+    scores: list[EngineScore]
+    ranked: list[str]
+
+
+def _default_medium_weights() -> dict[str, float]:
+    return {"GPU": 1.0, "CPU": 0.8}
+
+
+@dataclass(frozen=True, slots=True)
+class CostWeights:
+    """Weights of the kv_aware cost (ARCHITECTURE.md "Contracts")."""
+
+    w_prefill: float = 1.0
+    w_load: float = 1.0
+    medium: dict[str, float] = field(default_factory=_default_medium_weights)
+    other_medium: float = 0.5  # any medium not named in `medium` (disk, remote store, ...)
+    imbalance_tokens: int = 32_768  # beyond this outstanding spread, choose least-loaded
+
+    def medium_weight(self, medium: str) -> float:
+        return self.medium.get(medium, self.other_medium)
+
+
+class Policy(Protocol):
+    """One synchronous interface for every routing policy (STYLE.md §8).
+
+    `choose` never does I/O and never raises when, as the caller guarantees, at least one
+    candidate is healthy (otherwise: ValueError). `matches` is keyed by engine name; an engine
+    without an entry holds nothing of the prompt.
+    """
+
+    name: str
+
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, MatchResult],
+        prompt_tokens: int,
+    ) -> Decision: ...

@@ -1,0 +1,125 @@
+"""A bounded LRU in front of any tokenizer, keyed by model, prompt or messages, and flags."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvroute.metrics import Metrics
+from kvroute.tokenize.ids import require_token_ids
+from kvroute.tokenize.protocol import Tokenizer
+
+__all__ = ["CachingTokenizer"]
+
+_Key = tuple[Any, ...]
+
+
+class CachingTokenizer:
+    """Remembers the ids of the last `max_entries` distinct requests (least recently used goes).
+
+    Concurrent misses on one key share a single inner call (a burst of identical requests
+    tokenizes once); a caller cancelled meanwhile does not cancel it for the others. Failures
+    are not cached. Prompts given as token ids bypass the cache. Callers get a fresh list each
+    time, so mutating it cannot corrupt the cache.
+    """
+
+    def __init__(
+        self, inner: Tokenizer, max_entries: int = 4096, *, metrics: Metrics | None = None
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries: expected >= 1, got {max_entries}")
+        self._inner = inner
+        self._max = max_entries
+        self._metrics = metrics
+        self._entries: OrderedDict[_Key, tuple[int, ...]] = OrderedDict()
+        self._pending: dict[_Key, asyncio.Task[tuple[int, ...]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def tokenize_prompt(self, model: str, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(require_token_ids(prompt, "prompt"))
+        key: _Key = ("prompt", model, prompt)
+        started = time.perf_counter()
+        cached = self._lookup(key, started)
+        if cached is not None:
+            return cached
+        return await self._shared(key, lambda: self._inner.tokenize_prompt(model, prompt))
+
+    async def tokenize_chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        started = time.perf_counter()
+        try:
+            key: _Key | None = (
+                "chat",
+                model,
+                json.dumps(messages, sort_keys=True),
+                add_generation_prompt,
+                json.dumps(chat_template_kwargs, sort_keys=True),
+            )
+        except (TypeError, ValueError):
+            key = None  # not JSON-serialisable: let the inner tokenizer judge it, uncached
+
+        def call() -> Awaitable[list[int]]:
+            return self._inner.tokenize_chat(
+                model,
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+
+        if key is None:
+            return await call()
+        cached = self._lookup(key, started)
+        if cached is not None:
+            return cached
+        return await self._shared(key, call)
+
+    async def _shared(self, key: _Key, call: Callable[[], Awaitable[list[int]]]) -> list[int]:
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fill(key, call))
+            # Every waiter may be cancelled; mark a failure as seen so it is not logged at GC.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._pending[key] = task
+        return list(await asyncio.shield(task))
+
+    async def _fill(self, key: _Key, call: Callable[[], Awaitable[list[int]]]) -> tuple[int, ...]:
+        try:
+            ids = tuple(await call())
+        finally:
+            self._pending.pop(key, None)
+        self._store(key, ids)
+        return ids
+
+    def _lookup(self, key: _Key, started: float) -> list[int] | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        if self._metrics is not None:
+            self._metrics.tokenize_seconds.labels(mode="cache").observe(
+                time.perf_counter() - started
+            )
+        return list(entry)
+
+    def _store(self, key: _Key, ids: tuple[int, ...]) -> None:
+        self._entries[key] = ids
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)

@@ -1,0 +1,159 @@
+"""Local tokenization: a Hugging Face `tokenizer.json` plus an optional jinja2 chat template."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HfTokenizer
+
+from kvroute.errors import ConfigError, TokenizeError
+from kvroute.metrics import Metrics
+from kvroute.tokenize.ids import require_token_ids
+
+__all__ = ["LocalTokenizer"]
+
+
+def _raise_exception(message: str) -> NoReturn:
+    # Hugging Face chat templates call raise_exception() to reject a conversation.
+    raise TokenizeError(f"chat template rejected the messages: {message}")
+
+
+def _special_token(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _config_template(config: dict[str, Any]) -> str | None:
+    value = config.get("chat_template")
+    if isinstance(value, list):  # [{"name": "default", "template": "..."}, ...]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) else None
+
+
+class LocalTokenizer:
+    """Tokenizes in-process with the same files the engine loads; one tokenizer for every model.
+
+    `chat_template` is a jinja2 template string or the path of a file holding one; when it is
+    None, `chat_template` of a `tokenizer_config.json` beside `tokenizer_json` is used, if any.
+    bos/eos tokens come from that config unless given. Prompts get the tokenizer's special
+    tokens; chat renders the template (which adds them) and encodes without adding more, as
+    vLLM's chat form does.
+    """
+
+    def __init__(
+        self,
+        tokenizer_json: Path,
+        chat_template: str | Path | None = None,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        tokenizer_json = Path(tokenizer_json)
+        try:
+            self._tokenizer = HfTokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise ConfigError(
+                f"{tokenizer_json}: expected a Hugging Face tokenizer.json, got {exc}"
+            ) from exc
+        config = self._read_config(tokenizer_json.parent / "tokenizer_config.json")
+        self.bos_token = bos_token if bos_token is not None else _special_token(config, "bos_token")
+        self.eos_token = eos_token if eos_token is not None else _special_token(config, "eos_token")
+        source = self._template_source(chat_template)
+        if source is None:
+            source = _config_template(config)
+        self._template: jinja2.Template | None = None
+        if source is not None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = _raise_exception
+            try:
+                self._template = env.from_string(source)
+            except jinja2.TemplateError as exc:
+                raise ConfigError(f"chat_template: expected a jinja2 template, got {exc}") from exc
+        self._metrics = metrics
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    @staticmethod
+    def _read_config(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: expected a JSON object, got {exc}") from exc
+        return config if isinstance(config, dict) else {}
+
+    @staticmethod
+    def _template_source(chat_template: str | Path | None) -> str | None:
+        if chat_template is None:
+            return None
+        if isinstance(chat_template, str) and ("{{" in chat_template or "{%" in chat_template):
+            return chat_template
+        path = Path(chat_template)
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"chat_template: expected a jinja2 template or a readable file, got {path}: {exc}"
+            ) from exc
+
+    async def tokenize_prompt(self, model: str, prompt: str | list[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(require_token_ids(prompt, "prompt"))
+        started = time.perf_counter()
+        ids = self._encode(prompt, add_special_tokens=True)
+        self._observe(started)
+        return ids
+
+    async def tokenize_chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        if self._template is None:
+            raise TokenizeError(f"tokenize chat for {model!r}: no chat template configured")
+        started = time.perf_counter()
+        context: dict[str, Any] = dict(chat_template_kwargs or {})
+        context.update(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        try:
+            text = self._template.render(**context)
+        except TokenizeError:
+            raise
+        except Exception as exc:  # a template may fail in any way on odd messages
+            raise TokenizeError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+        ids = self._encode(text, add_special_tokens=False)
+        self._observe(started)
+        return ids
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        try:
+            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        except Exception as exc:
+            raise TokenizeError(f"tokenizer failed: {exc}") from exc
+
+    def _observe(self, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.tokenize_seconds.labels(mode="local").observe(
+                time.perf_counter() - started
+            )

@@ -1,0 +1,441 @@
+"""Fleet: health probes and ejection, in-flight load, scraping, models, and live membership changes.
+
+Engines are a real in-process ASGI app (one per host name) reached through httpx.ASGITransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from kvroute.errors import ConfigError
+from kvroute.fleet import NUM_REQUESTS_RUNNING, EngineSpec, Fleet
+from kvroute.metrics import Metrics
+
+DEADLINE_S = 10.0
+
+
+async def _eventually(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` until it holds or the deadline passes (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_S
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class _Engines:
+    """vLLM-shaped /health and /metrics for several engines, told apart by host name."""
+
+    health: dict[str, int] = field(default_factory=dict)  # host -> status (default 200)
+    running: dict[str, float] = field(default_factory=dict)
+    probes: dict[str, int] = field(default_factory=dict)
+    never: asyncio.Event = field(default_factory=asyncio.Event)  # host "hung" waits on it
+
+    async def health_route(self, request: Request) -> Response:
+        host = request.url.hostname or ""
+        self.probes[host] = self.probes.get(host, 0) + 1
+        if host == "hung":
+            await self.never.wait()
+        return Response(status_code=self.health.get(host, 200))
+
+    async def metrics_route(self, request: Request) -> Response:
+        host = request.url.hostname or ""
+        if host == "broken":
+            return PlainTextResponse("<html>not metrics { {</html>")
+        running = self.running.get(host, 0.0)
+        return PlainTextResponse(
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="m"}} {running}\n'
+        )
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[Route("/health", self.health_route), Route("/metrics", self.metrics_route)]
+        )
+
+
+def _spec(name: str, model: str = "llama", **kw: object) -> EngineSpec:
+    return EngineSpec(name=name, model=model, url=f"http://{name}:8000", events=None, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def engines() -> _Engines:
+    return _Engines()
+
+
+@pytest.fixture
+async def client(engines: _Engines) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=engines.app())) as c:
+        yield c
+
+
+def _healthy_gauge(metrics: Metrics, engine: str) -> float | None:
+    return metrics.registry.get_sample_value("kvroute_engine_healthy", {"engine": engine})
+
+
+async def test_engine_is_ejected_after_consecutive_failures_and_readmitted_after_one_success(
+    engines: _Engines, client: httpx.AsyncClient
+) -> None:
+    metrics = Metrics()
+    fleet = Fleet([_spec("a"), _spec("b")], client, metrics, unhealthy_after=3)
+    assert _healthy_gauge(metrics, "a") == 1.0
+    engines.health["a"] = 503
+    for _ in range(2):
+        await fleet.check_health()
+        assert fleet.get("a").healthy  # type: ignore[union-attr]
+    await fleet.check_health()
+    a = fleet.get("a")
+    assert a is not None and not a.healthy
+    assert a.last_error == "GET http://a:8000/health: status 503"
+    assert _healthy_gauge(metrics, "a") == 0.0
+    assert fleet.get("b").healthy  # type: ignore[union-attr]
+    engines.health["a"] = 200
+    await fleet.check_health()
+    assert a.healthy and a.consecutive_failures == 0
+    assert _healthy_gauge(metrics, "a") == 1.0
+
+
+async def test_a_success_resets_the_failure_count(
+    engines: _Engines, client: httpx.AsyncClient
+) -> None:
+    fleet = Fleet([_spec("a")], client, Metrics(), unhealthy_after=2)
+    engines.health["a"] = 500
+    await fleet.check_health()
+    engines.health["a"] = 200
+    await fleet.check_health()
+    engines.health["a"] = 500
+    await fleet.check_health()
+    assert fleet.get("a").healthy  # type: ignore[union-attr]
+
+
+async def test_proxy_connect_failures_count_toward_ejection(client: httpx.AsyncClient) -> None:
+    fleet = Fleet([_spec("a")], client, Metrics(), unhealthy_after=2)
+    fleet.mark_failure("a")
+    assert fleet.get("a").healthy  # type: ignore[union-attr]
+    fleet.mark_failure("a")
+    assert not fleet.get("a").healthy  # type: ignore[union-attr]
+    fleet.mark_failure("unknown-engine")  # ignored
+    await fleet.check_health()
+    assert fleet.get("a").healthy  # type: ignore[union-attr]
+
+
+async def test_unreachable_engine_is_ejected() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = EngineSpec("dead", "llama", f"http://127.0.0.1:{port}", None)
+    async with httpx.AsyncClient() as real:
+        fleet = Fleet([spec], real, Metrics(), unhealthy_after=1, probe_timeout_s=5.0)
+        await fleet.check_health()
+    state = fleet.get("dead")
+    assert state is not None and not state.healthy
+    assert state.last_error is not None and "ConnectError" in state.last_error
+
+
+async def test_a_hung_health_endpoint_fails_by_the_probe_timeout(client: httpx.AsyncClient) -> None:
+    fleet = Fleet(
+        [_spec("hung"), _spec("a")], client, Metrics(), unhealthy_after=1, probe_timeout_s=0.1
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await fleet.check_health()
+    assert loop.time() - started < DEADLINE_S
+    hung, a = fleet.get("hung"), fleet.get("a")
+    assert hung is not None and not hung.healthy and "TimeoutError" in (hung.last_error or "")
+    assert a is not None and a.healthy
+
+
+async def test_health_loop_runs_after_start(engines: _Engines, client: httpx.AsyncClient) -> None:
+    engines.health["a"] = 503
+    fleet = Fleet(
+        [_spec("a")],
+        client,
+        Metrics(),
+        health_interval_s=0.02,
+        unhealthy_after=2,
+        scrape_interval_s=0,
+    )
+    await fleet.start()
+    try:
+        await _eventually(lambda: not fleet.get("a").healthy, "ejection")  # type: ignore[union-attr]
+        engines.health["a"] = 200
+        await _eventually(lambda: fleet.get("a").healthy, "re-admission")  # type: ignore[union-attr]
+    finally:
+        await fleet.close()
+
+
+async def test_in_flight_requests_and_tokens(client: httpx.AsyncClient) -> None:
+    fleet = Fleet([_spec("a")], client, Metrics())
+    fleet.begin_request("a", 300)
+    fleet.begin_request("a", 200)
+    fleet.begin_request("gone", 50)  # an engine removed meanwhile: ignored
+    a = fleet.get("a")
+    assert a is not None and (a.in_flight_requests, a.outstanding_tokens) == (2, 500)
+    fleet.end_request("a", 300)
+    assert (a.in_flight_requests, a.outstanding_tokens) == (1, 200)
+    fleet.end_request("a", 200)
+    fleet.end_request("a", 200)  # never negative
+    assert (a.in_flight_requests, a.outstanding_tokens) == (0, 0)
+
+
+async def test_scrape_reads_vllm_gauges_and_survives_bad_bodies(
+    engines: _Engines, client: httpx.AsyncClient
+) -> None:
+    engines.running["a"] = 7
+    fleet = Fleet([_spec("a"), _spec("broken")], client, Metrics())
+    await fleet.scrape()
+    a, broken = fleet.get("a"), fleet.get("broken")
+    assert a is not None and a.scraped == {NUM_REQUESTS_RUNNING: 7.0}
+    assert a.scraped_at is not None
+    assert broken is not None and broken.scraped == {} and broken.scraped_at is None
+
+
+async def test_engines_for_model_resolves_base_models_and_lora_names(
+    client: httpx.AsyncClient,
+) -> None:
+    fleet = Fleet(
+        [
+            _spec("a", lora=("sql",)),
+            _spec("b"),
+            _spec("c", model="qwen", lora=("chat",)),
+        ],
+        client,
+        Metrics(),
+    )
+    base, serving = fleet.engines_for_model("llama")
+    assert (base, [s.name for s in serving]) == ("llama", ["a", "b"])
+    base, serving = fleet.engines_for_model("sql")
+    assert (base, [s.name for s in serving]) == ("llama", ["a"])
+    base, serving = fleet.engines_for_model("chat")
+    assert (base, [s.name for s in serving]) == ("qwen", ["c"])
+    assert fleet.engines_for_model("nope") == ("nope", [])
+
+
+async def test_url_for_model_picks_a_healthy_engine_with_least_in_flight(
+    client: httpx.AsyncClient,
+) -> None:
+    fleet = Fleet(
+        [_spec("a", lora=("sql",)), _spec("b", lora=("sql",))], client, Metrics(), unhealthy_after=1
+    )
+    assert fleet.url_for_model("llama") == "http://a:8000"
+    fleet.begin_request("a", 10)
+    assert fleet.url_for_model("sql") == "http://b:8000"
+    fleet.mark_failure("b")
+    assert fleet.url_for_model("llama") == "http://a:8000"
+    fleet.mark_failure("a")
+    assert fleet.url_for_model("llama") is None
+    assert fleet.url_for_model("nope") is None
+
+
+async def test_models_lists_bases_and_adapters_with_parent(client: httpx.AsyncClient) -> None:
+    fleet = Fleet(
+        [_spec("a", lora=("sql", "chat")), _spec("b", lora=("sql",)), _spec("c", model="qwen")],
+        client,
+        Metrics(),
+    )
+    cards = fleet.models()
+    assert [(c["id"], c["parent"]) for c in cards] == [
+        ("llama", None),
+        ("chat", "llama"),
+        ("sql", "llama"),
+        ("qwen", None),
+    ]
+    assert all(c["object"] == "model" and isinstance(c["created"], int) for c in cards)
+
+
+async def test_update_reports_added_removed_and_changed_engines(
+    client: httpx.AsyncClient,
+) -> None:
+    metrics = Metrics()
+    fleet = Fleet([_spec("a"), _spec("b"), _spec("c")], client, metrics)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        seen.append(([s.name for s in added], [s.name for s in removed]))
+
+    fleet.on_change(record)
+    fleet.begin_request("b", 100)
+    changed_b = _spec("b", dp_ranks=(0, 1))
+    added, removed = await fleet.update([_spec("a"), changed_b, _spec("d")])
+    assert [s.name for s in added] == ["b", "d"]
+    assert removed == [_spec("b"), _spec("c")]  # old spec of a changed engine
+    assert seen == [(["b", "d"], ["b", "c"])]
+    assert [e.name for e in fleet.engines()] == ["a", "b", "d"]
+    b = fleet.get("b")
+    assert b is not None and b.spec == changed_b
+    assert (b.in_flight_requests, b.outstanding_tokens) == (1, 100)  # in flight carries over
+    assert _healthy_gauge(metrics, "c") is None
+    assert _healthy_gauge(metrics, "d") == 1.0
+    assert await fleet.update([_spec("a"), changed_b, _spec("d")]) == ([], [])
+    assert len(seen) == 1
+
+
+async def test_a_failing_callback_does_not_stop_others(client: httpx.AsyncClient) -> None:
+    fleet = Fleet([], client, Metrics())
+    calls: list[str] = []
+
+    async def broken(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        raise RuntimeError("listener bug")
+
+    async def fine(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        calls.append("fine")
+
+    fleet.on_change(broken)
+    fleet.on_change(fine)
+    await fleet.update([_spec("a")])
+    assert calls == ["fine"] and fleet.get("a") is not None
+
+
+async def test_duplicate_engine_names_are_rejected(client: httpx.AsyncClient) -> None:
+    with pytest.raises(ConfigError, match="expected unique"):
+        Fleet([_spec("a"), _spec("a")], client, Metrics())
+    fleet = Fleet([_spec("a")], client, Metrics())
+    with pytest.raises(ConfigError, match="expected unique"):
+        await fleet.update([_spec("b"), _spec("b")])
+    assert [e.name for e in fleet.engines()] == ["a"]
+
+
+def _write_fleet(path: Path, specs: list[dict[str, object]], bump: int) -> None:
+    path.write_text(yaml.safe_dump({"engines": specs}))
+    st = path.stat()  # make the change visible even on coarse-mtime file systems
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + bump * 1_000_000_000))
+
+
+async def test_fleet_file_changes_are_applied_and_invalid_files_keep_the_old_fleet(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    a = {"name": "a", "model": "llama", "url": "http://a:8000"}
+    b = {"name": "b", "model": "llama", "url": "http://b:8000"}
+    _write_fleet(path, [a], 0)
+    metrics = Metrics()
+    fleet = Fleet(
+        [_spec("a")],
+        client,
+        metrics,
+        health_interval_s=0,
+        scrape_interval_s=0,
+        fleet_file=path,
+        watch_interval_s=0.02,
+    )
+    changes: list[tuple[list[str], list[str]]] = []
+    changed = asyncio.Event()
+
+    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        changes.append(([s.name for s in added], [s.name for s in removed]))
+        changed.set()
+
+    fleet.on_change(record)
+
+    def reloads(outcome: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "kvroute_fleet_reloads_total", {"outcome": outcome}
+        )
+        return value or 0.0
+
+    await fleet.start()
+    try:
+        _write_fleet(path, [a, b], 1)
+        await asyncio.wait_for(changed.wait(), DEADLINE_S)
+        assert changes == [(["b"], [])]
+        _write_fleet(path, [a, {**b, "url": "gopher://b"}], 2)
+        await _eventually(lambda: reloads("error") == 1.0, "the invalid file to be counted")
+        assert [e.name for e in fleet.engines()] == ["a", "b"]  # the old fleet stays
+        changed.clear()
+        _write_fleet(path, [b], 3)
+        await asyncio.wait_for(changed.wait(), DEADLINE_S)
+        assert changes[-1] == ([], ["a"])
+        assert [e.name for e in fleet.engines()] == ["b"]
+        assert reloads("ok") == 2.0
+        path.unlink()  # a vanished file is an error, not an empty fleet
+        await _eventually(lambda: reloads("error") == 2.0, "the missing file to be counted")
+        assert [e.name for e in fleet.engines()] == ["b"]
+    finally:
+        await fleet.close()
+
+
+async def test_close_is_idempotent_and_start_twice_is_harmless(client: httpx.AsyncClient) -> None:
+    fleet = Fleet([_spec("a")], client, Metrics(), health_interval_s=0.05)
+    await fleet.start()
+    await fleet.start()
+    await fleet.close()
+    await fleet.close()
+
+
+class _QueueSource:
+    """A FleetSource fed by the test, as a Kubernetes pod watcher would be fed by the API."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[list[EngineSpec] | Exception] = asyncio.Queue()
+
+    async def watch(self) -> AsyncIterator[list[EngineSpec]]:
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item  # the watch breaks; the fleet calls watch() again
+            yield item
+
+
+async def test_any_fleet_source_drives_membership(client: httpx.AsyncClient) -> None:
+    source = _QueueSource()
+    metrics = Metrics()
+    fleet = Fleet(
+        [_spec("a")],
+        client,
+        metrics,
+        health_interval_s=0,
+        scrape_interval_s=0,
+        source=source,
+        watch_interval_s=0.02,
+    )
+    changes: list[tuple[list[str], list[str]]] = []
+
+    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        changes.append(([s.name for s in added], [s.name for s in removed]))
+
+    fleet.on_change(record)
+    await fleet.start()
+    try:
+        source.queue.put_nowait([_spec("a"), _spec("pod-1")])
+        await _eventually(lambda: len(changes) == 1, "the pod to be added")
+        source.queue.put_nowait([_spec("x"), _spec("x")])  # an invalid list is rejected, counted
+        await _eventually(
+            lambda: (
+                metrics.registry.get_sample_value(
+                    "kvroute_fleet_reloads_total", {"outcome": "error"}
+                )
+                == 1.0
+            ),
+            "the rejected update to be counted",
+        )
+        source.queue.put_nowait(RuntimeError("API server went away"))
+        await _eventually(
+            lambda: (
+                metrics.registry.get_sample_value(
+                    "kvroute_fleet_reloads_total", {"outcome": "error"}
+                )
+                == 2.0
+            ),
+            "the broken source to be counted",
+        )
+        source.queue.put_nowait([_spec("pod-1")])
+        await _eventually(lambda: len(changes) == 2, "engine a to be removed")
+    finally:
+        await fleet.close()
+    assert changes == [(["pod-1"], []), ([], ["a"])]
+    assert [e.name for e in fleet.engines()] == ["pod-1"]

@@ -1,0 +1,71 @@
+"""parse_vllm_gauges: the pure parser of an engine's /metrics, kept apart from the scrape loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvroute.errors import EngineError
+from kvroute.fleet import (
+    KV_CACHE_USAGE,
+    NUM_REQUESTS_RUNNING,
+    NUM_REQUESTS_WAITING,
+    parse_vllm_gauges,
+)
+
+# The shapes vLLM exposes (reference §10): gauges per DP rank (label `engine`), a counter with
+# `_total`, a histogram.
+SCRAPE = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:num_requests_running{engine="1",model_name="m"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+# HELP vllm:prefix_cache_hits_total Prefix cache hits, in tokens.
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1234.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 5.0
+vllm:time_to_first_token_seconds_count{model_name="m"} 5.0
+vllm:time_to_first_token_seconds_sum{model_name="m"} 0.9
+# HELP process_open_fds Number of open file descriptors.
+# TYPE process_open_fds gauge
+process_open_fds 12.0
+"""
+
+
+def test_gauges_are_summed_over_ranks_and_fractions_take_the_max() -> None:
+    assert parse_vllm_gauges(SCRAPE) == {
+        NUM_REQUESTS_RUNNING: 5.0,
+        NUM_REQUESTS_WAITING: 4.0,
+        KV_CACHE_USAGE: 0.75,
+    }
+
+
+def test_old_gpu_cache_usage_name_is_also_reported_under_the_new_one() -> None:
+    text = '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="m"} 0.5\n'
+    assert parse_vllm_gauges(text) == {"vllm:gpu_cache_usage_perc": 0.5, KV_CACHE_USAGE: 0.5}
+
+
+def test_untyped_samples_count_unless_they_look_like_counter_or_histogram_parts() -> None:
+    text = "vllm:num_requests_running 1\nvllm:prefix_cache_queries_total 9\nvllm:x_count 3\n"
+    assert parse_vllm_gauges(text) == {NUM_REQUESTS_RUNNING: 1.0}
+
+
+def test_nan_samples_are_skipped_and_empty_bodies_give_nothing() -> None:
+    assert parse_vllm_gauges("# TYPE vllm:a gauge\nvllm:a NaN\n") == {}
+    assert parse_vllm_gauges("") == {}
+
+
+@pytest.mark.parametrize("body", ["garbage { {", "vllm:a{engine=0} 1\n", "<html>502</html>"])
+def test_unparsable_body_is_an_engine_error(body: str) -> None:
+    with pytest.raises(EngineError, match="/metrics: expected Prometheus text"):
+        parse_vllm_gauges(body)

@@ -1,0 +1,218 @@
+"""CachingTokenizer: a bounded LRU over a real LocalTokenizer, counted by a recording wrapper."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from kvroute.errors import TokenizeError
+from kvroute.metrics import Metrics
+from kvroute.tokenize import CachingTokenizer, LocalTokenizer
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+
+
+class _Recording:
+    """Passes calls to a real tokenizer and records them (what reached the inner tokenizer)."""
+
+    def __init__(self, inner: LocalTokenizer) -> None:
+        self.inner = inner
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail = False
+        self.gate: asyncio.Event | None = None  # when set, calls wait for it (a slow engine)
+
+    async def tokenize_prompt(self, model: str, prompt: str | list[int]) -> list[int]:
+        self.calls.append(("prompt", model, prompt))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise TokenizeError("engine down")
+        return await self.inner.tokenize_prompt(model, prompt)
+
+    async def tokenize_chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        self.calls.append(("chat", model, add_generation_prompt, chat_template_kwargs))
+        return await self.inner.tokenize_chat(
+            model,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> _Recording:
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        ["one two three four five six user system hello"],
+        trainers.WordLevelTrainer(special_tokens=["[UNK]"]),
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return _Recording(LocalTokenizer(tmp_path / "tokenizer.json", TEMPLATE))
+
+
+async def test_repeated_prompt_hits_the_cache(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    first = await cache.tokenize_prompt("m", "one two")
+    second = await cache.tokenize_prompt("m", "one two")
+    assert first == second == await recording.inner.tokenize_prompt("m", "one two")
+    assert len(recording.calls) == 1
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+async def test_cache_key_includes_the_model(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    await cache.tokenize_prompt("a", "one")
+    await cache.tokenize_prompt("b", "one")
+    assert len(recording.calls) == 2
+
+
+async def test_mutating_a_returned_list_does_not_corrupt_the_cache(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    ids = await cache.tokenize_prompt("m", "one two")
+    expected = list(ids)
+    ids.append(999)
+    again = await cache.tokenize_prompt("m", "one two")
+    again.clear()
+    assert await cache.tokenize_prompt("m", "one two") == expected
+
+
+async def test_least_recently_used_entry_is_evicted_first(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording, max_entries=2)
+    await cache.tokenize_prompt("m", "one")
+    await cache.tokenize_prompt("m", "two")
+    await cache.tokenize_prompt("m", "one")  # "two" is now least recently used
+    await cache.tokenize_prompt("m", "three")  # evicts "two"
+    assert len(cache) == 2
+    recording.calls.clear()
+    await cache.tokenize_prompt("m", "one")
+    await cache.tokenize_prompt("m", "three")
+    assert recording.calls == []
+    await cache.tokenize_prompt("m", "two")
+    assert recording.calls == [("prompt", "m", "two")]
+
+
+async def test_cache_stays_bounded(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording, max_entries=5)
+    for i in range(50):
+        await cache.tokenize_prompt("m", f"one {i}")
+    assert len(cache) == 5
+
+
+async def test_chat_key_ignores_dict_key_order_but_not_flags(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    await cache.tokenize_chat("m", [{"role": "user", "content": "hello"}])
+    await cache.tokenize_chat("m", [{"content": "hello", "role": "user"}])
+    assert len(recording.calls) == 1
+    await cache.tokenize_chat(
+        "m", [{"role": "user", "content": "hello"}], add_generation_prompt=False
+    )
+    await cache.tokenize_chat(
+        "m", [{"role": "user", "content": "hello"}], chat_template_kwargs={"x": 1}
+    )
+    assert len(recording.calls) == 3
+
+
+async def test_a_chat_prompt_and_a_text_prompt_do_not_share_entries(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    await cache.tokenize_prompt("m", '[{"content": "hello", "role": "user"}]')
+    await cache.tokenize_chat("m", [{"role": "user", "content": "hello"}])
+    assert len(recording.calls) == 2
+
+
+async def test_failures_are_not_cached(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    recording.fail = True
+    with pytest.raises(TokenizeError):
+        await cache.tokenize_prompt("m", "one")
+    recording.fail = False
+    assert await cache.tokenize_prompt("m", "one") == await recording.inner.tokenize_prompt(
+        "m", "one"
+    )
+    assert len(recording.calls) == 2
+
+
+async def test_token_id_prompts_bypass_the_cache(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    assert await cache.tokenize_prompt("m", [4, 5]) == [4, 5]
+    assert recording.calls == [] and len(cache) == 0
+    with pytest.raises(TokenizeError):
+        await cache.tokenize_prompt("m", [4, "5"])  # type: ignore[list-item]
+
+
+async def test_unserialisable_messages_go_to_the_inner_tokenizer_uncached(
+    recording: _Recording,
+) -> None:
+    cache = CachingTokenizer(recording)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "one", "extra": {1, 2}}]
+    await cache.tokenize_chat("m", messages)
+    await cache.tokenize_chat("m", messages)
+    assert len(recording.calls) == 2 and len(cache) == 0
+
+
+async def test_cache_hits_are_timed_as_mode_cache(recording: _Recording) -> None:
+    metrics = Metrics()
+    cache = CachingTokenizer(recording, metrics=metrics)
+    await cache.tokenize_prompt("m", "one")
+    await cache.tokenize_prompt("m", "one")
+    count = metrics.registry.get_sample_value("kvroute_tokenize_seconds_count", {"mode": "cache"})
+    assert count == 1.0
+
+
+def test_max_entries_must_be_positive(recording: _Recording) -> None:
+    with pytest.raises(ValueError, match="max_entries"):
+        CachingTokenizer(recording, max_entries=0)
+
+
+async def test_concurrent_misses_share_one_inner_call(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    recording.gate = asyncio.Event()
+    waiters = [asyncio.ensure_future(cache.tokenize_prompt("m", "one two")) for _ in range(20)]
+    await asyncio.sleep(0)  # let every waiter reach the shared call
+    recording.gate.set()
+    results = await asyncio.gather(*waiters)
+    assert len(recording.calls) == 1
+    assert all(r == results[0] for r in results) and results[0]
+    results[0].append(7)  # each waiter got its own list
+    assert results[1] != results[0]
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_call(recording: _Recording) -> None:
+    cache = CachingTokenizer(recording)
+    recording.gate = asyncio.Event()
+    first = asyncio.ensure_future(cache.tokenize_prompt("m", "one"))
+    second = asyncio.ensure_future(cache.tokenize_prompt("m", "one"))
+    await asyncio.sleep(0)
+    first.cancel()
+    recording.gate.set()
+    assert await second == await recording.inner.tokenize_prompt("m", "one")
+    assert first.cancelled()
+    assert len(recording.calls) == 1 and len(cache) == 1
+
+
+async def test_a_shared_failure_reaches_every_waiter_and_is_not_cached(
+    recording: _Recording,
+) -> None:
+    cache = CachingTokenizer(recording)
+    recording.gate = asyncio.Event()
+    recording.fail = True
+    waiters = [asyncio.ensure_future(cache.tokenize_prompt("m", "one")) for _ in range(3)]
+    await asyncio.sleep(0)
+    recording.gate.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, TokenizeError) for r in results)
+    assert len(recording.calls) == 1 and len(cache) == 0
+    recording.fail = False
+    await cache.tokenize_prompt("m", "one")
+    assert len(recording.calls) == 2
