@@ -25,6 +25,8 @@ class DropReason(enum.StrEnum):
     STALE_SOURCE = "stale_source"  # arrived while the source was stale and not recoverable
     OVER_LIMIT = "over_limit"  # evicted by a per-source or global block cap
     DUPLICATE = "duplicate"  # a batch seq already applied (replay overlap)
+    UNKNOWN_SOURCE = "unknown_source"  # index.apply for a source never added (or removed)
+    UNKNOWN_BLOCK = "unknown_block"  # BlockRemoved of a hash the source does not hold
 
 
 class ResetCause(enum.StrEnum):
@@ -34,6 +36,7 @@ class ResetCause(enum.StrEnum):
     DISCONNECT = "disconnect"  # the SUB socket lost its connection (ZMQ monitor)
     ALL_BLOCKS_CLEARED = "all_blocks_cleared"  # the engine said so
     REMOVED = "removed"  # the source left the fleet
+    RESYNC = "resync"  # a gap replay could not close (buffer moved on): start over as a late joiner
 
 
 class ReplayOutcome(enum.StrEnum):
@@ -132,6 +135,13 @@ class Metrics:
         self.source_last_seq = Gauge(
             "kvroute_source_last_seq", "Last applied sequence number.", ["source"], registry=r
         )
+        self.rank_mismatches = Counter(
+            "kvroute_rank_mismatches",
+            "Batches whose data_parallel_rank disagrees with their socket's DP rank "
+            "(applied to the socket's source).",
+            ["source"],
+            registry=r,
+        )
         self.index_blocks = Gauge(
             "kvroute_index_blocks",
             "Distinct blocks held in the index, per model.",
@@ -172,6 +182,12 @@ class Metrics:
             "kvroute_engine_healthy",
             "1 while an engine passes its health checks.",
             ["engine"],
+            registry=r,
+        )
+        self.fleet_reloads = Counter(
+            "kvroute_fleet_reloads",
+            "Fleet updates from the fleet file (or another fleet source), per outcome (ok, error).",
+            ["outcome"],
             registry=r,
         )
         self.upstream_retries = Counter(
