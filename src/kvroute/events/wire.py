@@ -22,6 +22,7 @@ __all__ = [
     "Event",
     "EventBatch",
     "decode_batch",
+    "parse_live_frames",
 ]
 
 EngineHash: TypeAlias = int | bytes
@@ -259,6 +260,19 @@ def decode_batch(payload: bytes) -> EventBatch:
         return _decode_array(payload)
     except (msgspec.DecodeError, ValueError):
         return _decode_tolerant(payload)
+
+
+def parse_live_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
+    """One live PUB message `[topic, seq8, payload]` (every release) → (topic, seq, payload).
+
+    Pinned by test_live_frames_fixture; anything else raises `WireError`.
+    """
+    if len(frames) != 3:
+        raise WireError(f"live message: expected 3 frames [topic, seq, payload], got {len(frames)}")
+    topic, seq, payload = frames
+    if len(seq) != 8:
+        raise WireError(f"live message seq: expected 8 bytes, got {len(seq)}")
+    return topic, int.from_bytes(seq, "big"), payload
 
 
 # --- the tolerant path ------------------------------------------------------------------------
