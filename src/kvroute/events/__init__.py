@@ -7,6 +7,7 @@ from kvroute.events.publisher import (
     release_layout,
 )
 from kvroute.events.replay import END_SEQ, ReplayResult, parse_replay_frames, request_replay
+from kvroute.events.subscriber import SourceSpec, SourceStatus, SubscriberManager
 from kvroute.events.wire import (
     AllBlocksCleared,
     BatchDecoder,
@@ -30,6 +31,9 @@ __all__ = [
     "Event",
     "EventBatch",
     "ReplayResult",
+    "SourceSpec",
+    "SourceStatus",
+    "SubscriberManager",
     "ZmqEventPublisher",
     "decode_batch",
     "encode_batch",

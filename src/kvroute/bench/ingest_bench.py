@@ -1,0 +1,473 @@
+"""Benchmark (b): publisher process → ZMQ → decode → apply, end to end in the router process.
+Reports events/s and blocks/s next to a raw pyzmq receive loop, and publish→applied latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import random
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.events.publisher import ZmqEventPublisher, encode_batch
+from kvroute.events.subscriber import SourceSpec, SubscriberManager
+from kvroute.events.wire import (
+    BatchDecoder,
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    Event,
+    EventBatch,
+)
+from kvroute.index.prefix_index import PrefixIndex
+from kvroute.index.types import source_id
+from kvroute.metrics import Metrics
+
+__all__ = ["run"]
+
+_MODEL = "bench/model"
+_EVENTS_PER_MESSAGE = 10
+_BLOCKS = 4
+_BLOCK_SIZE = 16
+_REMOVE_SHARE = 0.10
+_LATENCY_RATE = 50_000  # events/s for the latency run
+_TARGET_EVENTS_PER_S = 300_000
+_TARGET_P99_MS = 1.0
+# messages in the throughput runs, seconds of the fixed-rate latency run
+_SIZES = {"smoke": (2_000, 0.3), "full": (60_000, 4.0)}
+_BURST_TS = 1.0  # ts of throughput messages; probes carry 0.0, latency messages their send time
+
+
+def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """Run the ingest benchmark; print a table, save bench-results/ingest.json, return the data."""
+    if size not in _SIZES:
+        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
+    messages, latency_s = _SIZES[size]
+    baseline = _run_raw_baseline(messages)
+    core = _run_core(messages)
+    pipeline = asyncio.run(_run_pipeline(messages))
+    no_index = asyncio.run(_run_pipeline(messages, noop=True))
+    latency = asyncio.run(_run_latency(latency_s))
+    latency_no_index = asyncio.run(_run_latency(latency_s, noop=True))
+    result: dict[str, Any] = {
+        "size": size,
+        "messages": messages,
+        "events_per_message": _EVENTS_PER_MESSAGE,
+        "blocks_per_store": _BLOCKS,
+        "block_size": _BLOCK_SIZE,
+        "remove_share": _REMOVE_SHARE,
+        "pipeline": pipeline,
+        "baseline_raw_zmq": baseline,
+        "baseline_decode_apply_in_process": core,
+        "subscriber_decode_no_index": no_index,
+        "latency": latency,
+        "latency_no_index": latency_no_index,
+        "targets": {
+            "events_per_s": _TARGET_EVENTS_PER_S,
+            "latency_p99_ms": _TARGET_P99_MS,
+            "latency_rate_events_per_s": _LATENCY_RATE,
+        },
+    }
+    print_table(
+        f"ingest: publisher process → ZMQ → decode → apply ({messages:,} messages of "
+        f"{_EVENTS_PER_MESSAGE} events)",
+        ["path", "messages/s", "events/s", "blocks/s", "publisher msg/s"],
+        [
+            [
+                "subscriber + decode + index.apply",
+                pipeline["messages_per_s"],
+                pipeline["events_per_s"],
+                pipeline["blocks_per_s"],
+                pipeline["publisher_messages_per_s"],
+            ],
+            [
+                "subscriber + decode (index.apply skipped)",
+                no_index["messages_per_s"],
+                no_index["events_per_s"],
+                no_index["blocks_per_s"],
+                no_index["publisher_messages_per_s"],
+            ],
+            [
+                "baseline: decode + index.apply, no ZMQ",
+                core["messages_per_s"],
+                core["events_per_s"],
+                core["blocks_per_s"],
+                "-",
+            ],
+            [
+                "baseline: raw pyzmq recv loop",
+                baseline["messages_per_s"],
+                baseline["events_per_s"],
+                "-",
+                baseline["publisher_messages_per_s"],
+            ],
+        ],
+    )
+    print_table(
+        f"ingest latency: publish → applied at {_LATENCY_RATE:,} events/s",
+        ["path", "samples", "p50 ms", "p99 ms", "max ms", "target p99 ms"],
+        [
+            [
+                label,
+                row["samples"],
+                row["p50_ms"],
+                row["p99_ms"],
+                row["max_ms"],
+                _TARGET_P99_MS,
+            ]
+            for label, row in (
+                ("subscriber + decode + index.apply", latency),
+                ("subscriber + decode (index.apply skipped)", latency_no_index),
+            )
+        ],
+    )
+    save_json("ingest", result, out_dir)
+    return result
+
+
+# --- the workload ------------------------------------------------------------------------------
+
+
+class _Workload:
+    """10-event messages: 4-block BlockStored chained from a held block (or the root), and 10%
+    BlockRemoved of a held block, so the index really chains and removes."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self._next = 1
+        self._tails: list[int] = []
+        self._held: list[int] = []
+
+    def events(self) -> list[Event]:
+        rng = self._rng
+        out: list[Event] = []
+        for _ in range(_EVENTS_PER_MESSAGE):
+            if self._held and rng.random() < _REMOVE_SHARE:
+                i = rng.randrange(len(self._held))
+                self._held[i], self._held[-1] = self._held[-1], self._held[i]
+                out.append(BlockRemoved(block_hashes=[self._held.pop()], medium="GPU"))
+                continue
+            parent = None
+            if self._tails and rng.random() < 0.8:
+                parent = self._tails[rng.randrange(len(self._tails))]
+            first = self._next
+            self._next += _BLOCKS
+            hashes: list[EngineHash] = list(range(first, first + _BLOCKS))
+            tokens = [(first * 31 + j) % 50_000 for j in range(_BLOCKS * _BLOCK_SIZE)]
+            out.append(
+                BlockStored(
+                    block_hashes=hashes,
+                    parent_block_hash=parent,
+                    token_ids=tokens,
+                    block_size=_BLOCK_SIZE,
+                    medium="GPU",
+                )
+            )
+            self._held.extend(range(first, first + _BLOCKS))
+            self._tails.append(first + _BLOCKS - 1)
+            if len(self._tails) > 4096:
+                self._tails = self._tails[-2048:]
+        return out
+
+
+def _blocks(events: Sequence[Event]) -> int:
+    """Blocks an event batch touches (stored + removed)."""
+    return sum(len(e.block_hashes) for e in events if isinstance(e, (BlockStored, BlockRemoved)))
+
+
+# --- the publisher process ---------------------------------------------------------------------
+
+
+def _publisher_main(conn: Connection, mode: str, amount: float) -> None:
+    """Child process: bind our publisher, publish probes until "go", then the burst or the
+    fixed-rate stream; report (first seq, last seq, events, blocks, publish seconds)."""
+    asyncio.run(_publisher(conn, mode, amount))
+
+
+async def _publisher(conn: Connection, mode: str, amount: float) -> None:
+    pub = ZmqEventPublisher(
+        "tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", hwm=10_000_000
+    )
+    await pub.start()
+    workload = _Workload()
+    burst: list[bytes] = []
+    blocks = 0
+    if mode == "burst":
+        for _ in range(int(amount)):
+            events = workload.events()
+            blocks += _blocks(events)
+            burst.append(encode_batch(EventBatch(ts=_BURST_TS, events=events), pub.release))
+    conn.send((pub.endpoint, pub.replay_endpoint))
+    try:
+        while not conn.poll(0.005):  # probes until the router says it sees the live stream
+            pub.publish(EventBatch(ts=0.0, events=workload.events()))
+            await asyncio.sleep(0)
+        conn.recv()
+        first = pub.next_seq
+        conn.send(first)
+        start = time.perf_counter()
+        if mode == "burst":
+            for payload in burst:
+                pub.publish_payload(payload)
+            events_sent = len(burst) * _EVENTS_PER_MESSAGE
+        else:
+            interval = _EVENTS_PER_MESSAGE / _LATENCY_RATE
+            n = int(amount * _LATENCY_RATE / _EVENTS_PER_MESSAGE)
+            t0 = time.monotonic()
+            for i in range(n):
+                due = t0 + i * interval
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # no spinning: the router needs the other core
+                events = workload.events()
+                blocks += _blocks(events)
+                pub.publish(EventBatch(ts=time.monotonic(), events=events))
+            events_sent = n * _EVENTS_PER_MESSAGE
+        elapsed = time.perf_counter() - start
+        conn.send((first, pub.next_seq - 1, events_sent, blocks, elapsed))
+        conn.recv()  # "stop": keep the sockets open until the router has everything
+    finally:
+        await pub.close()
+
+
+class _Child:
+    """One publisher process (spawned, so it shares nothing with the router)."""
+
+    def __init__(self, mode: str, amount: float) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_publisher_main, args=(child_conn, mode, amount), daemon=True
+        )
+        self.proc.start()
+        child_conn.close()
+
+    def endpoints(self, timeout_s: float = 60.0) -> tuple[str, str]:
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError("ingest bench: the publisher process did not start")
+        endpoint, replay = self.conn.recv()
+        return str(endpoint), str(replay)
+
+    def go(self, timeout_s: float = 30.0) -> int:
+        """Start the burst (or stream); returns the seq of its first batch."""
+        self.conn.send("go")
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError("ingest bench: the publisher process did not answer")
+        return int(self.conn.recv())
+
+    def report(self, timeout_s: float = 120.0) -> tuple[int, int, int, int, float]:
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError("ingest bench: the publisher process did not finish")
+        first, last, events, blocks, elapsed = self.conn.recv()
+        return int(first), int(last), int(events), int(blocks), float(elapsed)
+
+    def stop(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send("stop")
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        self.conn.close()
+
+
+# --- the router side ---------------------------------------------------------------------------
+
+
+class _TimedIndex(PrefixIndex):
+    """The real index, noting when burst batches are applied and publish→apply latencies."""
+
+    def __init__(self, metrics: Metrics, *, noop: bool = False) -> None:
+        super().__init__(counters=metrics.event_counters)
+        self.noop = noop
+        self.burst_applied = 0
+        self.first_t: float | None = None
+        self.last_t = 0.0
+        self.latencies: list[float] = []
+        self.record_latency = False
+
+    def apply(self, source: Any, batch: EventBatch) -> None:
+        if not self.noop:
+            super().apply(source, batch)
+        ts = batch.ts
+        if ts <= 0.0:
+            return
+        now = time.monotonic()
+        if self.record_latency:
+            self.latencies.append(now - ts)
+            return
+        self.burst_applied += 1
+        if self.first_t is None:
+            self.first_t = now
+        self.last_t = now
+
+
+async def _router(
+    child: _Child, index: _TimedIndex, metrics: Metrics
+) -> tuple[SubscriberManager, int]:
+    endpoint, replay = await asyncio.to_thread(child.endpoints)
+    manager = SubscriberManager(index, metrics)
+    source = source_id("bench", 0)
+    await manager.add_source(
+        SourceSpec(
+            source=source, engine="bench", model=_MODEL, endpoint=endpoint, replay_endpoint=replay
+        )
+    )
+    # Wait until a probe arrives live (the subscription reached the PUB), then start.
+    deadline = time.monotonic() + 30
+    seen = None
+    while True:
+        status = manager.status()[0]
+        if status.last_seq is not None:
+            if seen is not None and status.last_seq > seen:
+                break
+            seen = status.last_seq
+        if time.monotonic() > deadline:
+            raise RuntimeError("ingest bench: no probe arrived")
+        await asyncio.sleep(0.02)
+    return manager, await asyncio.to_thread(child.go)
+
+
+async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
+    child = _Child("burst", messages)
+    metrics = Metrics()
+    index = _TimedIndex(metrics, noop=noop)
+    manager = None
+    try:
+        manager, _first = await _router(child, index, metrics)
+        first, last, events, blocks, pub_s = await asyncio.to_thread(child.report)
+        ok = await manager.wait_for_seq(source_id("bench", 0), last, timeout_s=120)
+        if not ok:
+            raise RuntimeError("ingest bench: the router did not apply every batch")
+        elapsed = max(index.last_t - (index.first_t or index.last_t), 1e-9)
+        gaps = metrics.registry.get_sample_value("kvroute_seq_gaps_total", {"source": "bench/0"})
+        return {
+            "messages": last - first + 1,
+            "seconds": elapsed,
+            "messages_per_s": index.burst_applied / elapsed,
+            "events_per_s": events / elapsed,
+            "blocks_per_s": blocks / elapsed,
+            "publisher_messages_per_s": (last - first + 1) / pub_s,
+            "seq_gaps": int(gaps or 0),
+            "blocks_indexed": index.source_block_count(source_id("bench", 0)),
+        }
+    finally:
+        if manager is not None:
+            await manager.close()
+        child.stop()
+
+
+async def _run_latency(seconds: float, *, noop: bool = False) -> dict[str, Any]:
+    child = _Child("rate", seconds)
+    metrics = Metrics()
+    index = _TimedIndex(metrics, noop=noop)
+    index.record_latency = True
+    manager = None
+    try:
+        manager, _first = await _router(child, index, metrics)
+        _first, last, _events, _blocks, _pub_s = await asyncio.to_thread(child.report, seconds + 60)
+        await manager.wait_for_seq(source_id("bench", 0), last, timeout_s=60)
+        lat = sorted(index.latencies)
+        n = len(lat)
+
+        def pct(p: float) -> float:
+            return lat[min(n - 1, int(p * n))] * 1000 if n else float("nan")
+
+        return {
+            "rate_events_per_s": _LATENCY_RATE,
+            "samples": n,
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": lat[-1] * 1000 if n else float("nan"),
+        }
+    finally:
+        if manager is not None:
+            await manager.close()
+        child.stop()
+
+
+def _run_core(messages: int) -> dict[str, Any]:
+    """The same messages decoded and applied in a plain loop: the ceiling without transport."""
+    workload = _Workload()
+    payloads = []
+    blocks = 0
+    for _ in range(messages):
+        events = workload.events()
+        blocks += _blocks(events)
+        payloads.append(encode_batch(EventBatch(ts=_BURST_TS, events=events)))
+    metrics = Metrics()
+    index = PrefixIndex(counters=metrics.event_counters)
+    source = source_id("bench", 0)
+    index.add_source(source, engine="bench", model=_MODEL)
+    decoder = BatchDecoder()
+    start = time.perf_counter()
+    decode_s = 0.0
+    for payload in payloads:
+        t = time.perf_counter()
+        batch = decoder.decode(payload)
+        decode_s += time.perf_counter() - t
+        index.apply(source, batch)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return {
+        "messages": messages,
+        "seconds": elapsed,
+        "messages_per_s": messages / elapsed,
+        "events_per_s": messages * _EVENTS_PER_MESSAGE / elapsed,
+        "blocks_per_s": blocks / elapsed,
+        "decode_us_per_message": decode_s / messages * 1e6,
+        "apply_us_per_message": (elapsed - decode_s) / messages * 1e6,
+    }
+
+
+def _run_raw_baseline(messages: int) -> dict[str, Any]:
+    """The same burst received by a plain blocking pyzmq SUB loop: no decode, no index."""
+    child = _Child("burst", messages)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    try:
+        endpoint, _replay = child.endpoints()
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 10_000_000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        if not sub.poll(30_000):
+            raise RuntimeError("ingest bench: no probe arrived")
+        first_seq = child.go()
+        last_seq = first_seq + messages - 1
+        received = 0
+        start = end = 0.0
+        while sub.poll(1000):
+            frames = sub.recv_multipart()
+            seq = int.from_bytes(frames[1], "big")
+            if seq < first_seq:
+                continue  # a probe still queued
+            if received == 0:
+                start = time.perf_counter()
+            received += 1
+            end = time.perf_counter()
+            if seq >= last_seq:
+                break
+        _first, _last, _events, _blocks, pub_s = child.report()
+        burst = messages
+        elapsed = max(end - start, 1e-9)
+        return {
+            "messages": burst,
+            "received": received,
+            "seconds": elapsed,
+            "messages_per_s": received / elapsed,
+            "events_per_s": received * _EVENTS_PER_MESSAGE / elapsed,
+            "publisher_messages_per_s": burst / pub_s,
+        }
+    finally:
+        sub.close(linger=0)
+        context.term()
+        child.stop()

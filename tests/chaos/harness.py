@@ -1,0 +1,234 @@
+"""Real-socket harness for subscriber tests: publishers that remember what they sent, a reference
+index built from the same bytes, deadline polling, and metric reads from the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from kvroute.events.publisher import ZmqEventPublisher, encode_batch
+from kvroute.events.subscriber import SourceSpec, SourceStatus, SubscriberManager
+from kvroute.events.wire import EventBatch, decode_batch
+from kvroute.index.prefix_index import PrefixIndex
+from kvroute.index.types import SourceId, source_id
+from kvroute.metrics import Metrics
+from tests.chaos.event_streams import EngineStream
+
+MODEL = "test/model"
+RELEASES = ("0.9.0", "0.22.0", "0.26.0", "0.33.0")
+
+
+@dataclass
+class Stack:
+    """The router side: metrics, index and subscriber manager, wired as the gateway wires them."""
+
+    metrics: Metrics
+    index: PrefixIndex
+    manager: SubscriberManager
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def status(self, source: SourceId) -> SourceStatus:
+        for s in self.manager.status():
+            if s.source == source:
+                return s
+        raise KeyError(source)
+
+
+def make_stack(
+    context: zmq.asyncio.Context,
+    *,
+    replay_timeout_s: float = 1.0,
+    retry_backoff_s: tuple[float, float] = (0.05, 0.4),
+    max_concurrent_replays: int = 4,
+) -> Stack:
+    metrics = Metrics()
+    index = PrefixIndex(counters=metrics.event_counters)
+    manager = SubscriberManager(
+        index,
+        metrics,
+        context=context,
+        replay_timeout_s=replay_timeout_s,
+        max_concurrent_replays=max_concurrent_replays,
+        retry_backoff_s=retry_backoff_s,
+    )
+    return Stack(metrics, index, manager)
+
+
+@dataclass
+class Feed:
+    """One engine source: our publisher plus the batches it published since its last restart."""
+
+    pub: ZmqEventPublisher
+    engine: str
+    rank: int
+    stream: EngineStream
+    published: list[EventBatch] = field(default_factory=list)
+    paused: bool = False
+
+    def pause(self) -> None:
+        self.pub.pause()
+        self.paused = True
+
+    def resume(self) -> None:
+        self.pub.resume()
+        self.paused = False
+
+    @property
+    def source(self) -> SourceId:
+        return source_id(self.engine, self.rank)
+
+    def spec(self) -> SourceSpec:
+        return SourceSpec(
+            source=self.source,
+            engine=self.engine,
+            model=MODEL,
+            endpoint=self.pub.endpoint,
+            replay_endpoint=self.pub.replay_endpoint,
+            topic=self.pub.topic,
+        )
+
+    def publish(self, n: int = 1, events: int = 3) -> int:
+        seq = -1
+        for _ in range(n):
+            batch = self.stream.batch(events)
+            self.published.append(batch)
+            seq = self.pub.publish(batch)
+        return seq
+
+    def publish_batch(self, batch: EventBatch) -> int:
+        self.published.append(batch)
+        return self.pub.publish(batch)
+
+    async def restart(self, seed: int) -> None:
+        """Engine process restart: seq back to 0, a fresh (empty) cache."""
+        await self.pub.restart()
+        self.paused = False
+        self.published = []
+        self.stream = EngineStream(seed, rank=self.rank, hash_base=seed * 1_000_000)
+
+    def reference(self) -> set[tuple[int, str]]:
+        """What the index must hold for this source: the same bytes applied without loss."""
+        index = PrefixIndex()
+        index.add_source(self.source, engine=self.engine, model=MODEL)
+        for batch in self.published:
+            index.apply(self.source, decode_batch(encode_batch(batch, self.pub.release)))
+        return {(int(h), m) for h, m in index.holdings(self.source)}
+
+    async def settle(self, stack: Stack, timeout_s: float = 10.0) -> None:
+        """Publish until the subscriber applies a batch published after it connected, so the SUB
+        subscription has reached the PUB (slow joiner) before a test injects faults."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not stack.status(self.source).connected:
+            assert loop.time() < deadline, "subscriber never connected"
+            await asyncio.sleep(0.01)
+        while True:
+            seq = self.publish()
+            if await stack.manager.wait_for_seq(self.source, seq, timeout_s=0.3):
+                # Live stream flows: one more to be sure the last one came through it.
+                seq = self.publish()
+                assert await stack.manager.wait_for_seq(self.source, seq)
+                return
+            assert loop.time() < deadline, "no live batch ever arrived"
+
+
+async def start_feed(
+    context: zmq.asyncio.Context,
+    engine: str = "engine-a",
+    *,
+    rank: int = 0,
+    release: str = "0.33.0",
+    replay: bool = True,
+    seed: int = 1,
+    buffer_steps: int = 10_000,
+    hwm: int = 100_000,
+    endpoint: str = "tcp://127.0.0.1:0",
+    replay_endpoint: str = "tcp://127.0.0.1:0",
+) -> Feed:
+    pub = ZmqEventPublisher(
+        endpoint,
+        replay_endpoint=replay_endpoint if replay else None,
+        topic="kv",
+        release=release,
+        buffer_steps=buffer_steps,
+        hwm=hwm,
+        context=context,
+    )
+    await pub.start()
+    return Feed(pub, engine, rank, EngineStream(seed, rank=rank, hash_base=seed * 1_000_000))
+
+
+def holdings(stack: Stack, source: SourceId) -> set[tuple[int, str]]:
+    return {(int(h), m) for h, m in stack.index.holdings(source)}
+
+
+async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll `cond` until it holds (True) or the deadline passes (False)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1 (DP rank offsets), best effort."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return int(port)
+    raise RuntimeError("no two consecutive free ports")
+
+
+class ScriptedReplay:
+    """A replay ROUTER (0.26+ layout) answering from `batches`, which a test may rewrite, to
+    play an engine whose process changed under the same endpoints."""
+
+    def __init__(self, context: zmq.asyncio.Context, topic: bytes = b"kv") -> None:
+        self.sock = context.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.topic = topic
+        self.batches: list[tuple[int, bytes]] = []
+        self.garbage = False  # answer with a reply no release sends
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 3:
+                continue
+            identity, start = frames[0], int.from_bytes(frames[2], "big")
+            if self.garbage:
+                await self.sock.send_multipart([identity, b"", b"a", b"b", b"c", b"d"])
+                continue
+            for seq, payload in [b for b in self.batches if b[0] >= start]:
+                await self.sock.send_multipart(
+                    [identity, b"", self.topic, seq.to_bytes(8, "big"), payload]
+                )
+            await self.sock.send_multipart([identity, b"", b"", b"\xff" * 8, b""])
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close(linger=0)
