@@ -1,17 +1,143 @@
-"""The `kvroute sim` subcommand(s)."""
+"""The `kvroute sim` subcommand: N simulated engines in one process until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
 from typing import Any
+
+from kvroute.sim.engine import SimConfig
+from kvroute.sim.fleet import PORT_STRIDE, SimFleet
+from kvroute.sim.server import apply_faults
 
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    """Placeholder until this package's command lands."""
-    del sub
+    """Add `kvroute sim` to the `kvroute` subcommands."""
+    d = SimConfig()
+    p = sub.add_parser(
+        "sim",
+        help="run simulated vLLM engines (HTTP API + KV events) in one process",
+        description=(
+            "Start N simulated vLLM engines on 127.0.0.1. Engine i, DP rank r uses port "
+            f"BASE + i*{PORT_STRIDE} + r for events and replay (HTTP: BASE + i*{PORT_STRIDE}); "
+            "a base of 0 lets the system pick free ports. Runs until SIGINT/SIGTERM."
+        ),
+    )
+    p.add_argument("--engines", type=int, default=2, help="number of engines (default 2)")
+    p.add_argument("--model", default="sim/llama-3.1-8b", help="served model name")
+    p.add_argument("--dp-ranks", type=int, default=1, help="DP ranks per engine (default 1)")
+    p.add_argument("--vllm-version", default=d.release, help="wire layout of this vLLM release")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-base-port", type=int, default=0)
+    p.add_argument("--events-base-port", type=int, default=0)
+    p.add_argument("--replay-base-port", type=int, default=0)
+    p.add_argument("--no-replay", action="store_true", help="no replay ROUTER sockets")
+    p.add_argument("--topic", default=d.topic, help=f"event topic (default {d.topic!r})")
+    p.add_argument("--speed", type=float, default=d.speed, help="simulated s per wall s")
+    p.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--prefill-tok-per-s", type=float, default=d.prefill_tok_per_s)
+    p.add_argument("--decode-step-ms", type=float, default=d.decode_step_s * 1000)
+    p.add_argument("--bytes-hashes", action="store_true", help="32-byte hashes, not uint64")
+    p.add_argument("--buffer-steps", type=int, default=d.buffer_steps)
+    p.add_argument("--lora", nargs="*", default=[], metavar="NAME", help="LoRA adapters served")
+    p.add_argument("--fleet-out", type=Path, help="write the fleet YAML here")
+    # fault switches applied to every engine right after start-up
+    p.add_argument("--drop-next", type=int, default=0, help="fault: drop the next N batches")
+    p.add_argument("--duplicate-stores", action="store_true", help="fault: send stores twice")
+    p.add_argument("--no-replay-server", action="store_true", help="fault: replay ROUTER off")
+    p.add_argument("--pause-events", action="store_true", help="fault: queue, do not publish")
+    p.set_defaults(func=run)
 
 
-def _unused(args: argparse.Namespace) -> int:  # pragma: no cover
-    return 2
+def _config(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks,
+        max_num_seqs=args.max_num_seqs,
+        prefill_tok_per_s=args.prefill_tok_per_s,
+        decode_step_s=args.decode_step_ms / 1000.0,
+        speed=args.speed,
+        release=args.vllm_version,
+        bytes_hashes=args.bytes_hashes,
+        topic=args.topic,
+        buffer_steps=args.buffer_steps,
+        replay=not args.no_replay,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvroute sim`; returns the exit code."""
+    try:
+        config = _config(args)
+        fleet = SimFleet(
+            args.engines,
+            args.model,
+            dp_ranks=args.dp_ranks,
+            config=config,
+            lora=args.lora,
+            host=args.host,
+            http_base_port=args.http_base_port,
+            events_base_port=args.events_base_port,
+            replay_base_port=args.replay_base_port,
+        )
+    except ValueError as exc:
+        print(f"kvroute sim: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(fleet, args))
+
+
+async def _serve(fleet: SimFleet, args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    t = time.perf_counter()
+    try:
+        await fleet.start()
+    except (OSError, ValueError) as exc:
+        print(f"kvroute sim: start-up failed: {exc}", file=sys.stderr)
+        return 1
+    started = time.perf_counter() - t
+    faults: dict[str, Any] = {}
+    if args.drop_next:
+        faults["drop_next"] = args.drop_next
+    if args.duplicate_stores:
+        faults["duplicate_stores"] = True
+    if args.no_replay_server:
+        faults["replay"] = "stop"
+    if args.pause_events:
+        faults["pause"] = True
+    try:
+        for engine in fleet.engines:
+            if faults:
+                await apply_faults(engine, faults)
+        if args.fleet_out is not None:
+            fleet.write_fleet_file(args.fleet_out)
+        print(
+            f"kvroute sim: {len(fleet.engines)} engine(s) x {fleet.dp_ranks} rank(s) of "
+            f"{fleet.model} ready in {started:.2f} s",
+            file=sys.stderr,
+        )
+        for e in fleet.engines:
+            print(f"  {e.name}  {e.url}  events {' '.join(e.events_endpoints)}", file=sys.stderr)
+        if args.fleet_out is not None:
+            print(f"  fleet file: {args.fleet_out}", file=sys.stderr)
+        else:
+            sys.stdout.write(fleet.fleet_yaml())
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await fleet.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
