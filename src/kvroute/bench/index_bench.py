@@ -1,0 +1,397 @@
+"""Index benchmarks (issue 4): (a) apply rate, (c) retained memory and GC pause, (d) match latency,
+each next to an in-run baseline: a naive dict-of-sets index doing the same work."""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.events.wire import BlockRemoved, BlockStored, EngineHash, EventBatch
+from kvroute.index.hashing import chain_hashes, prompt_hashes, seed_hash
+from kvroute.index.prefix_index import IndexLimits, PrefixIndex
+from kvroute.index.types import LocalHash, SourceId, source_id
+
+__all__ = ["DEFAULT_OUT_DIR", "NaiveIndex", "run", "run_apply", "run_match", "run_memory"]
+
+MODEL = "bench-model"
+OURS = "kvroute PrefixIndex"
+NAIVE = "naive dict-of-sets"  # the in-run baseline
+_UNBOUNDED = IndexLimits(max_blocks_per_source=1 << 40, max_blocks_total=1 << 40)
+
+
+@dataclass(frozen=True)
+class _Size:
+    apply_events: int
+    memory_blocks: tuple[int, ...]
+    match_blocks: int
+    match_engines: tuple[int, ...]
+    match_prompts: tuple[int, ...]
+    match_reps: int
+    gc_reps: int
+
+
+_SIZES = {
+    "smoke": _Size(20_000, (10_000,), 20_000, (4, 16), (1024, 8192), 20, 2),
+    "full": _Size(
+        1_000_000, (100_000, 1_000_000), 1_000_000, (16, 64), (1024, 8192, 32768), 300, 5
+    ),
+}
+
+
+class _Index(Protocol):
+    def add_source(self, source: SourceId, *, engine: str, model: str) -> None: ...
+    def apply(self, source: SourceId, batch: EventBatch) -> None: ...
+
+
+class NaiveIndex:
+    """The baseline: engine hash -> local hash per source, local hash -> set of holders, and a
+    (source, local) -> refcount dict; the same hash function, no bitmasks, no care for the GC."""
+
+    def __init__(self) -> None:
+        self.models: dict[SourceId, str] = {}
+        self.engines: dict[SourceId, str] = {}
+        self.emap: dict[SourceId, dict[EngineHash, int]] = {}
+        self.holders: dict[int, set[SourceId]] = {}
+        self.refs: dict[tuple[SourceId, int], int] = {}
+
+    def add_source(self, source: SourceId, *, engine: str, model: str) -> None:
+        self.models[source] = model
+        self.engines[source] = engine
+        self.emap[source] = {}
+
+    def apply(self, source: SourceId, batch: EventBatch) -> None:
+        emap = self.emap[source]
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                if ev.token_ids is None or ev.block_size is None:
+                    continue
+                if ev.parent_block_hash is None:
+                    parent: int | None = seed_hash(self.models[source], ev.lora_name)
+                else:
+                    parent = emap.get(ev.parent_block_hash)
+                if parent is None:
+                    continue
+                hashes = chain_hashes(LocalHash(parent), ev.token_ids, ev.block_size)
+                for eh, local in zip(ev.block_hashes, hashes, strict=False):
+                    emap[eh] = local
+                    self.holders.setdefault(local, set()).add(source)
+                    self.refs[(source, local)] = self.refs.get((source, local), 0) + 1
+            elif isinstance(ev, BlockRemoved):
+                for eh in ev.block_hashes:
+                    found = emap.get(eh)
+                    if found is None:
+                        continue
+                    n = self.refs[(source, found)] - 1
+                    if n:
+                        self.refs[(source, found)] = n
+                        continue
+                    del self.refs[(source, found)], emap[eh]
+                    holders = self.holders[found]
+                    holders.discard(source)
+                    if not holders:
+                        del self.holders[found]
+
+    def match(self, model: str, tokens: Sequence[int], block_size: int) -> dict[str, int]:
+        hashes = prompt_hashes(model, None, tokens, block_size)
+        alive = {s for s, m in self.models.items() if m == model}
+        lengths: dict[SourceId, int] = {}
+        empty: set[SourceId] = set()
+        for i, h in enumerate(hashes):
+            still = alive & self.holders.get(h, empty)
+            for s in alive - still:
+                lengths[s] = i
+            alive = still
+            if not alive:
+                break
+        for s in alive:
+            lengths[s] = len(hashes)
+        out: dict[str, int] = {}
+        for s, n in lengths.items():
+            if n > out.get(self.engines[s], 0):
+                out[self.engines[s]] = n
+        return out
+
+
+# --- (a) apply rate -----------------------------------------------------------------------------
+
+
+def _aibrix_batches(n: int, per_batch: int, start: int = 0) -> Iterator[list[EventBatch]]:
+    """1-block BlockStored events of 100 tokens, block size 100, unique hashes; in chunks."""
+    tail = list(range(1, 100))
+    chunk = 8192
+    for lo in range(start, start + n, chunk):
+        hi = min(start + n, lo + chunk)
+        batches = []
+        for b in range(lo, hi, per_batch):
+            events: list[Any] = [
+                BlockStored([(1 << 63) + i], None, [i, *tail], 100, None, "GPU", None, None, 0)
+                for i in range(b, min(hi, b + per_batch))
+            ]
+            batches.append(EventBatch(float(b), events))
+        yield batches
+
+
+def _time_apply(index: _Index, n: int, per_batch: int) -> float:
+    src = source_id("engine-0", 0)
+    index.add_source(src, engine="engine-0", model=MODEL)
+    elapsed = 0.0
+    for batches in _aibrix_batches(n, per_batch):
+        apply = index.apply
+        t0 = time.perf_counter()
+        for batch in batches:
+            apply(src, batch)
+        elapsed += time.perf_counter() - t0
+    return elapsed
+
+
+def run_apply(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """(a) Index apply only, the AIBrix workload, in inserts/s (target ≥ 1,000,000/s)."""
+    n = _SIZES[size].apply_events
+    rows = []
+    results = []
+    for name, factory, per_batch in (
+        (OURS, lambda: PrefixIndex(_UNBOUNDED), 1),
+        (OURS, lambda: PrefixIndex(_UNBOUNDED), 32),
+        (NAIVE, NaiveIndex, 32),
+    ):
+        gc.collect()
+        seconds = _time_apply(factory(), n, per_batch)
+        rate = n / seconds
+        results.append(
+            {"index": name, "events_per_batch": per_batch, "events": n, "inserts_per_s": rate}
+        )
+        rows.append((name, per_batch, n, rate, seconds * 1e9 / n))
+    print_table(
+        f"(a) index apply, AIBrix workload (1-block events, 100 tokens, block 100), size={size}",
+        ["index", "events/batch", "events", "inserts/s", "ns/insert"],
+        rows,
+    )
+    data = {"size": size, "target_inserts_per_s": 1_000_000, "results": results}
+    save_json("index_apply", data, out_dir)
+    return data
+
+
+# --- (c) retained memory and GC pause -------------------------------------------------------
+
+
+def _fill(index: _Index, blocks: int, sources: int, holders_per_block: int) -> None:
+    """`blocks` (block, source) pairs: blocks // holders distinct 4-block chains of 16 tokens,
+    each chain stored by `holders_per_block` sources (round robin)."""
+    srcs = [source_id(f"engine-{i}", 0) for i in range(sources)]
+    for s in srcs:
+        index.add_source(s, engine=s.rpartition("/")[0], model=MODEL)
+    chains = blocks // holders_per_block // 4
+    k = 0
+    for c in range(chains):
+        tokens = [c >> 16, c & 0xFFFF, *range(62)]
+        for h in range(holders_per_block):
+            src = srcs[(c * holders_per_block + h) % sources]
+            ehs: list[EngineHash] = [(1 << 63) + 4 * k + j for j in range(4)]
+            k += 1
+            index.apply(src, EventBatch(0.0, [BlockStored(ehs, None, tokens, 16)]))
+
+
+def _retained(factory: Any, blocks: int, sources: int, holders: int) -> tuple[float, Any]:
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    index = factory()
+    _fill(index, blocks, sources, holders)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / blocks, index
+
+
+def _gc_pause_ms(reps: int) -> float:
+    pauses = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        gc.collect()
+        pauses.append((time.perf_counter() - t0) * 1e3)
+    return sorted(pauses)[len(pauses) // 2]
+
+
+def run_memory(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """(c) Retained bytes per (block, source) after gc (target ≤ 128 B) and the full
+    `gc.collect()` pause with the index filled (target < 5 ms at 10^6 blocks)."""
+    cfg = _SIZES[size]
+    rows: list[tuple[Any, ...]] = []
+    results: list[dict[str, Any]] = []
+    # The process's own objects (imports: rich, msgspec, ...) cost a full collection a few ms
+    # on their own; freeze them, as a service can after start-up, so the pause is the index's.
+    process_pause = _gc_pause_ms(cfg.gc_reps)
+    gc.freeze()
+    try:
+        _measure_memory(cfg, rows, results)
+    finally:
+        gc.unfreeze()
+    print_table(
+        f"(c) retained memory (tracemalloc, after gc) and full gc pause (start-up objects "
+        f"frozen; unfrozen process alone: {process_pause:.2f} ms), size={size}",
+        ["index", "(block,src) pairs", "srcs", "holders", "B/pair", "gc ms", "gc ms freed"],
+        rows,
+    )
+    data = {
+        "size": size,
+        "target_bytes_per_block_source": 128,
+        "target_gc_pause_ms": 5.0,
+        "process_gc_pause_ms_unfrozen": process_pause,
+        "results": results,
+    }
+    save_json("index_memory", data, out_dir)
+    return data
+
+
+def _measure_memory(cfg: _Size, rows: list[tuple[Any, ...]], results: list[dict[str, Any]]) -> None:
+    for blocks in cfg.memory_blocks:
+        for sources, holders in ((1, 1), (16, 4)):
+            for name, factory in (
+                (OURS, lambda: PrefixIndex(_UNBOUNDED)),
+                (NAIVE, NaiveIndex),
+            ):
+                per_pair, index = _retained(factory, blocks, sources, holders)
+                pause = _gc_pause_ms(cfg.gc_reps)
+                del index
+                empty_pause = _gc_pause_ms(cfg.gc_reps)
+                results.append(
+                    {
+                        "index": name,
+                        "block_source_pairs": blocks,
+                        "sources": sources,
+                        "holders_per_block": holders,
+                        "bytes_per_block_source": per_pair,
+                        "gc_pause_ms": pause,
+                        "gc_pause_empty_ms": empty_pause,
+                    }
+                )
+                rows.append((name, blocks, sources, holders, per_pair, pause, empty_pause))
+
+
+# --- (d) match latency --------------------------------------------------------------------------
+
+
+def _prompt(seed: int, n_tokens: int) -> list[int]:
+    return [(seed * 7919 + i * 104_729) % 128_000 for i in range(n_tokens)]
+
+
+def _fill_for_match(
+    index: _Index, engines: int, total_blocks: int, prompt_sizes: Sequence[int], per_size: int
+) -> dict[int, list[list[int]]]:
+    """Engine e holds the first (e+1)/engines of every test prompt (so the longest match is the
+    whole prompt: every block is hashed and looked up), the rest of `total_blocks` is filler."""
+    bs = 16
+    srcs = [source_id(f"engine-{e}", 0) for e in range(engines)]
+    for s in srcs:
+        index.add_source(s, engine=s.rpartition("/")[0], model=MODEL)
+    used = 0
+    next_eh = 1 << 63
+    prompts: dict[int, list[list[int]]] = {}
+    for n_tokens in prompt_sizes:
+        prompts[n_tokens] = []
+        for p in range(per_size):
+            tokens = _prompt(n_tokens * 1000 + p, n_tokens)
+            prompts[n_tokens].append(tokens)
+            n_blocks = n_tokens // bs
+            for e, src in enumerate(srcs):
+                held = max(1, n_blocks * (e + 1) // engines)
+                ehs: list[EngineHash] = list(range(next_eh, next_eh + held))
+                next_eh += held
+                used += held
+                index.apply(src, EventBatch(0.0, [BlockStored(ehs, None, tokens[: held * bs], bs)]))
+    filler_chain = 32
+    c = 0
+    while used < total_blocks:
+        src = srcs[c % engines]
+        held = min(filler_chain, total_blocks - used)
+        tokens = [c >> 16, c & 0xFFFF, *range(held * bs - 2)]
+        filler: list[EngineHash] = list(range(next_eh, next_eh + held))
+        next_eh += held
+        used += held
+        c += 1
+        index.apply(src, EventBatch(0.0, [BlockStored(filler, None, tokens, bs)]))
+    return prompts
+
+
+def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    s = sorted(samples_ns)
+    return s[len(s) // 2] / 1e3, s[min(len(s) - 1, int(len(s) * 0.99))] / 1e3
+
+
+def _match_latency(
+    index: PrefixIndex | NaiveIndex, prompts: list[list[int]], reps: int, engines: int
+) -> tuple[float, float]:
+    samples = []
+    last = f"engine-{engines - 1}"
+    for r in range(reps):
+        tokens = prompts[r % len(prompts)]
+        if isinstance(index, PrefixIndex):
+            t0 = time.perf_counter_ns()
+            result = index.match(MODEL, None, tokens)
+            samples.append(time.perf_counter_ns() - t0)
+            blocks = result[last].blocks
+        else:
+            t0 = time.perf_counter_ns()
+            naive = index.match(MODEL, tokens, 16)
+            samples.append(time.perf_counter_ns() - t0)
+            blocks = naive[last]
+        if blocks != len(tokens) // 16:
+            raise AssertionError(f"benchmark index is wrong: {last} holds {blocks} blocks")
+    return _percentiles(samples)
+
+
+def run_match(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """(d) `match` latency p50/p99 for 1k/8k/32k-token prompts against 16 and 64 engines holding
+    10^6 blocks in total (target p99 < 300 µs at 8k tokens × 64 engines)."""
+    cfg = _SIZES[size]
+    rows = []
+    results = []
+    per_size = 4
+    for engines in cfg.match_engines:
+        for name, index in (
+            (OURS, PrefixIndex(_UNBOUNDED)),
+            (NAIVE, NaiveIndex()),
+        ):
+            prompts = _fill_for_match(index, engines, cfg.match_blocks, cfg.match_prompts, per_size)
+            gc.collect()
+            for n_tokens in cfg.match_prompts:
+                p50, p99 = _match_latency(index, prompts[n_tokens], cfg.match_reps, engines)
+                results.append(
+                    {
+                        "index": name,
+                        "engines": engines,
+                        "prompt_tokens": n_tokens,
+                        "blocks_total": cfg.match_blocks,
+                        "p50_us": p50,
+                        "p99_us": p99,
+                        "reps": cfg.match_reps,
+                    }
+                )
+                rows.append((name, engines, n_tokens, cfg.match_blocks, p50, p99))
+            del index, prompts
+            gc.collect()
+    print_table(
+        f"(d) match latency (block 16; engine e holds (e+1)/E of each prompt), size={size}",
+        ["index", "engines", "prompt tokens", "blocks total", "p50 µs", "p99 µs"],
+        rows,
+    )
+    data = {"size": size, "target_p99_us_8k_x64": 300, "results": results}
+    save_json("index_match", data, out_dir)
+    return data
+
+
+def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """All index benchmarks: (a) apply, (c) memory, (d) match."""
+    if size not in _SIZES:
+        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
+    return {
+        "apply": run_apply(size, out_dir),
+        "memory": run_memory(size, out_dir),
+        "match": run_match(size, out_dir),
+    }

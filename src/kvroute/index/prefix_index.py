@@ -1,0 +1,596 @@
+"""The sync prefix index: per source engine hash → local hash, per local hash a bitmask of holders,
+in plain dicts of ints (no per-block objects, nothing for the GC to track); see `PrefixIndex`."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from xxhash import xxh3_64_intdigest
+
+from kvroute.errors import IndexStateError
+from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvroute.index.extra_keys import reproducible_extra_keys
+from kvroute.index.hashing import SWAP_BYTES as _SWAP
+from kvroute.index.hashing import chain_hashes, pack_tokens, seed_hash
+from kvroute.index.holders import GPU, Holders, Key, SourceState
+from kvroute.index.speculative import SpeculativeEntries
+from kvroute.index.types import LocalHash, MatchResult, SourceId
+from kvroute.metrics import DropReason, EventCounters
+
+__all__ = ["GPU", "IndexLimits", "PrefixIndex"]
+
+
+_STORED = "BlockStored"
+_REMOVED = "BlockRemoved"
+_CLEARED = "AllBlocksCleared"
+
+
+@dataclass(frozen=True)
+class IndexLimits:
+    """Bounds of the index. Beyond a cap the least recently stored blocks are dropped (counted
+    `over_limit`), a little below the cap (1/256 of it) so eviction scans stay amortised O(1)."""
+
+    max_blocks_per_source: int = 1_000_000
+    max_blocks_total: int = 8_000_000
+    indexed_group: int = 0  # the KV-cache group indexed; events of group None count as it
+    speculative_ttl_s: float = 2.0
+    max_speculative_per_engine: int = 65_536
+    default_block_size: int = 16  # speculative hashing before any event names the block size
+
+
+class PrefixIndex:
+    """Which engine source holds which prompt prefix, from KV events; answers `match()`.
+
+    Synchronous and lock-free by design: call it from one thread (the event loop). Local hashes
+    are seeded by (model, LoRA, cache salt) and chained over blocks of one size, so the one
+    holder map is partitioned by (model, LoRA, block size) by construction; `_parts` records
+    which sources hold blocks of each partition. Holders are bitmasks (one bit per source).
+    """
+
+    def __init__(
+        self,
+        limits: IndexLimits | None = None,
+        *,
+        counters: EventCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits if limits is not None else IndexLimits()
+        self.counters = counters if counters is not None else EventCounters()
+        self._clock = clock
+        self._indexed_group = self.limits.indexed_group
+        self._seeds: dict[tuple[str, str | None, str | None], int] = {}
+        self._sources: dict[SourceId, SourceState] = {}
+        self._by_bit: dict[int, SourceState] = {}
+        self._free_bits: list[int] = []
+        self._next_bit = 1
+        self._stale_bits = 0
+        self._model_bits: dict[str, int] = {}  # model -> bits of its sources
+        self._hm = Holders()
+        # Aliases of the holder dicts (never rebound) for the hot paths.
+        self._holders = self._hm.any
+        self._nongpu = self._hm.nongpu
+        self._model_blocks = self._hm.model_blocks
+        self._parts: dict[tuple[str, str | None], dict[int, int]] = {}  # -> block size -> bits
+        self._total = 0  # sum of len(source.blocks)
+        self._spec = SpeculativeEntries(
+            self.limits.speculative_ttl_s, self.limits.max_speculative_per_engine, clock
+        )
+        self._spec_by_engine = self._spec.by_engine  # alias for the hot path
+
+    # --- sources ------------------------------------------------------------------------------
+
+    def add_source(self, source: SourceId, *, engine: str, model: str) -> None:
+        """Register a source; idempotent for the same engine and model."""
+        src = self._sources.get(source)
+        if src is not None:
+            if src.engine != engine or src.model != model:
+                raise IndexStateError(
+                    f"source {source}: already added as engine {src.engine!r} model "
+                    f"{src.model!r}, got engine {engine!r} model {model!r}; remove it first"
+                )
+            return
+        if self._free_bits:
+            bit = self._free_bits.pop()
+        else:
+            bit = self._next_bit
+            self._next_bit <<= 1
+        src = SourceState(source, engine, model, bit)
+        self._sources[source] = src
+        self._by_bit[bit] = src
+        self._model_bits[model] = self._model_bits.get(model, 0) | bit
+        self._model_blocks.setdefault(model, 0)
+
+    def remove_source(self, source: SourceId) -> None:
+        """Forget a source and everything it held; a no-op for unknown sources."""
+        src = self._sources.pop(source, None)
+        if src is None:
+            return
+        self._total -= len(src.blocks)
+        self._clear_source(src)
+        bit = src.bit
+        del self._by_bit[bit]
+        self._stale_bits &= ~bit
+        rest = self._model_bits[src.model] & ~bit
+        if rest:
+            self._model_bits[src.model] = rest
+        else:
+            del self._model_bits[src.model]
+        self._free_bits.append(bit)
+
+    def reset_source(self, source: SourceId) -> None:
+        """Drop everything the source held (engine restart, disconnect) and clear its stale flag:
+        an empty source is trivially consistent. A no-op for unknown sources."""
+        src = self._sources.get(source)
+        if src is not None:
+            self._total -= len(src.blocks)
+            self._clear_source(src)
+            self._set_stale(src, False)
+
+    def set_stale(self, source: SourceId, stale: bool) -> None:
+        """Mark a source stale (its blocks stop counting in `match`) or consistent again."""
+        src = self._sources.get(source)
+        if src is not None:
+            self._set_stale(src, stale)
+
+    def is_stale(self, source: SourceId) -> bool:
+        src = self._sources.get(source)
+        return src is not None and src.stale
+
+    def _set_stale(self, src: SourceState, stale: bool) -> None:
+        src.stale = stale
+        if stale:
+            self._stale_bits |= src.bit
+        else:
+            self._stale_bits &= ~src.bit
+
+    # --- events -------------------------------------------------------------------------------
+
+    def apply(self, source: SourceId, batch: EventBatch) -> None:
+        """Apply one batch of a source's events in order; bad events are counted, never raised."""
+        src = self._sources.get(source)
+        counters = self.counters
+        if src is None:
+            counters.drop(source, DropReason.UNKNOWN_SOURCE, len(batch.events))
+            return
+        blocks = src.blocks
+        before = len(blocks)
+        cap = self.limits.max_blocks_per_source
+        stored = removed = 0
+        store = self._store
+        for ev in batch.events:
+            kind = type(ev)
+            if kind is BlockStored:
+                if store(src, ev):  # type: ignore[arg-type]
+                    stored += 1
+                    if len(blocks) > cap:
+                        self._evict(src, len(blocks) - cap + (cap >> 8))
+            elif kind is BlockRemoved:
+                if self._remove(src, ev):  # type: ignore[arg-type]
+                    removed += 1
+            elif kind is AllBlocksCleared:
+                self._clear_source(src)
+                self._set_stale(src, False)
+                counters.applied[(source, _CLEARED)] += 1
+            else:  # not an event type we know: the decoder never produces one
+                counters.drop(source, DropReason.UNKNOWN_TAG)
+        if stored:
+            counters.applied[(source, _STORED)] += stored
+        if removed:
+            counters.applied[(source, _REMOVED)] += removed
+        self._total += len(blocks) - before
+        if self._total > self.limits.max_blocks_total:
+            self._enforce_total()
+
+    def _seed(self, model: str, lora: str | None, salt: str | None) -> int:
+        key = (model, lora, salt)
+        seed = self._seeds.get(key)
+        if seed is None:
+            if len(self._seeds) >= 4096:  # salts are per user: keep the cache bounded
+                self._seeds.clear()
+            seed = self._seeds[key] = seed_hash(model, lora, salt)
+        return seed
+
+    def _store(self, src: SourceState, ev: BlockStored) -> bool:
+        hashes = ev.block_hashes
+        group = ev.group_idx
+        if group is not None and group != self._indexed_group:
+            self.counters.drop(src.sid, DropReason.WRONG_GROUP)
+            return False
+        tokens = ev.token_ids
+        bs = ev.block_size
+        if tokens is None or bs is None or bs <= 0 or len(tokens) != len(hashes) * bs:
+            self.counters.drop(src.sid, DropReason.MISALIGNED)
+            return False
+        if not hashes:
+            return True
+        parent = ev.parent_block_hash
+        lora = ev.lora_name
+        salt: str | None = None
+        if ev.extra_keys is not None or ev.lookahead_token_ids:
+            ok, salt = reproducible_extra_keys(ev)
+            if not ok:
+                self.counters.drop(src.sid, DropReason.UNSUPPORTED_EXTRA_KEYS)
+                return False
+        elif lora is None and ev.lora_id is not None:
+            # An adapter we cannot name (releases before lora_name): hashing it as the base
+            # model would claim prefixes the base model does not hold.
+            self.counters.drop(src.sid, DropReason.UNSUPPORTED_EXTRA_KEYS)
+            return False
+        medium = ev.medium
+        on_gpu = medium is None or medium == GPU
+        blocks = src.blocks
+        if parent is None:
+            if salt is None:
+                seed = src.seeds.get(lora)
+                if seed is None:
+                    seed = src.seeds[lora] = self._seed(src.model, lora, None)
+                start: int = seed
+            else:
+                start = self._seed(src.model, lora, salt)
+        else:
+            found = blocks.get(parent)
+            if found is None and src.media:
+                found = self._find_parent(src, parent)
+            if found is None:
+                self.counters.drop(src.sid, DropReason.ORPHAN)
+                return False
+            start = found
+        single = len(hashes) == 1
+        try:
+            if single:
+                packed = array("I")
+                if type(tokens) is list:
+                    packed.fromlist(tokens)  # a third faster than array("I", tokens)
+                else:
+                    packed.extend(tokens)
+                if _SWAP:
+                    packed.byteswap()
+                local = xxh3_64_intdigest(packed, start)
+            else:
+                locals_: list[int] = chain_hashes(LocalHash(start), tokens, bs)  # type: ignore[assignment]
+        except (IndexStateError, OverflowError, TypeError):
+            self.counters.drop(src.sid, DropReason.MALFORMED)
+            return False
+        if bs != src.last_size or lora != src.last_lora:
+            src.last_size = bs
+            src.last_lora = lora
+            if (lora, bs) not in src.partitions:
+                self._add_partition(src, (lora, bs))
+        spec = self._spec_by_engine.get(src.engine)
+        holders = self._holders
+        bit = src.bit
+        if single and on_gpu:  # the common case, without the loop below
+            eh = hashes[0]
+            if spec:
+                spec.pop(local, None)
+            if eh not in blocks:
+                blocks[eh] = local
+                m = holders.get(local, 0)
+                if not m & bit:
+                    holders[local] = m | bit
+                    if not m:
+                        self._model_blocks[src.model] += 1
+                else:
+                    self._hm.hold_again_gpu(src, local)
+                return True
+        if single:
+            locals_ = [local]
+        if not on_gpu:
+            assert medium is not None
+            src.media.add(medium)
+        new_blocks = 0
+        for eh, local in zip(hashes, locals_, strict=True):
+            key = eh if on_gpu else (medium, eh)
+            if spec:
+                spec.pop(local, None)
+            old = blocks.get(key)
+            if old is not None:
+                if old == local:  # a duplicate store: one more reference, now most recent
+                    src.dups[key] = src.dups.get(key, 0) + 1
+                    del blocks[key]
+                    blocks[key] = local
+                    continue
+                # The engine reused a hash for another prefix: forget the old one entirely.
+                self._forget(src, key, old)
+            blocks[key] = local
+            if on_gpu:
+                m = holders.get(local, 0)
+                if not m & bit:  # fast path: a new holder
+                    holders[local] = m | bit
+                    if not m:
+                        new_blocks += 1
+                else:
+                    self._hm.hold_again_gpu(src, local)
+            else:
+                assert medium is not None
+                self._hm.hold_other(src, medium, local)
+        if new_blocks:
+            self._model_blocks[src.model] += new_blocks
+        return True
+
+    def _find_parent(self, src: SourceState, parent: object) -> int | None:
+        for medium in sorted(src.media):
+            found = src.blocks.get((medium, parent))
+            if found is not None:
+                return found
+        return None
+
+    def _add_partition(self, src: SourceState, part: tuple[str | None, int]) -> None:
+        src.partitions.add(part)
+        sizes = self._parts.setdefault((src.model, part[0]), {})
+        sizes[part[1]] = sizes.get(part[1], 0) | src.bit
+
+    def _remove(self, src: SourceState, ev: BlockRemoved) -> bool:
+        group = ev.group_idx
+        if group is not None and group != self.limits.indexed_group:
+            self.counters.drop(src.sid, DropReason.WRONG_GROUP)
+            return False
+        medium = ev.medium or GPU
+        on_gpu = medium == GPU
+        blocks = src.blocks
+        dups = src.dups
+        known = 0
+        for eh in ev.block_hashes:
+            key = eh if on_gpu else (medium, eh)
+            local = blocks.get(key)
+            if local is None:
+                self.counters.drop(src.sid, DropReason.UNKNOWN_BLOCK)
+                continue
+            known += 1
+            if dups:
+                n = dups.get(key)
+                if n is not None:  # another physical copy is still resident
+                    if n > 1:
+                        dups[key] = n - 1
+                    else:
+                        del dups[key]
+                    continue
+            del blocks[key]
+            self._hm.release(src, medium, local)
+        return known > 0 or not ev.block_hashes
+
+    def _forget(self, src: SourceState, key: Key, local: int) -> None:
+        """Drop a key with all its references (hash reuse, eviction)."""
+        del src.blocks[key]
+        if src.dups:
+            src.dups.pop(key, None)
+        self._hm.release(src, key[0] if type(key) is tuple else GPU, local)
+
+    def _clear_source(self, src: SourceState) -> None:
+        """Drop every block of a source (AllBlocksCleared, reset, removal); the caller keeps
+        `_total` right. The containers are cleared in place: `apply` holds references."""
+        blocks = src.blocks
+        if src.media or src.aliases:
+            for key, local in list(blocks.items()):
+                self._forget(src, key, local)
+        else:  # GPU only, no aliases: every key is one holder bit
+            holders = self._holders
+            keep = ~src.bit
+            gone = 0
+            for local in blocks.values():
+                m = holders[local] & keep
+                if m:
+                    holders[local] = m
+                else:
+                    del holders[local]
+                    gone += 1
+            if gone:
+                self._model_blocks[src.model] -= gone
+        blocks.clear()
+        src.dups.clear()
+        src.aliases.clear()
+        src.media.clear()
+        for lora, size in src.partitions:
+            sizes = self._parts[(src.model, lora)]
+            rest = sizes[size] & ~src.bit
+            if rest:
+                sizes[size] = rest
+            else:
+                del sizes[size]
+                if not sizes:
+                    del self._parts[(src.model, lora)]
+        src.partitions.clear()
+        src.last_size = 0
+
+    # --- bounds -------------------------------------------------------------------------------
+
+    def _evict(self, src: SourceState, n: int) -> None:
+        """Drop the `n` least recently stored blocks of `src`, counted `over_limit`."""
+        # Taking a run of victims at once keeps the scan over the dict's deleted slots
+        # amortised (dicts compact on their next resize).
+        victims = list(islice(src.blocks.items(), max(n, 0)))
+        for key, local in victims:
+            self._forget(src, key, local)
+        if victims:
+            self.counters.drop(src.sid, DropReason.OVER_LIMIT, len(victims))
+
+    def _enforce_total(self) -> None:
+        limit = self.limits.max_blocks_total
+        while self._total > limit:
+            largest = max(self._sources.values(), key=lambda s: len(s.blocks))
+            before = len(largest.blocks)
+            if not before:  # unreachable while _total is kept right; never loop forever
+                self._total = 0
+                return
+            self._evict(largest, min(before, self._total - limit + (limit >> 8)))
+            self._total -= before - len(largest.blocks)
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def _fallback_sizes(self, model: str) -> dict[int, int]:
+        """Block sizes (with no candidate sources) for a (model, LoRA) without blocks yet: the
+        model's other sizes, else `limits.default_block_size`, so a cold burst still sticks."""
+        return dict.fromkeys(self.block_sizes(model) or (self.limits.default_block_size,), 0)
+
+    def block_sizes(self, model: str) -> set[int]:
+        """Block sizes of the blocks held for `model` (any LoRA)."""
+        return {size for (m, _), sizes in self._parts.items() if m == model for size in sizes}
+
+    def source_block_count(self, source: SourceId) -> int:
+        """(medium, block) entries the source holds; 0 for unknown sources."""
+        src = self._sources.get(source)
+        return len(src.blocks) if src is not None else 0
+
+    def blocks_by_model(self) -> dict[str, int]:
+        """Distinct local hashes held per model (the `kvroute_index_blocks` gauge)."""
+        return {m: n for m, n in self._model_blocks.items() if n}
+
+    def holdings(self, source: SourceId) -> set[tuple[LocalHash, str]]:
+        """(local hash, medium) pairs the source holds; for tests and debugging."""
+        src = self._sources.get(source)
+        if src is None:
+            return set()
+        return {
+            (LocalHash(local), key[0] if type(key) is tuple else GPU)
+            for key, local in src.blocks.items()
+        }
+
+    def match(
+        self,
+        model: str,
+        lora: str | None,
+        token_ids: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+    ) -> dict[str, MatchResult]:
+        """Per engine, the longest contiguous prefix of the prompt it holds (non-stale sources),
+        for each block size in use for (model, lora); engines with nothing matched are absent.
+
+        Raises IndexStateError if a token id it needs to hash is not a uint32.
+        """
+        sizes = self._parts.get((model, lora))
+        if not sizes:
+            if not any(self._spec_by_engine.values()):
+                return {}
+            sizes = self._fallback_sizes(model)  # speculative entries only
+        now = self._clock()
+        self._spec.purge(now)
+        live = ~self._stale_bits
+        seed = self._seed(model, lora, cache_salt)
+        out: dict[str, MatchResult] = {}
+        if len(sizes) == 1:  # the common case: one block size, nothing to merge
+            ((size, bits),) = sizes.items()
+            n = len(token_ids) // size
+            return self._match_size(token_ids, n, size, seed, bits & live, now) if n else {}
+        for size in sorted(sizes):
+            n = len(token_ids) // size
+            if n == 0:
+                continue
+            for engine, result in self._match_size(
+                token_ids, n, size, seed, sizes[size] & live, now
+            ).items():
+                best = out.get(engine)
+                if best is None or (result.tokens, result.speculative_blocks * size) > (
+                    best.tokens,
+                    best.speculative_blocks * best.block_size,
+                ):
+                    out[engine] = result
+        return out
+
+    def _match_size(
+        self, token_ids: Sequence[int], n: int, size: int, seed: int, candidates: int, now: float
+    ) -> dict[str, MatchResult]:
+        step = size * 4
+        hashes: list[int] = []
+        lengths: dict[int, int] = {}  # source bit -> matched blocks
+        nongpu_counts: dict[int, dict[str, int]] = {}  # source bit -> medium -> blocks
+        alive = candidates
+        get = self._holders.get
+        nongpu = self._nongpu
+        h = seed
+        if alive:
+            packed = pack_tokens(token_ids[: n * size] if len(token_ids) != n * size else token_ids)
+            for offset in range(0, n * step, step):
+                h = xxh3_64_intdigest(packed[offset : offset + step], h)
+                hashes.append(h)
+                m = alive & get(h, 0)
+                if m != alive:
+                    gone = alive ^ m
+                    i = offset // step
+                    while gone:
+                        low = gone & -gone
+                        lengths[low] = i
+                        gone ^= low
+                    alive = m
+                    if not alive:
+                        break
+                if nongpu:
+                    other = alive & nongpu.get(h, 0)
+                    if other:
+                        self._hm.count_best_medium(h, other, nongpu_counts)
+        while alive:
+            low = alive & -alive
+            lengths[low] = n
+            alive ^= low
+
+        out: dict[str, MatchResult] = {}
+        by_bit = self._by_bit
+        for bit, blocks in lengths.items():
+            if not blocks:
+                continue
+            engine = by_bit[bit].engine
+            if engine in out and out[engine].blocks >= blocks:
+                continue  # another DP rank of this engine matched more
+            counts = nongpu_counts.get(bit) if nongpu_counts else None
+            if counts:
+                by_medium = dict(counts)
+                on_gpu = blocks - sum(counts.values())
+                if on_gpu:
+                    by_medium[GPU] = on_gpu
+            else:
+                by_medium = {GPU: blocks}
+            out[engine] = MatchResult(blocks, blocks * size, by_medium, 0, size)
+
+        if self._spec.by_engine:
+            for engine, entries in self._spec.by_engine.items():
+                if not entries:
+                    continue
+                confirmed = out.get(engine)
+                covered = confirmed.blocks if confirmed is not None else 0
+                j = 0
+                while j < n:
+                    if j >= len(hashes):  # the confirmed walk stopped early: hash the rest
+                        parent = LocalHash(hashes[-1] if hashes else seed)
+                        hashes += chain_hashes(parent, token_ids[j * size : n * size], size)
+                    if j < covered or entries.get(hashes[j], 0.0) > now:
+                        j += 1
+                    else:
+                        break
+                if j == 0:
+                    continue
+                if confirmed is None:
+                    out[engine] = MatchResult(0, 0, {}, j, size)
+                else:
+                    out[engine] = MatchResult(
+                        confirmed.blocks, confirmed.tokens, confirmed.by_medium, j, size
+                    )
+        return out
+
+    # --- speculative entries ------------------------------------------------------------------
+
+    def add_speculative(
+        self,
+        engine: str,
+        model: str,
+        lora: str | None,
+        token_ids: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Remember that a request with this prompt was just sent to `engine`: its blocks count
+        as `speculative_blocks` for `limits.speculative_ttl_s`, or until events confirm them.
+        Hashed for each block size in use for (model, lora), or `_fallback_sizes`."""
+        sizes = self._parts.get((model, lora)) or self._fallback_sizes(model)
+        seed = LocalHash(self._seed(model, lora, cache_salt))
+        limit = self._spec.max_per_engine
+        chains = []
+        for size in sizes:
+            # At most `limit` leading blocks, so evicting older entries never takes this
+            # prompt's block 0.
+            head = token_ids if len(token_ids) <= limit * size else token_ids[: limit * size]
+            chains.append(chain_hashes(seed, head, size))
+        self._spec.add(engine, chains)
