@@ -1,3 +1,17 @@
-"""kvroute.gateway (in progress)."""
+"""The HTTP service: OpenAI-compatible proxy with streaming, `/v1/route`, `/v1/models`,
+`/metrics`, health, readiness and debug endpoints, built by `create_app(settings)`."""
 
-__all__: list[str] = []
+from kvroute.gateway.app import create_app, http_client
+from kvroute.gateway.proxy import ENGINE_HEADER
+from kvroute.gateway.server import BackgroundServer, serve_forever
+from kvroute.gateway.service import Gateway, RouteOutcome
+
+__all__ = [
+    "ENGINE_HEADER",
+    "BackgroundServer",
+    "Gateway",
+    "RouteOutcome",
+    "create_app",
+    "http_client",
+    "serve_forever",
+]

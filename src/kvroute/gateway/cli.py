@@ -1,17 +1,64 @@
-"""The `kvroute gateway` subcommand(s)."""
+"""The `kvroute serve` subcommand: settings from the environment and flags, then uvicorn."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from kvroute.errors import ConfigError
 
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    """Placeholder until this package's command lands."""
-    del sub
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible KV-aware gateway in front of a fleet",
+        description="Settings come from KVROUTE_* environment variables; flags override them.",
+    )
+    serve.add_argument("--fleet", type=Path, help="fleet YAML file (KVROUTE_FLEET_FILE)")
+    serve.add_argument(
+        "--policy",
+        choices=["kv_aware", "least_loaded", "round_robin", "random"],
+        help="routing policy (KVROUTE_POLICY, default kv_aware)",
+    )
+    serve.add_argument("--host", help="listen address (KVROUTE_HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="listen port (KVROUTE_PORT, default 8080)")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (KVROUTE_LOG_LEVEL, default info)",
+    )
+    serve.set_defaults(func=_serve)
 
 
-def _unused(args: argparse.Namespace) -> int:  # pragma: no cover
-    return 2
+def _serve(args: argparse.Namespace) -> int:
+    from kvroute.fleet import load_fleet_file
+    from kvroute.gateway.app import create_app
+    from kvroute.gateway.log_format import configure_logging
+    from kvroute.gateway.server import serve_forever
+    from kvroute.settings import load_settings
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("fleet_file", args.fleet),
+            ("policy", args.policy),
+            ("host", args.host),
+            ("port", args.port),
+            ("log_level", args.log_level),
+        )
+        if value is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+        if settings.fleet_file is None:
+            raise ConfigError("fleet_file: expected --fleet or KVROUTE_FLEET_FILE, got nothing")
+        load_fleet_file(settings.fleet_file)  # report a bad file before binding the port
+    except ConfigError as exc:
+        print(f"kvroute serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    return serve_forever(create_app(settings), settings.host, settings.port, settings.log_level)

@@ -1,0 +1,144 @@
+"""The gateway's HTTP endpoints: OpenAI proxy routes, `/v1/route`, `/v1/models`, `/metrics`,
+health and readiness, `/debug/engines`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.openai_errors import GatewayHTTPError
+from kvroute.gateway.proxy import ClientGone, proxy_request
+from kvroute.gateway.service import Gateway
+
+__all__ = [
+    "chat_completions",
+    "completions",
+    "debug_engines",
+    "healthz",
+    "list_models",
+    "metrics",
+    "readyz",
+    "route",
+]
+
+log = logging.getLogger("kvroute.gateway")
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def _proxy(request: Request, kind: RequestKind) -> Response:
+    gateway = _gateway(request)
+    req = parse_request(kind, await request.body())
+    outcome = await gateway.route(req)
+    try:
+        return await proxy_request(gateway, request, req, outcome)
+    except ClientGone:
+        log.debug("client went away before the engine answered")
+        return Response(status_code=499)
+
+
+async def completions(request: Request) -> Response:
+    return await _proxy(request, RequestKind.COMPLETION)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _proxy(request, RequestKind.CHAT)
+
+
+async def route(request: Request) -> Response:
+    """The decision and every engine's score, without proxying or speculative entries."""
+    gateway = _gateway(request)
+    raw = await request.body()
+    kind = RequestKind.COMPLETION
+    try:
+        if isinstance(body := json.loads(raw), dict) and "messages" in body:
+            kind = RequestKind.CHAT
+    except (ValueError, RecursionError):
+        pass  # parse_request reports it
+    req = parse_request(kind, raw)
+    outcome = await gateway.route(req)
+    return JSONResponse(outcome.route_json())
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": _gateway(request).fleet.models()})
+
+
+async def metrics(request: Request) -> Response:
+    gateway = _gateway(request)
+    m = gateway.metrics
+    if gateway.index is not None:
+        m.index_blocks.clear()
+        for model, blocks in gateway.index.blocks_by_model().items():
+            m.index_blocks.labels(model).set(blocks)
+    for engine in gateway.fleet.engines():
+        m.engine_healthy.labels(engine.spec.name).set(1 if engine.healthy else 0)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready once the fleet is loaded and at least one engine passes its health checks."""
+    engines = _gateway(request).fleet.engines()
+    healthy = sum(1 for e in engines if e.healthy)
+    ready = healthy > 0
+    return JSONResponse(
+        {"ready": ready, "engines": len(engines), "healthy": healthy},
+        status_code=200 if ready else 503,
+    )
+
+
+async def debug_engines(request: Request) -> Response:
+    """Per engine: health and load; per source: connection, seq, lag, staleness, blocks."""
+    gateway = _gateway(request)
+    statuses = gateway.subscribers.status() if gateway.subscribers is not None else []
+    by_engine: dict[str, list[dict[str, object]]] = {}
+    for s in statuses:
+        by_engine.setdefault(s.engine, []).append(
+            {
+                "source": s.source,
+                "rank": s.rank,
+                "endpoint": s.endpoint,
+                "connected": s.connected,
+                "last_seq": s.last_seq,
+                "lag_s": s.last_batch_age_s,
+                "stale": s.stale,
+                "stale_reason": s.stale_reason,
+                "blocks": s.blocks,
+            }
+        )
+    engines = [
+        {
+            "name": e.spec.name,
+            "model": e.spec.model,
+            "url": e.spec.url,
+            "healthy": e.healthy,
+            "in_flight_requests": e.in_flight_requests,
+            "outstanding_tokens": e.outstanding_tokens,
+            "sources": by_engine.get(e.spec.name, []),
+        }
+        for e in gateway.fleet.engines()
+    ]
+    return JSONResponse(
+        {
+            "policy": gateway.policy.name,
+            "kv_event_sync": gateway.index is not None,
+            "engines": engines,
+        }
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayHTTPError)
+    return exc.response()

@@ -1,0 +1,176 @@
+"""Parse the JSON body of an OpenAI completion or chat request into what routing needs.
+
+The raw bytes are kept and forwarded unchanged; only the routing inputs are read from them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvroute.gateway.openai_errors import GatewayHTTPError
+
+__all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request"]
+
+# Outstanding-token estimate when a request sets no max_tokens (OpenAI's completion default is
+# 16; chat has none, so assume a typical answer length).
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+class RequestKind(enum.StrEnum):
+    COMPLETION = "completion"
+    CHAT = "chat"
+
+    @property
+    def path(self) -> str:
+        return "/v1/completions" if self is RequestKind.COMPLETION else "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """The parts of a request routing looks at, plus the body to forward verbatim."""
+
+    kind: RequestKind
+    model: str
+    raw: bytes
+    prompt: str | list[int] | None = None  # completion: text or token ids
+    messages: list[dict[str, Any]] | None = None  # chat
+    max_tokens: int = 16
+    stream: bool = False
+    cache_salt: str | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = field(default=None)
+
+    def estimated_prompt_tokens(self) -> int:
+        """A rough size (4 characters a token) used only when tokenization is skipped or fails."""
+        if isinstance(self.prompt, list):
+            return len(self.prompt)
+        if isinstance(self.prompt, str):
+            return len(self.prompt) // 4
+        total = 0
+        for message in self.messages or ():
+            content = message.get("content")
+            if isinstance(content, str):
+                total += len(content) // 4
+        return total
+
+
+def parse_request(kind: RequestKind, raw: bytes) -> RoutingRequest:
+    """Validate a body; a GatewayHTTPError(400) says which field is wrong and what arrived."""
+    if len(raw) > _MAX_BODY_BYTES:
+        raise GatewayHTTPError(413, f"request body: expected at most {_MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise GatewayHTTPError(
+            400, f"request body: expected a JSON object, got invalid JSON ({exc})"
+        ) from exc
+    if not isinstance(body, dict):
+        raise GatewayHTTPError(400, f"request body: expected a JSON object, got {_type_name(body)}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayHTTPError(
+            400, f"model: expected a non-empty string, got {_type_name(model)}", param="model"
+        )
+    max_tokens = _max_tokens(kind, body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise GatewayHTTPError(
+            400, f"stream: expected a boolean, got {_type_name(stream)}", param="stream"
+        )
+    cache_salt = body.get("cache_salt")
+    if cache_salt is not None and not isinstance(cache_salt, str):
+        raise GatewayHTTPError(
+            400, f"cache_salt: expected a string, got {_type_name(cache_salt)}", param="cache_salt"
+        )
+    if kind is RequestKind.COMPLETION:
+        return RoutingRequest(
+            kind=kind,
+            model=model,
+            raw=raw,
+            prompt=_prompt(body.get("prompt")),
+            max_tokens=max_tokens,
+            stream=bool(stream),
+            cache_salt=cache_salt,
+        )
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
+        raise GatewayHTTPError(
+            400,
+            f"messages: expected a non-empty array of objects, got {_type_name(messages)}",
+            param="messages",
+        )
+    add_generation_prompt = body.get("add_generation_prompt", True)
+    kwargs = body.get("chat_template_kwargs")
+    return RoutingRequest(
+        kind=kind,
+        model=model,
+        raw=raw,
+        messages=messages,
+        max_tokens=max_tokens,
+        stream=bool(stream),
+        cache_salt=cache_salt,
+        add_generation_prompt=add_generation_prompt
+        if isinstance(add_generation_prompt, bool)
+        else True,
+        chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+    )
+
+
+def _prompt(value: Any) -> str | list[int]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        # One prompt given as a list: token ids, or a single-element batch of one text.
+        if value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return list(value)
+        if len(value) == 1 and isinstance(value[0], str):
+            return str(value[0])
+        if len(value) == 1 and isinstance(value[0], list):
+            inner = value[0]
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in inner):
+                return list(inner)
+        if value and all(isinstance(p, str) for p in value):
+            # A batch of prompts shares one engine; route by the first.
+            return str(value[0])
+    raise GatewayHTTPError(
+        400,
+        f"prompt: expected a string, an array of token ids or of strings, got {_type_name(value)}",
+        param="prompt",
+    )
+
+
+def _max_tokens(kind: RequestKind, body: dict[str, Any]) -> int:
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise GatewayHTTPError(
+                400, f"{name}: expected a non-negative integer, got {value!r}", param=name
+            )
+        return value
+    return DEFAULT_MAX_TOKENS[kind.value]
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string" if value else "an empty string"
+    if isinstance(value, list):
+        return "array" if value else "an empty array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

@@ -1,0 +1,220 @@
+"""Forward a routed request to its engine and stream the answer back chunk by chunk; a connect
+failure before the first byte retries once on the next-best engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Final
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kvroute.gateway.openai_body import RoutingRequest
+from kvroute.gateway.openai_errors import GatewayHTTPError
+from kvroute.gateway.service import Gateway, RouteOutcome
+
+__all__ = ["ENGINE_HEADER", "ClientGone", "proxy_request"]
+
+log = logging.getLogger("kvroute.gateway.proxy")
+
+ENGINE_HEADER: Final = "x-kvroute-engine"
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes are never forwarded.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Headers our own server sets on every response; the engine's copies would be duplicates.
+_SERVER_OWN: Final = frozenset({"date", "server"})
+# Failures where the engine cannot have started on the request, so a retry elsewhere is safe.
+_CONNECT_FAILURES: Final = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the engine answered; the upstream call was cancelled."""
+
+
+async def _send_until_disconnect(
+    request: Request, client: httpx.AsyncClient, upstream_request: httpx.Request
+) -> httpx.Response:
+    """Send upstream (streaming), cancelling the call and raising ClientGone if the client
+    disconnects before the engine answers (a non-streamed answer comes only when complete)."""
+    task = asyncio.ensure_future(client.send(upstream_request, stream=True))
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # we were cancelled ourselves: cancel the call too
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with anyio.CancelScope(shield=True):
+        done = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(done[0], httpx.Response):  # answered while being cancelled
+            await done[0].aclose()
+    raise ClientGone()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _forward_headers(request: Request) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers["content-type"] = "application/json"
+    return headers
+
+
+def _next_engine(outcome: RouteOutcome, tried: set[str], gateway: Gateway) -> str | None:
+    for name in outcome.decision.ranked:
+        state = gateway.fleet.get(name)
+        if name not in tried and state is not None and state.healthy:
+            return name
+    return None
+
+
+async def proxy_request(
+    gateway: Gateway, request: Request, req: RoutingRequest, outcome: RouteOutcome
+) -> StreamingResponse:
+    """Send `req` to the chosen engine (retrying once on a connect failure) and relay the answer."""
+    policy = outcome.decision.policy
+    headers = _forward_headers(request)
+    tokens = outcome.prompt_tokens + req.max_tokens
+    engine: str | None = outcome.decision.engine
+    tried: set[str] = set()
+    while engine is not None:
+        tried.add(engine)
+        state = gateway.fleet.get(engine)
+        if state is None:  # removed from the fleet since the decision
+            engine = _next_engine(outcome, tried, gateway)
+            continue
+        url = state.spec.url.rstrip("/") + req.kind.path
+        gateway.fleet.begin_request(engine, tokens)
+        gateway.add_speculative(engine, outcome, req.cache_salt)
+        match = outcome.matches.get(engine)
+        try:
+            upstream = await _send_until_disconnect(
+                request,
+                gateway.client,
+                gateway.client.build_request("POST", url, content=req.raw, headers=headers),
+            )
+        except _CONNECT_FAILURES as exc:
+            gateway.fleet.end_request(engine, tokens)
+            gateway.fleet.mark_failure(engine)
+            gateway.metrics.requests.labels(engine, policy, "connect_error").inc()
+            failed, engine = engine, _next_engine(outcome, tried, gateway)
+            if engine is None or len(tried) >= 2:
+                raise GatewayHTTPError(
+                    502,
+                    f"engine {failed!r} unreachable: {type(exc).__name__}: {exc}",
+                    type="upstream_error",
+                    code="engine_unreachable",
+                ) from exc
+            gateway.metrics.upstream_retries.labels(failed).inc()
+            log.info(
+                "connect failure; retrying on next-best engine",
+                extra={"engine": failed, "retry_engine": engine, "error": str(exc)},
+            )
+            continue
+        except httpx.HTTPError as exc:
+            gateway.fleet.end_request(engine, tokens)
+            gateway.metrics.requests.labels(engine, policy, "upstream_error").inc()
+            raise GatewayHTTPError(
+                502,
+                f"engine {engine!r} failed before answering: {type(exc).__name__}: {exc}",
+                type="upstream_error",
+                code="engine_error",
+            ) from exc
+        except BaseException:  # ClientGone, cancellation
+            gateway.fleet.end_request(engine, tokens)
+            gateway.metrics.requests.labels(engine, policy, "cancelled").inc()
+            raise
+        if match is not None and match.tokens:
+            gateway.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
+        return _relay(gateway, upstream, engine, policy, tokens)
+    raise GatewayHTTPError(
+        503,
+        f"no healthy engine serves {req.model!r}",
+        type="service_unavailable_error",
+        code="no_healthy_engine",
+    )
+
+
+def _relay(
+    gateway: Gateway, upstream: httpx.Response, engine: str, policy: str, tokens: int
+) -> StreamingResponse:
+    label = str(upstream.status_code)
+    completed = False
+
+    async def body() -> AsyncGenerator[bytes, None]:
+        nonlocal label, completed
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+            completed = True
+        except httpx.HTTPError as exc:
+            # Headers are sent already: end the stream early and count it.
+            label = "upstream_error"
+            log.info("engine stream broke", extra={"engine": engine, "error": str(exc)})
+
+    stream = body()
+
+    async def close() -> None:
+        nonlocal label
+        if label != "upstream_error" and not completed:
+            label = "cancelled"  # the client went away mid-answer
+        gateway.fleet.end_request(engine, tokens)
+        gateway.metrics.requests.labels(engine, policy, label).inc()
+        await stream.aclose()
+        await upstream.aclose()
+
+    headers = {
+        k: v
+        for k, v in upstream.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
+    }
+    headers[ENGINE_HEADER] = engine
+    return _RelayResponse(stream, close, status_code=upstream.status_code, headers=headers)
+
+
+class _RelayResponse(StreamingResponse):
+    """A StreamingResponse that always closes its upstream, also when the client went away."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        *,
+        status_code: int,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, status_code=status_code, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()

@@ -1,0 +1,105 @@
+"""Run the gateway under uvicorn: `serve_forever` for `kvroute serve`, `BackgroundServer`
+(in-process, port 0) for the demo and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from types import TracebackType
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from kvroute.errors import ConfigError
+
+__all__ = ["BackgroundServer", "serve_forever"]
+
+
+def _config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        access_log=False,
+        log_config=None,  # kvroute.gateway.log_format configures logging
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def serve_forever(app: ASGIApp, host: str, port: int, log_level: str = "info") -> int:
+    """Serve until interrupted; returns the process exit code."""
+    server = uvicorn.Server(_config(app, host, port, log_level))
+    server.run()
+    return 0 if server.started else 1
+
+
+class _InProcessServer(uvicorn.Server):
+    """uvicorn that leaves the process's signal handlers alone (the host program owns them)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class BackgroundServer:
+    """uvicorn on a task of the running loop; `url` is the bound address (port 0 = free port)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        self._server = _InProcessServer(_config(app, host, port, log_level))
+        self._host = host
+        self._startup_timeout_s = startup_timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        self._task = asyncio.create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._startup_timeout_s
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raise a startup exception
+                raise ConfigError("gateway failed to start (see the log above)")
+            if loop.time() > deadline:
+                await self.stop()
+                raise ConfigError(f"gateway did not start within {self._startup_timeout_s} s")
+            await asyncio.sleep(0.01)
+        sockets = [s for srv in self._server.servers for s in (srv.sockets or ())]
+        port = sockets[0].getsockname()[1]
+        self.url = f"http://{self._host}:{port}"
+        return self.url
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as exc:  # uvicorn exits the process when the lifespan fails
+            raise ConfigError("gateway failed to start (see the log above)") from exc
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None
+
+    async def __aenter__(self) -> BackgroundServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,229 @@
+"""The one `Settings` of the gateway: every knob with its `KVROUTE_*` environment variable,
+default and description (README's settings table is generated from it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kvroute.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "LogFormat",
+    "PolicyName",
+    "Settings",
+    "load_settings",
+    "settings_env_names",
+    "settings_markdown_table",
+]
+
+ENV_PREFIX = "KVROUTE_"
+PolicyName = Literal["kv_aware", "least_loaded", "round_robin", "random"]
+LogFormat = Literal["kv", "json"]
+
+
+class Settings(BaseSettings):
+    """Gateway settings: build one (environment plus keyword overrides) and pass it in."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    # --- HTTP service
+    host: str = Field("0.0.0.0", description="Address `kvroute serve` listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port `kvroute serve` listens on.")
+    fleet_file: Path | None = Field(
+        None,
+        description="Fleet YAML (engines, URLs, event endpoints); reloaded when it changes.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of kvroute's loggers."
+    )
+    log_format: LogFormat = Field(
+        "kv", description="Log line format: `kv` (key=value) or `json` (one object per line)."
+    )
+
+    # --- routing
+    policy: PolicyName = Field(
+        "kv_aware",
+        description="Routing policy: kv_aware, least_loaded, round_robin or random.",
+    )
+    seed: int = Field(0, description="Seed for tie-breaking and the random policy.")
+    w_prefill: float = Field(
+        1.0, ge=0, description="kv_aware cost weight of prompt tokens the engine must prefill."
+    )
+    # 0.1, not ARCHITECTURE.md's 1.0: outstanding tokens count every in-flight prompt in full,
+    # so at 1.0 one extra request outweighs a whole cached prefix and bursts of one prefix
+    # scatter over every engine (pinned by test_twenty_concurrent_requests_sharing_a_prefix_*).
+    w_load: float = Field(
+        0.1,
+        ge=0,
+        description="kv_aware cost weight of an engine's outstanding (prompt + max output) tokens.",
+    )
+    medium_weight_gpu: float = Field(
+        1.0, ge=0, description="Value of a prompt token cached on GPU (kv_aware)."
+    )
+    medium_weight_cpu: float = Field(
+        0.8, ge=0, description="Value of a prompt token cached in CPU memory (kv_aware)."
+    )
+    medium_weight_other: float = Field(
+        0.5, ge=0, description="Value of a prompt token cached in any other medium (kv_aware)."
+    )
+    imbalance_tokens: int = Field(
+        32_768,
+        ge=0,
+        description="Choose least-loaded instead when outstanding tokens differ by more.",
+    )
+    speculative_ttl_s: float = Field(
+        2.0,
+        ge=0,
+        description="Lifetime of a routed prompt's speculative blocks until events confirm them.",
+    )
+
+    # --- index
+    max_blocks_per_source: int = Field(
+        1_000_000, gt=0, description="Blocks kept per engine source; oldest dropped beyond."
+    )
+    max_blocks_total: int = Field(
+        8_000_000, gt=0, description="Blocks kept over all sources; oldest dropped beyond."
+    )
+    indexed_group: int = Field(
+        0, ge=0, description="KV-cache group whose events are indexed (hybrid models)."
+    )
+
+    # --- KV events
+    kv_event_sync_enabled: bool = Field(
+        True,
+        validation_alias=AliasChoices(
+            "kv_event_sync_enabled",
+            "KVROUTE_KV_EVENT_SYNC_ENABLED",
+            "AIBRIX_KV_EVENT_SYNC_ENABLED",
+        ),
+        description="Subscribe to engines' KV events; false: no index, kv_aware → least_loaded.",
+    )
+    replay_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one replay request to an engine's ROUTER."
+    )
+    max_concurrent_replays: int = Field(
+        4, gt=0, description="Replays running at once over all sources."
+    )
+    retry_backoff_min_s: float = Field(
+        0.5, gt=0, description="First delay before retrying a failed replay or connection."
+    )
+    retry_backoff_max_s: float = Field(
+        10.0, gt=0, description="Longest delay between retries (exponential backoff)."
+    )
+
+    # --- fleet
+    health_interval_s: float = Field(2.0, gt=0, description="Seconds between `/health` probes.")
+    unhealthy_after: int = Field(
+        3, gt=0, description="Consecutive failed probes (or connect failures) before ejection."
+    )
+    scrape_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between scrapes of engines' `vllm:` metrics."
+    )
+    watch_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between checks of the fleet file for changes."
+    )
+
+    # --- tokenization
+    use_remote_tokenizer: bool = Field(
+        False,
+        validation_alias=AliasChoices(
+            "use_remote_tokenizer",
+            "KVROUTE_USE_REMOTE_TOKENIZER",
+            "AIBRIX_USE_REMOTE_TOKENIZER",
+        ),
+        description="Tokenize with an engine's `/tokenize` even when a local tokenizer is set.",
+    )
+    tokenizer_path: Path | None = Field(
+        None, description="Local Hugging Face `tokenizer.json`; unset: remote tokenization."
+    )
+    chat_template_path: Path | None = Field(
+        None, description="Jinja2 chat template used with the local tokenizer."
+    )
+    tokenizer_cache_size: int = Field(
+        4096, ge=0, description="Tokenized prompts kept in the LRU cache (0 disables it)."
+    )
+    tokenizer_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one remote `/tokenize` call."
+    )
+
+    # --- upstream proxy
+    upstream_connect_timeout_s: float = Field(
+        2.0, gt=0, description="Connect timeout to an engine; a failure retries the next-best."
+    )
+    upstream_read_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for the next bytes of an engine's response."
+    )
+    upstream_max_connections: int = Field(
+        1000, gt=0, description="Pooled HTTP connections to engines, over all engines."
+    )
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Settings:
+        if self.retry_backoff_max_s < self.retry_backoff_min_s:
+            raise ValueError(
+                "retry_backoff_max_s: expected >= retry_backoff_min_s "
+                f"({self.retry_backoff_min_s}), got {self.retry_backoff_max_s}"
+            )
+        return self
+
+    @property
+    def local_tokenizer(self) -> bool:
+        """True when a local tokenizer is configured and remote tokenization is not forced."""
+        return self.tokenizer_path is not None and not self.use_remote_tokenizer
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with `overrides` on top; invalid values raise ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            f" (got {err.get('input')!r})"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def settings_env_names(name: str) -> list[str]:
+    """Environment variables read for one field, in priority order."""
+    field = Settings.model_fields[name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [c for c in alias.choices if isinstance(c, str) and c.upper() == c]
+    return [f"{ENV_PREFIX}{name}".upper()]
+
+
+def settings_markdown_table() -> str:
+    """README's settings table: a row per field (name, env variables, default, description)."""
+    rows = [
+        "| setting | environment variable | default | description |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        env = ", ".join(f"`{e}`" for e in settings_env_names(name))
+        default = field.default
+        shown = "unset" if default is None else f"`{_default_text(default)}`"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {env} | {shown} | {description} |")
+    return "\n".join(rows) + "\n"
+
+
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}"
+    return str(value)

@@ -1,0 +1,130 @@
+"""Parsing OpenAI request bodies: what routing reads, and 400s that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvroute.gateway.openai_body import DEFAULT_MAX_TOKENS, RequestKind, parse_request
+from kvroute.gateway.openai_errors import GatewayHTTPError
+
+
+def _raw(body: object) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_completion_body_keeps_raw_bytes_and_reads_routing_fields() -> None:
+    raw = _raw({"model": "m", "prompt": "hi", "max_tokens": 7, "stream": True, "cache_salt": "s"})
+    req = parse_request(RequestKind.COMPLETION, raw)
+    assert req.raw == raw
+    assert (req.model, req.prompt, req.max_tokens, req.stream, req.cache_salt) == (
+        "m",
+        "hi",
+        7,
+        True,
+        "s",
+    )
+    assert req.kind.path == "/v1/completions"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ([1, 2, 3], [1, 2, 3]),
+        (["one text"], "one text"),
+        ([[4, 5]], [4, 5]),
+        (["first", "second"], "first"),
+    ],
+)
+def test_completion_prompt_forms(prompt: object, expected: object) -> None:
+    req = parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": prompt}))
+    assert req.prompt == expected
+
+
+def test_chat_body_reads_messages_and_template_options() -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    req = parse_request(
+        RequestKind.CHAT,
+        _raw(
+            {
+                "model": "m",
+                "messages": messages,
+                "max_completion_tokens": 9,
+                "add_generation_prompt": False,
+                "chat_template_kwargs": {"enable_thinking": False},
+            }
+        ),
+    )
+    assert req.messages == messages
+    assert req.max_tokens == 9
+    assert req.add_generation_prompt is False
+    assert req.chat_template_kwargs == {"enable_thinking": False}
+    assert req.kind.path == "/v1/chat/completions"
+
+
+def test_max_tokens_defaults_per_kind() -> None:
+    completion = parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": "x"}))
+    chat = parse_request(
+        RequestKind.CHAT, _raw({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    )
+    assert completion.max_tokens == DEFAULT_MAX_TOKENS["completion"]
+    assert chat.max_tokens == DEFAULT_MAX_TOKENS["chat"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "param", "fragment"),
+    [
+        (RequestKind.CHAT, b"{oops", None, "invalid JSON"),
+        (RequestKind.CHAT, b"\xff", None, "invalid JSON"),
+        (RequestKind.CHAT, b"[" * 100_000, None, "invalid JSON"),
+        (RequestKind.CHAT, b"42", None, "got number"),
+        (RequestKind.CHAT, _raw({"model": 3, "messages": []}), "model", "got number"),
+        (RequestKind.CHAT, _raw({"model": "m"}), "messages", "got null"),
+        (RequestKind.CHAT, _raw({"model": "m", "messages": []}), "messages", "empty array"),
+        (RequestKind.CHAT, _raw({"model": "m", "messages": ["x"]}), "messages", "array"),
+        (RequestKind.COMPLETION, _raw({"model": "m"}), "prompt", "got null"),
+        (RequestKind.COMPLETION, _raw({"model": "m", "prompt": [1, "a"]}), "prompt", "array"),
+        (RequestKind.COMPLETION, _raw({"model": "", "prompt": "x"}), "model", "empty string"),
+        (
+            RequestKind.COMPLETION,
+            _raw({"model": "m", "prompt": "x", "max_tokens": True}),
+            "max_tokens",
+            "True",
+        ),
+        (
+            RequestKind.COMPLETION,
+            _raw({"model": "m", "prompt": "x", "stream": "yes"}),
+            "stream",
+            "got string",
+        ),
+        (
+            RequestKind.COMPLETION,
+            _raw({"model": "m", "prompt": "x", "cache_salt": 1}),
+            "cache_salt",
+            "got number",
+        ),
+    ],
+)
+def test_bad_bodies_raise_400_naming_the_field(
+    kind: RequestKind, raw: bytes, param: str | None, fragment: str
+) -> None:
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(kind, raw)
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert fragment in info.value.message
+
+
+def test_error_response_has_the_openai_shape() -> None:
+    err = GatewayHTTPError(404, "model: unknown", param="model", code="model_not_found")
+    response = err.response()
+    assert response.status_code == 404
+    assert json.loads(bytes(response.body)) == {
+        "error": {
+            "message": "model: unknown",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
