@@ -57,10 +57,15 @@ def _default_medium_weights() -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class CostWeights:
-    """Weights of the kv_aware cost (ARCHITECTURE.md "Contracts")."""
+    """Weights of the kv_aware cost (ARCHITECTURE.md "Contracts", but `w_load` 0.1, not 1.0).
+
+    Outstanding tokens count every in-flight prompt in full: at w_load 1.0 one queued request
+    outweighs a whole cached prefix and a burst of one prefix scatters over every engine
+    (docs/design.md §6; pinned by test_twenty_concurrent_requests_sharing_a_prefix_*).
+    """
 
     w_prefill: float = 1.0
-    w_load: float = 1.0
+    w_load: float = 0.1
     medium: dict[str, float] = field(default_factory=_default_medium_weights)
     other_medium: float = 0.5  # any medium not named in `medium` (disk, remote store, ...)
     imbalance_tokens: int = 32_768  # beyond this outstanding spread, choose least-loaded

@@ -13,7 +13,8 @@ from kvroute.routing import (
     kv_cost,
 )
 
-W = CostWeights()
+# Unit weights make the arithmetic below readable; the defaults are pinned separately.
+W = CostWeights(w_load=1.0)
 
 
 def _match(
@@ -143,7 +144,7 @@ def test_ranked_lists_tied_engines_before_worse_ones() -> None:
 
 
 def test_imbalance_guard_chooses_least_loaded() -> None:
-    weights = CostWeights(imbalance_tokens=1000)
+    weights = CostWeights(w_load=1.0, imbalance_tokens=1000)
     candidates = [Candidate("hot", True, 5000, 9), Candidate("cold", True, 100, 1)]
     # "hot" holds a huge prefix: by cost alone it would win
     decision = KvAwarePolicy(weights=weights).choose(candidates, {"hot": _match(gpu=1000)}, 16_000)
@@ -179,6 +180,11 @@ def test_default_guard_is_32768_tokens() -> None:
     assert CostWeights().imbalance_tokens == 32_768
     assert CostWeights().medium == {"GPU": 1.0, "CPU": 0.8}
     assert CostWeights().other_medium == 0.5
+
+
+def test_default_weights_value_a_cached_prefix_over_one_queued_request() -> None:
+    # w_load 0.1, not the reference design's 1.0: see CostWeights and docs/design.md §6.
+    assert (CostWeights().w_prefill, CostWeights().w_load) == (1.0, 0.1)
 
 
 def test_without_tokens_kv_aware_routes_by_load() -> None:

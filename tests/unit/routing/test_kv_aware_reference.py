@@ -24,7 +24,10 @@ def _reference_cost(m: MatchResult | None, load: int, prompt: int) -> float:
         saved = sum(w * m.block_size for w in weights[:usable])
     else:
         saved = 0.0
-    return max(0.0, prompt - saved) + load
+    return max(0.0, prompt - saved) + W_LOAD * load
+
+
+W_LOAD = CostWeights().w_load
 
 
 @st.composite
