@@ -123,10 +123,10 @@ class VllmEngine:
             "--kv-events-config", json.dumps(kv_events),
         ]  # fmt: skip
         self.starts += 1
-        log = open(self.log_dir / f"{self.name}.{self.starts}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(self.log_dir / f"{self.name}.{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         _CHILDREN.append(self.proc)
 
     def wait_ready(self, timeout_s: float = 240) -> None:
@@ -148,6 +148,15 @@ class VllmEngine:
         body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
         result: dict[str, Any] = http_json(f"{self.url}/v1/completions", body)
         return result
+
+    def prompt_of_tokens(self, stem: str, n_tokens: int) -> str:
+        """A prompt of about `n_tokens` tokens (at most), made of numbered words after `stem`."""
+        words: list[str] = []
+        while True:
+            candidate = " ".join([stem, *words, f"{stem}{len(words)}"])
+            if len(self.tokenize(candidate)) > n_tokens:
+                return " ".join([stem, *words])
+            words.append(f"{stem}{len(words)}")
 
     def tokenize(self, prompt: str) -> list[int]:
         tokens: list[int] = http_json(f"{self.url}/tokenize", {"model": "tiny", "prompt": prompt})[
@@ -180,10 +189,10 @@ class KvrouteServer:
         kvroute = Path(sys.executable).with_name("kvroute")
         cmd = [str(kvroute), "serve", "--fleet", str(self.fleet_file), "--port", str(self.port)]
         self.starts += 1
-        log = open(self.log_dir / f"kvroute.{self.starts}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(self.log_dir / f"kvroute.{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         _CHILDREN.append(self.proc)
 
     def wait_ready(self, timeout_s: float = 60) -> None:

@@ -144,9 +144,9 @@ def test_eviction_stops_matching(cluster: Cluster) -> None:
     wait_blocks(cluster, prompt, {engine_name: n})
     removed_before = cluster.router.metric("kvroute_events_applied_total", type="BlockRemoved")
     engine = cluster.engine(engine_name)
-    # 24 blocks of 32 tokens: a handful of distinct long prompts overflows the pool.
-    for i in range(8):
-        engine.complete(" ".join(f"flood{i}w{j}" for j in range(90)))
+    # 24 blocks of 32 tokens: a handful of distinct ~300-token prompts overflows the pool.
+    for i in range(6):
+        engine.complete(engine.prompt_of_tokens(f"flood{i}x", 300))
     wait_until(
         lambda: cluster.router.blocks_by_engine(prompt).get(engine_name, 0) < n,
         30,
