@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq.asyncio
 
@@ -122,6 +123,13 @@ class Feed:
             index.apply(self.source, decode_batch(encode_batch(batch, self.pub.release)))
         return {(int(h), m) for h, m in index.holdings(self.source)}
 
+    async def attach(self, stack: Stack, *, backlog: int = 0) -> None:
+        """Publish `backlog` batches first (a late join), subscribe, and settle."""
+        if backlog:
+            self.publish(backlog)
+        await stack.manager.add_source(self.spec())
+        await self.settle(stack)
+
     async def settle(self, stack: Stack, timeout_s: float = 10.0) -> None:
         """Publish until the subscriber applies a batch published after it connected, so the SUB
         subscription has reached the PUB (slow joiner) before a test injects faults."""
@@ -164,6 +172,18 @@ async def start_feed(
     )
     await pub.start()
     return Feed(pub, engine, rank, EngineStream(seed, rank=rank, hash_base=seed * 1_000_000))
+
+
+@contextlib.asynccontextmanager
+async def feeding(
+    context: zmq.asyncio.Context, engine: str = "engine-a", **options: Any
+) -> AsyncIterator[Feed]:
+    """`start_feed` for the length of an `async with`; the publisher is closed at the end."""
+    feed = await start_feed(context, engine, **options)
+    try:
+        yield feed
+    finally:
+        await feed.pub.close()
 
 
 def holdings(stack: Stack, source: SourceId) -> set[tuple[int, str]]:

@@ -88,8 +88,7 @@ async def test_burst_beyond_the_publisher_hwm_converges(ctx: zmq.asyncio.Context
     # A tiny PUB high-water mark: a burst overflows it and replay has to cover the losses.
     feed = await start_feed(ctx, "bursty", seed=4, hwm=16)
     try:
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+        await feed.attach(stack)
         feed.publish(3000, events=2)
         await _converged(stack, [feed])
     finally:

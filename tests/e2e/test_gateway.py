@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from kvroute.gateway import ENGINE_HEADER, BackgroundServer, create_app
 from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
+from tests.polling import eventually
 
 MODEL = "sim-model"
 DEADLINE_S = 10.0
@@ -41,15 +42,6 @@ class Stack:
     async def engines(self) -> dict[str, dict[str, Any]]:
         data = (await self.http.get("/debug/engines")).json()
         return {e["name"]: e for e in data["engines"]}
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _stack(tmp_path: Path, **settings: Any) -> AsyncIterator[Stack]:
@@ -146,7 +138,7 @@ async def test_second_request_with_a_shared_long_prefix_lands_on_the_engine_hold
         scores = {e["name"]: e for e in (await stack.route(body))["engines"]}
         return bool(scores[holder]["blocks_matched"] >= 800 // 16)
 
-    await _eventually(confirmed, "the holder's blocks confirmed by its KV events")
+    await eventually(confirmed, "the holder's blocks confirmed by its KV events")
     decision = await stack.route(body)
     assert decision["engine"] == holder
     scores = {e["name"]: e for e in decision["engines"]}
@@ -198,7 +190,7 @@ async def test_killing_an_engine_moves_traffic_away_and_drops_its_blocks(stack: 
     async def holds_blocks() -> bool:
         return bool(sum(s["blocks"] for s in (await stack.engines())[victim]["sources"]) > 0)
 
-    await _eventually(holds_blocks, f"{victim} holds blocks in the index")
+    await eventually(holds_blocks, f"{victim} holds blocks in the index")
 
     # Traffic runs while the engine dies; every request issued afterwards must succeed.
     stop = asyncio.Event()
@@ -226,8 +218,8 @@ async def test_killing_an_engine_moves_traffic_away_and_drops_its_blocks(stack: 
         state = (await stack.engines())[victim]
         return not state["healthy"] and all(s["blocks"] == 0 for s in state["sources"])
 
-    await _eventually(ejected_and_dropped, f"{victim} ejected and its blocks dropped")
-    await _eventually(lambda: _at_least(after_kill, 10), "traffic after the kill")
+    await eventually(ejected_and_dropped, f"{victim} ejected and its blocks dropped")
+    await eventually(lambda: _at_least(after_kill, 10), "traffic after the kill")
     stop.set()
     await asyncio.gather(*clients)
     assert all(status == 200 for status, _ in after_kill), after_kill
@@ -293,7 +285,7 @@ async def test_models_health_readiness_and_metrics(stack: Stack) -> None:
         text = (await stack.http.get("/metrics")).text
         return f'kvroute_index_blocks{{model="{MODEL}"}}' in text
 
-    await _eventually(indexed, "kvroute_index_blocks on /metrics")
+    await eventually(indexed, "kvroute_index_blocks on /metrics")
     text = (await stack.http.get("/metrics")).text
     assert 'kvroute_requests_total{engine="engine-' in text and 'policy="kv_aware"' in text
     assert "kvroute_route_decision_seconds_count" in text
@@ -310,7 +302,7 @@ async def test_debug_engines_reports_sources_with_seq_lag_staleness_and_blocks(
         engines = await stack.engines()
         return any(s["last_seq"] is not None for e in engines.values() for s in e["sources"])
 
-    await _eventually(some_seq, "a source with an applied seq")
+    await eventually(some_seq, "a source with an applied seq")
     for engine in (await stack.engines()).values():
         assert engine["healthy"] is True and engine["in_flight_requests"] == 0
         (source,) = engine["sources"]
@@ -332,7 +324,7 @@ async def test_client_disconnect_cancels_the_upstream_request(stack: Stack) -> N
             sim["running"] == 0 and sim["waiting"] == 0 and gateway["in_flight_requests"] == 0
         )
 
-    await _eventually(cancelled, "the engine stopped generating and the gateway forgot it")
+    await eventually(cancelled, "the engine stopped generating and the gateway forgot it")
 
 
 async def test_kv_event_sync_disabled_routes_by_load_without_subscribers(tmp_path: Path) -> None:
@@ -367,5 +359,5 @@ async def test_client_disconnect_before_a_non_streamed_answer_releases_the_reque
 
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await _eventually(released, "the gateway released the abandoned request")
+    await eventually(released, "the gateway released the abandoned request")
     assert loop.time() - started < 5.0  # long before the engine would have finished

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,10 @@ from kvroute.gateway import ENGINE_HEADER, BackgroundServer, Gateway, create_app
 from kvroute.metrics import Metrics
 from kvroute.settings import Settings, load_settings
 from kvroute.sim import SimConfig, SimFleet
+from tests.polling import eventually
 
 MODEL = "sim-model"
 DEADLINE_S = 10.0
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {DEADLINE_S} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def _refused_url() -> str:
@@ -113,7 +103,7 @@ async def test_no_healthy_engine_gets_503_in_openai_shape(tmp_path: Path) -> Non
         async def ejected() -> bool:
             return (await http.get("/readyz")).status_code == 503
 
-        await _eventually(ejected, "the only engine ejected by its health probes")
+        await eventually(ejected, "the only engine ejected by its health probes")
         response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "no_healthy_engine"
@@ -166,12 +156,12 @@ async def test_fleet_file_changes_add_and_remove_engines_and_their_sources(
             async def added() -> bool:
                 return await names() == {"engine-0", "engine-1", "engine-2"}
 
-            await _eventually(added, "engine-2 added with its event source")
+            await eventually(added, "engine-2 added with its event source")
             _write(path, entries[1:])
 
             async def removed() -> bool:
                 return await names() == {"engine-1", "engine-2"}
 
-            await _eventually(removed, "engine-0 and its source removed")
+            await eventually(removed, "engine-0 and its source removed")
             models = (await http.get("/v1/models")).json()["data"]
             assert [m["id"] for m in models] == [MODEL]

@@ -30,27 +30,42 @@ async def context() -> AsyncIterator[zmq.asyncio.Context]:
 
 @pytest.fixture
 async def publisher(context: zmq.asyncio.Context) -> AsyncIterator[ZmqEventPublisher]:
-    pub = ZmqEventPublisher(replay_endpoint="tcp://127.0.0.1:0", topic="kv", context=context)
-    await pub.start()
-    yield pub
-    await pub.close()
+    async with ZmqEventPublisher(
+        replay_endpoint="tcp://127.0.0.1:0", topic="kv", context=context
+    ) as pub:
+        yield pub
 
 
 class _Sub:
-    """A SUB socket that has joined (the PUB/SUB slow joiner is waited out by probing)."""
+    """A SUB socket on `pub` that has joined once `async with` enters (the PUB/SUB slow joiner
+    is waited out by probing)."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, topic: bytes = b"kv") -> None:
+    def __init__(
+        self, context: zmq.asyncio.Context, pub: ZmqEventPublisher, topic: bytes = b"kv"
+    ) -> None:
+        self.pub = pub
         self.sock = context.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock.connect(pub.endpoint)
         self.sock.setsockopt(zmq.SUBSCRIBE, topic)
 
-    async def join(self, pub: ZmqEventPublisher) -> None:
+    async def __aenter__(self) -> _Sub:
+        try:
+            await self._join()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _join(self) -> None:
         """Publish probes until one arrives, then drain them."""
         loop = asyncio.get_running_loop()
         end = loop.time() + DEADLINE_S
         while loop.time() < end:
-            pub.publish_payload(b"probe")
+            self.pub.publish_payload(b"probe")
             if await self.sock.poll(50):
                 break
         else:
@@ -101,36 +116,28 @@ def _fixture_batches(version: str) -> list[bytes]:
 async def test_replay_reply_is_byte_identical_to_fixture(
     context: zmq.asyncio.Context, version: str
 ) -> None:
-    pub = ZmqEventPublisher(
+    async with ZmqEventPublisher(
         replay_endpoint="tcp://127.0.0.1:0", topic="kv", release=version, context=context
-    )
-    await pub.start()
-    try:
+    ) as pub:
         for payload in _fixture_batches(version):
             pub.publish(decode_batch(payload))
         want = frames(version, "replay")
         assert pub.replay_endpoint is not None
         got = await _raw_replay(context, pub.replay_endpoint, [b"", bytes(8)], len(want))
         assert got == want
-    finally:
-        await pub.close()
 
 
 @pytest.mark.parametrize("version", fixture_versions())
 async def test_live_frames_match_fixture(context: zmq.asyncio.Context, version: str) -> None:
-    pub = ZmqEventPublisher(topic="kv", release=version, context=context)
-    await pub.start()
-    sub = _Sub(context, pub.endpoint)
-    try:
-        await sub.join(pub)
+    async with (
+        ZmqEventPublisher(topic="kv", release=version, context=context) as pub,
+        _Sub(context, pub) as sub,
+    ):
         base = pub.next_seq
         for payload in _fixture_batches(version):
             pub.publish(decode_batch(payload))
         for i, (topic, _seq, payload) in enumerate(frames(version, "live")):
             assert await sub.recv() == [topic, (base + i).to_bytes(8, "big"), payload]
-    finally:
-        sub.close()
-        await pub.close()
 
 
 @pytest.mark.parametrize(
@@ -140,19 +147,15 @@ async def test_live_frames_match_fixture(context: zmq.asyncio.Context, version: 
 async def test_replay_frame_layout_per_release(
     context: zmq.asyncio.Context, release: str, topic_frame: bool
 ) -> None:
-    pub = ZmqEventPublisher(
+    async with ZmqEventPublisher(
         replay_endpoint="tcp://127.0.0.1:0", topic="kv", release=release, context=context
-    )
-    await pub.start()
-    try:
+    ) as pub:
         pub.publish(_batch(0))
         assert pub.replay_endpoint is not None
         data, end = await _raw_replay(context, pub.replay_endpoint, [b"", bytes(8)], 2)
         head = [b"", b"kv"] if topic_frame else [b""]
         assert data == [*head, bytes(8), encode_batch(_batch(0), release)]
         assert end == [b"", b"", END_SEQ, b""] if topic_frame else [b"", END_SEQ, b""]
-    finally:
-        await pub.close()
 
 
 # --- publishing and replay ---------------------------------------------------------------------
@@ -161,17 +164,13 @@ async def test_replay_frame_layout_per_release(
 async def test_publish_returns_consecutive_seqs_and_payload_decodes(
     context: zmq.asyncio.Context, publisher: ZmqEventPublisher
 ) -> None:
-    sub = _Sub(context, publisher.endpoint)
-    try:
-        await sub.join(publisher)
+    async with _Sub(context, publisher) as sub:
         first = publisher.next_seq
         assert [publisher.publish(_batch(i)) for i in range(3)] == [first, first + 1, first + 2]
         for i in range(3):
             topic, seq, payload = await sub.recv()
             assert (topic, int.from_bytes(seq, "big")) == (b"kv", first + i)
             assert decode_batch(payload) == _batch(i)
-    finally:
-        sub.close()
 
 
 async def test_endpoints_are_real_connect_addresses(publisher: ZmqEventPublisher) -> None:
@@ -183,13 +182,9 @@ async def test_endpoints_are_real_connect_addresses(publisher: ZmqEventPublisher
 
 
 async def test_wildcard_bind_reports_loopback(context: zmq.asyncio.Context) -> None:
-    pub = ZmqEventPublisher("tcp://*:0", context=context)
-    await pub.start()
-    try:
+    async with ZmqEventPublisher("tcp://*:0", context=context) as pub:
         assert pub.endpoint.startswith("tcp://127.0.0.1:")
         assert pub.replay_endpoint is None
-    finally:
-        await pub.close()
 
 
 async def test_request_replay_from_middle(
@@ -211,42 +206,34 @@ async def test_request_replay_past_newest_gets_only_end_marker(
 
 
 async def test_replay_buffer_is_bounded(context: zmq.asyncio.Context) -> None:
-    pub = ZmqEventPublisher(replay_endpoint="tcp://127.0.0.1:0", buffer_steps=3, context=context)
-    await pub.start()
-    try:
+    async with ZmqEventPublisher(
+        replay_endpoint="tcp://127.0.0.1:0", buffer_steps=3, context=context
+    ) as pub:
         for i in range(7):
             pub.publish(_batch(i))
         assert pub.buffered == 3
         assert pub.replay_endpoint is not None
         result = await request_replay(context, pub.replay_endpoint, 0)
         assert [seq for seq, _ in result.batches] == [4, 5, 6] and result.complete
-    finally:
-        await pub.close()
 
 
 async def test_large_replay_arrives_whole_on_0_33(context: zmq.asyncio.Context) -> None:
-    pub = ZmqEventPublisher(replay_endpoint="tcp://127.0.0.1:0", buffer_steps=3000, context=context)
-    await pub.start()
-    try:
+    async with ZmqEventPublisher(
+        replay_endpoint="tcp://127.0.0.1:0", buffer_steps=3000, context=context
+    ) as pub:
         for i in range(2500):
             pub.publish(_batch(i))
         assert pub.replay_endpoint is not None
         result = await request_replay(context, pub.replay_endpoint, 0, timeout_s=DEADLINE_S)
         assert result.complete and [s for s, _ in result.batches] == list(range(2500))
-    finally:
-        await pub.close()
 
 
 async def test_garbage_payload_is_published_as_is(
     context: zmq.asyncio.Context, publisher: ZmqEventPublisher
 ) -> None:
-    sub = _Sub(context, publisher.endpoint)
-    try:
-        await sub.join(publisher)
+    async with _Sub(context, publisher) as sub:
         seq = publisher.publish_payload(b"\xc1 not msgpack")
         assert await sub.recv() == [b"kv", seq.to_bytes(8, "big"), b"\xc1 not msgpack"]
-    finally:
-        sub.close()
 
 
 async def test_invalid_replay_request_gets_no_reply_and_server_keeps_serving(
@@ -320,9 +307,7 @@ async def test_request_replay_malformed_reply_raises_wire_error(
 async def test_drop_next_takes_seq_and_buffers_but_does_not_send(
     context: zmq.asyncio.Context, publisher: ZmqEventPublisher
 ) -> None:
-    sub = _Sub(context, publisher.endpoint)
-    try:
-        await sub.join(publisher)
+    async with _Sub(context, publisher) as sub:
         base = publisher.next_seq
         publisher.drop_next(2)
         seqs = [publisher.publish(_batch(i)) for i in range(3)]
@@ -332,16 +317,12 @@ async def test_drop_next_takes_seq_and_buffers_but_does_not_send(
         assert publisher.replay_endpoint is not None
         result = await request_replay(context, publisher.replay_endpoint, base)
         assert [s for s, _ in result.batches] == seqs
-    finally:
-        sub.close()
 
 
 async def test_pause_queues_and_resume_flushes_in_order(
     context: zmq.asyncio.Context, publisher: ZmqEventPublisher
 ) -> None:
-    sub = _Sub(context, publisher.endpoint)
-    try:
-        await sub.join(publisher)
+    async with _Sub(context, publisher) as sub:
         base = publisher.next_seq
         publisher.pause()
         assert [publisher.publish(_batch(i)) for i in range(3)] == [base, base + 1, base + 2]
@@ -352,16 +333,12 @@ async def test_pause_queues_and_resume_flushes_in_order(
         for i in range(3):
             _, seq, payload = await sub.recv()
             assert int.from_bytes(seq, "big") == base + i and decode_batch(payload) == _batch(i)
-    finally:
-        sub.close()
 
 
 async def test_restart_rebinds_same_ports_with_seq_zero_and_empty_buffer(
     context: zmq.asyncio.Context, publisher: ZmqEventPublisher
 ) -> None:
-    sub = _Sub(context, publisher.endpoint)
-    try:
-        await sub.join(publisher)
+    async with _Sub(context, publisher) as sub:
         endpoint, replay_endpoint = publisher.endpoint, publisher.replay_endpoint
         publisher.publish(_batch(1))
         assert (await sub.recv())[2] == encode_batch(_batch(1))
@@ -381,8 +358,6 @@ async def test_restart_rebinds_same_ports_with_seq_zero_and_empty_buffer(
                 break
         _, seq, payload = await sub.recv()
         assert payload == b"after" and int.from_bytes(seq, "big") < sent
-    finally:
-        sub.close()
 
 
 async def test_stop_replay_then_start_replay_on_same_port(

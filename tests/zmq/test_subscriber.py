@@ -20,6 +20,7 @@ from tests.chaos.harness import (
     RELEASES,
     ScriptedReplay,
     Stack,
+    feeding,
     free_port_pair,
     holdings,
     make_stack,
@@ -46,8 +47,7 @@ async def stack(ctx: zmq.asyncio.Context) -> AsyncIterator[Stack]:
 async def test_late_join_bootstraps_by_replay(
     ctx: zmq.asyncio.Context, stack: Stack, release: str
 ) -> None:
-    feed = await start_feed(ctx, release=release)
-    try:
+    async with feeding(ctx, release=release) as feed:
         last = feed.publish(20)
         await stack.manager.add_source(feed.spec())
         assert await stack.manager.wait_for_seq(feed.source, last)
@@ -63,19 +63,14 @@ async def test_late_join_bootstraps_by_replay(
         )
         assert status.blocks == stack.index.source_block_count(feed.source)
         assert stack.sample("kvroute_source_last_seq", source=feed.source) == last
-    finally:
-        await feed.pub.close()
 
 
 @pytest.mark.parametrize("release", RELEASES)
 async def test_dropped_batches_are_recovered_by_replay(
     ctx: zmq.asyncio.Context, stack: Stack, release: str
 ) -> None:
-    feed = await start_feed(ctx, release=release)
-    try:
-        feed.publish(5)
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+    async with feeding(ctx, release=release) as feed:
+        await feed.attach(stack, backlog=5)
         dup_before = stack.sample(
             "kvroute_events_dropped_total", source=feed.source, reason="duplicate"
         )
@@ -90,20 +85,17 @@ async def test_dropped_batches_are_recovered_by_replay(
         assert dup >= dup_before + 1
         assert not stack.status(feed.source).stale
         assert not stack.index.is_stale(feed.source)
-    finally:
-        await feed.pub.close()
 
 
 async def test_publisher_restart_resets_only_that_source(
     ctx: zmq.asyncio.Context, stack: Stack
 ) -> None:
-    a = await start_feed(ctx, "engine-a", seed=1)
-    b = await start_feed(ctx, "engine-b", seed=2)
-    try:
+    async with (
+        feeding(ctx, "engine-a", seed=1) as a,
+        feeding(ctx, "engine-b", seed=2) as b,
+    ):
         for feed in (a, b):
-            feed.publish(10)
-            await stack.manager.add_source(feed.spec())
-            await feed.settle(stack)
+            await feed.attach(stack, backlog=10)
         b_before = holdings(stack, b.source)
         assert b_before == b.reference()
         old_a = holdings(stack, a.source)
@@ -127,9 +119,6 @@ async def test_publisher_restart_resets_only_that_source(
         last_b = b.publish(2)
         assert await stack.manager.wait_for_seq(b.source, last_b)
         assert holdings(stack, b.source) == b.reference()
-    finally:
-        await a.pub.close()
-        await b.pub.close()
 
 
 async def test_dead_replay_endpoint_makes_gap_stale_until_engine_restarts(
@@ -138,8 +127,7 @@ async def test_dead_replay_endpoint_makes_gap_stale_until_engine_restarts(
     stack = make_stack(ctx, replay_timeout_s=0.3, retry_backoff_s=(0.05, 0.2))
     feed = await start_feed(ctx)
     try:
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+        await feed.attach(stack)
         await feed.pub.stop_replay()
         feed.pub.drop_next(1)
         feed.publish(1)
@@ -182,8 +170,7 @@ async def test_stale_gap_recovers_when_replay_comes_back(ctx: zmq.asyncio.Contex
     stack = make_stack(ctx, replay_timeout_s=0.3, retry_backoff_s=(0.05, 0.2))
     feed = await start_feed(ctx)
     try:
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+        await feed.attach(stack)
         await feed.pub.stop_replay()
         feed.pub.drop_next(2)
         feed.publish(4)
@@ -208,8 +195,7 @@ async def test_gap_past_the_replay_buffer_resyncs_as_late_joiner(
     stack = make_stack(ctx, retry_backoff_s=(0.05, 0.2))
     feed = await start_feed(ctx, buffer_steps=3)
     try:
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+        await feed.attach(stack)
         feed.pub.drop_next(6)
         feed.publish(6)  # the buffer keeps only the newest 3
         last = feed.publish(1)
@@ -234,10 +220,8 @@ async def test_gap_past_the_replay_buffer_resyncs_as_late_joiner(
 async def test_malformed_payload_is_counted_and_stale_until_all_blocks_cleared(
     ctx: zmq.asyncio.Context, stack: Stack
 ) -> None:
-    feed = await start_feed(ctx)
-    try:
-        await stack.manager.add_source(feed.spec())
-        await feed.settle(stack)
+    async with feeding(ctx) as feed:
+        await feed.attach(stack)
         bad = feed.pub.publish_payload(b"\xc1 not msgpack")
         assert await stack.manager.wait_for_seq(feed.source, bad)  # the seq is consumed
         assert (
@@ -264,8 +248,6 @@ async def test_malformed_payload_is_counted_and_stale_until_all_blocks_cleared(
             )
             == 1
         )
-    finally:
-        await feed.pub.close()
 
 
 async def test_dp_ranks_on_offset_ports_are_separate_sources_of_one_engine(
@@ -285,9 +267,7 @@ async def test_dp_ranks_on_offset_ports_are_separate_sources_of_one_engine(
     ]
     try:
         for feed in ranks:
-            feed.publish(8)
-            await stack.manager.add_source(feed.spec())
-            await feed.settle(stack)
+            await feed.attach(stack, backlog=8)
         r0, r1 = ranks
         assert r1.pub.endpoint == f"tcp://127.0.0.1:{port + 1}"
         assert holdings(stack, r0.source) == r0.reference()
@@ -391,13 +371,12 @@ async def test_raw_frames_seq_backwards_and_disconnect(ctx: zmq.asyncio.Context)
 async def test_remove_source_forgets_it_and_others_keep_running(
     ctx: zmq.asyncio.Context, stack: Stack
 ) -> None:
-    a = await start_feed(ctx, "engine-a", seed=1)
-    b = await start_feed(ctx, "engine-b", seed=2)
-    try:
+    async with (
+        feeding(ctx, "engine-a", seed=1) as a,
+        feeding(ctx, "engine-b", seed=2) as b,
+    ):
         for feed in (a, b):
-            feed.publish(4)
-            await stack.manager.add_source(feed.spec())
-            await feed.settle(stack)
+            await feed.attach(stack, backlog=4)
         await stack.manager.remove_source(a.source)
         assert [s.source for s in stack.manager.status()] == [b.source]
         assert stack.index.source_block_count(a.source) == 0
@@ -406,9 +385,6 @@ async def test_remove_source_forgets_it_and_others_keep_running(
         assert await stack.manager.wait_for_seq(b.source, last)
         assert holdings(stack, b.source) == b.reference()
         await stack.manager.remove_source(a.source)  # unknown now: no-op
-    finally:
-        await a.pub.close()
-        await b.pub.close()
 
 
 async def test_close_never_hangs_on_unreachable_sources() -> None:
@@ -532,8 +508,7 @@ async def test_a_source_waiting_on_replay_does_not_block_the_others(
     b = await start_feed(ctx, "engine-b", seed=2)
     try:
         for feed in (a, b):
-            await stack.manager.add_source(feed.spec())
-            await feed.settle(stack)
+            await feed.attach(stack)
         await a.pub.stop_replay()
         a.pub.drop_next(1)
         a.publish(2)  # engine-a now waits up to 5 s for a replay that never answers

@@ -65,7 +65,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from kvroute.bench import demo
+    from kvroute.bench.demo import run_demo
 
-    code: int = demo.run_demo(args)
+    code: int = run_demo(args)
     return code

@@ -1,7 +1,5 @@
 """Benchmark: decode rate (events/s) of vLLM KV-event payloads vs. untyped msgspec decoding.
-
-Payloads: 4-block BlockStored events, map-encoded (0.33.0) and array-encoded (0.22.0).
-"""
+Payloads: 4-block BlockStored events, map-encoded (0.33.0) and array-encoded (0.22.0)."""
 
 from __future__ import annotations
 

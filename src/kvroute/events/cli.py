@@ -1,7 +1,5 @@
 """The `kvroute events` subcommands: `decode` payload files, `listen` to a live engine source.
-
-Output is JSON in the fixtures' normalised shape (expected.json); bytes hashes as {"hex": ...}.
-"""
+Output is JSON in the fixtures' normalised shape (expected.json); bytes hashes as {"hex": ...}."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """Encode and publish KV-event batches exactly as a given vLLM release does (for tests and the sim).
-
-Byte-exact per release: pinned by tests/unit/events/test_publisher_encode.py against the fixtures.
-"""
+Byte-exact per release: pinned by tests/unit/events/test_encode.py against the fixtures."""
 
 from __future__ import annotations
 
@@ -240,6 +238,19 @@ async def _bind_retrying(sock: zmq.Socket[Any], address: str, deadline_s: float 
         await asyncio.sleep(0.02)
 
 
+async def _bind(sock: zmq.Socket[Any], address: str) -> tuple[str, str]:
+    """Bind `sock` (closed again if that fails): its connect address, and `address` pinned to
+    the port it got, so a restart rebinds the same one."""
+    sock.setsockopt(zmq.IPV6, _is_ipv6(address))
+    try:
+        await _bind_retrying(sock, address)
+    except zmq.ZMQError:
+        sock.close(linger=0)
+        raise
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return _connect_address(bound), _pin_port(address, bound)
+
+
 class ZmqEventPublisher:
     """A vLLM-compatible KV-event publisher: PUB for live batches, ROUTER for replay.
 
@@ -299,32 +310,16 @@ class ZmqEventPublisher:
         pub: zmq.Socket[Any] = zmq.Socket(self._context, zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.set_hwm(self._hwm)
-        pub.setsockopt(zmq.IPV6, _is_ipv6(self._bind_pub))
-        try:
-            await _bind_retrying(pub, self._bind_pub)
-        except zmq.ZMQError:
-            pub.close(linger=0)
-            raise
+        self.endpoint, self._bind_pub = await _bind(pub, self._bind_pub)
         self._pub = pub
-        bound = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.endpoint = _connect_address(bound)
-        self._bind_pub = _pin_port(self._bind_pub, bound)
 
     async def _open_router(self) -> None:
         assert self._bind_replay is not None
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.SNDHWM, self._layout.replay_sndhwm(self._buffer_steps))
-        router.setsockopt(zmq.IPV6, _is_ipv6(self._bind_replay))
-        try:
-            await _bind_retrying(router, self._bind_replay)
-        except zmq.ZMQError:
-            router.close(linger=0)
-            raise
+        self.replay_endpoint, self._bind_replay = await _bind(router, self._bind_replay)
         self._router = router
-        bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replay_endpoint = _connect_address(bound)
-        self._bind_replay = _pin_port(self._bind_replay, bound)
         self._router_task = asyncio.create_task(self._serve_replay(router))
 
     def _close_pub(self) -> None:
@@ -351,6 +346,13 @@ class ZmqEventPublisher:
         self._close_pub()
         if self._own_context:
             self._context.term()
+
+    async def __aenter__(self) -> ZmqEventPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def restart(self) -> None:
         """Engine process restart: rebind both sockets on the same ports, seq back to 0.

@@ -1,7 +1,5 @@
-"""Ask an engine's replay ROUTER for the batches it still buffers from a given seq on.
-
-Speaks every release's replay layout (2 or 3 data frames); never hangs, raises only kvroute errors.
-"""
+"""Ask an engine's replay ROUTER for the batches it still buffers from a given seq on, in every
+release's replay layout (2 or 3 data frames); never hangs, raises only kvroute errors."""
 
 from __future__ import annotations
 

@@ -185,12 +185,10 @@ class _Source:
         self.last = seq
         self.last_batch_t = time.monotonic()
         self._m_last_seq.set(seq)
-        try:
-            batch = self.decoder.decode(payload)
-        except WireError:
+        batch = self._decode(payload)
+        if batch is None:
             # The seq is consumed; a replay would repeat the same bytes, so only a reset or an
             # AllBlocksCleared can make this source consistent again.
-            self.counters.drop(self.src, DropReason.MALFORMED)
             self.malformed_stale = True
             self._update_stale()
             return
@@ -200,6 +198,18 @@ class _Source:
         self.shared.index.apply(self.spec.source, batch)
         if AllBlocksCleared in map(type, batch.events):
             self._cleared()
+
+    def _decode(self, payload: bytes) -> EventBatch | None:
+        """The batch, None if it cannot be decoded; both malformed batches and event kinds the
+        decoder skipped are counted (pinned by test_gateway_metric_labels.py)."""
+        try:
+            batch = self.decoder.decode(payload)
+        except WireError:
+            self.counters.drop(self.src, DropReason.MALFORMED)
+            return None
+        if batch.skipped_events:
+            self.counters.drop(self.src, DropReason.UNKNOWN_TAG, batch.skipped_events)
+        return batch
 
     def _cleared(self) -> None:
         """The engine dropped its whole cache: counted as a reset; it ends malformed staleness."""
@@ -213,10 +223,8 @@ class _Source:
     def hold(self, seq: int, payload: bytes) -> None:
         """A live batch while gap-stale: dropped, unless it clears everything (a fresh base)."""
         self.counters.batches[self.src] += 1
-        try:
-            batch = self.decoder.decode(payload)
-        except WireError:
-            self.counters.drop(self.src, DropReason.MALFORMED)
+        batch = self._decode(payload)
+        if batch is None:
             return
         cleared_at = _last_clear(batch)
         if cleared_at is None:

@@ -1,7 +1,5 @@
 """Decode one vLLM KV-event payload (frame 2 of a live message), of any release, into typed events.
-
-vLLM's wire shapes stop here: everything downstream sees only `EventBatch` and its events.
-"""
+vLLM's wire shapes stop here: everything downstream sees only `EventBatch` and its events."""
 
 from __future__ import annotations
 

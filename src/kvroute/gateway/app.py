@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -41,6 +42,14 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
         # must not divert that traffic.
         trust_env=False,
     )
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (no such path) and 405 (wrong method), in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    response = error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -79,6 +88,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
         lifespan=lifespan,
         exception_handlers={
             GatewayHTTPError: handlers.http_error,
+            HTTPException: _http_exception,
             Exception: _internal_error,
         },
     )

@@ -1,12 +1,11 @@
 """Parse the JSON body of an OpenAI completion or chat request into what routing needs.
-
-The raw bytes are kept and forwarded unchanged; only the routing inputs are read from them.
-"""
+The raw bytes are kept and forwarded unchanged; only the routing inputs are read from them."""
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +17,11 @@ __all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request
 # 16; chat has none, so assume a typical answer length).
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 _MAX_BODY_BYTES = 32 * 1024 * 1024
+# Above any engine's context; a larger value would overflow the float load cost of every
+# request routed while it is in flight. Pinned by `test_huge_max_tokens_is_a_400`.
+_MAX_TOKENS_LIMIT = (1 << 31) - 1
+_TOKEN_ID_LIMIT = 1 << 32  # the index packs token ids as 4-byte unsigned ints
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: paired or lone
 
 
 class RequestKind(enum.StrEnum):
@@ -70,6 +74,8 @@ def parse_request(kind: RequestKind, raw: bytes) -> RoutingRequest:
         ) from exc
     if not isinstance(body, dict):
         raise GatewayHTTPError(400, f"request body: expected a JSON object, got {_type_name(body)}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise GatewayHTTPError(
@@ -124,19 +130,42 @@ def parse_request(kind: RequestKind, raw: bytes) -> RoutingRequest:
     )
 
 
+def _check_unicode(body: dict[str, Any]) -> None:
+    """A lone surrogate escape (``"\\ud800"``) parses, but no tokenizer or engine can encode it."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GatewayHTTPError(
+            400, f"request body: expected valid Unicode text, got a lone surrogate ({exc.reason})"
+        ) from exc
+
+
+def _token_ids(value: list[Any]) -> list[int] | None:
+    """`value` as token ids, None if it is not a list of ints; 400 for ids out of range."""
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return None
+    for t in value:
+        if not 0 <= t < _TOKEN_ID_LIMIT:
+            raise GatewayHTTPError(
+                400,
+                f"prompt: expected token ids in [0, 2**32), got {str(t)[:40]}",
+                param="prompt",
+            )
+    return list(value)
+
+
 def _prompt(value: Any) -> str | list[int]:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         # One prompt given as a list: token ids, or a single-element batch of one text.
-        if value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return list(value)
+        if value and (ids := _token_ids(value)) is not None:
+            return ids
         if len(value) == 1 and isinstance(value[0], str):
             return str(value[0])
-        if len(value) == 1 and isinstance(value[0], list):
-            inner = value[0]
-            if all(isinstance(t, int) and not isinstance(t, bool) for t in inner):
-                return list(inner)
+        inner = value[0] if len(value) == 1 else None
+        if isinstance(inner, list) and (ids := _token_ids(inner)) is not None:
+            return ids
         if value and all(isinstance(p, str) for p in value):
             # A batch of prompts shares one engine; route by the first.
             return str(value[0])
@@ -152,9 +181,15 @@ def _max_tokens(kind: RequestKind, body: dict[str, Any]) -> int:
         value = body.get(name)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= _MAX_TOKENS_LIMIT
+        ):
             raise GatewayHTTPError(
-                400, f"{name}: expected a non-negative integer, got {value!r}", param=name
+                400,
+                f"{name}: expected an integer in [0, {_MAX_TOKENS_LIMIT}], got {repr(value)[:40]}",
+                param=name,
             )
         return value
     return DEFAULT_MAX_TOKENS[kind.value]

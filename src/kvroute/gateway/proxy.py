@@ -4,6 +4,7 @@ failure before the first byte retries once on the next-best engine."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Final
@@ -11,12 +12,12 @@ from typing import Final
 import anyio
 import httpx
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kvroute.gateway.openai_body import RoutingRequest
 from kvroute.gateway.openai_errors import GatewayHTTPError
-from kvroute.gateway.service import Gateway, RouteOutcome
+from kvroute.gateway.service import Gateway, RouteOutcome, no_healthy_engine
 
 __all__ = ["ENGINE_HEADER", "ClientGone", "proxy_request"]
 
@@ -96,7 +97,7 @@ def _next_engine(outcome: RouteOutcome, tried: set[str], gateway: Gateway) -> st
 
 async def proxy_request(
     gateway: Gateway, request: Request, req: RoutingRequest, outcome: RouteOutcome
-) -> StreamingResponse:
+) -> Response:
     """Send `req` to the chosen engine (retrying once on a connect failure) and relay the answer."""
     policy = outcome.decision.policy
     headers = _forward_headers(request)
@@ -152,18 +153,58 @@ async def proxy_request(
             raise
         if match is not None and match.tokens:
             gateway.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
-        return _relay(gateway, upstream, engine, policy, tokens)
-    raise GatewayHTTPError(
-        503,
-        f"no healthy engine serves {req.model!r}",
-        type="service_unavailable_error",
-        code="no_healthy_engine",
+        if _is_sse(upstream):
+            return _relay(gateway, upstream, engine, policy, tokens)
+        return await _buffered(gateway, upstream, engine, policy, tokens)
+    raise no_healthy_engine(req.model)
+
+
+def _is_sse(upstream: httpx.Response) -> bool:
+    content_type: str = upstream.headers.get("content-type", "")
+    return content_type.startswith("text/event-stream")
+
+
+def _response_headers(upstream: httpx.Response, engine: str) -> dict[str, str]:
+    headers = {
+        k: v
+        for k, v in upstream.headers.items()
+        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
+    }
+    headers[ENGINE_HEADER] = engine
+    return headers
+
+
+async def _buffered(
+    gateway: Gateway, upstream: httpx.Response, engine: str, policy: str, tokens: int
+) -> Response:
+    """A non-streamed answer, read whole before it is relayed (the engine sends it complete), so
+    an engine that breaks off mid-body gets the client a 502, not a cut 200."""
+    label = "cancelled"
+    try:
+        content = b"".join([chunk async for chunk in upstream.aiter_raw()])
+        label = str(upstream.status_code)
+    except httpx.HTTPError as exc:
+        label = "upstream_error"
+        raise GatewayHTTPError(
+            502,
+            f"engine {engine!r} broke off its answer: {type(exc).__name__}: {exc}",
+            type="upstream_error",
+            code="engine_error",
+        ) from exc
+    finally:
+        gateway.fleet.end_request(engine, tokens)
+        gateway.metrics.requests.labels(engine, policy, label).inc()
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
+    return Response(
+        content, status_code=upstream.status_code, headers=_response_headers(upstream, engine)
     )
 
 
 def _relay(
     gateway: Gateway, upstream: httpx.Response, engine: str, policy: str, tokens: int
 ) -> StreamingResponse:
+    """A streamed (SSE) answer, relayed chunk by chunk as the engine sends it."""
     label = str(upstream.status_code)
     completed = False
 
@@ -174,9 +215,12 @@ def _relay(
                 yield chunk
             completed = True
         except httpx.HTTPError as exc:
-            # Headers are sent already: end the stream early and count it.
+            # Headers are sent already: end the stream early and count it. A streaming client
+            # gets an OpenAI error event (as vLLM sends one), so its SDK raises instead of
+            # taking the cut answer for a whole one.
             label = "upstream_error"
             log.info("engine stream broke", extra={"engine": engine, "error": str(exc)})
+            yield _sse_error(f"engine {engine!r} stream broke: {type(exc).__name__}: {exc}")
 
     stream = body()
 
@@ -189,13 +233,15 @@ def _relay(
         await stream.aclose()
         await upstream.aclose()
 
-    headers = {
-        k: v
-        for k, v in upstream.headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
-    }
-    headers[ENGINE_HEADER] = engine
-    return _RelayResponse(stream, close, status_code=upstream.status_code, headers=headers)
+    return _RelayResponse(
+        stream, close, status_code=upstream.status_code, headers=_response_headers(upstream, engine)
+    )
+
+
+def _sse_error(message: str) -> bytes:
+    """An SSE event carrying an OpenAI error object; the blank line first ends a cut event."""
+    error = {"message": message, "type": "upstream_error", "param": None, "code": "engine_error"}
+    return b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 class _RelayResponse(StreamingResponse):

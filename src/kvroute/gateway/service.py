@@ -22,10 +22,21 @@ from kvroute.metrics import Metrics
 from kvroute.routing import Candidate, CostWeights, Decision, Policy, make_policy
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
+from kvroute.tokenize.timing import observe_since
 
 __all__ = ["Gateway", "RouteOutcome"]
 
 log = logging.getLogger("kvroute.gateway")
+
+
+def no_healthy_engine(model: str, detail: str = "") -> GatewayHTTPError:
+    """The 503 for a model whose engines are all ejected (or gone)."""
+    return GatewayHTTPError(
+        503,
+        f"no healthy engine serves {model!r}{detail}",
+        type="service_unavailable_error",
+        code="no_healthy_engine",
+    )
 
 
 @dataclass(frozen=True)
@@ -254,19 +265,14 @@ class Gateway:
             self.metrics.tokenize_failures.inc()
             log.debug("tokenization failed; routing by load", extra={"error": str(exc)})
             return None
-        self.metrics.tokenize_seconds.labels(mode).observe(time.perf_counter() - started)
+        observe_since(self.metrics, mode, started)
         return ids
 
     async def route(self, req: RoutingRequest) -> RouteOutcome:
         """Resolve, tokenize, match and choose; 404 unknown model, 503 no healthy engine."""
         base, lora, engines = self.resolve_model(req.model)
         if not any(e.healthy for e in engines):
-            raise GatewayHTTPError(
-                503,
-                f"no healthy engine serves {req.model!r} ({len(engines)} known, 0 healthy)",
-                type="service_unavailable_error",
-                code="no_healthy_engine",
-            )
+            raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
         token_ids: list[int] | None = None
         if self.index is not None:
             token_ids = await self.tokenize(req)
@@ -278,12 +284,7 @@ class Gateway:
         # Re-read engines: tokenization awaited, health or load may have moved meanwhile.
         candidates = [self._candidate(e) for e in engines]
         if not any(c.healthy for c in candidates):
-            raise GatewayHTTPError(
-                503,
-                f"no healthy engine serves {req.model!r}",
-                type="service_unavailable_error",
-                code="no_healthy_engine",
-            )
+            raise no_healthy_engine(req.model)
         decision = self.policy.choose(candidates, matches, prompt_tokens)
         self.metrics.route_decision_seconds.observe(time.perf_counter() - started)
         stale = self.stale_engines()

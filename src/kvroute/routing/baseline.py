@@ -6,7 +6,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 from kvroute.index.types import MatchResult
-from kvroute.routing.scores import healthy_candidates, least_loaded_order, pick_tied, score_row
+from kvroute.routing.scores import decide, healthy_candidates, least_loaded_order, pick_tied
 from kvroute.routing.types import Candidate, Decision
 
 __all__ = ["LeastLoadedPolicy", "RandomPolicy", "RoundRobinPolicy", "least_loaded_decision"]
@@ -26,18 +26,9 @@ def least_loaded_decision(
     ordered = least_loaded_order(healthy_candidates(candidates))
     best = (ordered[0].outstanding_tokens, ordered[0].in_flight)
     tied = sum(1 for c in ordered if (c.outstanding_tokens, c.in_flight) == best)
-    ranked = pick_tied(rng, ordered, tied)
-    scores = [
-        score_row(
-            c,
-            matches.get(c.name),
-            costs.get(c.name) if costs is not None else float(c.outstanding_tokens),
-        )
-        for c in candidates
-    ]
-    return Decision(
-        engine=ranked[0].name, policy=policy, scores=scores, ranked=[c.name for c in ranked]
-    )
+    if costs is None:
+        costs = {c.name: float(c.outstanding_tokens) for c in candidates}
+    return decide(policy, pick_tied(rng, ordered, tied), candidates, matches, costs)
 
 
 class LeastLoadedPolicy:
@@ -75,11 +66,7 @@ class RoundRobinPolicy:
         healthy = sorted(healthy_candidates(candidates), key=lambda c: c.name)
         start = self._turn % len(healthy)
         self._turn += 1
-        ranked = healthy[start:] + healthy[:start]
-        scores = [score_row(c, matches.get(c.name), None) for c in candidates]
-        return Decision(
-            engine=ranked[0].name, policy=self.name, scores=scores, ranked=[c.name for c in ranked]
-        )
+        return decide(self.name, healthy[start:] + healthy[:start], candidates, matches)
 
 
 class RandomPolicy:
@@ -98,7 +85,4 @@ class RandomPolicy:
     ) -> Decision:
         ranked = sorted(healthy_candidates(candidates), key=lambda c: c.name)
         self._rng.shuffle(ranked)
-        scores = [score_row(c, matches.get(c.name), None) for c in candidates]
-        return Decision(
-            engine=ranked[0].name, policy=self.name, scores=scores, ranked=[c.name for c in ranked]
-        )
+        return decide(self.name, ranked, candidates, matches)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from kvroute.index.types import MatchResult
 from kvroute.routing.baseline import least_loaded_decision
-from kvroute.routing.scores import healthy_candidates, pick_tied, score_row
+from kvroute.routing.scores import decide, healthy_candidates, pick_tied
 from kvroute.routing.types import Candidate, CostWeights, Decision
 
 __all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "kv_cost"]
@@ -77,8 +77,4 @@ class KvAwarePolicy:
         ordered = sorted(healthy, key=lambda c: (costs[c.name], c.outstanding_tokens, c.name))
         best = costs[ordered[0].name]
         tied = sum(1 for c in ordered if math.isclose(costs[c.name], best, abs_tol=1e-9))
-        ranked = pick_tied(self._rng, ordered, tied)
-        scores = [score_row(c, matches.get(c.name), costs.get(c.name)) for c in candidates]
-        return Decision(
-            engine=ranked[0].name, policy=self.name, scores=scores, ranked=[c.name for c in ranked]
-        )
+        return decide(self.name, pick_tied(self._rng, ordered, tied), candidates, matches, costs)

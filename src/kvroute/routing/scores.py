@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from kvroute.index.types import MatchResult
-from kvroute.routing.types import Candidate, EngineScore
+from kvroute.routing.types import Candidate, Decision, EngineScore
 
-__all__ = ["healthy_candidates", "least_loaded_order", "pick_tied", "score_row"]
+__all__ = ["decide", "healthy_candidates", "least_loaded_order", "pick_tied", "score_row"]
 
 _NO_MATCH = MatchResult()
 
@@ -48,3 +48,21 @@ def pick_tied(rng: random.Random, ordered: Sequence[Candidate], tied: int) -> li
         return list(ordered)
     i = rng.randrange(tied)
     return [ordered[i], *ordered[:i], *ordered[i + 1 :]]
+
+
+def decide(
+    policy: str,
+    ranked: Sequence[Candidate],
+    candidates: Sequence[Candidate],
+    matches: Mapping[str, MatchResult],
+    costs: Mapping[str, float] | None = None,
+) -> Decision:
+    """The decision for `ranked` (best first) with a score row per candidate; `costs` fills the
+    cost column (a policy without one passes None)."""
+    scores = [
+        score_row(c, matches.get(c.name), None if costs is None else costs.get(c.name))
+        for c in candidates
+    ]
+    return Decision(
+        engine=ranked[0].name, policy=policy, scores=scores, ranked=[c.name for c in ranked]
+    )

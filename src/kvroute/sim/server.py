@@ -221,22 +221,33 @@ class _App:
 
     # -- OpenAI endpoints ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        """`/v1/completions` or `/v1/chat/completions`: one request through the scheduler."""
         try:
             body = await self._json(request)
             lora = self._lora(body)
-            if "prompt" not in body:
-                raise _BadRequest("prompt: field required")
-            ids = self._prompt_ids(body["prompt"])
-            max_tokens = self._max_tokens(body, "max_tokens")
+            if chat:
+                ids = self._chat_ids(body)
+                max_tokens = self._max_tokens(body, "max_completion_tokens", "max_tokens")
+            else:
+                if "prompt" not in body:
+                    raise _BadRequest("prompt: field required")
+                ids = self._prompt_ids(body["prompt"])
+                max_tokens = self._max_tokens(body, "max_tokens")
             stream, include_usage = self._stream_flags(body)
             gen = self._submit(request, ids, max_tokens, lora)
         except _BadRequest as exc:
             return _error(str(exc), exc.status, exc.kind)
         model = body["model"]
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if stream:
-            return await self._stream(gen, rid, created, model, chat=False, usage=include_usage)
+            return await self._stream(gen, rid, created, model, chat=chat, usage=include_usage)
         try:
             out = await gen.result()
         except EngineError as exc:
@@ -244,60 +255,18 @@ class _App:
         finally:
             gen.cancel()
         text = self.engine.tokenizer.decode(out)
+        choice: dict[str, Any] = {"index": 0}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason="length", stop_reason=None)
         payload = {
             "id": rid,
-            "object": "text_completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                }
-            ],
-            "usage": _usage(gen, len(out)),
-            "sim": _sim_block(gen),
-        }
-        return JSONResponse(payload, headers=_sim_headers(gen))
-
-    async def chat(self, request: Request) -> Response:
-        try:
-            body = await self._json(request)
-            lora = self._lora(body)
-            ids = self._chat_ids(body)
-            max_tokens = self._max_tokens(body, "max_completion_tokens", "max_tokens")
-            stream, include_usage = self._stream_flags(body)
-            gen = self._submit(request, ids, max_tokens, lora)
-        except _BadRequest as exc:
-            return _error(str(exc), exc.status, exc.kind)
-        model = body["model"]
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if stream:
-            return await self._stream(gen, rid, created, model, chat=True, usage=include_usage)
-        try:
-            out = await gen.result()
-        except EngineError as exc:
-            return _error(str(exc), 500, "InternalServerError")
-        finally:
-            gen.cancel()
-        payload = {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.engine.tokenizer.decode(out)},
-                    "logprobs": None,
-                    "finish_reason": "length",
-                    "stop_reason": None,
-                }
-            ],
+            "choices": [choice],
             "usage": _usage(gen, len(out)),
             "sim": _sim_block(gen),
         }

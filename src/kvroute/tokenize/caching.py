@@ -12,6 +12,7 @@ from typing import Any
 from kvroute.metrics import Metrics
 from kvroute.tokenize.ids import require_token_ids
 from kvroute.tokenize.protocol import Tokenizer
+from kvroute.tokenize.timing import observe_since
 
 __all__ = ["CachingTokenizer"]
 
@@ -112,10 +113,7 @@ class CachingTokenizer:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        if self._metrics is not None:
-            self._metrics.tokenize_seconds.labels(mode="cache").observe(
-                time.perf_counter() - started
-            )
+        observe_since(self._metrics, "cache", started)
         return list(entry)
 
     def _store(self, key: _Key, ids: tuple[int, ...]) -> None:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as HfTokenizer
 from kvroute.errors import ConfigError, TokenizeError
 from kvroute.metrics import Metrics
 from kvroute.tokenize.ids import require_token_ids
+from kvroute.tokenize.timing import observe_since
 
 __all__ = ["LocalTokenizer"]
 
@@ -115,7 +116,7 @@ class LocalTokenizer:
             return list(require_token_ids(prompt, "prompt"))
         started = time.perf_counter()
         ids = self._encode(prompt, add_special_tokens=True)
-        self._observe(started)
+        observe_since(self._metrics, "local", started)
         return ids
 
     async def tokenize_chat(
@@ -143,7 +144,7 @@ class LocalTokenizer:
         except Exception as exc:  # a template may fail in any way on odd messages
             raise TokenizeError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
         ids = self._encode(text, add_special_tokens=False)
-        self._observe(started)
+        observe_since(self._metrics, "local", started)
         return ids
 
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
@@ -151,9 +152,3 @@ class LocalTokenizer:
             return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
         except Exception as exc:
             raise TokenizeError(f"tokenizer failed: {exc}") from exc
-
-    def _observe(self, started: float) -> None:
-        if self._metrics is not None:
-            self._metrics.tokenize_seconds.labels(mode="local").observe(
-                time.perf_counter() - started
-            )

@@ -12,6 +12,7 @@ import httpx
 from kvroute.errors import TokenizeError
 from kvroute.metrics import Metrics
 from kvroute.tokenize.ids import require_token_ids
+from kvroute.tokenize.timing import observe_since
 
 __all__ = ["RemoteTokenizer"]
 
@@ -74,10 +75,9 @@ class RemoteTokenizer:
             raise TokenizeError(f"POST {url}: timed out after {self._timeout_s} s") from exc
         except httpx.HTTPError as exc:
             raise TokenizeError(f"POST {url}: {type(exc).__name__}: {exc}") from exc
-        if self._metrics is not None:
-            self._metrics.tokenize_seconds.labels(mode="remote").observe(
-                time.perf_counter() - started
-            )
+        except (TypeError, ValueError) as exc:  # httpx encodes strict JSON: no NaN, no surrogates
+            raise TokenizeError(f"POST {url}: request not encodable as JSON: {exc}") from exc
+        observe_since(self._metrics, "remote", started)
         if response.status_code != 200:
             raise TokenizeError(
                 f"POST {url}: expected status 200, got {response.status_code}: "

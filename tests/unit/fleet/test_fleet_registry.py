@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -23,18 +24,9 @@ from starlette.routing import Route
 from kvroute.errors import ConfigError
 from kvroute.fleet import NUM_REQUESTS_RUNNING, EngineSpec, Fleet
 from kvroute.metrics import Metrics
+from tests.polling import eventually
 
 DEADLINE_S = 10.0
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    """Poll `condition` until it holds or the deadline passes (never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -82,6 +74,37 @@ def engines() -> _Engines:
 async def client(engines: _Engines) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=engines.app())) as c:
         yield c
+
+
+class _Changes:
+    """Records a fleet's membership changes as (added names, removed names)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.seen: list[tuple[list[str], list[str]]] = []
+        self.changed = asyncio.Event()
+        fleet.on_change(self._record)
+
+    async def _record(self, added: list[EngineSpec], removed: list[EngineSpec]) -> None:
+        self.seen.append(([s.name for s in added], [s.name for s in removed]))
+        self.changed.set()
+
+
+def _watching_fleet(client: httpx.AsyncClient, metrics: Metrics, **source: Any) -> Fleet:
+    """Engine "a", no probes or scrapes, membership from `source` (a fleet file or a source)."""
+    return Fleet(
+        [_spec("a")],
+        client,
+        metrics,
+        health_interval_s=0,
+        scrape_interval_s=0,
+        watch_interval_s=0.02,
+        **source,
+    )
+
+
+def _reloads(metrics: Metrics, outcome: str) -> float:
+    value = metrics.registry.get_sample_value("kvroute_fleet_reloads_total", {"outcome": outcome})
+    return value or 0.0
 
 
 def _healthy_gauge(metrics: Metrics, engine: str) -> float | None:
@@ -172,9 +195,9 @@ async def test_health_loop_runs_after_start(engines: _Engines, client: httpx.Asy
     )
     await fleet.start()
     try:
-        await _eventually(lambda: not fleet.get("a").healthy, "ejection")  # type: ignore[union-attr]
+        await eventually(lambda: not fleet.get("a").healthy, "ejection")  # type: ignore[union-attr]
         engines.health["a"] = 200
-        await _eventually(lambda: fleet.get("a").healthy, "re-admission")  # type: ignore[union-attr]
+        await eventually(lambda: fleet.get("a").healthy, "re-admission")  # type: ignore[union-attr]
     finally:
         await fleet.close()
 
@@ -263,18 +286,13 @@ async def test_update_reports_added_removed_and_changed_engines(
 ) -> None:
     metrics = Metrics()
     fleet = Fleet([_spec("a"), _spec("b"), _spec("c")], client, metrics)
-    seen: list[tuple[list[str], list[str]]] = []
-
-    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
-        seen.append(([s.name for s in added], [s.name for s in removed]))
-
-    fleet.on_change(record)
+    changes = _Changes(fleet)
     fleet.begin_request("b", 100)
     changed_b = _spec("b", dp_ranks=(0, 1))
     added, removed = await fleet.update([_spec("a"), changed_b, _spec("d")])
     assert [s.name for s in added] == ["b", "d"]
     assert removed == [_spec("b"), _spec("c")]  # old spec of a changed engine
-    assert seen == [(["b", "d"], ["b", "c"])]
+    assert changes.seen == [(["b", "d"], ["b", "c"])]
     assert [e.name for e in fleet.engines()] == ["a", "b", "d"]
     b = fleet.get("b")
     assert b is not None and b.spec == changed_b
@@ -282,7 +300,7 @@ async def test_update_reports_added_removed_and_changed_engines(
     assert _healthy_gauge(metrics, "c") is None
     assert _healthy_gauge(metrics, "d") == 1.0
     assert await fleet.update([_spec("a"), changed_b, _spec("d")]) == ([], [])
-    assert len(seen) == 1
+    assert len(changes.seen) == 1
 
 
 async def test_a_failing_callback_does_not_stop_others(client: httpx.AsyncClient) -> None:
@@ -324,46 +342,28 @@ async def test_fleet_file_changes_are_applied_and_invalid_files_keep_the_old_fle
     b = {"name": "b", "model": "llama", "url": "http://b:8000"}
     _write_fleet(path, [a], 0)
     metrics = Metrics()
-    fleet = Fleet(
-        [_spec("a")],
-        client,
-        metrics,
-        health_interval_s=0,
-        scrape_interval_s=0,
-        fleet_file=path,
-        watch_interval_s=0.02,
-    )
-    changes: list[tuple[list[str], list[str]]] = []
-    changed = asyncio.Event()
-
-    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
-        changes.append(([s.name for s in added], [s.name for s in removed]))
-        changed.set()
-
-    fleet.on_change(record)
-
-    def reloads(outcome: str) -> float:
-        value = metrics.registry.get_sample_value(
-            "kvroute_fleet_reloads_total", {"outcome": outcome}
-        )
-        return value or 0.0
-
+    fleet = _watching_fleet(client, metrics, fleet_file=path)
+    changes = _Changes(fleet)
     await fleet.start()
     try:
         _write_fleet(path, [a, b], 1)
-        await asyncio.wait_for(changed.wait(), DEADLINE_S)
-        assert changes == [(["b"], [])]
+        await asyncio.wait_for(changes.changed.wait(), DEADLINE_S)
+        assert changes.seen == [(["b"], [])]
         _write_fleet(path, [a, {**b, "url": "gopher://b"}], 2)
-        await _eventually(lambda: reloads("error") == 1.0, "the invalid file to be counted")
+        await eventually(
+            lambda: _reloads(metrics, "error") == 1.0, "the invalid file to be counted"
+        )
         assert [e.name for e in fleet.engines()] == ["a", "b"]  # the old fleet stays
-        changed.clear()
+        changes.changed.clear()
         _write_fleet(path, [b], 3)
-        await asyncio.wait_for(changed.wait(), DEADLINE_S)
-        assert changes[-1] == ([], ["a"])
+        await asyncio.wait_for(changes.changed.wait(), DEADLINE_S)
+        assert changes.seen[-1] == ([], ["a"])
         assert [e.name for e in fleet.engines()] == ["b"]
-        assert reloads("ok") == 2.0
+        assert _reloads(metrics, "ok") == 2.0
         path.unlink()  # a vanished file is an error, not an empty fleet
-        await _eventually(lambda: reloads("error") == 2.0, "the missing file to be counted")
+        await eventually(
+            lambda: _reloads(metrics, "error") == 2.0, "the missing file to be counted"
+        )
         assert [e.name for e in fleet.engines()] == ["b"]
     finally:
         await fleet.close()
@@ -394,48 +394,23 @@ class _QueueSource:
 async def test_any_fleet_source_drives_membership(client: httpx.AsyncClient) -> None:
     source = _QueueSource()
     metrics = Metrics()
-    fleet = Fleet(
-        [_spec("a")],
-        client,
-        metrics,
-        health_interval_s=0,
-        scrape_interval_s=0,
-        source=source,
-        watch_interval_s=0.02,
-    )
-    changes: list[tuple[list[str], list[str]]] = []
-
-    async def record(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
-        changes.append(([s.name for s in added], [s.name for s in removed]))
-
-    fleet.on_change(record)
+    fleet = _watching_fleet(client, metrics, source=source)
+    changes = _Changes(fleet)
     await fleet.start()
     try:
         source.queue.put_nowait([_spec("a"), _spec("pod-1")])
-        await _eventually(lambda: len(changes) == 1, "the pod to be added")
+        await eventually(lambda: len(changes.seen) == 1, "the pod to be added")
         source.queue.put_nowait([_spec("x"), _spec("x")])  # an invalid list is rejected, counted
-        await _eventually(
-            lambda: (
-                metrics.registry.get_sample_value(
-                    "kvroute_fleet_reloads_total", {"outcome": "error"}
-                )
-                == 1.0
-            ),
-            "the rejected update to be counted",
+        await eventually(
+            lambda: _reloads(metrics, "error") == 1.0, "the rejected update to be counted"
         )
         source.queue.put_nowait(RuntimeError("API server went away"))
-        await _eventually(
-            lambda: (
-                metrics.registry.get_sample_value(
-                    "kvroute_fleet_reloads_total", {"outcome": "error"}
-                )
-                == 2.0
-            ),
-            "the broken source to be counted",
+        await eventually(
+            lambda: _reloads(metrics, "error") == 2.0, "the broken source to be counted"
         )
         source.queue.put_nowait([_spec("pod-1")])
-        await _eventually(lambda: len(changes) == 2, "engine a to be removed")
+        await eventually(lambda: len(changes.seen) == 2, "engine a to be removed")
     finally:
         await fleet.close()
-    assert changes == [(["pod-1"], []), ([], ["a"])]
+    assert changes.seen == [(["pod-1"], []), ([], ["a"])]
     assert [e.name for e in fleet.engines()] == ["pod-1"]

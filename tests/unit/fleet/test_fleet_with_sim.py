@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -13,18 +12,10 @@ from kvroute.fleet import NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, Fleet, loa
 from kvroute.metrics import Metrics
 from kvroute.sim import SimConfig, SimFleet
 from kvroute.tokenize import CachingTokenizer, RemoteTokenizer
+from tests.polling import eventually
 
 MODEL = "sim/llama"
 DEADLINE_S = 10.0
-
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -115,7 +106,7 @@ async def test_fleet_file_rewritten_by_the_simulator_is_picked_up(
         try:
             async with SimFleet(1, MODEL, name_prefix="second-") as two:
                 two.write_fleet_file(path)  # atomic replace: a new inode
-                await _eventually(
+                await eventually(
                     lambda: [e.name for e in fleet.engines()] == ["second-0"], "the new fleet"
                 )
         finally:

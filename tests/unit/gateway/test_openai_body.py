@@ -128,3 +128,56 @@ def test_error_response_has_the_openai_shape() -> None:
             "code": "model_not_found",
         }
     }
+
+
+@pytest.mark.parametrize("value", [2**31, 10**4000, -1])
+def test_huge_max_tokens_is_a_400(value: int) -> None:
+    # A huge budget would overflow the float load cost of every request routed meanwhile.
+    for name in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(GatewayHTTPError) as info:
+            parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": "x", name: value}))
+        assert (info.value.status, info.value.param) == (400, name)
+    ok = parse_request(
+        RequestKind.COMPLETION, _raw({"model": "m", "prompt": "x", "max_tokens": 2**31 - 1})
+    )
+    assert ok.max_tokens == 2**31 - 1
+
+
+@pytest.mark.parametrize("prompt", [[2**32], [-1, 5], [[0, 2**40]], [1, 2, 10**30]])
+def test_token_ids_outside_uint32_are_a_400(prompt: object) -> None:
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": prompt}))
+    assert (info.value.status, info.value.param) == (400, "prompt")
+    assert "2**32" in info.value.message
+
+
+def test_token_ids_at_the_uint32_bounds_are_kept() -> None:
+    req = parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": [0, 2**32 - 1]}))
+    assert req.prompt == [0, 2**32 - 1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (RequestKind.COMPLETION, {"model": "m", "prompt": "\ud800"}),
+        (RequestKind.CHAT, {"model": "m", "messages": [{"role": "user", "content": "a\udfffb"}]}),
+        (RequestKind.COMPLETION, {"model": "m", "prompt": "x", "user": "\udbff"}),
+    ],
+)
+def test_lone_surrogate_escapes_are_a_400(kind: RequestKind, body: dict[str, object]) -> None:
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(kind, _raw(body))
+    assert info.value.status == 400 and "surrogate" in info.value.message
+
+
+def test_escaped_surrogate_pairs_are_valid_text() -> None:
+    req = parse_request(RequestKind.COMPLETION, _raw({"model": "m", "prompt": "smile \U0001f600"}))
+    assert req.prompt == "smile \U0001f600"
+
+
+def test_upper_case_surrogate_escapes_are_found_too() -> None:
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(RequestKind.COMPLETION, b'{"model": "m", "prompt": "\\uDBFF"}')
+    assert "surrogate" in info.value.message
+    pair = parse_request(RequestKind.COMPLETION, b'{"model": "m", "prompt": "\\uD83D\\uDE00"}')
+    assert pair.prompt == "\U0001f600"

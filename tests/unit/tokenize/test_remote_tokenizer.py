@@ -31,7 +31,7 @@ class _Engine:
     """A tiny vLLM-shaped /tokenize: ids per word, BOS when add_special_tokens, a chat template."""
 
     bodies: list[dict[str, Any]] = field(default_factory=list)
-    mode: str = "ok"  # ok | error | not_json | no_tokens | bad_tokens | hang
+    mode: str = "ok"  # ok | error | not_json | no_tokens | bad_tokens | huge_tokens | hang
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def tokenize(self, request: Request) -> Response:
@@ -45,6 +45,8 @@ class _Engine:
             return JSONResponse({"count": 0})
         if self.mode == "bad_tokens":
             return JSONResponse({"count": 2, "tokens": [1, "two"]})
+        if self.mode == "huge_tokens":
+            return JSONResponse({"count": 2, "tokens": [1, 2**32]})
         if self.mode == "hang":
             await self.release.wait()
         if "messages" in body:
@@ -132,7 +134,7 @@ async def test_prompt_given_as_token_ids_is_returned_without_a_request(
     assert engine.bodies == []
 
 
-@pytest.mark.parametrize("bad", [[1, -2], [1, True], [1, "2"], [1.0]])
+@pytest.mark.parametrize("bad", [[1, -2], [1, True], [1, "2"], [1.0], [1, 2**32]])
 async def test_bad_token_id_prompt_is_a_tokenize_error(client: httpx.AsyncClient, bad: Any) -> None:
     with pytest.raises(TokenizeError, match="expected a list of token ids"):
         await RemoteTokenizer(client, _urls).tokenize_prompt("llama", bad)
@@ -150,6 +152,7 @@ async def test_unknown_model_is_a_tokenize_error(client: httpx.AsyncClient) -> N
         ("not_json", "expected a JSON body"),
         ("no_tokens", "expected an object with 'tokens'"),
         ("bad_tokens", "got an item str"),
+        ("huge_tokens", "got an item int 4294967296"),
     ],
 )
 async def test_bad_engine_answers_are_tokenize_errors(
@@ -188,3 +191,19 @@ async def test_remote_latency_is_observed(client: httpx.AsyncClient) -> None:
     await tok.tokenize_chat("llama", [{"role": "user", "content": "x"}])
     count = metrics.registry.get_sample_value("kvroute_tokenize_seconds_count", {"mode": "remote"})
     assert count == 2.0
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "x", "weight": float("nan")}],
+        [{"role": "user", "content": "lone \ud800 surrogate"}],
+        [{"role": "user", "content": object()}],
+    ],
+)
+async def test_a_body_json_cannot_encode_is_a_tokenize_error(
+    client: httpx.AsyncClient, messages: list[dict[str, Any]]
+) -> None:
+    tokenizer = RemoteTokenizer(client, _urls)
+    with pytest.raises(TokenizeError, match="not encodable as JSON"):
+        await tokenizer.tokenize_chat("llama", messages)
