@@ -385,6 +385,9 @@ class _Source:
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, _SUB_RCVHWM)
+            # libzmq retries a dead endpoint every 100 ms forever; back off to 1 s so a down
+            # engine is not hammered (and on loopback, fewer connects can squat its port).
+            sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             sub.setsockopt(zmq.SUBSCRIBE, self.spec.topic.encode())
             monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
         except zmq.ZMQError as exc:

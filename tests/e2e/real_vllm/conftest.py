@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.real_vllm.processes import KvrouteServer, VllmEngine
+from tests.e2e.real_vllm.processes import KvrouteServer, VllmEngine, port_is_free
 
 # A prompt the first engine serves before kvroute starts: kvroute must learn it by replay.
 EARLY_PROMPT = (
@@ -20,11 +20,23 @@ EARLY_PROMPT = (
 )
 
 
+_TAKEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free port below the kernel's ephemeral range (32768+ here).
+
+    kvroute reconnects to a restarting engine's ports on loopback; an ephemeral port picked
+    for such a connect can be the very port the engine is about to bind (TCP self-connect),
+    and the engine then fails with "Address already in use".
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20_000, 32_000)
+        if port not in _TAKEN and port_is_free(port):
+            _TAKEN.add(port)
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @dataclass

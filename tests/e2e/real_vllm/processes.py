@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,17 @@ def http_ok(url: str, timeout: float = 2) -> bool:
         return False
 
 
+def port_is_free(port: int) -> bool:
+    """True when `port` can be bound on all interfaces (as vLLM's `tcp://*:port` does)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -90,6 +102,9 @@ class VllmEngine:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
+        # A restart right after a kill: the old process group may still hold its sockets.
+        ports = (self.http_port, self.pub_port, self.replay_port)
+        wait_until(lambda: all(port_is_free(p) for p in ports), 30, f"{self.name}'s ports")
         env = dict(os.environ)
         tmp = self.root / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
