@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import islice
 
 from xxhash import xxh3_64_intdigest
@@ -15,8 +14,10 @@ from kvroute.errors import IndexStateError
 from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvroute.index.extra_keys import reproducible_extra_keys
 from kvroute.index.hashing import SWAP_BYTES as _SWAP
-from kvroute.index.hashing import chain_hashes, pack_tokens, seed_hash
+from kvroute.index.hashing import chain_hashes, seed_hash
 from kvroute.index.holders import GPU, Holders, Key, SourceState
+from kvroute.index.limits import IndexLimits
+from kvroute.index.matching import match_sizes
 from kvroute.index.speculative import SpeculativeEntries
 from kvroute.index.types import LocalHash, MatchResult, SourceId
 from kvroute.metrics import DropReason, EventCounters
@@ -27,19 +28,6 @@ __all__ = ["GPU", "IndexLimits", "PrefixIndex"]
 _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
 _CLEARED = "AllBlocksCleared"
-
-
-@dataclass(frozen=True)
-class IndexLimits:
-    """Bounds of the index. Beyond a cap the least recently stored blocks are dropped (counted
-    `over_limit`), a little below the cap (1/256 of it) so eviction scans stay amortised O(1)."""
-
-    max_blocks_per_source: int = 1_000_000
-    max_blocks_total: int = 8_000_000
-    indexed_group: int = 0  # the KV-cache group indexed; events of group None count as it
-    speculative_ttl_s: float = 2.0
-    max_speculative_per_engine: int = 65_536
-    default_block_size: int = 16  # speculative hashing before any event names the block size
 
 
 class PrefixIndex:
@@ -159,16 +147,103 @@ class PrefixIndex:
         blocks = src.blocks
         before = len(blocks)
         cap = self.limits.max_blocks_per_source
-        stored = removed = 0
-        store = self._store
+        stored = removed = new = 0
+        # The common store (GPU, no extra keys but Nones, the indexed group, the partition of the
+        # source's last store, a known parent) is inlined below, over these locals; any other
+        # goes through `_store`, which holds every rule.
+        holders = self._holders
+        hset = holders.setdefault
+        bit = src.bit
+        spec = self._spec_by_engine.get(src.engine)  # apply never adds entries
+        group0 = self._indexed_group
         for ev in batch.events:
-            kind = type(ev)
-            if kind is BlockStored:
-                if store(src, ev):  # type: ignore[arg-type]
+            if type(ev) is BlockStored:
+                tokens = ev.token_ids
+                bs = ev.block_size
+                medium = ev.medium
+                group = ev.group_idx
+                # vLLM >= 0.31 sends one None per block for plain text (`to_event_extra_keys`).
+                extra = ev.extra_keys
+                if (
+                    bs == src.last_size
+                    and type(tokens) is list
+                    and (medium is None or medium == GPU)
+                    and (group is None or group == group0)
+                    and (extra is None or (type(extra) is list and extra.count(None) == len(extra)))
+                    and ev.lora_id is None
+                    and not ev.lookahead_token_ids
+                    and ev.lora_name == src.last_lora
+                ):
+                    hashes = ev.block_hashes
+                    n = len(hashes)
+                    parent = ev.parent_block_hash
+                    start = src.seeds.get(ev.lora_name) if parent is None else blocks.get(parent)
+                    # Non-empty tokens of n * bs: also n > 0 and bs > 0 (last_size starts at 0).
+                    if tokens and start is not None and len(tokens) == n * bs:
+                        packed = array("I")
+                        try:
+                            packed.fromlist(tokens)  # a third faster than array("I", tokens)
+                        except (OverflowError, TypeError):
+                            n = 0  # _store counts it
+                        if type(bs) is not int:
+                            n = 0  # a hand-built event; _store decides (range() needs ints)
+                        if _SWAP:
+                            packed.byteswap()
+                        # `hset(local, bit)` returns `bit` itself for a new hash, or for one this
+                        # source alone holds already: the length of `holders` tells them apart.
+                        nh = len(holders)
+                        if n == 1:
+                            # One block (the AIBrix shape): the loop body below, unrolled.
+                            local = xxh3_64_intdigest(packed, start)
+                            eh = hashes[0]
+                            if spec:
+                                spec.pop(local, None)
+                            if eh in blocks:
+                                new += self._store_again_gpu(src, eh, local)
+                            else:
+                                blocks[eh] = local
+                                m = hset(local, bit)
+                                if m is bit and len(holders) > nh:  # a new hash
+                                    new += 1
+                                elif not m & bit:  # a new holder
+                                    holders[local] = m | bit
+                                else:
+                                    self._hm.hold_again_gpu(src, local)
+                        elif n:
+                            data = packed.tobytes()
+                            step = bs * 4
+                            h = start
+                            # Each block's hash chains from the previous one, so the holder
+                            # updates follow it in the same loop.
+                            for eh, off in zip(hashes, range(0, n * step, step), strict=True):
+                                h = local = xxh3_64_intdigest(data[off : off + step], h)
+                                if spec:
+                                    spec.pop(local, None)
+                                if eh in blocks:
+                                    new += self._store_again_gpu(src, eh, local)
+                                    nh = len(holders)
+                                    continue
+                                blocks[eh] = local
+                                m = hset(local, bit)
+                                if m is bit and len(holders) > nh:  # a new hash
+                                    nh += 1
+                                    new += 1
+                                elif not m & bit:  # a new holder
+                                    holders[local] = m | bit
+                                else:
+                                    self._hm.hold_again_gpu(src, local)
+                        if n:
+                            stored += 1
+                            if len(blocks) > cap:
+                                self._evict(src, len(blocks) - cap + (cap >> 8))
+                            continue
+                if self._store(src, ev):
                     stored += 1
                     if len(blocks) > cap:
                         self._evict(src, len(blocks) - cap + (cap >> 8))
-            elif kind is BlockRemoved:
+                continue
+            kind = type(ev)
+            if kind is BlockRemoved:
                 if self._remove(src, ev):  # type: ignore[arg-type]
                     removed += 1
             elif kind is AllBlocksCleared:
@@ -177,6 +252,8 @@ class PrefixIndex:
                 counters.applied[(source, _CLEARED)] += 1
             else:  # not an event type we know: the decoder never produces one
                 counters.drop(source, DropReason.UNKNOWN_TAG)
+        if new:
+            self._model_blocks[src.model] += new
         if stored:
             counters.applied[(source, _STORED)] += stored
         if removed:
@@ -184,6 +261,26 @@ class PrefixIndex:
         self._total += len(blocks) - before
         if self._total > self.limits.max_blocks_total:
             self._enforce_total()
+
+    def _store_again_gpu(self, src: SourceState, key: Key, local: int) -> int:
+        """Store a GPU key the source already has (the general loop of `_store`, one block);
+        returns 1 if `local` became a new hash of the model, else 0."""
+        blocks = src.blocks
+        old = blocks[key]
+        if old == local:  # a duplicate store: one more reference, now most recent
+            src.dups[key] = src.dups.get(key, 0) + 1
+            del blocks[key]
+            blocks[key] = local
+            return 0
+        # The engine reused a hash for another prefix: forget the old one entirely.
+        self._forget(src, key, old)
+        blocks[key] = local
+        m = self._holders.get(local, 0)
+        if m & src.bit:
+            self._hm.hold_again_gpu(src, local)
+            return 0
+        self._holders[local] = m | src.bit
+        return 0 if m else 1
 
     def _seed(self, model: str, lora: str | None, salt: str | None) -> int:
         key = (model, lora, salt)
@@ -469,106 +566,17 @@ class PrefixIndex:
             sizes = self._fallback_sizes(model)  # speculative entries only
         now = self._clock()
         self._spec.purge(now)
-        live = ~self._stale_bits
         seed = self._seed(model, lora, cache_salt)
-        out: dict[str, MatchResult] = {}
-        if len(sizes) == 1:  # the common case: one block size, nothing to merge
-            ((size, bits),) = sizes.items()
-            n = len(token_ids) // size
-            return self._match_size(token_ids, n, size, seed, bits & live, now) if n else {}
-        for size in sorted(sizes):
-            n = len(token_ids) // size
-            if n == 0:
-                continue
-            for engine, result in self._match_size(
-                token_ids, n, size, seed, sizes[size] & live, now
-            ).items():
-                best = out.get(engine)
-                if best is None or (result.tokens, result.speculative_blocks * size) > (
-                    best.tokens,
-                    best.speculative_blocks * best.block_size,
-                ):
-                    out[engine] = result
-        return out
-
-    def _match_size(
-        self, token_ids: Sequence[int], n: int, size: int, seed: int, candidates: int, now: float
-    ) -> dict[str, MatchResult]:
-        step = size * 4
-        hashes: list[int] = []
-        lengths: dict[int, int] = {}  # source bit -> matched blocks
-        nongpu_counts: dict[int, dict[str, int]] = {}  # source bit -> medium -> blocks
-        alive = candidates
-        get = self._holders.get
-        nongpu = self._nongpu
-        h = seed
-        if alive:
-            packed = pack_tokens(token_ids[: n * size] if len(token_ids) != n * size else token_ids)
-            for offset in range(0, n * step, step):
-                h = xxh3_64_intdigest(packed[offset : offset + step], h)
-                hashes.append(h)
-                m = alive & get(h, 0)
-                if m != alive:
-                    gone = alive ^ m
-                    i = offset // step
-                    while gone:
-                        low = gone & -gone
-                        lengths[low] = i
-                        gone ^= low
-                    alive = m
-                    if not alive:
-                        break
-                if nongpu:
-                    other = alive & nongpu.get(h, 0)
-                    if other:
-                        self._hm.count_best_medium(h, other, nongpu_counts)
-        while alive:
-            low = alive & -alive
-            lengths[low] = n
-            alive ^= low
-
-        out: dict[str, MatchResult] = {}
-        by_bit = self._by_bit
-        for bit, blocks in lengths.items():
-            if not blocks:
-                continue
-            engine = by_bit[bit].engine
-            if engine in out and out[engine].blocks >= blocks:
-                continue  # another DP rank of this engine matched more
-            counts = nongpu_counts.get(bit) if nongpu_counts else None
-            if counts:
-                by_medium = dict(counts)
-                on_gpu = blocks - sum(counts.values())
-                if on_gpu:
-                    by_medium[GPU] = on_gpu
-            else:
-                by_medium = {GPU: blocks}
-            out[engine] = MatchResult(blocks, blocks * size, by_medium, 0, size)
-
-        if self._spec.by_engine:
-            for engine, entries in self._spec.by_engine.items():
-                if not entries:
-                    continue
-                confirmed = out.get(engine)
-                covered = confirmed.blocks if confirmed is not None else 0
-                j = 0
-                while j < n:
-                    if j >= len(hashes):  # the confirmed walk stopped early: hash the rest
-                        parent = LocalHash(hashes[-1] if hashes else seed)
-                        hashes += chain_hashes(parent, token_ids[j * size : n * size], size)
-                    if j < covered or entries.get(hashes[j], 0.0) > now:
-                        j += 1
-                    else:
-                        break
-                if j == 0:
-                    continue
-                if confirmed is None:
-                    out[engine] = MatchResult(0, 0, {}, j, size)
-                else:
-                    out[engine] = MatchResult(
-                        confirmed.blocks, confirmed.tokens, confirmed.by_medium, j, size
-                    )
-        return out
+        return match_sizes(
+            self._hm,
+            self._by_bit,
+            self._spec_by_engine,
+            sizes,
+            token_ids,
+            seed,
+            ~self._stale_bits,
+            now,
+        )
 
     # --- speculative entries ------------------------------------------------------------------
 
