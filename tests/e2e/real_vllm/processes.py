@@ -80,6 +80,31 @@ def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 
     raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `cmd` in its own process group, output to `log_path`, killed at exit at the latest."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    _CHILDREN.append(proc)
+    return proc
+
+
+def _wait_http_ok(
+    proc: subprocess.Popen[bytes] | None, log_path: Path, url: str, timeout_s: float
+) -> None:
+    """Poll `url` until it answers 200; fail at once, with the log's tail, if `proc` exits."""
+
+    def ready() -> bool:
+        assert proc is not None
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-3000:]
+            raise RuntimeError(f"{log_path.stem} exited with {proc.returncode}:\n{tail}")
+        return http_ok(url)
+
+    wait_until(ready, timeout_s, url)
+
+
 @dataclass
 class VllmEngine:
     """One real vLLM CPU engine serving the tiny model with KV events and replay on."""
@@ -138,21 +163,14 @@ class VllmEngine:
             "--kv-events-config", json.dumps(kv_events),
         ]  # fmt: skip
         self.starts += 1
-        with open(self.log_dir / f"{self.name}.{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        _CHILDREN.append(self.proc)
+        self.proc = _spawn(cmd, env, self.log_path)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.{self.starts}.log"
 
     def wait_ready(self, timeout_s: float = 240) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                log = (self.log_dir / f"{self.name}.{self.starts}.log").read_text()[-3000:]
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{log}")
-            return http_ok(f"{self.url}/health")
-
-        wait_until(ready, timeout_s, f"{self.name} /health")
+        _wait_http_ok(self.proc, self.log_path, f"{self.url}/health", timeout_s)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
@@ -204,21 +222,14 @@ class KvrouteServer:
         kvroute = Path(sys.executable).with_name("kvroute")
         cmd = [str(kvroute), "serve", "--fleet", str(self.fleet_file), "--port", str(self.port)]
         self.starts += 1
-        with open(self.log_dir / f"kvroute.{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        _CHILDREN.append(self.proc)
+        self.proc = _spawn(cmd, env, self.log_path)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"kvroute.{self.starts}.log"
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                log = (self.log_dir / f"kvroute.{self.starts}.log").read_text()[-3000:]
-                raise RuntimeError(f"kvroute exited with {self.proc.returncode}:\n{log}")
-            return http_ok(f"{self.url}/readyz")
-
-        wait_until(ready, timeout_s, "kvroute /readyz")
+        _wait_http_ok(self.proc, self.log_path, f"{self.url}/readyz", timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None:

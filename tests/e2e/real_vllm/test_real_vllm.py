@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from tests.e2e.real_vllm.conftest import EARLY_PROMPT, Cluster
-from tests.e2e.real_vllm.processes import http_json, wait_until
+from tests.e2e.real_vllm.processes import VllmEngine, http_json, wait_until
 
 BLOCK = 32  # the CPU build refuses 16
 REPORT: dict[str, Any] = {}
@@ -36,6 +36,14 @@ def wait_blocks(cluster: Cluster, prompt: str, want: dict[str, int], timeout_s: 
         wait_until(holds, timeout_s, f"blocks {want}")
     except TimeoutError as exc:
         raise AssertionError(f"expected blocks {want}, index reports {seen}") from exc
+
+
+def cached_directly(cluster: Cluster, engine: VllmEngine, prompt: str) -> int:
+    """Serve `prompt` on `engine` (bypassing kvroute) and wait until the index holds it all."""
+    n = full_blocks(cluster, prompt)
+    engine.complete(prompt)
+    wait_blocks(cluster, prompt, {engine.name: n})
+    return n
 
 
 def proxied(cluster: Cluster, prompt: str, max_tokens: int = 4) -> str:
@@ -160,9 +168,7 @@ def test_eviction_stops_matching(cluster: Cluster) -> None:
 def test_reset_prefix_cache_empties_engine_in_index(cluster: Cluster) -> None:
     engine = cluster.engines[0]
     prompt = "reset probe: " + " ".join(f"resetword{j}" for j in range(50))
-    n = full_blocks(cluster, prompt)
-    engine.complete(prompt)
-    wait_blocks(cluster, prompt, {engine.name: n})
+    cached_directly(cluster, engine, prompt)
     urllib.request.urlopen(
         urllib.request.Request(f"{engine.url}/reset_prefix_cache", method="POST"), timeout=30
     ).read()
@@ -176,9 +182,7 @@ def test_reset_prefix_cache_empties_engine_in_index(cluster: Cluster) -> None:
 def test_engine_restart_resets_its_source_and_it_comes_back(cluster: Cluster) -> None:
     engine = cluster.engines[1]
     prompt = "restart probe: " + " ".join(f"restartword{j}" for j in range(50))
-    n = full_blocks(cluster, prompt)
-    engine.complete(prompt)
-    wait_blocks(cluster, prompt, {engine.name: n})
+    n = cached_directly(cluster, engine, prompt)
     resets_before = cluster.router.metric("kvroute_source_resets_total", source=f"{engine.name}/0")
 
     engine.stop(signal.SIGKILL)
