@@ -194,6 +194,7 @@ async def test_killing_an_engine_moves_traffic_away_and_drops_its_blocks(stack: 
 
     # Traffic runs while the engine dies; every request issued afterwards must succeed.
     stop = asyncio.Event()
+    before_kill: list[int] = []
     after_kill: list[tuple[int, str]] = []
     killed = asyncio.Event()
 
@@ -207,10 +208,12 @@ async def test_killing_an_engine_moves_traffic_away_and_drops_its_blocks(stack: 
             )
             if was_killed:
                 after_kill.append((response.status_code, response.headers.get(ENGINE_HEADER)))
+            else:
+                before_kill.append(response.status_code)
             n += 1
 
     clients = [asyncio.create_task(client(i)) for i in range(3)]
-    await asyncio.sleep(0.3)
+    await eventually(lambda: _at_least(before_kill, 6), "traffic before the kill")
     await stack.fleet.kill_engine(victim)
     killed.set()
 
