@@ -1,100 +1,139 @@
-"""Every Prometheus metric kvroute exports, defined once, registered on an explicit registry."""
+"""Every Prometheus metric kvroute exports, defined once, on an explicit registry; state kept
+elsewhere (event counters, sources, index, fleet) is read by collectors at scrape time."""
 
 from __future__ import annotations
 
-import collections
-import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["DropReason", "EventCounters", "Metrics", "ReplayOutcome", "ResetCause"]
+from kvroute.core import EventCounters, SourceStatus
+
+__all__ = ["Metrics"]
 
 
-class DropReason(enum.StrEnum):
-    """Why an event (or a whole batch) was not applied to the index: the `reason` label."""
-
-    MALFORMED = "malformed"  # the payload could not be decoded (WireError)
-    UNKNOWN_TAG = "unknown_tag"  # an event kind we do not know; skipped by the decoder
-    ORPHAN = "orphan"  # BlockStored whose parent hash this source never stored
-    MISALIGNED = "misaligned"  # len(token_ids) != blocks * block_size
-    UNSUPPORTED_EXTRA_KEYS = "unsupported_extra_keys"  # multimodal / prompt-embeds keys
-    WRONG_GROUP = "wrong_group"  # a KV-cache group other than the indexed one
-    STALE_SOURCE = "stale_source"  # arrived while the source was stale and not recoverable
-    OVER_LIMIT = "over_limit"  # evicted by a per-source or global block cap
-    DUPLICATE = "duplicate"  # a batch seq already applied (replay overlap)
-    UNKNOWN_SOURCE = "unknown_source"  # index.apply for a source never added (or removed)
-    UNKNOWN_BLOCK = "unknown_block"  # BlockRemoved of a hash the source does not hold
-
-
-class ResetCause(enum.StrEnum):
-    """Why a source's state was dropped: the `cause` label."""
-
-    SEQ_BACKWARDS = "seq_backwards"  # seq <= last outside replay: the engine restarted
-    DISCONNECT = "disconnect"  # the SUB socket lost its connection (ZMQ monitor)
-    ALL_BLOCKS_CLEARED = "all_blocks_cleared"  # the engine said so
-    REMOVED = "removed"  # the source left the fleet
-    RESYNC = "resync"  # a gap replay could not close (buffer moved on): start over as a late joiner
-
-
-class ReplayOutcome(enum.StrEnum):
-    """How one replay request ended: the `outcome` label."""
-
-    OK = "ok"
-    PARTIAL = "partial"  # the buffer no longer reached the requested seq
-    TIMEOUT = "timeout"  # deadline passed or the end marker was lost
-    NO_ENDPOINT = "no_endpoint"
-    ERROR = "error"
-
-
-class EventCounters:
-    """Plain int counters for the event hot path (index.apply, subscriber receive loop).
-
-    Incrementing a dict entry costs a fraction of a prometheus Counter; they are exported as
-    `kvroute_event_batches_total`, `kvroute_events_applied_total` and
-    `kvroute_events_dropped_total` when /metrics is scraped.
-    """
-
-    __slots__ = ("applied", "batches", "dropped")
-
-    def __init__(self) -> None:
-        self.batches: collections.Counter[str] = collections.Counter()  # source
-        self.applied: collections.Counter[tuple[str, str]] = collections.Counter()  # source, type
-        self.dropped: collections.Counter[tuple[str, str]] = collections.Counter()  # source, reason
-
-    def drop(self, source: str, reason: DropReason, n: int = 1) -> None:
-        self.dropped[(source, reason.value)] += n
+def _counter(
+    name: str, doc: str, labels: list[str], items: Iterable[tuple[object, float]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in items:
+        family.add_metric(list(key) if isinstance(key, tuple) else [str(key)], value)
+    return family
 
 
 class _EventCountersCollector(Collector):
+    """`EventCounters` (core/counters.py) as Prometheus counters."""
+
     def __init__(self, counters: EventCounters) -> None:
-        self._counters = counters
+        self._c = counters
 
     def collect(self) -> Iterator[Metric]:
-        batches = CounterMetricFamily(
-            "kvroute_event_batches", "Event batches received, per source.", labels=["source"]
-        )
-        for source, n in list(self._counters.batches.items()):
-            batches.add_metric([source], n)
-        applied = CounterMetricFamily(
+        c = self._c
+        yield _counter(
+            "kvroute_event_batches", "Event batches received, per source.", ["source"],
+            list(c.batches.items()),
+        )  # fmt: skip
+        yield _counter(
             "kvroute_events_applied",
             "Events applied to the index, per source and event type.",
-            labels=["source", "type"],
+            ["source", "type"],
+            list(c.applied.items()),
         )
-        for (source, kind), n in list(self._counters.applied.items()):
-            applied.add_metric([source, kind], n)
-        dropped = CounterMetricFamily(
+        yield _counter(
             "kvroute_events_dropped",
             "Events or batches not applied, per source and reason.",
-            labels=["source", "reason"],
+            ["source", "reason"],
+            list(c.dropped.items()),
         )
-        for (source, reason), n in list(self._counters.dropped.items()):
-            dropped.add_metric([source, reason], n)
-        yield batches
-        yield applied
-        yield dropped
+        yield _counter(
+            "kvroute_seq_gaps", "Sequence gaps detected on the live stream.", ["source"],
+            list(c.seq_gaps.items()),
+        )  # fmt: skip
+        yield _counter(
+            "kvroute_replays",
+            "Replay requests, per source and outcome.",
+            ["source", "outcome"],
+            list(c.replays.items()),
+        )
+        yield _counter(
+            "kvroute_source_resets",
+            "Source state drops, per cause.",
+            ["source", "cause"],
+            list(c.resets.items()),
+        )
+        yield _counter(
+            "kvroute_rank_mismatches",
+            "Batches whose data_parallel_rank disagrees with their socket's DP rank "
+            "(applied to the socket's source).",
+            ["source"],
+            list(c.rank_mismatches.items()),
+        )
+
+
+class _StateCollector(Collector):
+    """Gauges (and the stale-time counter) read from the running parts at scrape time; each part
+    is attached with one of `Metrics.watch_*` by whoever builds it (gateway/app.py)."""
+
+    def __init__(self) -> None:
+        self.sources: Callable[[], Iterable[SourceStatus]] | None = None
+        self.index_blocks: Callable[[], Mapping[str, int]] | None = None
+        self.engines: Callable[[], Iterable[tuple[str, bool]]] | None = None
+        self.fleet_reloads: Mapping[str, int] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.sources is not None:
+            stale = GaugeMetricFamily(
+                "kvroute_source_stale",
+                "1 while a source is stale (not used for routing).",
+                labels=["source"],
+            )
+            stale_s = CounterMetricFamily(
+                "kvroute_source_stale_seconds", "Time spent stale, per source.", labels=["source"]
+            )
+            last_seq = GaugeMetricFamily(
+                "kvroute_source_last_seq", "Last applied sequence number.", labels=["source"]
+            )
+            for s in self.sources():
+                stale.add_metric([s.source], 1.0 if s.stale else 0.0)
+                stale_s.add_metric([s.source], s.stale_seconds)
+                if s.last_seq is not None:
+                    last_seq.add_metric([s.source], float(s.last_seq))
+            yield stale
+            yield stale_s
+            yield last_seq
+        if self.index_blocks is not None:
+            blocks = GaugeMetricFamily(
+                "kvroute_index_blocks", "Distinct blocks held in the index, per model.",
+                labels=["model"],
+            )  # fmt: skip
+            for model, n in self.index_blocks().items():
+                blocks.add_metric([model], float(n))
+            yield blocks
+        if self.engines is not None:
+            healthy = GaugeMetricFamily(
+                "kvroute_engine_healthy",
+                "1 while an engine passes its health checks.",
+                labels=["engine"],
+            )
+            for name, ok in self.engines():
+                healthy.add_metric([name], 1.0 if ok else 0.0)
+            yield healthy
+        if self.fleet_reloads is not None:
+            yield _counter(
+                "kvroute_fleet_reloads",
+                "Fleet updates from the fleet file (or another fleet source), per outcome "
+                "(ok, error).",
+                ["outcome"],
+                list(self.fleet_reloads.items()),
+            )
 
 
 class Metrics:
@@ -105,49 +144,8 @@ class Metrics:
         r = self.registry
         self.event_counters = EventCounters()
         r.register(_EventCountersCollector(self.event_counters))
-        self.seq_gaps = Counter(
-            "kvroute_seq_gaps", "Sequence gaps detected on the live stream.", ["source"], registry=r
-        )
-        self.replays = Counter(
-            "kvroute_replays",
-            "Replay requests, per source and outcome.",
-            ["source", "outcome"],
-            registry=r,
-        )
-        self.source_resets = Counter(
-            "kvroute_source_resets",
-            "Source state drops, per cause.",
-            ["source", "cause"],
-            registry=r,
-        )
-        self.source_stale = Gauge(
-            "kvroute_source_stale",
-            "1 while a source is stale (not used for routing).",
-            ["source"],
-            registry=r,
-        )
-        self.source_stale_seconds = Counter(
-            "kvroute_source_stale_seconds",
-            "Time spent stale, per source.",
-            ["source"],
-            registry=r,
-        )
-        self.source_last_seq = Gauge(
-            "kvroute_source_last_seq", "Last applied sequence number.", ["source"], registry=r
-        )
-        self.rank_mismatches = Counter(
-            "kvroute_rank_mismatches",
-            "Batches whose data_parallel_rank disagrees with their socket's DP rank "
-            "(applied to the socket's source).",
-            ["source"],
-            registry=r,
-        )
-        self.index_blocks = Gauge(
-            "kvroute_index_blocks",
-            "Distinct blocks held in the index, per model.",
-            ["model"],
-            registry=r,
-        )
+        self._state = _StateCollector()
+        r.register(self._state)
         self.requests = Counter(
             "kvroute_requests",
             "Proxied requests, per engine, policy and status.",
@@ -162,7 +160,7 @@ class Metrics:
         )
         self.tokenize_seconds = Histogram(
             "kvroute_tokenize_seconds",
-            "Time to tokenize a request.",
+            "Time to tokenize a request, per mode (cache, local, remote).",
             ["mode"],
             buckets=(1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0),
             registry=r,
@@ -178,21 +176,35 @@ class Metrics:
             ["engine"],
             registry=r,
         )
-        self.engine_healthy = Gauge(
-            "kvroute_engine_healthy",
-            "1 while an engine passes its health checks.",
-            ["engine"],
-            registry=r,
-        )
-        self.fleet_reloads = Counter(
-            "kvroute_fleet_reloads",
-            "Fleet updates from the fleet file (or another fleet source), per outcome (ok, error).",
-            ["outcome"],
-            registry=r,
-        )
         self.upstream_retries = Counter(
             "kvroute_upstream_retries",
             "Requests retried on the next-best engine.",
             ["engine"],
             registry=r,
         )
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, and its content type (for `GET /metrics`)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # --- state read at scrape time
+
+    def watch_sources(self, sources: Callable[[], Iterable[SourceStatus]]) -> None:
+        """Export each source's staleness, stale time and last seq from `sources()`."""
+        self._state.sources = sources
+
+    def watch_index(self, blocks_by_model: Callable[[], Mapping[str, int]]) -> None:
+        """Export `kvroute_index_blocks{model}` from `blocks_by_model()`."""
+        self._state.index_blocks = blocks_by_model
+
+    def watch_fleet(
+        self, engines: Callable[[], Iterable[tuple[str, bool]]], reloads: Mapping[str, int]
+    ) -> None:
+        """Export `kvroute_engine_healthy` from `engines()` ((name, healthy) pairs) and
+        `kvroute_fleet_reloads_total` from `reloads` (outcome -> count)."""
+        self._state.engines = engines
+        self._state.fleet_reloads = reloads
+
+    def observe_tokenize(self, mode: str, seconds: float) -> None:
+        """One tokenization of `mode` (cache, local, remote) took `seconds`."""
+        self.tokenize_seconds.labels(mode=mode).observe(seconds)

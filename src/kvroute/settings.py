@@ -4,17 +4,19 @@ default and description (README's settings table is generated from it)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
+from kvroute.index.limits import IndexLimits
+from kvroute.routing.types import CostWeights
 
 __all__ = [
     "ENV_PREFIX",
     "LogFormat",
-    "PolicyName",
     "Settings",
     "load_settings",
     "settings_env_names",
@@ -22,8 +24,10 @@ __all__ = [
 ]
 
 ENV_PREFIX = "KVROUTE_"
-PolicyName = Literal["kv_aware", "least_loaded", "round_robin", "random"]
 LogFormat = Literal["kv", "json"]
+# The components own these defaults; the fields below read them so each number is written once.
+_LIMITS: Final = IndexLimits()
+_WEIGHTS: Final = CostWeights()
 
 
 class Settings(BaseSettings):
@@ -54,50 +58,62 @@ class Settings(BaseSettings):
 
     # --- routing
     policy: PolicyName = Field(
-        "kv_aware",
+        PolicyName.KV_AWARE,
         description="Routing policy: kv_aware, least_loaded, round_robin or random.",
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random policy.")
     w_prefill: float = Field(
-        1.0, ge=0, description="kv_aware cost weight of prompt tokens the engine must prefill."
+        _WEIGHTS.w_prefill,
+        ge=0,
+        description="kv_aware cost weight of prompt tokens the engine must prefill.",
     )
-    # 0.1, not ARCHITECTURE.md's 1.0: outstanding tokens count every in-flight prompt in full,
-    # so at 1.0 one extra request outweighs a whole cached prefix and bursts of one prefix
-    # scatter over every engine (pinned by test_twenty_concurrent_requests_sharing_a_prefix_*).
+    # Why 0.1 and not ARCHITECTURE.md's 1.0: see CostWeights (routing/types.py).
     w_load: float = Field(
-        0.1,
+        _WEIGHTS.w_load,
         ge=0,
         description="kv_aware cost weight of an engine's outstanding (prompt + max output) tokens.",
     )
     medium_weight_gpu: float = Field(
-        1.0, ge=0, description="Value of a prompt token cached on GPU (kv_aware)."
+        _WEIGHTS.medium_weight("GPU"),
+        ge=0,
+        description="Value of a prompt token cached on GPU (kv_aware).",
     )
     medium_weight_cpu: float = Field(
-        0.8, ge=0, description="Value of a prompt token cached in CPU memory (kv_aware)."
+        _WEIGHTS.medium_weight("CPU"),
+        ge=0,
+        description="Value of a prompt token cached in CPU memory (kv_aware).",
     )
     medium_weight_other: float = Field(
-        0.5, ge=0, description="Value of a prompt token cached in any other medium (kv_aware)."
+        _WEIGHTS.other_medium,
+        ge=0,
+        description="Value of a prompt token cached in any other medium (kv_aware).",
     )
     imbalance_tokens: int = Field(
-        32_768,
+        _WEIGHTS.imbalance_tokens,
         ge=0,
         description="Choose least-loaded instead when outstanding tokens differ by more.",
     )
     speculative_ttl_s: float = Field(
-        2.0,
+        _LIMITS.speculative_ttl_s,
         ge=0,
         description="Lifetime of a routed prompt's speculative blocks until events confirm them.",
     )
 
     # --- index
     max_blocks_per_source: int = Field(
-        1_000_000, gt=0, description="Blocks kept per engine source; oldest dropped beyond."
+        _LIMITS.max_blocks_per_source,
+        gt=0,
+        description="Blocks kept per engine source; oldest dropped beyond.",
     )
     max_blocks_total: int = Field(
-        8_000_000, gt=0, description="Blocks kept over all sources; oldest dropped beyond."
+        _LIMITS.max_blocks_total,
+        gt=0,
+        description="Blocks kept over all sources; oldest dropped beyond.",
     )
     indexed_group: int = Field(
-        0, ge=0, description="KV-cache group whose events are indexed (hybrid models)."
+        _LIMITS.indexed_group,
+        ge=0,
+        description="KV-cache group whose events are indexed (hybrid models).",
     )
 
     # --- KV events
@@ -121,6 +137,12 @@ class Settings(BaseSettings):
     )
     retry_backoff_max_s: float = Field(
         10.0, gt=0, description="Longest delay between retries (exponential backoff)."
+    )
+    tail_check_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a source may be quiet before kvroute asks its replay buffer for "
+        "anything after the last seq (a lost final batch); 0 disables.",
     )
 
     # --- fleet

@@ -1,10 +1,17 @@
-"""Deterministic KV-event batch streams for subscriber tests: chained stores and removals."""
+"""Deterministic KV-event batch streams for subscriber tests: chained stores and removals, as
+vLLM sends them (what the publisher encodes)."""
 
 from __future__ import annotations
 
 import random
 
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, Event, EventBatch
+from kvroute.events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
+)
 
 BLOCK_SIZE = 16
 
@@ -22,14 +29,14 @@ class EngineStream:
         self._next_hash = hash_base
         self._held: list[int] = []
 
-    def _store(self, blocks: int) -> BlockStored:
+    def _store(self, blocks: int) -> VllmBlockStored:
         rng = self._rng
         parent = rng.choice(self._held) if self._held and rng.random() < 0.7 else None
         hashes = list(range(self._next_hash, self._next_hash + blocks))
         self._next_hash += blocks
         self._held.extend(hashes)
         tokens = [rng.randrange(50_000) for _ in range(blocks * BLOCK_SIZE)]
-        return BlockStored(
+        return VllmBlockStored(
             block_hashes=list(hashes),
             parent_block_hash=parent,
             token_ids=tokens,
@@ -37,22 +44,24 @@ class EngineStream:
             medium="GPU",
         )
 
-    def _remove(self) -> BlockRemoved:
+    def _remove(self) -> VllmBlockRemoved:
         victim = self._held.pop(self._rng.randrange(len(self._held)))
-        return BlockRemoved(block_hashes=[victim], medium="GPU")
+        return VllmBlockRemoved(block_hashes=[victim], medium="GPU")
 
-    def batch(self, events: int = 3, *, ts: float = 0.0) -> EventBatch:
-        out: list[Event] = []
+    def batch(self, events: int = 3, *, ts: float = 0.0) -> VllmEventBatch:
+        out: list[VllmEvent] = []
         for _ in range(events):
             if self._held and self._rng.random() < 0.15:
                 out.append(self._remove())
             else:
                 out.append(self._store(self._rng.randint(1, 4)))
-        return EventBatch(ts=ts, events=out, data_parallel_rank=self._rank)
+        return VllmEventBatch(ts=ts, events=out, data_parallel_rank=self._rank)
 
-    def clear(self) -> EventBatch:
+    def clear(self) -> VllmEventBatch:
         self._held.clear()
-        return EventBatch(ts=0.0, events=[AllBlocksCleared()], data_parallel_rank=self._rank)
+        return VllmEventBatch(
+            ts=0.0, events=[VllmAllBlocksCleared()], data_parallel_rank=self._rank
+        )
 
-    def batches(self, n: int, events: int = 3) -> list[EventBatch]:
+    def batches(self, n: int, events: int = 3) -> list[VllmEventBatch]:
         return [self.batch(events) for _ in range(n)]

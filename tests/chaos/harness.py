@@ -12,11 +12,15 @@ from typing import Any
 
 import zmq.asyncio
 
-from kvroute.events.publisher import ZmqEventPublisher, encode_batch
-from kvroute.events.subscriber import SourceSpec, SourceStatus, SubscriberManager
-from kvroute.events.wire import EventBatch, decode_batch
-from kvroute.index.prefix_index import PrefixIndex
-from kvroute.index.types import SourceId, source_id
+from kvroute.core import SourceId, SourceSpec, SourceStatus, source_id
+from kvroute.events import (
+    SubscriberManager,
+    VllmEventBatch,
+    ZmqEventPublisher,
+    decode_batch,
+    encode_batch,
+)
+from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from tests.chaos.event_streams import EngineStream
 
@@ -42,6 +46,25 @@ class Stack:
                 return s
         raise KeyError(source)
 
+    async def applied(self, source: SourceId, seq: int, timeout_s: float = 10.0) -> bool:
+        """Whether `source` applies `seq` (or later) within `timeout_s`."""
+        return await applied(self.manager, source, seq, timeout_s)
+
+
+async def applied(
+    manager: SubscriberManager, source: SourceId, seq: int, timeout_s: float = 10.0
+) -> bool:
+    """Poll `manager.status()` until `source`'s last applied seq is >= `seq` (True), or the
+    deadline passes (False)."""
+
+    def done() -> bool:
+        return any(
+            s.source == source and s.last_seq is not None and s.last_seq >= seq
+            for s in manager.status()
+        )
+
+    return await until(done, timeout_s, interval_s=0.005)
+
 
 def make_stack(
     context: zmq.asyncio.Context,
@@ -49,17 +72,22 @@ def make_stack(
     replay_timeout_s: float = 1.0,
     retry_backoff_s: tuple[float, float] = (0.05, 0.4),
     max_concurrent_replays: int = 4,
+    tail_check_s: float = 0.0,
 ) -> Stack:
+    """The router side as the gateway builds it. The tail check is off unless a test asks for it:
+    it asks an idle source's replay buffer, which would add `ok` replays to exact counts."""
     metrics = Metrics()
     index = PrefixIndex(counters=metrics.event_counters)
     manager = SubscriberManager(
         index,
-        metrics,
+        metrics.event_counters,
         context=context,
         replay_timeout_s=replay_timeout_s,
         max_concurrent_replays=max_concurrent_replays,
         retry_backoff_s=retry_backoff_s,
+        tail_check_s=tail_check_s,
     )
+    metrics.watch_sources(manager.status)
     return Stack(metrics, index, manager)
 
 
@@ -71,7 +99,7 @@ class Feed:
     engine: str
     rank: int
     stream: EngineStream
-    published: list[EventBatch] = field(default_factory=list)
+    published: list[VllmEventBatch] = field(default_factory=list)
     paused: bool = False
 
     def pause(self) -> None:
@@ -88,12 +116,12 @@ class Feed:
 
     def spec(self) -> SourceSpec:
         return SourceSpec(
-            source=self.source,
             engine=self.engine,
             model=MODEL,
             endpoint=self.pub.endpoint,
             replay_endpoint=self.pub.replay_endpoint,
             topic=self.pub.topic,
+            rank=self.rank,
         )
 
     def publish(self, n: int = 1, events: int = 3) -> int:
@@ -104,7 +132,7 @@ class Feed:
             seq = self.pub.publish(batch)
         return seq
 
-    def publish_batch(self, batch: EventBatch) -> int:
+    def publish_batch(self, batch: VllmEventBatch) -> int:
         self.published.append(batch)
         return self.pub.publish(batch)
 
@@ -135,15 +163,15 @@ class Feed:
         subscription has reached the PUB (slow joiner) before a test injects faults."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not stack.status(self.source).connected:
-            assert loop.time() < deadline, "subscriber never connected"
-            await asyncio.sleep(0.01)
+        assert await until(lambda: stack.status(self.source).connected, timeout_s), (
+            "subscriber never connected"
+        )
         while True:
             seq = self.publish()
-            if await stack.manager.wait_for_seq(self.source, seq, timeout_s=0.3):
+            if await stack.applied(self.source, seq, timeout_s=0.3):
                 # Live stream flows: one more to be sure the last one came through it.
                 seq = self.publish()
-                assert await stack.manager.wait_for_seq(self.source, seq)
+                assert await stack.applied(self.source, seq)
                 return
             assert loop.time() < deadline, "no live batch ever arrived"
 
@@ -190,14 +218,16 @@ def holdings(stack: Stack, source: SourceId) -> set[tuple[int, str]]:
     return {(int(h), m) for h, m in stack.index.holdings(source)}
 
 
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+async def until(
+    cond: Callable[[], bool], timeout_s: float = 10.0, *, interval_s: float = 0.01
+) -> bool:
     """Poll `cond` until it holds (True) or the deadline passes (False)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while not cond():
         if loop.time() >= deadline:
             return False
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(interval_s)
     return True
 
 
@@ -220,7 +250,10 @@ def free_port_pair() -> int:
 
 class ScriptedReplay:
     """A replay ROUTER (0.26+ layout) answering from `batches`, which a test may rewrite, to
-    play an engine whose process changed under the same endpoints."""
+    play an engine whose process changed under the same endpoints, or a replay server that
+    fails: `garbage` answers with a reply no release sends, `silent` answers nothing, `no_end`
+    leaves out the end marker, and `bootstrap_gate`, when set, holds answers to requests from
+    seq 0 until it opens. `starts` records every request's start seq."""
 
     def __init__(self, context: zmq.asyncio.Context, topic: bytes = b"kv") -> None:
         self.sock = context.socket(zmq.ROUTER)
@@ -229,7 +262,11 @@ class ScriptedReplay:
         self.endpoint: str = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.topic = topic
         self.batches: list[tuple[int, bytes]] = []
-        self.garbage = False  # answer with a reply no release sends
+        self.garbage = False
+        self.silent = False
+        self.no_end = False
+        self.bootstrap_gate: asyncio.Event | None = None
+        self.starts: list[int] = []
         self._task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -238,6 +275,11 @@ class ScriptedReplay:
             if len(frames) != 3:
                 continue
             identity, start = frames[0], int.from_bytes(frames[2], "big")
+            self.starts.append(start)
+            if self.bootstrap_gate is not None and start == 0:
+                await self.bootstrap_gate.wait()
+            if self.silent:
+                continue
             if self.garbage:
                 await self.sock.send_multipart([identity, b"", b"a", b"b", b"c", b"d"])
                 continue
@@ -245,7 +287,8 @@ class ScriptedReplay:
                 await self.sock.send_multipart(
                     [identity, b"", self.topic, seq.to_bytes(8, "big"), payload]
                 )
-            await self.sock.send_multipart([identity, b"", b"", b"\xff" * 8, b""])
+            if not self.no_end:
+                await self.sock.send_multipart([identity, b"", b"", b"\xff" * 8, b""])
 
     async def close(self) -> None:
         self._task.cancel()

@@ -294,6 +294,25 @@ async def test_models_health_readiness_and_metrics(stack: Stack) -> None:
     assert "kvroute_route_decision_seconds_count" in text
     assert 'kvroute_tokenize_seconds_count{mode="remote"}' in text
     assert "kvroute_events_applied_total" in text
+    assert 'kvroute_engine_healthy{engine="engine-0"} 1.0' in text
+
+
+async def test_a_repeated_request_is_tokenized_from_the_cache_and_timed_as_cache(
+    stack: Stack,
+) -> None:
+    def cache_hits(text: str) -> float:
+        for line in text.splitlines():
+            if line.startswith('kvroute_tokenize_seconds_count{mode="cache"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    body = {"model": MODEL, "prompt": stack.text(64, "again"), "max_tokens": 2}
+    for _ in range(2):
+        response = await stack.http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+    text = (await stack.http.get("/metrics")).text
+    assert cache_hits(text) == 1.0
+    assert 'kvroute_tokenize_seconds_count{mode="remote"} 1.0' in text
 
 
 async def test_debug_engines_reports_sources_with_seq_lag_staleness_and_blocks(
@@ -311,6 +330,19 @@ async def test_debug_engines_reports_sources_with_seq_lag_staleness_and_blocks(
         (source,) = engine["sources"]
         assert set(source) >= {"source", "last_seq", "lag_s", "stale", "blocks", "connected"}
         assert source["stale"] is False
+
+
+async def test_debug_engines_shows_each_engines_scraped_vllm_gauges_and_their_age(
+    stack: Stack,
+) -> None:
+    async def scraped() -> bool:
+        return all(e["scraped_age_s"] is not None for e in (await stack.engines()).values())
+
+    await eventually(scraped, "every engine scraped once")
+    for engine in (await stack.engines()).values():
+        assert engine["scraped"]["vllm:num_requests_running"] == 0.0
+        assert "vllm:num_requests_waiting" in engine["scraped"]
+        assert 0.0 <= engine["scraped_age_s"] < DEADLINE_S
 
 
 async def test_client_disconnect_cancels_the_upstream_request(stack: Stack) -> None:

@@ -15,14 +15,20 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvroute.events.publisher import encode_batch
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvroute.core import DropReason, ResetCause, source_id
+from kvroute.events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEventBatch,
+    encode_batch,
+    normalise_batch,
+)
 from kvroute.gateway import BackgroundServer, Gateway, create_app
-from kvroute.index.types import source_id
-from kvroute.metrics import DropReason, Metrics, ResetCause
+from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 from tests.chaos.event_streams import BLOCK_SIZE, EngineStream
-from tests.chaos.harness import MODEL, start_feed
+from tests.chaos.harness import MODEL, applied, start_feed
 from tests.polling import eventually
 
 MAX_BLOCKS_PER_SOURCE = 64
@@ -49,8 +55,8 @@ def _labels(text: str, family: str, label: str) -> dict[str, float]:
     return out
 
 
-def _stored(n_blocks: int, first_hash: int, **fields: object) -> BlockStored:
-    return BlockStored(
+def _stored(n_blocks: int, first_hash: int, **fields: object) -> VllmBlockStored:
+    return VllmBlockStored(
         block_hashes=list(range(first_hash, first_hash + n_blocks)),
         parent_block_hash=fields.pop("parent_block_hash", None),  # type: ignore[arg-type]
         token_ids=list(range(n_blocks * BLOCK_SIZE)),
@@ -130,17 +136,17 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
             )
             loop = asyncio.get_running_loop()
             deadline = loop.time() + DEADLINE_S
-            while not await subscribers.wait_for_seq(a, feed.publish(), timeout_s=0.3):
+            while not await applied(subscribers, a, feed.publish(), timeout_s=0.3):
                 assert loop.time() < deadline, "engine-a: no live batch ever arrived"
 
             # Index rules: each event below is dropped for its own reason.
             seq = feed.publish_batch(
-                EventBatch(
+                VllmEventBatch(
                     ts=0.0,
                     data_parallel_rank=0,
                     events=[
                         _stored(1, 9_000_001, parent_block_hash=123_456_789),  # orphan
-                        BlockStored(  # misaligned: 15 tokens for one 16-token block
+                        VllmBlockStored(  # misaligned: 15 tokens for one 16-token block
                             block_hashes=[9_000_010],
                             parent_block_hash=None,
                             token_ids=list(range(BLOCK_SIZE - 1)),
@@ -148,24 +154,24 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
                         ),
                         _stored(1, 9_000_020, extra_keys=[[("mm-hash", 0)]]),  # multimodal
                         _stored(1, 9_000_030, group_idx=1),  # a sliding-window group
-                        BlockRemoved(block_hashes=[9_999_999], medium="GPU"),  # never stored
+                        VllmBlockRemoved(block_hashes=[9_999_999], medium="GPU"),  # never stored
                         _stored(MAX_BLOCKS_PER_SOURCE + 8, 9_100_000),  # over the cap
                     ],
                 )
             )
-            assert await subscribers.wait_for_seq(a, seq)
+            assert await applied(subscribers, a, seq)
             # An event kind no release sends: skipped by the decoder, counted by the subscriber.
             unknown = msgspec.msgpack.encode([0.0, [["FutureEvent", [1], 2]], 0])
-            assert await subscribers.wait_for_seq(a, feed.pub.publish_payload(unknown))
+            assert await applied(subscribers, a, feed.pub.publish_payload(unknown))
             # A batch lost on the wire: replay closes the gap and repeats the revealing batch.
             feed.pub.drop_next(1)
             feed.publish(1)
-            assert await subscribers.wait_for_seq(a, feed.publish(2))
+            assert await applied(subscribers, a, feed.publish(2))
             # The engine cleared its cache; then a payload no release can decode.
-            feed.publish_batch(EventBatch(ts=0.0, events=[AllBlocksCleared()]))
-            assert await subscribers.wait_for_seq(a, feed.pub.publish_payload(b"\xc1garbage"))
+            feed.publish_batch(VllmEventBatch(ts=0.0, events=[VllmAllBlocksCleared()]))
+            assert await applied(subscribers, a, feed.pub.publish_payload(b"\xc1garbage"))
             # index.apply for a source the index does not know (removed meanwhile).
-            gateway.index.apply(source_id("ghost", 0), stream.batch(2))
+            gateway.index.apply(source_id("ghost", 0), normalise_batch(stream.batch(2)))
 
             # raw: a gap it cannot replay makes it stale (its batches are dropped), then it
             # resyncs; seq going backwards is a restart; closing the socket a disconnect.
@@ -178,23 +184,27 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
             deadline = loop.time() + DEADLINE_S
             while True:
                 await send(n)
-                if await subscribers.wait_for_seq(r, n, timeout_s=0.2):
+                if await applied(subscribers, r, n, timeout_s=0.2):
                     break
                 assert loop.time() < deadline, "raw: no live batch ever arrived"
                 n += 1
             base = n
-            n += 2  # the gap
-            deadline = loop.time() + DEADLINE_S
-            while True:
+            n += 1  # the next send skips one seq: the gap
+
+            async def resynced() -> bool:
+                # Keep publishing: stale batches are dropped until the retry resyncs.
+                nonlocal n
+                n += 1
                 await send(n)
                 await scrape()
-                if dropped(DropReason.STALE_SOURCE) and resets(ResetCause.RESYNC):
-                    status = next(s for s in subscribers.status() if s.source == r)
-                    if not status.stale and status.last_seq == n:
-                        break
-                assert loop.time() < deadline, "raw: never stale, then resynced"
-                n += 1
-                await asyncio.sleep(0.05)
+                if not (dropped(DropReason.STALE_SOURCE) and resets(ResetCause.RESYNC)):
+                    return False
+                status = next(s for s in subscribers.status() if s.source == r)
+                return not status.stale and status.last_seq == n
+
+            await eventually(
+                resynced, "raw: stale, then resynced", timeout_s=DEADLINE_S, interval_s=0.05
+            )
             await send(base)
             await until_counted(lambda: bool(resets(ResetCause.SEQ_BACKWARDS)), "seq_backwards")
             raw.close(linger=0)

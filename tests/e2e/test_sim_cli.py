@@ -12,6 +12,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.polling import eventually
+
 # Drive the sim subcommand through its own register(), independent of the other subcommands.
 _DRIVER = (
     "import argparse, sys\n"
@@ -24,12 +26,13 @@ _DRIVER = (
 
 
 async def _wait_file(path: Path, proc: asyncio.subprocess.Process) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while not path.exists():
-        if proc.returncode is not None or loop.time() > deadline:
-            raise AssertionError(f"no fleet file (exit code {proc.returncode})")
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: path.exists() or proc.returncode is not None,
+        "the fleet file (or an exit)",
+        timeout_s=20,
+        interval_s=0.05,
+    )
+    assert path.exists(), f"no fleet file (exit code {proc.returncode})"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -13,13 +13,13 @@ import zmq
 import zmq.asyncio
 
 from kvroute.events.replay import request_replay
-from kvroute.events.wire import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EventBatch,
-    decode_batch,
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEventBatch,
 )
+from kvroute.events.wire import decode_vllm
 from kvroute.sim import SimConfig, SimFleet
 
 MODEL = "sim/events-model"
@@ -60,16 +60,16 @@ class Tap:
                 return
         raise AssertionError("SUB never received a batch")
 
-    async def recv(self, timeout_s: float = 10.0) -> tuple[bytes, int, EventBatch]:
+    async def recv(self, timeout_s: float = 10.0) -> tuple[bytes, int, VllmEventBatch]:
         assert await self.sub.poll(int(timeout_s * 1000)), "no batch arrived"
         topic, seq, payload = await self.sub.recv_multipart()
-        return topic, int.from_bytes(seq, "big"), decode_batch(payload)
+        return topic, int.from_bytes(seq, "big"), decode_vllm(payload)
 
-    async def drain(self, quiet_ms: int = 150) -> list[tuple[int, EventBatch]]:
+    async def drain(self, quiet_ms: int = 150) -> list[tuple[int, VllmEventBatch]]:
         out = []
         while await self.sub.poll(quiet_ms):
             _, seq, payload = await self.sub.recv_multipart()
-            out.append((int.from_bytes(seq, "big"), decode_batch(payload)))
+            out.append((int.from_bytes(seq, "big"), decode_vllm(payload)))
         return out
 
     async def state(self) -> dict[str, Any]:
@@ -123,7 +123,7 @@ async def test_live_batches_match_the_block_pool(
         topic, seq, batch = await tap.recv()
         assert topic == b"kv" and seq == state0["ranks"][0]["seq"] + 1
         [ev] = batch.events
-        assert isinstance(ev, BlockStored)
+        assert isinstance(ev, VllmBlockStored)
         assert ev.parent_block_hash is None and ev.block_size == 16 and len(ev.block_hashes) == 2
         assert ev.token_ids == tap.tokenizer.encode(prompt)[:32]
         if release != "0.9.0":
@@ -148,7 +148,7 @@ async def test_lora_request_blocks_carry_lora_name_and_id(tap: Tap) -> None:
     assert r.status_code == 200
     _, _, batch = await tap.recv()
     [ev] = batch.events
-    assert isinstance(ev, BlockStored) and ev.lora_name == "ad" and ev.lora_id == 1
+    assert isinstance(ev, VllmBlockStored) and ev.lora_name == "ad" and ev.lora_id == 1
 
 
 async def test_idle_engine_publishes_nothing_and_reset_goes_out_with_next_step(tap: Tap) -> None:
@@ -156,8 +156,8 @@ async def test_idle_engine_publishes_nothing_and_reset_goes_out_with_next_step(t
     assert await tap.drain(quiet_ms=300) == []  # idle: AllBlocksCleared waits for a step
     await tap.complete(await tap.fresh_prompt(20))
     _, _, batch = await tap.recv()
-    assert isinstance(batch.events[0], AllBlocksCleared)
-    assert isinstance(batch.events[1], BlockStored)
+    assert isinstance(batch.events[0], VllmAllBlocksCleared)
+    assert isinstance(batch.events[1], VllmBlockStored)
 
 
 async def test_drop_next_leaves_a_live_gap_that_replay_fills(tap: Tap) -> None:
@@ -171,7 +171,7 @@ async def test_drop_next_leaves_a_live_gap_that_replay_fills(tap: Tap) -> None:
     assert replay_ep is not None
     result = await request_replay(tap.ctx, replay_ep, seq0 + 1, timeout_s=5)
     assert result.complete and [s for s, _ in result.batches] == [seq0 + 1, seq0 + 2, seq0 + 3]
-    assert decode_batch(result.batches[0][1]).events
+    assert decode_vllm(result.batches[0][1]).events
 
 
 async def test_restart_resets_seq_and_pool_without_all_blocks_cleared(tap: Tap) -> None:
@@ -181,7 +181,7 @@ async def test_restart_resets_seq_and_pool_without_all_blocks_cleared(tap: Tap) 
     assert state["ranks"][0]["seq"] is None and state["ranks"][0]["cached"] == []
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    got: list[tuple[int, EventBatch]] = []
+    got: list[tuple[int, VllmEventBatch]] = []
     while not got and loop.time() < deadline:  # the SUB reconnects to the rebound port
         await tap.complete(await tap.fresh_prompt(20))
         got = await tap.drain()
@@ -190,7 +190,7 @@ async def test_restart_resets_seq_and_pool_without_all_blocks_cleared(tap: Tap) 
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert seqs[-1] == (await tap.state())["ranks"][0]["seq"]
     for _, batch in got:
-        assert not any(isinstance(e, AllBlocksCleared) for e in batch.events)
+        assert not any(isinstance(e, VllmAllBlocksCleared) for e in batch.events)
 
 
 async def test_duplicate_stores_sends_each_store_twice(tap: Tap) -> None:
@@ -234,7 +234,7 @@ async def test_eviction_sends_block_removed_before_stores(ctx: zmq.asyncio.Conte
         await tap.complete(await tap.fresh_prompt(16 * 7 - 1))
         _, _, batch = await tap.recv()
         kinds = [type(e) for e in batch.events]
-        assert BlockRemoved in kinds
-        first_store = kinds.index(BlockStored)
-        assert all(k is BlockRemoved for k in kinds[:first_store])
+        assert VllmBlockRemoved in kinds
+        first_store = kinds.index(VllmBlockStored)
+        assert all(k is VllmBlockRemoved for k in kinds[:first_store])
         assert len((await tap.state())["ranks"][0]["cached"]) <= 8

@@ -13,6 +13,7 @@ import yaml
 from openai import AsyncOpenAI, NotFoundError
 
 from kvroute.sim import SimConfig, SimFleet
+from tests.polling import eventually
 
 MODEL = "sim/test-model"
 
@@ -252,14 +253,14 @@ async def test_wall_time_follows_simulated_time_over_speed() -> None:
 
 
 async def _wait_idle(client: httpx.AsyncClient) -> dict[str, object]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while True:
-        rank = (await client.get("/sim/state")).json()["ranks"][0]
-        if rank["running"] == 0 and rank["waiting"] == 0:
-            return dict(rank)
-        assert loop.time() < deadline, rank
-        await asyncio.sleep(0.01)
+    rank: dict[str, object] = {}
+
+    async def idle() -> bool:
+        rank.update((await client.get("/sim/state")).json()["ranks"][0])
+        return rank["running"] == 0 and rank["waiting"] == 0
+
+    await eventually(idle, "rank 0 idle")
+    return rank
 
 
 async def test_client_disconnect_aborts_the_request_and_frees_blocks() -> None:
@@ -281,11 +282,11 @@ async def test_restart_fails_in_flight_requests_and_empties_the_pool() -> None:
         c.base_url = httpx.URL(fleet.engines[0].url)
         body = {"model": MODEL, "prompt": [1] * 40, "max_tokens": 5000}
         pending = asyncio.create_task(c.post("/v1/completions", json=body))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while (await c.get("/sim/state")).json()["ranks"][0]["running"] == 0:
-            assert loop.time() < deadline
-            await asyncio.sleep(0.01)
+
+        async def running() -> bool:
+            return bool((await c.get("/sim/state")).json()["ranks"][0]["running"])
+
+        await eventually(running, "the request running")
         assert (await c.post("/sim/faults", json={"restart": True})).status_code == 200
         r = await pending
         assert r.status_code == 500 and "restarted" in r.json()["error"]["message"]

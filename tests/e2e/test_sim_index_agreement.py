@@ -10,12 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from kvroute.events.subscriber import SourceSpec, SubscriberManager
-from kvroute.index.hashing import prompt_hashes
-from kvroute.index.prefix_index import PrefixIndex
-from kvroute.index.types import LocalHash, SourceId, source_id
+from kvroute.core import LocalHash, SourceId, SourceSpec, source_id
+from kvroute.events import SubscriberManager
+from kvroute.index import PrefixIndex, prompt_hashes
 from kvroute.metrics import Metrics
 from kvroute.sim import BlockPool, SimConfig, SimEngine, SimFleet
+from tests.chaos.harness import applied, until
+from tests.polling import eventually
 
 MODEL = "sim/agreement"
 LORA = "ad"
@@ -43,14 +44,11 @@ def _hash(j: Any) -> int | bytes:
 
 
 async def _wait_connected(mgr: SubscriberManager, n: int) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while loop.time() < deadline:
+    def connected() -> bool:
         st = mgr.status()
-        if len(st) == n and all(s.connected for s in st):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"subscribers not connected: {mgr.status()}")
+        return len(st) == n and all(s.connected for s in st)
+
+    await eventually(connected, f"{n} subscribers connected")
 
 
 def _total(metrics: Metrics, name: str) -> float:
@@ -75,14 +73,14 @@ async def _settled(
     patient mode (after restarts and drops) polls until it matches, so a reset that the
     subscriber learns from a ZMQ disconnect has time to land."""
     if seq is not None:
-        assert await mgr.wait_for_seq(sid, seq), f"{sid} never applied seq {seq}"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while True:
-        got = {h for h, m in index.holdings(sid) if m == "GPU"}
-        if not patient or got == expected or loop.time() > deadline:
-            return got
-        await asyncio.sleep(0.01)
+        assert await applied(mgr, sid, seq), f"{sid} never applied seq {seq}"
+
+    def held() -> set[LocalHash]:
+        return {h for h, m in index.holdings(sid) if m == "GPU"}
+
+    if patient:
+        await until(lambda: held() == expected, 10.0)
+    return held()
 
 
 @pytest.mark.parametrize(
@@ -102,7 +100,14 @@ async def test_index_holds_exactly_the_simulator_blocks_at_every_quiet_point(
     await fleet.start()
     index = PrefixIndex()
     metrics = Metrics()
-    mgr = SubscriberManager(index, metrics, replay_timeout_s=5.0)
+    mgr = SubscriberManager(
+        index,
+        metrics.event_counters,
+        replay_timeout_s=5.0,
+        max_concurrent_replays=4,
+        retry_backoff_s=(0.5, 10.0),
+        tail_check_s=0.0,
+    )
     truth = Truth(fleet)
     client = httpx.AsyncClient(timeout=30)
     try:
@@ -111,7 +116,9 @@ async def test_index_holds_exactly_the_simulator_blocks_at_every_quiet_point(
             for r, (ep, rep) in enumerate(zip(e.events_endpoints, e.replay_endpoints, strict=True)):
                 sid = source_id(e.name, r)
                 sources.append((e, r, sid))
-                await mgr.add_source(SourceSpec(sid, e.name, MODEL, ep, rep, topic="kv"))
+                spec = SourceSpec(e.name, MODEL, ep, rep, topic="kv", rank=r)
+                assert spec.source == sid
+                await mgr.add_source(spec)
         await _wait_connected(mgr, len(sources))
 
         prefixes = [[1, *(rng.randrange(100, 30_000) for _ in range(rng.choice((15, 31, 47))))]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from starlette.routing import Route
 
+from kvroute.core import DropReason, ReplayOutcome, ResetCause
 from kvroute.gateway import create_app
-from kvroute.metrics import DropReason, Metrics, ReplayOutcome, ResetCause
+from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"

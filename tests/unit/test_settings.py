@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
+from kvroute.index import IndexLimits
+from kvroute.routing import CostWeights
 from kvroute.settings import Settings, load_settings, settings_env_names, settings_markdown_table
 from tests.shared_fixtures import PROJECT_ROOT
 
@@ -39,6 +42,38 @@ def test_defaults_match_the_architecture_contract() -> None:
     assert s.kv_event_sync_enabled is True
     assert s.use_remote_tokenizer is False
     assert s.local_tokenizer is False  # nothing local configured: remote tokenization
+
+
+def test_component_defaults_are_the_settings_defaults() -> None:
+    # Written once, in the component; Settings reads them (settings.py).
+    s, limits, weights = Settings(), IndexLimits(), CostWeights()
+    assert (s.max_blocks_per_source, s.max_blocks_total, s.indexed_group) == (
+        limits.max_blocks_per_source,
+        limits.max_blocks_total,
+        limits.indexed_group,
+    )
+    assert s.speculative_ttl_s == limits.speculative_ttl_s
+    assert (s.w_prefill, s.w_load, s.imbalance_tokens) == (
+        weights.w_prefill,
+        weights.w_load,
+        weights.imbalance_tokens,
+    )
+    assert {"GPU": s.medium_weight_gpu, "CPU": s.medium_weight_cpu} == weights.medium
+    assert s.medium_weight_other == weights.other_medium
+
+
+def test_policy_is_the_policy_name_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().policy is PolicyName.KV_AWARE
+    monkeypatch.setenv("KVROUTE_POLICY", "random")
+    assert Settings().policy is PolicyName.RANDOM
+    assert load_settings(policy=PolicyName.LEAST_LOADED).policy is PolicyName.LEAST_LOADED
+
+
+def test_tail_check_defaults_to_five_seconds_and_zero_disables_it() -> None:
+    assert Settings().tail_check_s == 5.0
+    assert load_settings(tail_check_s=0).tail_check_s == 0.0
+    with pytest.raises(ConfigError, match="tail_check_s"):
+        load_settings(tail_check_s=-1)
 
 
 def test_kvroute_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import zmq.asyncio
 
 from kvroute.events.cli import batch_to_json
 from kvroute.events.publisher import ZmqEventPublisher
-from kvroute.events.wire import BlockRemoved, BlockStored, EventBatch
+from kvroute.events.vllm_events import VllmBlockRemoved, VllmBlockStored, VllmEventBatch
 from tests.shared_fixtures import event_fixtures_dir, scenarios
 
 DEADLINE_S = 10.0
@@ -27,13 +27,13 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "kvroute.cli"]
 
 
-def _batch(i: int, release: str) -> EventBatch:
+def _batch(i: int, release: str) -> VllmEventBatch:
     rank = None if release == "0.9.0" else 0
-    stored = BlockStored([2**63 + i, i], None if i == 0 else i - 1, [i, i], 1, None, "GPU")
-    return EventBatch(1700000000.0 + i, [stored, BlockRemoved([i], "GPU")], rank)
+    stored = VllmBlockStored([2**63 + i, i], None if i == 0 else i - 1, [i, i], 1, None, "GPU")
+    return VllmEventBatch(1700000000.0 + i, [stored, VllmBlockRemoved([i], "GPU")], rank)
 
 
-def _expected_line(seq: int, batch: EventBatch, release: str) -> dict[str, Any]:
+def _expected_line(seq: int, batch: VllmEventBatch, release: str) -> dict[str, Any]:
     # What the release can carry: 0.9.0 has no medium, and none has group_idx here.
     meaning = batch_to_json(batch)
     if release == "0.9.0":

@@ -11,14 +11,15 @@ import zmq.asyncio
 from kvroute.errors import EngineError, WireError
 from kvroute.events.publisher import ZmqEventPublisher, encode_batch
 from kvroute.events.replay import END_SEQ, ReplayResult, request_replay
-from kvroute.events.wire import BlockRemoved, EventBatch, decode_batch
+from kvroute.events.vllm_events import VllmBlockRemoved, VllmEventBatch
+from kvroute.events.wire import decode_vllm
 from tests.shared_fixtures import event_fixtures_dir, expected_json, fixture_versions, frames
 
 DEADLINE_S = 10.0
 
 
-def _batch(i: int) -> EventBatch:
-    return EventBatch(1700000000.0 + i, [BlockRemoved([i], "GPU", 0)], 0)
+def _batch(i: int) -> VllmEventBatch:
+    return VllmEventBatch(1700000000.0 + i, [VllmBlockRemoved([i], "GPU", 0)], 0)
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ async def test_replay_reply_is_byte_identical_to_fixture(
         replay_endpoint="tcp://127.0.0.1:0", topic="kv", release=version, context=context
     ) as pub:
         for payload in _fixture_batches(version):
-            pub.publish(decode_batch(payload))
+            pub.publish(decode_vllm(payload))
         want = frames(version, "replay")
         assert pub.replay_endpoint is not None
         got = await _raw_replay(context, pub.replay_endpoint, [b"", bytes(8)], len(want))
@@ -135,7 +136,7 @@ async def test_live_frames_match_fixture(context: zmq.asyncio.Context, version: 
     ):
         base = pub.next_seq
         for payload in _fixture_batches(version):
-            pub.publish(decode_batch(payload))
+            pub.publish(decode_vllm(payload))
         for i, (topic, _seq, payload) in enumerate(frames(version, "live")):
             assert await sub.recv() == [topic, (base + i).to_bytes(8, "big"), payload]
 
@@ -170,7 +171,7 @@ async def test_publish_returns_consecutive_seqs_and_payload_decodes(
         for i in range(3):
             topic, seq, payload = await sub.recv()
             assert (topic, int.from_bytes(seq, "big")) == (b"kv", first + i)
-            assert decode_batch(payload) == _batch(i)
+            assert decode_vllm(payload) == _batch(i)
 
 
 async def test_endpoints_are_real_connect_addresses(publisher: ZmqEventPublisher) -> None:
@@ -313,7 +314,7 @@ async def test_drop_next_takes_seq_and_buffers_but_does_not_send(
         seqs = [publisher.publish(_batch(i)) for i in range(3)]
         assert seqs == [base, base + 1, base + 2]
         _, seq, payload = await sub.recv()
-        assert int.from_bytes(seq, "big") == base + 2 and decode_batch(payload) == _batch(2)
+        assert int.from_bytes(seq, "big") == base + 2 and decode_vllm(payload) == _batch(2)
         assert publisher.replay_endpoint is not None
         result = await request_replay(context, publisher.replay_endpoint, base)
         assert [s for s, _ in result.batches] == seqs
@@ -332,7 +333,7 @@ async def test_pause_queues_and_resume_flushes_in_order(
         assert publisher.next_seq == base + 3
         for i in range(3):
             _, seq, payload = await sub.recv()
-            assert int.from_bytes(seq, "big") == base + i and decode_batch(payload) == _batch(i)
+            assert int.from_bytes(seq, "big") == base + i and decode_vllm(payload) == _batch(i)
 
 
 async def test_restart_rebinds_same_ports_with_seq_zero_and_empty_buffer(
@@ -383,11 +384,30 @@ async def test_publish_before_start_is_an_error(context: zmq.asyncio.Context) ->
     await pub.close()
 
 
-async def test_close_is_idempotent_and_owns_its_context() -> None:
+async def test_close_is_idempotent_and_owns_its_context(context: zmq.asyncio.Context) -> None:
     pub = ZmqEventPublisher(replay_endpoint="tcp://127.0.0.1:0")
     await pub.start()
+    endpoints = [pub.endpoint, pub.replay_endpoint]
     await pub.close()
     await pub.close()
+    with pytest.raises(RuntimeError, match="already closed"):
+        pub.publish(_batch(0))
+    assert pub._context.closed  # the context it created is terminated with it
+    # ...after both sockets: their ports are free again.
+    for endpoint in endpoints:
+        assert endpoint is not None
+        sock = context.socket(zmq.ROUTER)
+        try:
+            sock.bind(endpoint)
+        finally:
+            sock.close(linger=0)
+    # A context passed in is the caller's: closing the publisher leaves it usable.
+    shared = ZmqEventPublisher(context=context)
+    await shared.start()
+    await shared.close()
+    await shared.close()
+    assert not context.closed
+    context.socket(zmq.PUB).close(linger=0)
 
 
 @pytest.mark.parametrize("endpoint", ["udp://x:1", "tcp://host", "garbage"])

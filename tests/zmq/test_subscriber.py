@@ -8,12 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq.asyncio
 
+from kvroute.core import EventCounters, SourceSpec, source_id
 from kvroute.errors import ConfigError
-from kvroute.events.publisher import encode_batch
-from kvroute.events.subscriber import SourceSpec, SubscriberManager
-from kvroute.events.wire import decode_batch
-from kvroute.index.types import source_id
-from kvroute.metrics import Metrics
+from kvroute.events import SubscriberManager, decode_batch, encode_batch
+from kvroute.index import PrefixIndex
 from tests.chaos.event_streams import BLOCK_SIZE, EngineStream
 from tests.chaos.harness import (
     MODEL,
@@ -50,7 +48,7 @@ async def test_late_join_bootstraps_by_replay(
     async with feeding(ctx, release=release) as feed:
         last = feed.publish(20)
         await stack.manager.add_source(feed.spec())
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         assert holdings(stack, feed.source) == feed.reference()
         assert holdings(stack, feed.source)  # the stream really stored something
         assert stack.sample("kvroute_replays_total", source=feed.source, outcome="ok") >= 1
@@ -77,7 +75,7 @@ async def test_dropped_batches_are_recovered_by_replay(
         feed.pub.drop_next(3)
         feed.publish(3)  # buffered for replay, never sent live
         last = feed.publish(4)  # the first of these reveals the gap
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         assert holdings(stack, feed.source) == feed.reference()
         assert stack.sample("kvroute_seq_gaps_total", source=feed.source) == 1
         # The replay included the live batch that revealed the gap: that one is a duplicate.
@@ -117,7 +115,7 @@ async def test_publisher_restart_resets_only_that_source(
         for cause in ("disconnect", "seq_backwards", "resync"):
             assert stack.sample("kvroute_source_resets_total", source=b.source, cause=cause) == 0
         last_b = b.publish(2)
-        assert await stack.manager.wait_for_seq(b.source, last_b)
+        assert await stack.applied(b.source, last_b)
         assert holdings(stack, b.source) == b.reference()
 
 
@@ -206,11 +204,11 @@ async def test_gap_past_the_replay_buffer_resyncs_as_late_joiner(
         )
         assert stack.sample("kvroute_replays_total", source=feed.source, outcome="partial") >= 1
         assert await until(lambda: not stack.status(feed.source).stale)
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         # A late joiner holds a subset of the truth, never a block the engine does not hold.
         assert holdings(stack, feed.source) <= feed.reference()
         last = feed.publish(3)
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         assert not stack.status(feed.source).stale
     finally:
         await stack.manager.close()
@@ -223,7 +221,7 @@ async def test_malformed_payload_is_counted_and_stale_until_all_blocks_cleared(
     async with feeding(ctx) as feed:
         await feed.attach(stack)
         bad = feed.pub.publish_payload(b"\xc1 not msgpack")
-        assert await stack.manager.wait_for_seq(feed.source, bad)  # the seq is consumed
+        assert await stack.applied(feed.source, bad)  # the seq is consumed
         assert (
             stack.sample("kvroute_events_dropped_total", source=feed.source, reason="malformed")
             == 1
@@ -232,13 +230,13 @@ async def test_malformed_payload_is_counted_and_stale_until_all_blocks_cleared(
         assert (status.stale, status.stale_reason) == (True, "malformed")
         assert stack.index.is_stale(feed.source)
         last = feed.publish(2)
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         assert stack.status(feed.source).stale  # live batches flow, the source stays stale
 
         feed.published = []
         feed.publish_batch(feed.stream.clear())
         last = feed.publish(2)
-        assert await stack.manager.wait_for_seq(feed.source, last)
+        assert await stack.applied(feed.source, last)
         assert not stack.status(feed.source).stale
         assert not stack.index.is_stale(feed.source)
         assert holdings(stack, feed.source) == feed.reference()
@@ -278,7 +276,7 @@ async def test_dp_ranks_on_offset_ports_are_separate_sources_of_one_engine(
         # A batch claiming rank 0 on rank 1's socket belongs to rank 1's source, counted.
         wrong = EngineStream(99, rank=0, hash_base=99_000_000).batch()
         last = r1.publish_batch(wrong)
-        assert await stack.manager.wait_for_seq(r1.source, last)
+        assert await stack.applied(r1.source, last)
         assert holdings(stack, r1.source) == r1.reference()
         assert holdings(stack, r0.source) == r0.reference()
         assert stack.sample("kvroute_rank_mismatches_total", source=r1.source) == 1
@@ -314,19 +312,19 @@ async def test_raw_frames_seq_backwards_and_disconnect(ctx: zmq.asyncio.Context)
 
     try:
         await stack.manager.add_source(
-            SourceSpec(source=source, engine="raw", model=MODEL, endpoint=endpoint, topic="kv")
+            SourceSpec(engine="raw", model=MODEL, endpoint=endpoint, topic="kv")
         )
         seq = 0
         while True:  # slow joiner, no replay: publish until seen
             await send(seq)
-            if await stack.manager.wait_for_seq(source, seq, timeout_s=0.2):
+            if await stack.applied(source, seq, timeout_s=0.2):
                 break
             seq += 1
         base = seq
         await pub.send_multipart([b"kv", b"\x00\x01", b"payload"])  # seq not 8 bytes
         await pub.send_multipart([b"kv", (seq + 1).to_bytes(8, "big")])  # two frames
         await send(seq + 1)
-        assert await stack.manager.wait_for_seq(source, seq + 1)
+        assert await stack.applied(source, seq + 1)
         assert stack.sample("kvroute_events_dropped_total", source=source, reason="malformed") == 2
         assert not stack.status(source).stale
 
@@ -382,35 +380,52 @@ async def test_remove_source_forgets_it_and_others_keep_running(
         assert stack.index.source_block_count(a.source) == 0
         assert stack.sample("kvroute_source_resets_total", source=a.source, cause="removed") == 1
         last = b.publish(3)
-        assert await stack.manager.wait_for_seq(b.source, last)
+        assert await stack.applied(b.source, last)
         assert holdings(stack, b.source) == b.reference()
         await stack.manager.remove_source(a.source)  # unknown now: no-op
 
 
 async def test_close_never_hangs_on_unreachable_sources() -> None:
-    metrics = Metrics()
     context = zmq.asyncio.Context()
     stack = make_stack(context, replay_timeout_s=5.0)
-    own = SubscriberManager(stack.index, metrics)  # owns its context
+    own = SubscriberManager(  # owns its context
+        stack.index,
+        EventCounters(),
+        replay_timeout_s=5.0,
+        max_concurrent_replays=4,
+        retry_backoff_s=(0.05, 0.4),
+        tail_check_s=0.0,
+    )
     for manager in (stack.manager, own):
         for rank in (0, 1):
             port = free_port_pair()
             await manager.add_source(
                 SourceSpec(
-                    source=source_id("ghost", rank),
                     engine="ghost",
                     model=MODEL,
                     endpoint=f"tcp://127.0.0.1:{port}",
                     replay_endpoint=f"tcp://127.0.0.1:{port + 1}",
+                    rank=rank,
                 )
             )
+    assert {s.source for s in own.status()} == {source_id("ghost", 0), source_id("ghost", 1)}
     await asyncio.sleep(0)  # let the tasks start
     await asyncio.wait_for(own.close(), 2)
     await asyncio.wait_for(stack.manager.close(), 2)
     context.destroy(linger=0)
     with pytest.raises(RuntimeError):
-        await own.add_source(
-            SourceSpec(source=source_id("x", 0), engine="x", model=MODEL, endpoint="tcp://x:1")
+        await own.add_source(SourceSpec(engine="x", model=MODEL, endpoint="tcp://x:1"))
+
+
+def test_max_concurrent_replays_below_one_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="max_concurrent_replays: expected >= 1, got 0"):
+        SubscriberManager(
+            PrefixIndex(),
+            EventCounters(),
+            replay_timeout_s=1.0,
+            max_concurrent_replays=0,
+            retry_backoff_s=(0.05, 0.4),
+            tail_check_s=0.0,
         )
 
 
@@ -433,7 +448,6 @@ async def test_restart_right_after_bootstrap_is_told_from_replay_overlap_by_its_
         replay.batches = list(enumerate(old_payloads))
         await stack.manager.add_source(
             SourceSpec(
-                source=source,
                 engine="scripted",
                 model=MODEL,
                 endpoint=pub.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -441,7 +455,7 @@ async def test_restart_right_after_bootstrap_is_told_from_replay_overlap_by_its_
                 topic="kv",
             )
         )
-        assert await stack.manager.wait_for_seq(source, 4)
+        assert await stack.applied(source, 4)
         assert await until(lambda: stack.status(source).connected)
         replay.batches = list(enumerate(new_payloads))  # the engine restarted
         for seq, payload in enumerate(new_payloads):
@@ -473,7 +487,6 @@ async def test_unreadable_replay_reply_counts_error_and_live_takes_over(
     try:
         await stack.manager.add_source(
             SourceSpec(
-                source=source,
                 engine="garbled",
                 model=MODEL,
                 endpoint=pub.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -489,7 +502,7 @@ async def test_unreadable_replay_reply_counts_error_and_live_takes_over(
             await pub.send_multipart(
                 [b"kv", seq.to_bytes(8, "big"), encode_batch(stream.batch(), "0.33.0")]
             )
-            if await stack.manager.wait_for_seq(source, seq, timeout_s=0.3):
+            if await stack.applied(source, seq, timeout_s=0.3):
                 break
             seq += 1
         status = stack.status(source)
@@ -515,7 +528,7 @@ async def test_a_source_waiting_on_replay_does_not_block_the_others(
         loop = asyncio.get_running_loop()
         started = loop.time()
         last = b.publish(5)
-        assert await stack.manager.wait_for_seq(b.source, last, timeout_s=4.0)
+        assert await stack.applied(b.source, last, timeout_s=4.0)
         assert loop.time() - started < 4.0
         assert holdings(stack, b.source) == b.reference()
         assert not stack.status(a.source).stale  # still inside its replay deadline
@@ -526,7 +539,7 @@ async def test_a_source_waiting_on_replay_does_not_block_the_others(
 
 
 async def test_malformed_endpoint_is_a_config_error(stack: Stack) -> None:
-    spec = SourceSpec(source=source_id("bad", 0), engine="bad", model=MODEL, endpoint="nonsense")
+    spec = SourceSpec(engine="bad", model=MODEL, endpoint="nonsense")
     with pytest.raises(ConfigError, match="nonsense"):
         await stack.manager.add_source(spec)
     assert stack.manager.status() == []

@@ -11,8 +11,13 @@ from typing import Any
 import msgspec
 
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.events import (
+    BatchDecoder,
+    VllmBlockStored,
+    VllmEventBatch,
+    decode_batch,
+)
 from kvroute.events.publisher import encode_batch
-from kvroute.events.wire import BatchDecoder, BlockStored, EventBatch, decode_batch
 
 __all__ = ["run"]
 
@@ -30,7 +35,7 @@ def _payload(release: str, events: int) -> bytes:
         base = 2**63 + e * 1_000
         tokens = list(range(e * 64, e * 64 + _BLOCK_SIZE * _BLOCKS))
         stored.append(
-            BlockStored(
+            VllmBlockStored(
                 [base + b for b in range(_BLOCKS)],
                 base - 1,
                 tokens,
@@ -42,7 +47,7 @@ def _payload(release: str, events: int) -> bytes:
                 0,
             )
         )
-    return encode_batch(EventBatch(1700000000.5, list(stored), 0), release)
+    return encode_batch(VllmEventBatch(1700000000.5, list(stored), 0), release)
 
 
 def _rate(decode: Callable[[bytes], Any], payload: bytes, budget_s: float, repeats: int) -> float:

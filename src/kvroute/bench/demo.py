@@ -20,6 +20,7 @@ import httpx
 
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
+from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
 from kvroute.gateway import ENGINE_HEADER, BackgroundServer, create_app
 from kvroute.gateway.log_format import configure_logging
@@ -28,7 +29,12 @@ from kvroute.sim import SimConfig, SimFleet
 
 __all__ = ["DemoOptions", "PolicyResult", "add_demo_arguments", "run_demo", "run_demo_async"]
 
-POLICIES = ("kv_aware", "round_robin", "least_loaded", "random")
+POLICIES: tuple[PolicyName, ...] = (
+    PolicyName.KV_AWARE,
+    PolicyName.ROUND_ROBIN,
+    PolicyName.LEAST_LOADED,
+    PolicyName.RANDOM,
+)
 MODEL = "sim-llama-8b"
 HIT_RATE_FACTOR = 1.5  # kv_aware's hit rate must be at least this × round robin's
 TTFT_P90_FACTOR = 0.5  # kv_aware's TTFT p90 must be at most this × round robin's
@@ -40,7 +46,7 @@ class DemoOptions:
     num_gpu_blocks: int = 2048
     speed: float = 2.0  # simulated seconds per wall second
     load: float = 0.8  # arrival rate as a fraction of the measured round-robin capacity
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[PolicyName, ...] = POLICIES
     workload: ChatWorkloadSpec = field(default_factory=ChatWorkloadSpec)
     out_dir: Path = DEFAULT_OUT_DIR
     check: bool = True  # exit non-zero when the thresholds are missed
@@ -127,12 +133,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> DemoOptions:
     defaults = DemoOptions()
-    policies = tuple(
-        p.strip() for p in str(getattr(args, "policies", ",".join(POLICIES))).split(",")
-    )
-    unknown = [p for p in policies if p not in POLICIES]
+    names = [p.strip() for p in str(getattr(args, "policies", ",".join(POLICIES))).split(",")]
+    unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise ConfigError(f"--policies: expected some of {', '.join(POLICIES)}, got {unknown}")
+    policies = tuple(PolicyName(p) for p in names)
     for item in getattr(args, "router_setting", []):
         if "=" not in item:
             raise ConfigError(f"--router-setting: expected NAME=VALUE, got {item!r}")
@@ -180,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
 class _Phase:
     """A fresh simulated fleet and a fresh gateway with one policy (cold caches, no history)."""
 
-    def __init__(self, options: DemoOptions, policy: str, workdir: Path) -> None:
+    def __init__(self, options: DemoOptions, policy: PolicyName, workdir: Path) -> None:
         self.options = options
         self.policy = policy
         self.fleet = SimFleet(
@@ -506,7 +511,7 @@ async def run_demo_async(options: DemoOptions) -> int:
 
 def _check(results: Sequence[PolicyResult]) -> tuple[str, bool]:
     by_policy = {r.policy: r for r in results}
-    kv, rr = by_policy.get("kv_aware"), by_policy.get("round_robin")
+    kv, rr = by_policy.get(PolicyName.KV_AWARE), by_policy.get(PolicyName.ROUND_ROBIN)
     if kv is None or rr is None:
         return "thresholds not checked (needs kv_aware and round_robin)", True
     hit_ok = kv.hit_rate >= HIT_RATE_FACTOR * rr.hit_rate
@@ -529,7 +534,7 @@ def _chart(results: Sequence[PolicyResult], path: Path, rate: float) -> Path:
     import matplotlib.pyplot as plt
 
     names = [r.policy for r in results]
-    colors = ["#2a9d8f" if n == "kv_aware" else "#8d99ae" for n in names]
+    colors = ["#2a9d8f" if n == PolicyName.KV_AWARE else "#8d99ae" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     axes[0].bar(names, [100 * r.hit_rate for r in results], color=colors)
     axes[0].set_title("prefix cache hit rate (%)")

@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
-from kvroute.events.wire import BlockRemoved, BlockStored, EngineHash, EventBatch
+from kvroute.core import (
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    EventBatch,
+    LocalHash,
+    SourceId,
+    source_id,
+)
+from kvroute.index import IndexLimits, PrefixIndex
 from kvroute.index.hashing import chain_hashes, prompt_hashes, seed_hash
-from kvroute.index.prefix_index import IndexLimits, PrefixIndex
-from kvroute.index.types import LocalHash, SourceId, source_id
 
 __all__ = ["DEFAULT_OUT_DIR", "NaiveIndex", "run", "run_apply", "run_match", "run_memory"]
 
@@ -130,7 +137,7 @@ def _aibrix_batches(n: int, per_batch: int, start: int = 0) -> Iterator[list[Eve
         batches = []
         for b in range(lo, hi, per_batch):
             events: list[Any] = [
-                BlockStored([(1 << 63) + i], None, [i, *tail], 100, None, "GPU", None, None, 0)
+                BlockStored([(1 << 63) + i], None, [i, *tail], 100, None, "GPU", 0)
                 for i in range(b, min(hi, b + per_batch))
             ]
             batches.append(EventBatch(float(b), events))

@@ -18,18 +18,18 @@ import zmq
 import zmq.asyncio
 
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
-from kvroute.events.publisher import ZmqEventPublisher, encode_batch
-from kvroute.events.subscriber import SourceSpec, SubscriberManager
-from kvroute.events.wire import (
+from kvroute.core import EngineHash, EventBatch, SourceSpec, source_id
+from kvroute.events import (
     BatchDecoder,
-    BlockRemoved,
-    BlockStored,
-    EngineHash,
-    Event,
-    EventBatch,
+    SubscriberManager,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
+    ZmqEventPublisher,
+    encode_batch,
 )
-from kvroute.index.prefix_index import PrefixIndex
-from kvroute.index.types import source_id
+from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 
 __all__ = ["run"]
@@ -147,14 +147,14 @@ class _Workload:
         self._tails: list[int] = []
         self._held: list[int] = []
 
-    def events(self) -> list[Event]:
+    def events(self) -> list[VllmEvent]:
         rng = self._rng
-        out: list[Event] = []
+        out: list[VllmEvent] = []
         for _ in range(_EVENTS_PER_MESSAGE):
             if self._held and rng.random() < _REMOVE_SHARE:
                 i = rng.randrange(len(self._held))
                 self._held[i], self._held[-1] = self._held[-1], self._held[i]
-                out.append(BlockRemoved(block_hashes=[self._held.pop()], medium="GPU"))
+                out.append(VllmBlockRemoved(block_hashes=[self._held.pop()], medium="GPU"))
                 continue
             parent = None
             if self._tails and rng.random() < 0.8:
@@ -164,7 +164,7 @@ class _Workload:
             hashes: list[EngineHash] = list(range(first, first + _BLOCKS))
             tokens = [(first * 31 + j) % 50_000 for j in range(_BLOCKS * _BLOCK_SIZE)]
             out.append(
-                BlockStored(
+                VllmBlockStored(
                     block_hashes=hashes,
                     parent_block_hash=parent,
                     token_ids=tokens,
@@ -179,9 +179,11 @@ class _Workload:
         return out
 
 
-def _blocks(events: Sequence[Event]) -> int:
+def _blocks(events: Sequence[VllmEvent]) -> int:
     """Blocks an event batch touches (stored + removed)."""
-    return sum(len(e.block_hashes) for e in events if isinstance(e, (BlockStored, BlockRemoved)))
+    return sum(
+        len(e.block_hashes) for e in events if isinstance(e, (VllmBlockStored, VllmBlockRemoved))
+    )
 
 
 # --- the publisher process ---------------------------------------------------------------------
@@ -205,11 +207,11 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
         for _ in range(int(amount)):
             events = workload.events()
             blocks += _blocks(events)
-            burst.append(encode_batch(EventBatch(ts=_BURST_TS, events=events), pub.release))
+            burst.append(encode_batch(VllmEventBatch(ts=_BURST_TS, events=events), pub.release))
     conn.send((pub.endpoint, pub.replay_endpoint))
     try:
         while not conn.poll(0.005):  # probes until the router says it sees the live stream
-            pub.publish(EventBatch(ts=0.0, events=workload.events()))
+            pub.publish(VllmEventBatch(ts=0.0, events=workload.events()))
             await asyncio.sleep(0)
         conn.recv()
         first = pub.next_seq
@@ -230,7 +232,7 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
                     time.sleep(delay)  # no spinning: the router needs the other core
                 events = workload.events()
                 blocks += _blocks(events)
-                pub.publish(EventBatch(ts=time.monotonic(), events=events))
+                pub.publish(VllmEventBatch(ts=time.monotonic(), events=events))
             events_sent = n * _EVENTS_PER_MESSAGE
         elapsed = time.perf_counter() - start
         conn.send((first, pub.next_seq - 1, events_sent, blocks, elapsed))
@@ -315,12 +317,16 @@ async def _router(
     child: _Child, index: _TimedIndex, metrics: Metrics
 ) -> tuple[SubscriberManager, int]:
     endpoint, replay = await asyncio.to_thread(child.endpoints)
-    manager = SubscriberManager(index, metrics)
-    source = source_id("bench", 0)
+    manager = SubscriberManager(
+        index,
+        metrics.event_counters,
+        replay_timeout_s=2.0,
+        max_concurrent_replays=4,
+        retry_backoff_s=(0.5, 10.0),
+        tail_check_s=0.0,
+    )
     await manager.add_source(
-        SourceSpec(
-            source=source, engine="bench", model=_MODEL, endpoint=endpoint, replay_endpoint=replay
-        )
+        SourceSpec(engine="bench", model=_MODEL, endpoint=endpoint, replay_endpoint=replay)
     )
     # Wait until a probe arrives live (the subscription reached the PUB), then start.
     deadline = time.monotonic() + 30
@@ -337,6 +343,18 @@ async def _router(
     return manager, await asyncio.to_thread(child.go)
 
 
+async def _applied(manager: SubscriberManager, seq: int, timeout_s: float) -> bool:
+    """Poll until the one source has applied `seq` (False after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = manager.status()[0].last_seq
+        if last is not None and last >= seq:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+
+
 async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
     child = _Child("burst", messages)
     metrics = Metrics()
@@ -345,7 +363,7 @@ async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
     try:
         manager, _first = await _router(child, index, metrics)
         first, last, events, blocks, pub_s = await asyncio.to_thread(child.report)
-        ok = await manager.wait_for_seq(source_id("bench", 0), last, timeout_s=120)
+        ok = await _applied(manager, last, timeout_s=120)
         if not ok:
             raise RuntimeError("ingest bench: the router did not apply every batch")
         elapsed = max(index.last_t - (index.first_t or index.last_t), 1e-9)
@@ -375,7 +393,7 @@ async def _run_latency(seconds: float, *, noop: bool = False) -> dict[str, Any]:
     try:
         manager, _first = await _router(child, index, metrics)
         _first, last, _events, _blocks, _pub_s = await asyncio.to_thread(child.report, seconds + 60)
-        await manager.wait_for_seq(source_id("bench", 0), last, timeout_s=60)
+        await _applied(manager, last, timeout_s=60)
         lat = sorted(index.latencies)
         n = len(lat)
 
@@ -403,7 +421,7 @@ def _run_core(messages: int) -> dict[str, Any]:
     for _ in range(messages):
         events = workload.events()
         blocks += _blocks(events)
-        payloads.append(encode_batch(EventBatch(ts=_BURST_TS, events=events)))
+        payloads.append(encode_batch(VllmEventBatch(ts=_BURST_TS, events=events)))
     metrics = Metrics()
     index = PrefixIndex(counters=metrics.event_counters)
     source = source_id("bench", 0)

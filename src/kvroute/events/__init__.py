@@ -1,5 +1,7 @@
-"""The wire: decode vLLM KV-event batches, subscribe to engine sources, and publish like vLLM."""
+"""The wire: decode vLLM KV-event batches, track and subscribe to engine sources, publish like
+vLLM (for the simulator and tests)."""
 
+from kvroute.events.normalise import normalise_batch
 from kvroute.events.publisher import (
     SUPPORTED_RELEASES,
     ZmqEventPublisher,
@@ -7,36 +9,37 @@ from kvroute.events.publisher import (
     release_layout,
 )
 from kvroute.events.replay import END_SEQ, ReplayResult, parse_replay_frames, request_replay
-from kvroute.events.subscriber import SourceSpec, SourceStatus, SubscriberManager
-from kvroute.events.wire import (
-    AllBlocksCleared,
-    BatchDecoder,
-    BlockRemoved,
-    BlockStored,
-    EngineHash,
-    Event,
-    EventBatch,
-    decode_batch,
-    parse_live_frames,
+from kvroute.events.subscriber import SubscriberManager
+from kvroute.events.tracker import RecoveryTimings, ReplayKind, ReplayRequest, SourceTracker
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
 )
+from kvroute.events.wire import BatchDecoder, decode_batch, decode_vllm, parse_live_frames
 
 __all__ = [
     "END_SEQ",
     "SUPPORTED_RELEASES",
-    "AllBlocksCleared",
     "BatchDecoder",
-    "BlockRemoved",
-    "BlockStored",
-    "EngineHash",
-    "Event",
-    "EventBatch",
+    "RecoveryTimings",
+    "ReplayKind",
+    "ReplayRequest",
     "ReplayResult",
-    "SourceSpec",
-    "SourceStatus",
+    "SourceTracker",
     "SubscriberManager",
+    "VllmAllBlocksCleared",
+    "VllmBlockRemoved",
+    "VllmBlockStored",
+    "VllmEvent",
+    "VllmEventBatch",
     "ZmqEventPublisher",
     "decode_batch",
+    "decode_vllm",
     "encode_batch",
+    "normalise_batch",
     "parse_live_frames",
     "parse_replay_frames",
     "release_layout",

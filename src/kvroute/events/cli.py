@@ -18,14 +18,13 @@ import zmq.asyncio
 
 from kvroute.errors import KvrouteError, WireError
 from kvroute.events.replay import request_replay
-from kvroute.events.wire import (
-    BlockRemoved,
-    BlockStored,
-    Event,
-    EventBatch,
-    decode_batch,
-    parse_live_frames,
+from kvroute.events.vllm_events import (
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
 )
+from kvroute.events.wire import decode_vllm, parse_live_frames
 
 __all__ = ["batch_to_json", "event_to_json", "register"]
 
@@ -56,16 +55,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def event_to_json(event: Event) -> dict[str, Any]:
+def event_to_json(event: VllmEvent) -> dict[str, Any]:
     """One event with every normalised key (None where the type or release lacks it)."""
-    out: dict[str, Any] = {"type": type(event).__name__}
-    carries = isinstance(event, BlockStored | BlockRemoved)
+    out: dict[str, Any] = {"type": type(event).__name__.removeprefix("Vllm")}
+    carries = isinstance(event, VllmBlockStored | VllmBlockRemoved)
     for key in _EVENT_KEYS:
         out[key] = _jsonable(getattr(event, key, None)) if carries else None
     return out
 
 
-def batch_to_json(batch: EventBatch) -> dict[str, Any]:
+def batch_to_json(batch: VllmEventBatch) -> dict[str, Any]:
     """A batch in expected.json's scenario shape: ts, data_parallel_rank, events."""
     return {
         "ts": batch.ts,
@@ -148,7 +147,7 @@ def _run_decode(args: argparse.Namespace) -> int:
             code = _EXIT_BAD_INPUT
             continue
         try:
-            batch = decode_batch(payload)
+            batch = decode_vllm(payload)
         except WireError as exc:
             _error(f"{path}: {exc}")
             code = _EXIT_BAD_INPUT
@@ -177,7 +176,7 @@ def _run_listen(args: argparse.Namespace) -> int:
 
 def _print_batch(seq: int, payload: bytes) -> None:
     try:
-        batch = decode_batch(payload)
+        batch = decode_vllm(payload)
     except WireError as exc:
         _error(f"seq {seq}: {exc}")
         return

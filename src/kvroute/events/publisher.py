@@ -15,7 +15,12 @@ from typing import Any, Final
 import msgspec
 import zmq.asyncio
 
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEventBatch,
+)
 
 __all__ = ["SUPPORTED_RELEASES", "ZmqEventPublisher", "encode_batch", "release_layout"]
 
@@ -165,16 +170,18 @@ _encoder: Final = msgspec.msgpack.Encoder()
 
 def _to_release(layout: _Layout, event: object) -> msgspec.Struct:
     # Fields the release does not have are dropped, as that release's engine could not send them.
-    if isinstance(event, BlockStored):
+    if isinstance(event, VllmBlockStored):
         return layout.stored(*(getattr(event, f) for f in layout.stored_fields))
-    if isinstance(event, BlockRemoved):
+    if isinstance(event, VllmBlockRemoved):
         return layout.removed(*(getattr(event, f) for f in layout.removed_fields))
-    if isinstance(event, AllBlocksCleared):
+    if isinstance(event, VllmAllBlocksCleared):
         return layout.cleared()
-    raise TypeError(f"event: expected BlockStored, BlockRemoved or AllBlocksCleared, got {event!r}")
+    raise TypeError(
+        f"event: expected VllmBlockStored, VllmBlockRemoved or VllmAllBlocksCleared, got {event!r}"
+    )
 
 
-def encode_batch(batch: EventBatch, release: str = "0.33.0") -> bytes:
+def encode_batch(batch: VllmEventBatch, release: str = "0.33.0") -> bytes:
     """The payload (frame 2) `release`'s publisher sends for `batch`, byte for byte.
 
     0.9.0 batches have no rank; other releases send `data_parallel_rank` as given (nil if None).
@@ -383,7 +390,7 @@ class ZmqEventPublisher:
 
     # -- publishing --
 
-    def publish(self, batch: EventBatch) -> int:
+    def publish(self, batch: VllmEventBatch) -> int:
         """Encode `batch` for this release and publish it; returns its seq."""
         return self.publish_payload(encode_batch(batch, self._layout.release))
 

@@ -1,105 +1,25 @@
-"""Decode one vLLM KV-event payload (frame 2 of a live message), of any release, into typed events.
-vLLM's wire shapes stop here: everything downstream sees only `EventBatch` and its events."""
+"""Decode one vLLM KV-event payload (frame 2 of a live message), of any release: into
+`kvroute.core` events for the router (`BatchDecoder`), or vLLM's own meaning (`decode_vllm`)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
-from msgspec.structs import force_setattr
 
+from kvroute.core import AllBlocksCleared, BlockRemoved, EngineHash, EventBatch
 from kvroute.errors import WireError
+from kvroute.events.normalise import normalise_batch, normalise_events
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+    VllmEventBatch,
+)
 
-__all__ = [
-    "AllBlocksCleared",
-    "BatchDecoder",
-    "BlockRemoved",
-    "BlockStored",
-    "EngineHash",
-    "Event",
-    "EventBatch",
-    "decode_batch",
-    "parse_live_frames",
-]
-
-EngineHash: TypeAlias = int | bytes
-"""A block hash as the engine sent it: int (signed or unsigned 64-bit) or bytes (16/32/64+)."""
-
-
-def _upper_medium(event: BlockStored | BlockRemoved) -> None:
-    # The Mooncake store sends "cpu" where vLLM's pools send "CPU"; normalise once, here.
-    # Pinned by test_medium_is_upper_cased.
-    medium = event.medium
-    if medium is not None and not medium.isupper():
-        force_setattr(event, "medium", medium.upper())
-
-
-class BlockStored(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="BlockStored"):
-    """A run of newly cached full blocks of one request; hashes chain from `parent_block_hash`.
-
-    The union of every release's fields; a field the release does not send is None.
-    """
-
-    block_hashes: list[EngineHash]
-    parent_block_hash: EngineHash | None = None
-    token_ids: list[int] | None = None
-    block_size: int | None = None
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[list[int]] | None = None
-
-    def __post_init__(self) -> None:
-        _upper_medium(self)
-
-
-class BlockRemoved(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="BlockRemoved"):
-    """Blocks evicted from one medium (in practice one hash per event, once per physical copy)."""
-
-    block_hashes: list[EngineHash]
-    medium: str | None = None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-    def __post_init__(self) -> None:
-        _upper_medium(self)
-
-
-class AllBlocksCleared(
-    msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="AllBlocksCleared"
-):
-    """The engine dropped its whole prefix cache (`/reset_prefix_cache`, sleep/wake)."""
-
-
-Event: TypeAlias = BlockStored | BlockRemoved | AllBlocksCleared
-
-_EVENT_TYPES: Final[dict[str, type[Event]]] = {
-    "BlockStored": BlockStored,
-    "BlockRemoved": BlockRemoved,
-    "AllBlocksCleared": AllBlocksCleared,
-}
-
-
-class EventBatch(msgspec.Struct, frozen=True, gc=False):
-    """One scheduler step's events from one engine source, in the order they happened.
-
-    `skipped_events` counts events of kinds this decoder does not know (dropped, not fatal).
-    """
-
-    ts: float
-    events: list[Event]
-    data_parallel_rank: int | None = None
-    skipped_events: int = 0
-
+__all__ = ["BatchDecoder", "decode_batch", "decode_vllm", "parse_live_frames"]
 
 # --- positional (array) events, vLLM 0.9.0 – 0.23.x -----------------------------------------
 #
@@ -144,6 +64,11 @@ _POSITIONS: Final[dict[str, tuple[str, ...]]] = {
     "BlockRemoved": _REMOVED_POSITIONS,
     "AllBlocksCleared": (),
 }
+_VLLM_TYPES: Final[dict[str, type[VllmEvent]]] = {
+    "BlockStored": VllmBlockStored,
+    "BlockRemoved": VllmBlockRemoved,
+    "AllBlocksCleared": VllmAllBlocksCleared,
+}
 
 
 class _ArrayBlockStored(msgspec.Struct, array_like=True, gc=False, tag="BlockStored"):
@@ -158,6 +83,8 @@ class _ArrayBlockStored(msgspec.Struct, array_like=True, gc=False, tag="BlockSto
     group_idx: int | None = None
     kv_cache_spec_kind: str | None = None
     kv_cache_spec_sliding_window: int | None = None
+    # Array releases (<= 0.23) predate lookahead hashing (0.33); the normaliser reads it.
+    lookahead_token_ids: ClassVar[None] = None
 
 
 class _ArrayBlockRemoved(msgspec.Struct, array_like=True, gc=False, tag="BlockRemoved"):
@@ -170,24 +97,129 @@ class _ArrayAllBlocksCleared(msgspec.Struct, array_like=True, gc=False, tag="All
     pass
 
 
+_ArrayEvent: TypeAlias = _ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared
+
+
 class _ArrayEventBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
-    events: list[_ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared]
+    events: list[_ArrayEvent]
     data_parallel_rank: int | None = None
+
+
+# Map events (0.24+) for the router: only the fields the normaliser reads are declared, so
+# msgspec skips the rest (kv_cache_spec_*, locality, ownership, session_id) without building
+# them; BlockRemoved and AllBlocksCleared decode straight into the core types.
+class _MapBlockStored(msgspec.Struct, gc=False, tag_field="type", tag="BlockStored"):
+    block_hashes: list[EngineHash]
+    parent_block_hash: EngineHash | None = None
+    token_ids: list[int] | None = None
+    block_size: int | None = None
+    lora_id: int | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    lookahead_token_ids: list[list[int]] | None = None
 
 
 class _MapEventBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
-    events: list[Event]
+    events: list[_MapBlockStored | BlockRemoved | AllBlocksCleared]
     data_parallel_rank: int | None = None
 
 
-_CLEARED: Final = AllBlocksCleared()
+class _VllmMapEventBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[VllmEvent]
+    data_parallel_rank: int | None = None
 
 
-def _from_array(raw: _ArrayBatchEvent) -> Event:
+_map_decoder: Final = msgspec.msgpack.Decoder(_MapEventBatch)
+_array_decoder: Final = msgspec.msgpack.Decoder(_ArrayEventBatch)
+_vllm_map_decoder: Final = msgspec.msgpack.Decoder(_VllmMapEventBatch)
+_untyped_decoder: Final = msgspec.msgpack.Decoder()
+_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError)
+
+
+def _decode_map(payload: bytes) -> EventBatch:
+    raw = _map_decoder.decode(payload)
+    events, unsupported = normalise_events(
+        raw.events, _MapBlockStored, BlockRemoved, AllBlocksCleared
+    )
+    return EventBatch(raw.ts, events, raw.data_parallel_rank, 0, unsupported)
+
+
+def _decode_array(payload: bytes) -> EventBatch:
+    raw = _array_decoder.decode(payload)
+    events, unsupported = normalise_events(
+        raw.events, _ArrayBlockStored, _ArrayBlockRemoved, _ArrayAllBlocksCleared
+    )
+    return EventBatch(raw.ts, events, raw.data_parallel_rank, 0, unsupported)
+
+
+class BatchDecoder:
+    """Decodes payloads of one source into core events, trying first the shape that source sent
+    last time.
+
+    Typed msgspec decoding handles the common shapes (map events >= 0.24, array events <= 0.23);
+    anything else takes the tolerant path, which either normalises it or raises `WireError`.
+    """
+
+    __slots__ = ("_fast",)
+
+    def __init__(self) -> None:
+        self._fast = (_decode_map, _decode_array)
+
+    def decode(self, payload: bytes) -> EventBatch:
+        first, second = self._fast
+        try:
+            return first(payload)
+        except _DECODE_ERRORS:
+            pass
+        try:
+            batch = second(payload)
+        except _DECODE_ERRORS:
+            return normalise_batch(_decode_tolerant(payload))
+        self._fast = (second, first)
+        return batch
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """Decode one payload of any vLLM release (0.9.0 – 0.33.0) into core events; raise
+    `WireError` if malformed."""
+    try:
+        return _decode_map(payload)
+    except _DECODE_ERRORS:
+        pass
+    try:
+        return _decode_array(payload)
+    except _DECODE_ERRORS:
+        return normalise_batch(_decode_tolerant(payload))
+
+
+def decode_vllm(payload: bytes) -> VllmEventBatch:
+    """Decode one payload into vLLM's own events, every field as sent (for `kvroute events
+    decode`, the simulator's tests and the encoder's round trips); raise `WireError`."""
+    try:
+        raw = _vllm_map_decoder.decode(payload)
+        return VllmEventBatch(raw.ts, raw.events, raw.data_parallel_rank)
+    except _DECODE_ERRORS:
+        pass
+    try:
+        array = _array_decoder.decode(payload)
+    except _DECODE_ERRORS:
+        return _decode_tolerant(payload)
+    return VllmEventBatch(
+        array.ts, [_vllm_from_array(e) for e in array.events], array.data_parallel_rank
+    )
+
+
+_VLLM_CLEARED: Final = VllmAllBlocksCleared()
+
+
+def _vllm_from_array(raw: _ArrayEvent) -> VllmEvent:
     if type(raw) is _ArrayBlockStored:
-        return BlockStored(
+        return VllmBlockStored(
             raw.block_hashes,
             raw.parent_block_hash,
             raw.token_ids,
@@ -201,63 +233,8 @@ def _from_array(raw: _ArrayBatchEvent) -> Event:
             raw.kv_cache_spec_sliding_window,
         )
     if type(raw) is _ArrayBlockRemoved:
-        return BlockRemoved(raw.block_hashes, raw.medium, raw.group_idx)
-    return _CLEARED
-
-
-_ArrayBatchEvent: TypeAlias = _ArrayBlockStored | _ArrayBlockRemoved | _ArrayAllBlocksCleared
-
-_map_decoder: Final = msgspec.msgpack.Decoder(_MapEventBatch)
-_array_decoder: Final = msgspec.msgpack.Decoder(_ArrayEventBatch)
-_untyped_decoder: Final = msgspec.msgpack.Decoder()
-
-
-def _decode_map(payload: bytes) -> EventBatch:
-    raw = _map_decoder.decode(payload)
-    return EventBatch(raw.ts, raw.events, raw.data_parallel_rank)
-
-
-def _decode_array(payload: bytes) -> EventBatch:
-    raw = _array_decoder.decode(payload)
-    return EventBatch(raw.ts, [_from_array(e) for e in raw.events], raw.data_parallel_rank)
-
-
-class BatchDecoder:
-    """Decodes payloads of one source, trying first the shape that source sent last time.
-
-    Typed msgspec decoding handles the common shapes (map events ≥0.24, array events ≤0.23);
-    anything else takes the tolerant path, which either normalises it or raises `WireError`.
-    """
-
-    __slots__ = ("_fast",)
-
-    def __init__(self) -> None:
-        self._fast = (_decode_map, _decode_array)
-
-    def decode(self, payload: bytes) -> EventBatch:
-        first, second = self._fast
-        try:
-            return first(payload)
-        except (msgspec.DecodeError, ValueError):
-            pass
-        try:
-            batch = second(payload)
-        except (msgspec.DecodeError, ValueError):
-            return _decode_tolerant(payload)
-        self._fast = (second, first)
-        return batch
-
-
-def decode_batch(payload: bytes) -> EventBatch:
-    """Decode one payload of any vLLM release (0.9.0 – 0.33.0); raise `WireError` if malformed."""
-    try:
-        return _decode_map(payload)
-    except (msgspec.DecodeError, ValueError):
-        pass
-    try:
-        return _decode_array(payload)
-    except (msgspec.DecodeError, ValueError):
-        return _decode_tolerant(payload)
+        return VllmBlockRemoved(raw.block_hashes, raw.medium, raw.group_idx)
+    return _VLLM_CLEARED
 
 
 def parse_live_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
@@ -304,7 +281,7 @@ def _validation_message(where: str, exc: msgspec.ValidationError) -> str:
     return f"{where}{path}: {what}"
 
 
-def _decode_tolerant(payload: bytes) -> EventBatch:
+def _decode_tolerant(payload: bytes) -> VllmEventBatch:
     try:
         obj = _untyped_decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
@@ -331,7 +308,7 @@ def _decode_tolerant(payload: bytes) -> EventBatch:
             f"EventBatch.data_parallel_rank: expected int or nil, got {_type_name(rank)}"
         )
 
-    events: list[Event] = []
+    events: list[VllmEvent] = []
     skipped = 0
     for i, raw in enumerate(raw_events):
         event = _normalise_event(i, raw)
@@ -339,10 +316,10 @@ def _decode_tolerant(payload: bytes) -> EventBatch:
             skipped += 1
         else:
             events.append(event)
-    return EventBatch(float(ts), events, rank, skipped)
+    return VllmEventBatch(float(ts), events, rank, skipped)
 
 
-def _normalise_event(i: int, raw: object) -> Event | None:
+def _normalise_event(i: int, raw: object) -> VllmEvent | None:
     """Turn one untyped event into its Struct; None for a kind we do not know."""
     if isinstance(raw, dict):
         kind = raw.get("type")
@@ -355,7 +332,7 @@ def _normalise_event(i: int, raw: object) -> Event | None:
         raise WireError(f"events[{i}]: expected array or map event, got {_type_name(raw)}")
     if not isinstance(kind, str):
         raise WireError(f"events[{i}].type: expected str, got {_type_name(kind)}")
-    cls = _EVENT_TYPES.get(kind)
+    cls = _VLLM_TYPES.get(kind)
     if cls is None:
         return None
     # Keep only the fields the Struct knows: unknown keys of newer releases are ignored.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -11,13 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from kvroute.core import EngineClient
 from kvroute.errors import ConfigError, EngineError
 from kvroute.fleet.scrape import parse_vllm_gauges
 from kvroute.fleet.source import FileFleetSource, FleetSource
 from kvroute.fleet.spec import EngineSpec
-from kvroute.metrics import Metrics
 
 __all__ = ["ChangeCallback", "EngineState", "Fleet"]
 
@@ -48,40 +46,42 @@ class EngineState:
 class Fleet:
     """Which engines exist and how they are doing. Build it, `await start()`, `await close()`.
 
-    Health: GET `{url}/health` every `health_interval_s`; an engine is ejected after
-    `unhealthy_after` consecutive failures (probe failures and proxy connect failures reported
-    through `mark_failure`) and re-admitted after one successful probe. Load: the proxy calls
-    `begin_request`/`end_request`; `{url}/metrics` is scraped every `scrape_interval_s`.
-    Membership: a `FleetSource` (the fleet file, polled every `watch_interval_s`, when
-    `fleet_file` is given) feeds `update()`, which calls the `on_change` callbacks.
-    An interval of 0 disables that loop (tests drive `check_health()`/`scrape()` directly).
+    Health: `client.health` every `health_interval_s`, each probe bounded by `probe_timeout_s`;
+    an engine is ejected after `unhealthy_after` consecutive failures (probe failures and proxy
+    connect failures reported through `mark_failure`) and re-admitted after one successful
+    probe. Load: the proxy calls `begin_request`/`end_request`; the `vllm:` gauges of
+    `client.metrics_text` are kept on each engine every `scrape_interval_s`. Membership: a
+    `FleetSource` (the fleet file, polled every `watch_interval_s`, when `fleet_file` is given)
+    feeds `update()`, which calls the `on_change` callbacks; a broken source is retried after
+    `watch_interval_s`. `reloads` counts by outcome ("ok", "error"): the fleet file source each
+    read, the fleet each rejected update or broken source. An interval of 0 disables that loop
+    (tests drive `check_health()`/`scrape()` directly). Settings (settings.py) own the defaults.
     """
 
     def __init__(
         self,
         specs: list[EngineSpec],
-        client: httpx.AsyncClient,
-        metrics: Metrics,
+        client: EngineClient,
         *,
-        health_interval_s: float = 2.0,
-        unhealthy_after: int = 3,
-        scrape_interval_s: float = 5.0,
-        fleet_file: Path | None = None,
-        watch_interval_s: float = 2.0,
+        health_interval_s: float,
+        unhealthy_after: int,
+        scrape_interval_s: float,
+        watch_interval_s: float,
         probe_timeout_s: float = 2.0,
+        fleet_file: Path | None = None,
         source: FleetSource | None = None,
     ) -> None:
         if unhealthy_after < 1:
             raise ConfigError(f"unhealthy_after: expected >= 1, got {unhealthy_after}")
         self._client = client
-        self._metrics = metrics
         self._health_interval_s = health_interval_s
         self._unhealthy_after = unhealthy_after
         self._scrape_interval_s = scrape_interval_s
         self._probe_timeout_s = probe_timeout_s
         self._watch_interval_s = watch_interval_s
+        self.reloads: collections.Counter[str] = collections.Counter()
         if source is None and fleet_file is not None:
-            source = FileFleetSource(fleet_file, watch_interval_s, metrics=metrics)
+            source = FileFleetSource(fleet_file, interval_s=watch_interval_s, reloads=self.reloads)
         self._source = source
         self._engines: dict[str, EngineState] = {}
         self._callbacks: list[ChangeCallback] = []
@@ -89,7 +89,6 @@ class Fleet:
         self._created = int(time.time())
         for spec in _unique(specs):
             self._engines[spec.name] = EngineState(spec=spec)
-            metrics.engine_healthy.labels(engine=spec.name).set(1)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -168,7 +167,6 @@ class Fleet:
         state.last_error = reason
         if state.healthy and state.consecutive_failures >= self._unhealthy_after:
             state.healthy = False
-            self._metrics.engine_healthy.labels(engine=state.name).set(0)
             log.warning(
                 "engine %s ejected after %d failures: %s",
                 state.name,
@@ -181,30 +179,23 @@ class Fleet:
         state.last_error = None
         if not state.healthy:
             state.healthy = True
-            self._metrics.engine_healthy.labels(engine=state.name).set(1)
             log.info("engine %s re-admitted", state.name)
 
     # ---- periodic work -----------------------------------------------------------------------
-
-    async def _get(self, url: str) -> httpx.Response:
-        # httpx's timeout is per phase; a slowly dripping body must not stall a round either.
-        async with asyncio.timeout(self._probe_timeout_s):
-            return await self._client.get(url, timeout=self._probe_timeout_s)
 
     async def check_health(self) -> None:
         """One probe round over every engine, concurrently."""
         await asyncio.gather(*(self._probe(state) for state in list(self._engines.values())))
 
     async def _probe(self, state: EngineState) -> None:
-        url = f"{state.spec.url}/health"
         try:
-            response = await self._get(url)
-        except (httpx.HTTPError, TimeoutError) as exc:
-            reason = f"GET {url}: {type(exc).__name__}: {exc}"
+            status = await self._client.health(state.spec.url, timeout_s=self._probe_timeout_s)
+        except EngineError as exc:
+            reason = str(exc)
             ok = False
         else:
-            reason = f"GET {url}: status {response.status_code}"
-            ok = response.status_code == 200
+            reason = f"GET {state.spec.url}/health: status {status}"
+            ok = status == 200
         if self._engines.get(state.name) is not state:
             return  # removed or replaced while probing
         if ok:
@@ -217,13 +208,10 @@ class Fleet:
         await asyncio.gather(*(self._scrape(state) for state in list(self._engines.values())))
 
     async def _scrape(self, state: EngineState) -> None:
-        url = f"{state.spec.url}/metrics"
         try:
-            response = await self._get(url)
-            if response.status_code != 200:
-                raise EngineError(f"GET {url}: expected status 200, got {response.status_code}")
-            gauges = parse_vllm_gauges(response.text)
-        except (httpx.HTTPError, TimeoutError, EngineError) as exc:
+            text = await self._client.metrics_text(state.spec.url, timeout_s=self._probe_timeout_s)
+            gauges = parse_vllm_gauges(text)
+        except EngineError as exc:
             log.debug("scrape of %s failed: %s", state.name, exc)
             return
         if self._engines.get(state.name) is state:
@@ -258,10 +246,6 @@ class Fleet:
                 state.in_flight_requests = old.in_flight_requests
                 state.outstanding_tokens = old.outstanding_tokens
             engines[name] = state
-            self._metrics.engine_healthy.labels(engine=name).set(1)
-        for name in self._engines.keys() - wanted.keys():
-            with contextlib.suppress(KeyError):
-                self._metrics.engine_healthy.remove(name)
         self._engines = engines
         log.info(
             "fleet changed: added %s, removed %s",
@@ -314,11 +298,11 @@ class Fleet:
                         await self.update(specs)
                     except ConfigError as exc:
                         log.warning("fleet update rejected, keeping the current fleet: %s", exc)
-                        self._metrics.fleet_reloads.labels(outcome="error").inc()
+                        self.reloads["error"] += 1
                 return  # the source ended: the fleet stays as it is
             except Exception:  # a broken source (API down, bug) is retried, never fatal
                 log.exception("fleet source failed; retrying in %s s", self._watch_interval_s)
-                self._metrics.fleet_reloads.labels(outcome="error").inc()
+                self.reloads["error"] += 1
             await asyncio.sleep(self._watch_interval_s)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-
-from prometheus_client.parser import text_string_to_metric_families
+import re
+from typing import Final
 
 from kvroute.errors import EngineError
 
@@ -16,6 +16,24 @@ KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 _OLD_KV_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # before vLLM renamed it (reference §10)
 # Untyped samples with these endings are counter or histogram parts, not gauges.
 _NOT_GAUGE_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created")
+_UNTYPED: Final = frozenset({"untyped", "unknown"})
+
+# The text exposition format, one sample per line: name, optional {label="value",...} (values
+# escape \\, \" and \n), the value, an optional integer timestamp.
+_LABEL: Final = r'[a-zA-Z_][a-zA-Z0-9_]*[ \t]*=[ \t]*"(?:[^"\\\n]|\\.)*"'
+_SAMPLE: Final = re.compile(
+    r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)[ \t]*"
+    rf"(?:\{{[ \t]*(?:{_LABEL}[ \t]*(?:,[ \t]*{_LABEL}[ \t]*)*,?[ \t]*)?\}})?"
+    r"[ \t]*(?P<value>[^ \t]+)(?:[ \t]+-?[0-9]+)?[ \t]*"
+)
+_TYPE: Final = re.compile(r"#[ \t]+TYPE[ \t]+(?P<name>[^ \t]+)[ \t]+(?P<type>[a-z]+)[ \t]*")
+_FLOAT: Final = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|(?i:inf|nan))"
+)
+
+
+def _unparsable(line: str) -> EngineError:
+    return EngineError(f"/metrics: expected Prometheus text, got an unparsable line {line[:80]!r}")
 
 
 def parse_vllm_gauges(text: str) -> dict[str, float]:
@@ -23,33 +41,42 @@ def parse_vllm_gauges(text: str) -> dict[str, float]:
 
     An engine with several DP ranks exposes one sample per rank (label `engine`): counts are
     summed, fractions (`*_perc`) take the maximum. The old `gpu_cache_usage_perc` is also
-    reported as `kv_cache_usage_perc`. Counters and histograms are left out. A body that is
-    not Prometheus text raises EngineError.
+    reported as `kv_cache_usage_perc`. A sample counts when its own name is declared a gauge,
+    or is untyped (undeclared) without a counter or histogram ending; NaN samples are skipped.
+    A body that is not Prometheus text raises EngineError.
     """
+    types: dict[str, str] = {}  # name -> type, as declared so far (TYPE precedes its samples)
     gauges: dict[str, float] = {}
-    try:
-        families = list(text_string_to_metric_families(text))
-    except (ValueError, TypeError, IndexError) as exc:
-        raise EngineError(
-            f"/metrics: expected Prometheus text, got an unparsable body: {exc}"
-        ) from exc
-    for family in families:
-        if not family.name.startswith("vllm:"):
+    for raw in text.split("\n"):
+        line = raw.strip(" \t\r")
+        if not line:
             continue
-        if family.type != "gauge" and (
-            family.type != "unknown" or family.name.endswith(_NOT_GAUGE_SUFFIXES)
-        ):
+        if line[0] == "#":
+            declared = _TYPE.fullmatch(line)
+            if declared is not None:
+                types[declared["name"]] = declared["type"]
+            continue  # HELP and other comments
+        m = _SAMPLE.fullmatch(line)
+        if m is None or _FLOAT.fullmatch(m["value"]) is None:
+            raise _unparsable(line)
+        name = m["name"]
+        if not name.startswith("vllm:"):
             continue
-        for sample in family.samples:
-            if sample.name != family.name or math.isnan(sample.value):
+        value = float(m["value"])
+        kind = types.get(name, "untyped")
+        if kind in _UNTYPED:
+            if name.endswith(_NOT_GAUGE_SUFFIXES):
                 continue
-            value = float(sample.value)
-            if sample.name not in gauges:
-                gauges[sample.name] = value
-            elif sample.name.endswith("_perc"):
-                gauges[sample.name] = max(gauges[sample.name], value)
-            else:
-                gauges[sample.name] += value
+        elif kind != "gauge":
+            continue
+        if math.isnan(value):
+            continue
+        if name not in gauges:
+            gauges[name] = value
+        elif name.endswith("_perc"):
+            gauges[name] = max(gauges[name], value)
+        else:
+            gauges[name] += value
     if KV_CACHE_USAGE not in gauges and _OLD_KV_CACHE_USAGE in gauges:
         gauges[KV_CACHE_USAGE] = gauges[_OLD_KV_CACHE_USAGE]
     return gauges

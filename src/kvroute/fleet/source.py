@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -11,7 +12,6 @@ from typing import Protocol
 
 from kvroute.errors import ConfigError
 from kvroute.fleet.spec import EngineSpec, load_fleet_file
-from kvroute.metrics import Metrics
 
 __all__ = ["FileFleetSource", "FleetSource"]
 
@@ -31,13 +31,22 @@ class FleetSource(Protocol):
 
 class FileFleetSource:
     """Polls the fleet file's mtime, size and inode every `interval_s`; yields it when it changed
-    and validates. An invalid file is logged and counted (`kvroute_fleet_reloads_total{outcome=
-    "error"}`) and the previous fleet stays in force."""
+    and validates. Each reload is counted in `reloads` by outcome ("ok", "error": the gateway
+    exports it as `kvroute_fleet_reloads_total`); after an invalid file the previous fleet stays
+    in force."""
 
-    def __init__(self, path: Path, interval_s: float = 2.0, *, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        interval_s: float,
+        reloads: collections.Counter[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self._interval_s = interval_s
-        self._metrics = metrics
+        self.reloads: collections.Counter[str] = (
+            reloads if reloads is not None else collections.Counter()
+        )
         self._last = self._stat()  # changes from here on are reported
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -46,10 +55,6 @@ class FileFleetSource:
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _count(self, outcome: str) -> None:
-        if self._metrics is not None:
-            self._metrics.fleet_reloads.labels(outcome=outcome).inc()
 
     async def watch(self) -> AsyncIterator[list[EngineSpec]]:
         while True:
@@ -62,7 +67,7 @@ class FileFleetSource:
                 specs = load_fleet_file(self.path)
             except ConfigError as exc:
                 log.warning("fleet file not reloaded, keeping the current fleet: %s", exc)
-                self._count("error")
+                self.reloads["error"] += 1
                 continue
-            self._count("ok")
+            self.reloads["ok"] += 1
             yield specs

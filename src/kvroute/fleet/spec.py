@@ -11,9 +11,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from kvroute.core import SourceSpec
 from kvroute.errors import ConfigError
-from kvroute.events.subscriber import SourceSpec
-from kvroute.index.types import source_id
 
 __all__ = ["EngineSpec", "load_fleet_file", "offset_endpoint", "parse_fleet"]
 
@@ -24,7 +23,7 @@ _TCP = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]*]+):(?P<port>\
 
 def offset_endpoint(endpoint: str, rank: int) -> str:
     """The endpoint of DP rank `rank`, as vLLM derives it: tcp port + rank,
-    `inproc://x_dp{rank}`; rank 0 is unchanged. Other schemes cannot be offset (ValueError)."""
+    `inproc://x_dp{rank}`; rank 0 is unchanged. Other schemes cannot be offset (ConfigError)."""
     if rank == 0:
         return endpoint
     m = _TCP.match(endpoint)
@@ -32,7 +31,9 @@ def offset_endpoint(endpoint: str, rank: int) -> str:
         return f"tcp://{m['host']}:{int(m['port']) + rank}"
     if endpoint.startswith("inproc://"):
         return f"{endpoint}_dp{rank}"
-    raise ValueError(f"cannot offset {endpoint!r} by DP rank {rank}: only tcp:// and inproc://")
+    raise ConfigError(
+        f"DP rank {rank}: expected a tcp:// or inproc:// endpoint to offset, got {endpoint!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,6 @@ class EngineSpec:
             return []
         return [
             SourceSpec(
-                source=source_id(self.name, rank),
                 engine=self.name,
                 model=self.model,
                 endpoint=offset_endpoint(self.events, rank),
@@ -62,6 +62,7 @@ class EngineSpec:
                     offset_endpoint(self.replay, rank) if self.replay is not None else None
                 ),
                 topic=self.topic,
+                rank=rank,
             )
             for rank in self.dp_ranks
         ]

@@ -1,10 +1,11 @@
 """The HTTP service: OpenAI-compatible proxy with streaming, `/v1/route`, `/v1/models`,
 `/metrics`, health, readiness and debug endpoints, built by `create_app(settings)`."""
 
-from kvroute.gateway.app import create_app, http_client
+from kvroute.gateway.app import create_app
+from kvroute.gateway.outcome import RouteOutcome
 from kvroute.gateway.proxy import ENGINE_HEADER
 from kvroute.gateway.server import BackgroundServer, serve_forever
-from kvroute.gateway.service import Gateway, RouteOutcome
+from kvroute.gateway.service import Gateway
 
 __all__ = [
     "ENGINE_HEADER",
@@ -12,6 +13,5 @@ __all__ = [
     "Gateway",
     "RouteOutcome",
     "create_app",
-    "http_client",
     "serve_forever",
 ]

@@ -1,5 +1,5 @@
-"""`create_app(settings)`: the gateway's Starlette app; its lifespan builds the HTTP client,
-fleet, index and subscribers, and closes them on shutdown."""
+"""`create_app(settings)`: the gateway's Starlette app; its lifespan builds every part once from
+the settings (engine client, fleet, index, subscribers, tokenizer, policy) and closes them."""
 
 from __future__ import annotations
 
@@ -7,41 +7,114 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from kvroute.core import EngineClient, PolicyName
+from kvroute.errors import GatewayHTTPError
+from kvroute.events import SubscriberManager
+from kvroute.fleet import Fleet, load_fleet_file
 from kvroute.gateway import handlers
-from kvroute.gateway.openai_errors import GatewayHTTPError, error_response
+from kvroute.gateway.openai_errors import error_response
 from kvroute.gateway.service import Gateway
+from kvroute.index import IndexLimits, PrefixIndex
 from kvroute.metrics import Metrics
+from kvroute.routing import CostWeights, make_policy
 from kvroute.settings import Settings
+from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
+from kvroute.tokenize.timing import Observe
+from kvroute.upstream import HttpxEngineClient
 
-__all__ = ["create_app", "http_client"]
+__all__ = ["build_gateway", "create_app"]
 
 log = logging.getLogger("kvroute.gateway")
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one pooled client to engines (proxy, health, scrape, remote tokenizer)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.upstream_connect_timeout_s,
-            read=settings.upstream_read_timeout_s,
-            write=settings.upstream_read_timeout_s,
-            pool=settings.upstream_read_timeout_s,
-        ),
-        limits=httpx.Limits(
-            max_connections=settings.upstream_max_connections,
-            max_keepalive_connections=settings.upstream_max_connections,
-        ),
-        # Engines sit on the cluster network; proxy variables meant for the outside world
-        # must not divert that traffic.
-        trust_env=False,
+def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) -> Gateway:
+    """The gateway's parts, each built once from `settings` and passed in explicitly; the state
+    they keep (fleet health and reloads, index blocks, sources) is attached to `metrics`, which
+    reads it at scrape time. Reads the fleet file; not started yet."""
+    specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
+    fleet = Fleet(
+        specs,
+        client,
+        health_interval_s=settings.health_interval_s,
+        unhealthy_after=settings.unhealthy_after,
+        scrape_interval_s=settings.scrape_interval_s,
+        watch_interval_s=settings.watch_interval_s,
+        fleet_file=settings.fleet_file,
     )
+    metrics.watch_fleet(lambda: [(e.name, e.healthy) for e in fleet.engines()], fleet.reloads)
+    index: PrefixIndex | None = None
+    subscribers: SubscriberManager | None = None
+    policy_name = settings.policy
+    if settings.kv_event_sync_enabled:
+        index = PrefixIndex(
+            IndexLimits(
+                max_blocks_per_source=settings.max_blocks_per_source,
+                max_blocks_total=settings.max_blocks_total,
+                indexed_group=settings.indexed_group,
+                speculative_ttl_s=settings.speculative_ttl_s,
+            ),
+            counters=metrics.event_counters,
+        )
+        subscribers = SubscriberManager(
+            index,
+            metrics.event_counters,
+            replay_timeout_s=settings.replay_timeout_s,
+            max_concurrent_replays=settings.max_concurrent_replays,
+            retry_backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
+            tail_check_s=settings.tail_check_s,
+        )
+        metrics.watch_index(index.blocks_by_model)
+        metrics.watch_sources(subscribers.status)
+    elif policy_name is PolicyName.KV_AWARE:
+        log.warning(
+            "KV event sync disabled: no subscribers, kv_aware routes as least_loaded",
+            extra={"policy": PolicyName.LEAST_LOADED.value},
+        )
+        policy_name = PolicyName.LEAST_LOADED
+    policy = make_policy(
+        policy_name,
+        seed=settings.seed,
+        weights=CostWeights(
+            w_prefill=settings.w_prefill,
+            w_load=settings.w_load,
+            medium={"GPU": settings.medium_weight_gpu, "CPU": settings.medium_weight_cpu},
+            other_medium=settings.medium_weight_other,
+            imbalance_tokens=settings.imbalance_tokens,
+        ),
+    )
+    return Gateway(
+        fleet=fleet,
+        client=client,
+        metrics=metrics,
+        policy=policy,
+        tokenizer=_tokenizer(settings, client, fleet, metrics.observe_tokenize),
+        index=index,
+        subscribers=subscribers,
+    )
+
+
+def _tokenizer(
+    settings: Settings, client: EngineClient, fleet: Fleet, observe: Observe
+) -> Tokenizer:
+    """A local tokenizer when one is configured (and remote is not forced), else an engine's
+    `/tokenize` on the fleet's least busy healthy engine; behind an LRU unless its size is 0."""
+    inner: Tokenizer
+    if settings.local_tokenizer and settings.tokenizer_path is not None:
+        template = settings.chat_template_path.read_text() if settings.chat_template_path else None
+        inner = LocalTokenizer(settings.tokenizer_path, template, observe=observe)
+    else:
+        inner = RemoteTokenizer(
+            client, fleet.url_for_model, timeout_s=settings.tokenizer_timeout_s, observe=observe
+        )
+    if settings.tokenizer_cache_size > 0:
+        return CachingTokenizer(inner, max_entries=settings.tokenizer_cache_size, observe=observe)
+    return inner
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -62,10 +135,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with http_client(settings) as client:
-            gateway = Gateway.from_settings(
-                settings, client, metrics if metrics is not None else Metrics()
-            )
+        async with HttpxEngineClient(
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            read_timeout_s=settings.upstream_read_timeout_s,
+            max_connections=settings.upstream_max_connections,
+        ) as client:
+            gateway = build_gateway(settings, client, metrics if metrics is not None else Metrics())
             try:
                 await gateway.start()
                 app.state.gateway = gateway

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
 
 __all__ = ["register"]
@@ -21,7 +22,7 @@ def register(sub: Any) -> None:
     serve.add_argument("--fleet", type=Path, help="fleet YAML file (KVROUTE_FLEET_FILE)")
     serve.add_argument(
         "--policy",
-        choices=["kv_aware", "least_loaded", "round_robin", "random"],
+        choices=[p.value for p in PolicyName],
         help="routing policy (KVROUTE_POLICY, default kv_aware)",
     )
     serve.add_argument("--host", help="listen address (KVROUTE_HOST, default 0.0.0.0)")

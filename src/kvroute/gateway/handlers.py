@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from kvroute.errors import ClientGone, GatewayHTTPError
 from kvroute.gateway.openai_body import RequestKind, parse_request
-from kvroute.gateway.openai_errors import GatewayHTTPError
-from kvroute.gateway.proxy import ClientGone, proxy_request
+from kvroute.gateway.openai_errors import http_error_response
+from kvroute.gateway.proxy import proxy_request
 from kvroute.gateway.service import Gateway
 
 __all__ = [
@@ -73,15 +75,9 @@ async def list_models(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    gateway = _gateway(request)
-    m = gateway.metrics
-    if gateway.index is not None:
-        m.index_blocks.clear()
-        for model, blocks in gateway.index.blocks_by_model().items():
-            m.index_blocks.labels(model).set(blocks)
-    for engine in gateway.fleet.engines():
-        m.engine_healthy.labels(engine.spec.name).set(1 if engine.healthy else 0)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    """The registry as Prometheus text; state-backed gauges are read by its collectors."""
+    body, content_type = _gateway(request).metrics.render()
+    return Response(body, media_type=content_type)
 
 
 async def healthz(request: Request) -> Response:
@@ -100,8 +96,10 @@ async def readyz(request: Request) -> Response:
 
 
 async def debug_engines(request: Request) -> Response:
-    """Per engine: health and load; per source: connection, seq, lag, staleness, blocks."""
+    """Per engine: health, load and the last scrape's `vllm:` gauges with their age; per source:
+    connection, seq, lag, staleness, blocks."""
     gateway = _gateway(request)
+    now = time.monotonic()
     statuses = gateway.subscribers.status() if gateway.subscribers is not None else []
     by_engine: dict[str, list[dict[str, object]]] = {}
     for s in statuses:
@@ -126,6 +124,9 @@ async def debug_engines(request: Request) -> Response:
             "healthy": e.healthy,
             "in_flight_requests": e.in_flight_requests,
             "outstanding_tokens": e.outstanding_tokens,
+            # JSON has no infinities: an engine's +Inf gauge shows as null.
+            "scraped": {k: v if math.isfinite(v) else None for k, v in e.scraped.items()},
+            "scraped_age_s": None if e.scraped_at is None else now - e.scraped_at,
             "sources": by_engine.get(e.spec.name, []),
         }
         for e in gateway.fleet.engines()
@@ -141,4 +142,4 @@ async def debug_engines(request: Request) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayHTTPError)
-    return exc.response()
+    return http_error_response(exc)

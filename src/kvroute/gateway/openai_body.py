@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvroute.gateway.openai_errors import GatewayHTTPError
+from kvroute.errors import GatewayHTTPError
 
 __all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request"]
 

@@ -4,32 +4,9 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-__all__ = ["GatewayHTTPError", "error_response"]
+from kvroute.errors import GatewayHTTPError
 
-
-class GatewayHTTPError(Exception):
-    """Raised inside a handler to answer with an OpenAI-shaped error; never leaves the gateway."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        return error_response(
-            self.status, self.message, type=self.type, param=self.param, code=self.code
-        )
+__all__ = ["error_response", "http_error_response", "no_healthy_engine"]
 
 
 def error_response(
@@ -42,3 +19,18 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+def http_error_response(exc: GatewayHTTPError) -> JSONResponse:
+    """The answer a handler's GatewayHTTPError (kvroute/errors.py) stands for."""
+    return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+
+def no_healthy_engine(model: str, detail: str = "") -> GatewayHTTPError:
+    """The 503 for a model whose engines are all ejected (or gone)."""
+    return GatewayHTTPError(
+        503,
+        f"no healthy engine serves {model!r}{detail}",
+        type="service_unavailable_error",
+        code="no_healthy_engine",
+    )

@@ -6,20 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Final
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Final, Protocol
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from kvroute.core import EngineClient, EngineResponse
+from kvroute.errors import ClientGone, EngineConnectError, EngineError, GatewayHTTPError
 from kvroute.gateway.openai_body import RoutingRequest
-from kvroute.gateway.openai_errors import GatewayHTTPError
-from kvroute.gateway.service import Gateway, RouteOutcome, no_healthy_engine
+from kvroute.gateway.openai_errors import no_healthy_engine
+from kvroute.gateway.outcome import RouteOutcome
+from kvroute.metrics import Metrics
 
-__all__ = ["ENGINE_HEADER", "ClientGone", "proxy_request"]
+__all__ = ["ENGINE_HEADER", "ProxyContext", "proxy_request"]
 
 log = logging.getLogger("kvroute.gateway.proxy")
 
@@ -42,20 +45,44 @@ _HOP_BY_HOP: Final = frozenset(
 )
 # Headers our own server sets on every response; the engine's copies would be duplicates.
 _SERVER_OWN: Final = frozenset({"date", "server"})
-# Failures where the engine cannot have started on the request, so a retry elsewhere is safe.
-_CONNECT_FAILURES: Final = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
-class ClientGone(Exception):
-    """The client disconnected before the engine answered; the upstream call was cancelled."""
+class ProxyContext(Protocol):
+    """What the proxy needs from the running gateway (gateway/service.py's Gateway has it)."""
+
+    @property
+    def client(self) -> EngineClient: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def engine_url(self, engine: str) -> str | None:
+        """`engine`'s base URL; None when it left the fleet."""
+        ...
+
+    def next_engine(self, ranked: Sequence[str], tried: AbstractSet[str]) -> str | None:
+        """The first of `ranked` not in `tried` that is still in the fleet and healthy."""
+        ...
+
+    def begin_request(self, engine: str, tokens: int) -> None: ...
+
+    def end_request(self, engine: str, tokens: int) -> None: ...
+
+    def mark_failure(self, engine: str) -> None:
+        """`engine` refused a connection: one step toward ejecting it."""
+        ...
+
+    def add_speculative(self, engine: str, outcome: RouteOutcome, cache_salt: str | None) -> None:
+        """Claim the routed prompt's blocks for `engine` until its events confirm them."""
+        ...
 
 
 async def _send_until_disconnect(
-    request: Request, client: httpx.AsyncClient, upstream_request: httpx.Request
-) -> httpx.Response:
-    """Send upstream (streaming), cancelling the call and raising ClientGone if the client
-    disconnects before the engine answers (a non-streamed answer comes only when complete)."""
-    task = asyncio.ensure_future(client.send(upstream_request, stream=True))
+    request: Request, send: Awaitable[EngineResponse]
+) -> EngineResponse:
+    """Await `send` (the engine's status and headers), cancelling it and raising ClientGone if
+    the client disconnects first (a non-streamed answer comes only when complete)."""
+    task = asyncio.ensure_future(send)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -68,9 +95,9 @@ async def _send_until_disconnect(
         return task.result()
     task.cancel()
     with anyio.CancelScope(shield=True):
-        done = await asyncio.gather(task, return_exceptions=True)
-        if isinstance(done[0], httpx.Response):  # answered while being cancelled
-            await done[0].aclose()
+        (done,) = await asyncio.gather(task, return_exceptions=True)
+        if not isinstance(done, BaseException):  # answered while being cancelled
+            await done.aclose()
     raise ClientGone()
 
 
@@ -87,84 +114,74 @@ def _forward_headers(request: Request) -> dict[str, str]:
     return headers
 
 
-def _next_engine(outcome: RouteOutcome, tried: set[str], gateway: Gateway) -> str | None:
-    for name in outcome.decision.ranked:
-        state = gateway.fleet.get(name)
-        if name not in tried and state is not None and state.healthy:
-            return name
-    return None
-
-
 async def proxy_request(
-    gateway: Gateway, request: Request, req: RoutingRequest, outcome: RouteOutcome
+    ctx: ProxyContext, request: Request, req: RoutingRequest, outcome: RouteOutcome
 ) -> Response:
     """Send `req` to the chosen engine (retrying once on a connect failure) and relay the answer."""
     policy = outcome.decision.policy
+    ranked = outcome.decision.ranked
     headers = _forward_headers(request)
     tokens = outcome.prompt_tokens + req.max_tokens
     engine: str | None = outcome.decision.engine
     tried: set[str] = set()
     while engine is not None:
         tried.add(engine)
-        state = gateway.fleet.get(engine)
-        if state is None:  # removed from the fleet since the decision
-            engine = _next_engine(outcome, tried, gateway)
+        base_url = ctx.engine_url(engine)
+        if base_url is None:  # removed from the fleet since the decision
+            engine = ctx.next_engine(ranked, tried)
             continue
-        url = state.spec.url.rstrip("/") + req.kind.path
-        gateway.fleet.begin_request(engine, tokens)
-        gateway.add_speculative(engine, outcome, req.cache_salt)
+        ctx.begin_request(engine, tokens)
+        ctx.add_speculative(engine, outcome, req.cache_salt)
         match = outcome.matches.get(engine)
         try:
             upstream = await _send_until_disconnect(
                 request,
-                gateway.client,
-                gateway.client.build_request("POST", url, content=req.raw, headers=headers),
+                ctx.client.post_stream(base_url, req.kind.path, body=req.raw, headers=headers),
             )
-        except _CONNECT_FAILURES as exc:
-            gateway.fleet.end_request(engine, tokens)
-            gateway.fleet.mark_failure(engine)
-            gateway.metrics.requests.labels(engine, policy, "connect_error").inc()
-            failed, engine = engine, _next_engine(outcome, tried, gateway)
+        except EngineConnectError as exc:  # the engine never saw it: retrying elsewhere is safe
+            ctx.end_request(engine, tokens)
+            ctx.mark_failure(engine)
+            ctx.metrics.requests.labels(engine, policy, "connect_error").inc()
+            failed, engine = engine, ctx.next_engine(ranked, tried)
             if engine is None or len(tried) >= 2:
                 raise GatewayHTTPError(
                     502,
-                    f"engine {failed!r} unreachable: {type(exc).__name__}: {exc}",
+                    f"engine {failed!r} unreachable: {exc}",
                     type="upstream_error",
                     code="engine_unreachable",
                 ) from exc
-            gateway.metrics.upstream_retries.labels(failed).inc()
+            ctx.metrics.upstream_retries.labels(failed).inc()
             log.info(
                 "connect failure; retrying on next-best engine",
                 extra={"engine": failed, "retry_engine": engine, "error": str(exc)},
             )
             continue
-        except httpx.HTTPError as exc:
-            gateway.fleet.end_request(engine, tokens)
-            gateway.metrics.requests.labels(engine, policy, "upstream_error").inc()
+        except EngineError as exc:
+            ctx.end_request(engine, tokens)
+            ctx.metrics.requests.labels(engine, policy, "upstream_error").inc()
             raise GatewayHTTPError(
                 502,
-                f"engine {engine!r} failed before answering: {type(exc).__name__}: {exc}",
+                f"engine {engine!r} failed before answering: {exc}",
                 type="upstream_error",
                 code="engine_error",
             ) from exc
         except BaseException:  # ClientGone, cancellation
-            gateway.fleet.end_request(engine, tokens)
-            gateway.metrics.requests.labels(engine, policy, "cancelled").inc()
+            ctx.end_request(engine, tokens)
+            ctx.metrics.requests.labels(engine, policy, "cancelled").inc()
             raise
         if match is not None and match.tokens:
-            gateway.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
+            ctx.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
         if _is_sse(upstream):
-            return _relay(gateway, upstream, engine, policy, tokens)
-        return await _buffered(gateway, upstream, engine, policy, tokens)
+            return _relay(ctx, upstream, engine, policy, tokens)
+        return await _buffered(ctx, upstream, engine, policy, tokens)
     raise no_healthy_engine(req.model)
 
 
-def _is_sse(upstream: httpx.Response) -> bool:
-    content_type: str = upstream.headers.get("content-type", "")
-    return content_type.startswith("text/event-stream")
+def _is_sse(upstream: EngineResponse) -> bool:
+    return upstream.headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _response_headers(upstream: httpx.Response, engine: str) -> dict[str, str]:
+def _response_headers(upstream: EngineResponse, engine: str) -> dict[str, str]:
     headers = {
         k: v
         for k, v in upstream.headers.items()
@@ -175,7 +192,7 @@ def _response_headers(upstream: httpx.Response, engine: str) -> dict[str, str]:
 
 
 async def _buffered(
-    gateway: Gateway, upstream: httpx.Response, engine: str, policy: str, tokens: int
+    ctx: ProxyContext, upstream: EngineResponse, engine: str, policy: str, tokens: int
 ) -> Response:
     """A non-streamed answer, read whole before it is relayed (the engine sends it complete), so
     an engine that breaks off mid-body gets the client a 502, not a cut 200."""
@@ -183,17 +200,17 @@ async def _buffered(
     try:
         content = b"".join([chunk async for chunk in upstream.aiter_raw()])
         label = str(upstream.status_code)
-    except httpx.HTTPError as exc:
+    except EngineError as exc:
         label = "upstream_error"
         raise GatewayHTTPError(
             502,
-            f"engine {engine!r} broke off its answer: {type(exc).__name__}: {exc}",
+            f"engine {engine!r} broke off its answer: {exc}",
             type="upstream_error",
             code="engine_error",
         ) from exc
     finally:
-        gateway.fleet.end_request(engine, tokens)
-        gateway.metrics.requests.labels(engine, policy, label).inc()
+        ctx.end_request(engine, tokens)
+        ctx.metrics.requests.labels(engine, policy, label).inc()
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
     return Response(
@@ -202,7 +219,7 @@ async def _buffered(
 
 
 def _relay(
-    gateway: Gateway, upstream: httpx.Response, engine: str, policy: str, tokens: int
+    ctx: ProxyContext, upstream: EngineResponse, engine: str, policy: str, tokens: int
 ) -> StreamingResponse:
     """A streamed (SSE) answer, relayed chunk by chunk as the engine sends it."""
     label = str(upstream.status_code)
@@ -214,13 +231,13 @@ def _relay(
             async for chunk in upstream.aiter_raw():
                 yield chunk
             completed = True
-        except httpx.HTTPError as exc:
+        except EngineError as exc:
             # Headers are sent already: end the stream early and count it. A streaming client
             # gets an OpenAI error event (as vLLM sends one), so its SDK raises instead of
             # taking the cut answer for a whole one.
             label = "upstream_error"
             log.info("engine stream broke", extra={"engine": engine, "error": str(exc)})
-            yield _sse_error(f"engine {engine!r} stream broke: {type(exc).__name__}: {exc}")
+            yield _sse_error(f"engine {engine!r} stream broke: {exc}")
 
     stream = body()
 
@@ -228,8 +245,8 @@ def _relay(
         nonlocal label
         if label != "upstream_error" and not completed:
             label = "cancelled"  # the client went away mid-answer
-        gateway.fleet.end_request(engine, tokens)
-        gateway.metrics.requests.labels(engine, policy, label).inc()
+        ctx.end_request(engine, tokens)
+        ctx.metrics.requests.labels(engine, policy, label).inc()
         await stream.aclose()
         await upstream.aclose()
 

@@ -1,4 +1,4 @@
-"""Our own chained block hash (ARCHITECTURE.md "Our block hash"), for events and prompts alike:
+"""Our own chained block hash (docs/architecture.md "Block hash"), for events and prompts alike:
 xxh3-64 of each block's token ids as 4-byte big-endian ints, seeded by the previous block's hash."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from xxhash import xxh3_64_intdigest
 
+from kvroute.core import LocalHash
 from kvroute.errors import IndexStateError
-from kvroute.index.types import LocalHash
 
 __all__ = ["chain_hashes", "pack_tokens", "prompt_hashes", "seed_hash"]
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-from kvroute.index.types import SourceId
+from kvroute.core import GPU, SourceId
 
-__all__ = ["GPU", "Holders", "Key", "SourceState"]
-
-GPU = "GPU"
-"""The medium of an event that names none (vLLM's own block pool)."""
+__all__ = ["Holders", "Key", "SourceState"]
 
 # A source's block key: the engine hash itself for GPU copies (the common case, no extra
 # object), `(medium, engine hash)` for copies in other media (CPU offload, LMCache, ...).

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from xxhash import xxh3_64_intdigest
 
+from kvroute.core import GPU, LocalHash, MatchResult
 from kvroute.index.hashing import chain_hashes, pack_tokens
-from kvroute.index.holders import GPU, Holders, SourceState
-from kvroute.index.types import LocalHash, MatchResult
+from kvroute.index.holders import Holders, SourceState
 
 __all__ = ["match_size", "match_sizes"]
 

@@ -10,19 +10,27 @@ from itertools import islice
 
 from xxhash import xxh3_64_intdigest
 
+from kvroute.core import (
+    GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    DropReason,
+    EventBatch,
+    EventCounters,
+    LocalHash,
+    MatchResult,
+    SourceId,
+)
 from kvroute.errors import IndexStateError
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
-from kvroute.index.extra_keys import reproducible_extra_keys
 from kvroute.index.hashing import SWAP_BYTES as _SWAP
 from kvroute.index.hashing import chain_hashes, seed_hash
-from kvroute.index.holders import GPU, Holders, Key, SourceState
+from kvroute.index.holders import Holders, Key, SourceState
 from kvroute.index.limits import IndexLimits
 from kvroute.index.matching import match_sizes
 from kvroute.index.speculative import SpeculativeEntries
-from kvroute.index.types import LocalHash, MatchResult, SourceId
-from kvroute.metrics import DropReason, EventCounters
 
-__all__ = ["GPU", "IndexLimits", "PrefixIndex"]
+__all__ = ["PrefixIndex"]
 
 
 _STORED = "BlockStored"
@@ -37,6 +45,9 @@ class PrefixIndex:
     are seeded by (model, LoRA, cache salt) and chained over blocks of one size, so the one
     holder map is partitioned by (model, LoRA, block size) by construction; `_parts` records
     which sources hold blocks of each partition. Holders are bitmasks (one bit per source).
+
+    Staleness is decided by the caller (events/tracker.py, its single owner): `set_stale` marks a
+    source whose blocks must not count in `match`; nothing in the index changes it by itself.
     """
 
     def __init__(
@@ -56,6 +67,7 @@ class PrefixIndex:
         self._free_bits: list[int] = []
         self._next_bit = 1
         self._stale_bits = 0
+        self._stale_engines: frozenset[str] = frozenset()
         self._model_bits: dict[str, int] = {}  # model -> bits of its sources
         self._hm = Holders()
         # Aliases of the holder dicts (never rebound) for the hot paths.
@@ -101,7 +113,8 @@ class PrefixIndex:
         self._clear_source(src)
         bit = src.bit
         del self._by_bit[bit]
-        self._stale_bits &= ~bit
+        if src.stale:
+            self._set_stale(src, False)
         rest = self._model_bits[src.model] & ~bit
         if rest:
             self._model_bits[src.model] = rest
@@ -110,13 +123,12 @@ class PrefixIndex:
         self._free_bits.append(bit)
 
     def reset_source(self, source: SourceId) -> None:
-        """Drop everything the source held (engine restart, disconnect) and clear its stale flag:
-        an empty source is trivially consistent. A no-op for unknown sources."""
+        """Drop everything the source held (engine restart, disconnect); its stale flag is left as
+        the caller set it. A no-op for unknown sources."""
         src = self._sources.get(source)
         if src is not None:
             self._total -= len(src.blocks)
             self._clear_source(src)
-            self._set_stale(src, False)
 
     def set_stale(self, source: SourceId, stale: bool) -> None:
         """Mark a source stale (its blocks stop counting in `match`) or consistent again."""
@@ -128,12 +140,21 @@ class PrefixIndex:
         src = self._sources.get(source)
         return src is not None and src.stale
 
+    def stale_engines(self) -> frozenset[str]:
+        """Engines with at least one stale source (kept current by `set_stale`: no work here)."""
+        return self._stale_engines
+
     def _set_stale(self, src: SourceState, stale: bool) -> None:
+        if src.stale == stale:
+            return
         src.stale = stale
         if stale:
             self._stale_bits |= src.bit
         else:
             self._stale_bits &= ~src.bit
+        self._stale_engines = frozenset(
+            s.engine for s in self._by_bit.values() if s.bit & self._stale_bits
+        )
 
     # --- events -------------------------------------------------------------------------------
 
@@ -162,16 +183,12 @@ class PrefixIndex:
                 bs = ev.block_size
                 medium = ev.medium
                 group = ev.group_idx
-                # vLLM >= 0.31 sends one None per block for plain text (`to_event_extra_keys`).
-                extra = ev.extra_keys
                 if (
                     bs == src.last_size
                     and type(tokens) is list
                     and (medium is None or medium == GPU)
                     and (group is None or group == group0)
-                    and (extra is None or (type(extra) is list and extra.count(None) == len(extra)))
-                    and ev.lora_id is None
-                    and not ev.lookahead_token_ids
+                    and ev.cache_salt is None
                     and ev.lora_name == src.last_lora
                 ):
                     hashes = ev.block_hashes
@@ -248,7 +265,6 @@ class PrefixIndex:
                     removed += 1
             elif kind is AllBlocksCleared:
                 self._clear_source(src)
-                self._set_stale(src, False)
                 counters.applied[(source, _CLEARED)] += 1
             else:  # not an event type we know: the decoder never produces one
                 counters.drop(source, DropReason.UNKNOWN_TAG)
@@ -306,17 +322,7 @@ class PrefixIndex:
             return True
         parent = ev.parent_block_hash
         lora = ev.lora_name
-        salt: str | None = None
-        if ev.extra_keys is not None or ev.lookahead_token_ids:
-            ok, salt = reproducible_extra_keys(ev)
-            if not ok:
-                self.counters.drop(src.sid, DropReason.UNSUPPORTED_EXTRA_KEYS)
-                return False
-        elif lora is None and ev.lora_id is not None:
-            # An adapter we cannot name (releases before lora_name): hashing it as the base
-            # model would claim prefixes the base model does not hold.
-            self.counters.drop(src.sid, DropReason.UNSUPPORTED_EXTRA_KEYS)
-            return False
+        salt = ev.cache_salt if parent is None else None  # a salt seeds block 0 only
         medium = ev.medium
         on_gpu = medium is None or medium == GPU
         blocks = src.blocks

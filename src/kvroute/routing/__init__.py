@@ -1,13 +1,12 @@
 """Routing: score engines from prefix matches and load, and pick one, behind one sync interface."""
 
 from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
-from kvroute.routing.factory import POLICY_NAMES, make_policy
+from kvroute.routing.factory import make_policy
 from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost
 from kvroute.routing.types import Candidate, CostWeights, Decision, EngineScore, Policy
 
 __all__ = [
     "GUARD_POLICY_NAME",
-    "POLICY_NAMES",
     "Candidate",
     "CostWeights",
     "Decision",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult, PolicyName
 from kvroute.routing.scores import decide, healthy_candidates, least_loaded_order, pick_tied
 from kvroute.routing.types import Candidate, Decision
 
@@ -35,7 +35,7 @@ class LeastLoadedPolicy:
     """Fewest outstanding tokens (prompt + max output of requests in flight), then fewest
     requests in flight. Its cost column is the outstanding token count."""
 
-    name: str = "least_loaded"
+    name: str = PolicyName.LEAST_LOADED
 
     def __init__(self, *, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -52,7 +52,7 @@ class LeastLoadedPolicy:
 class RoundRobinPolicy:
     """Healthy engines in name order, one after another; no cost column."""
 
-    name: str = "round_robin"
+    name: str = PolicyName.ROUND_ROBIN
 
     def __init__(self) -> None:
         self._turn = 0
@@ -72,7 +72,7 @@ class RoundRobinPolicy:
 class RandomPolicy:
     """A seeded uniform choice among healthy engines; the fallback order is a seeded shuffle."""
 
-    name: str = "random"
+    name: str = PolicyName.RANDOM
 
     def __init__(self, *, seed: int = 0) -> None:
         self._rng = random.Random(seed)

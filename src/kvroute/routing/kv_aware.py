@@ -6,14 +6,14 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult, PolicyName
 from kvroute.routing.baseline import least_loaded_decision
 from kvroute.routing.scores import decide, healthy_candidates, pick_tied
 from kvroute.routing.types import Candidate, CostWeights, Decision
 
 __all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "kv_cost"]
 
-GUARD_POLICY_NAME = "kv_aware(least_loaded_guard)"
+GUARD_POLICY_NAME = f"{PolicyName.KV_AWARE}(least_loaded_guard)"
 """`Decision.policy` when the imbalance guard overrode the cost (the engine was least loaded)."""
 
 
@@ -54,7 +54,7 @@ class KvAwarePolicy:
     `weights.imbalance_tokens`, choose least-loaded instead (`Decision.policy` says so).
     """
 
-    name: str = "kv_aware"
+    name: str = PolicyName.KV_AWARE
 
     def __init__(self, *, seed: int = 0, weights: CostWeights | None = None) -> None:
         self.weights = weights if weights is not None else CostWeights()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult
 from kvroute.routing.types import Candidate, Decision, EngineScore
 
 __all__ = ["decide", "healthy_candidates", "least_loaded_order", "pick_tied", "score_row"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult
 
 __all__ = ["Candidate", "CostWeights", "Decision", "EngineScore", "Policy"]
 
@@ -26,7 +26,7 @@ class EngineScore:
     """How one candidate scored: what it holds of the prompt, its load, and its cost.
 
     `cost` is None for unhealthy candidates and for policies that do not compute one
-    (round_robin, random); `stale` is filled by the gateway from subscriber status.
+    (round_robin, random); `stale` is filled by the gateway from `index.stale_engines()`.
     """
 
     name: str

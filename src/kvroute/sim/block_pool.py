@@ -8,7 +8,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, Event
+from kvroute.core import EngineHash
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEvent,
+)
 
 __all__ = ["NONE_DIGEST", "BlockPool", "CachedBlock", "block_digest"]
 
@@ -73,7 +79,7 @@ class BlockPool:
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, dict[int, None]] = {}  # digest -> block ids (copies)
-        self._events: list[Event] = []
+        self._events: list[VllmEvent] = []
 
     # -- hashes --------------------------------------------------------------------------------
     def external(self, digest: bytes) -> EngineHash:
@@ -181,7 +187,7 @@ class BlockPool:
                 del copies[bid]
                 if not copies:
                     del self._cached[blk.digest]
-                self._events.append(BlockRemoved([self.external(blk.digest)], "GPU", 0))
+                self._events.append(VllmBlockRemoved([self.external(blk.digest)], "GPU", 0))
                 blk.digest = blk.parent = blk.lora_name = None
             blk.ref_count = 1
             ids.append(bid)
@@ -236,7 +242,7 @@ class BlockPool:
         if not hashes:
             return
         self._events.append(
-            BlockStored(
+            VllmBlockStored(
                 block_hashes=hashes,
                 parent_block_hash=None if parent is None else self.external(parent),
                 token_ids=tokens,
@@ -255,9 +261,9 @@ class BlockPool:
         for blk in self._blocks:
             blk.digest = blk.parent = blk.lora_name = None
         self._cached.clear()
-        self._events.append(AllBlocksCleared())
+        self._events.append(VllmAllBlocksCleared())
         return True
 
-    def drain_events(self) -> list[Event]:
+    def drain_events(self) -> list[VllmEvent]:
         events, self._events = self._events, []
         return events

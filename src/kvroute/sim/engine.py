@@ -13,7 +13,7 @@ from typing import Any
 
 from kvroute.errors import EngineError
 from kvroute.events.publisher import ZmqEventPublisher
-from kvroute.events.wire import BlockStored, Event, EventBatch
+from kvroute.events.vllm_events import VllmBlockStored, VllmEvent, VllmEventBatch
 from kvroute.sim.scheduler import SchedulerConfig, SimRequest, SimScheduler
 from kvroute.sim.tokenizer import SimTokenizer
 
@@ -158,15 +158,15 @@ class _Rank:
                     gen._push(_END)
                     self.engine._observe_finished(req, self.rank)
 
-    def _publish(self, events: list[Event]) -> None:
+    def _publish(self, events: list[VllmEvent]) -> None:
         if self.duplicate_stores:
-            doubled: list[Event] = []
+            doubled: list[VllmEvent] = []
             for ev in events:
                 doubled.append(ev)
-                if isinstance(ev, BlockStored):
+                if isinstance(ev, VllmBlockStored):
                     doubled.append(ev)
             events = doubled
-        self.publisher.publish(EventBatch(time.time(), events, self.rank))
+        self.publisher.publish(VllmEventBatch(time.time(), events, self.rank))
         self.batches_published += 1
 
 

@@ -7,7 +7,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvroute.events.wire import Event
+from kvroute.events.vllm_events import VllmEvent
 from kvroute.sim.block_pool import NONE_DIGEST, BlockPool
 
 __all__ = ["SchedulerConfig", "SimRequest", "SimScheduler", "StepOutcome"]
@@ -81,7 +81,7 @@ class StepOutcome:
     start: float
     end: float
     prefill_tokens: int
-    events: list[Event]
+    events: list[VllmEvent]
     advanced: list[SimRequest]  # requests that produced one output token in this step
     finished: list[SimRequest]
 
@@ -205,7 +205,7 @@ class SimScheduler:
             self.finished_total += 1
         return StepOutcome(start, end, prefill_tokens, self.pool.drain_events(), work, finished)
 
-    def drain_events(self) -> list[Event]:
+    def drain_events(self) -> list[VllmEvent]:
         """Events made outside a step (none today; reset_prefix_cache waits for a step)."""
         return self.pool.drain_events()
 

@@ -9,10 +9,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvroute.metrics import Metrics
+from kvroute.errors import ConfigError
 from kvroute.tokenize.ids import require_token_ids
 from kvroute.tokenize.protocol import Tokenizer
-from kvroute.tokenize.timing import observe_since
+from kvroute.tokenize.timing import Observe, observe_since
 
 __all__ = ["CachingTokenizer"]
 
@@ -25,17 +25,18 @@ class CachingTokenizer:
     Concurrent misses on one key share a single inner call (a burst of identical requests
     tokenizes once); a caller cancelled meanwhile does not cancel it for the others. Failures
     are not cached. Prompts given as token ids bypass the cache. Callers get a fresh list each
-    time, so mutating it cannot corrupt the cache.
+    time, so mutating it cannot corrupt the cache. A hit is reported to `observe` as mode
+    `cache`; a miss is reported by the inner tokenizer.
     """
 
     def __init__(
-        self, inner: Tokenizer, max_entries: int = 4096, *, metrics: Metrics | None = None
+        self, inner: Tokenizer, *, max_entries: int, observe: Observe | None = None
     ) -> None:
         if max_entries < 1:
-            raise ValueError(f"max_entries: expected >= 1, got {max_entries}")
+            raise ConfigError(f"max_entries: expected >= 1, got {max_entries}")
         self._inner = inner
         self._max = max_entries
-        self._metrics = metrics
+        self._observe = observe
         self._entries: OrderedDict[_Key, tuple[int, ...]] = OrderedDict()
         self._pending: dict[_Key, asyncio.Task[tuple[int, ...]]] = {}
         self.hits = 0
@@ -113,7 +114,7 @@ class CachingTokenizer:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        observe_since(self._metrics, "cache", started)
+        observe_since(self._observe, "cache", started)
         return list(entry)
 
     def _store(self, key: _Key, ids: tuple[int, ...]) -> None:

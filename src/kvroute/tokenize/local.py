@@ -12,9 +12,8 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as HfTokenizer
 
 from kvroute.errors import ConfigError, TokenizeError
-from kvroute.metrics import Metrics
 from kvroute.tokenize.ids import require_token_ids
-from kvroute.tokenize.timing import observe_since
+from kvroute.tokenize.timing import Observe, observe_since
 
 __all__ = ["LocalTokenizer"]
 
@@ -46,7 +45,7 @@ class LocalTokenizer:
     None, `chat_template` of a `tokenizer_config.json` beside `tokenizer_json` is used, if any.
     bos/eos tokens come from that config unless given. Prompts get the tokenizer's special
     tokens; chat renders the template (which adds them) and encodes without adding more, as
-    vLLM's chat form does.
+    vLLM's chat form does. Each tokenization is reported to `observe` as mode `local`.
     """
 
     def __init__(
@@ -56,7 +55,7 @@ class LocalTokenizer:
         *,
         bos_token: str | None = None,
         eos_token: str | None = None,
-        metrics: Metrics | None = None,
+        observe: Observe | None = None,
     ) -> None:
         tokenizer_json = Path(tokenizer_json)
         try:
@@ -81,7 +80,7 @@ class LocalTokenizer:
                 self._template = env.from_string(source)
             except jinja2.TemplateError as exc:
                 raise ConfigError(f"chat_template: expected a jinja2 template, got {exc}") from exc
-        self._metrics = metrics
+        self._observe = observe
 
     @property
     def has_chat_template(self) -> bool:
@@ -116,7 +115,7 @@ class LocalTokenizer:
             return list(require_token_ids(prompt, "prompt"))
         started = time.perf_counter()
         ids = self._encode(prompt, add_special_tokens=True)
-        observe_since(self._metrics, "local", started)
+        observe_since(self._observe, "local", started)
         return ids
 
     async def tokenize_chat(
@@ -144,7 +143,7 @@ class LocalTokenizer:
         except Exception as exc:  # a template may fail in any way on odd messages
             raise TokenizeError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
         ids = self._encode(text, add_special_tokens=False)
-        observe_since(self._metrics, "local", started)
+        observe_since(self._observe, "local", started)
         return ids
 
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:

@@ -1,4 +1,8 @@
-"""events/wire.py: every fixture payload, each tolerance rule, and malformed input."""
+"""events/wire.py: every fixture payload, each tolerance rule, and malformed input.
+
+`decode_vllm` gives every field as sent (what expected.json describes); `decode_batch` and
+`BatchDecoder` give the router's core events, which must be `normalise_batch(decode_vllm(...))`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ from typing import Any
 import msgspec
 import pytest
 
+from kvroute.core import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from kvroute.errors import WireError
-from kvroute.events.cli import batch_to_json
-from kvroute.events.wire import (
-    AllBlocksCleared,
-    BatchDecoder,
-    BlockRemoved,
-    BlockStored,
-    EventBatch,
-    decode_batch,
+from kvroute.events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+    VllmEventBatch,
+    normalise_batch,
 )
+from kvroute.events.cli import batch_to_json
+from kvroute.events.wire import BatchDecoder, decode_batch, decode_vllm
 from tests.shared_fixtures import Scenario, scenarios
 
 H_BIG = 2**64 - 2  # uint64 above 2^63 (sent as msgpack uint 64)
@@ -36,7 +41,12 @@ def _stored_array(*fields: Any) -> list[Any]:
 
 @pytest.mark.parametrize("scenario", scenarios(), ids=lambda s: s.id)
 def test_fixture_payload_decodes_to_expected_meaning(scenario: Scenario) -> None:
-    assert batch_to_json(decode_batch(scenario.payload)) == scenario.expected
+    assert batch_to_json(decode_vllm(scenario.payload)) == scenario.expected
+
+
+@pytest.mark.parametrize("scenario", scenarios(), ids=lambda s: s.id)
+def test_decode_batch_is_the_normalised_vllm_batch_on_fixtures(scenario: Scenario) -> None:
+    assert decode_batch(scenario.payload) == normalise_batch(decode_vllm(scenario.payload))
 
 
 @pytest.mark.parametrize("scenario", scenarios(), ids=lambda s: s.id)
@@ -60,26 +70,34 @@ def test_batch_decoder_switches_between_shapes() -> None:
 
 def test_block_stored_array_with_missing_trailing_fields() -> None:
     # 0.9.0's five fields: medium, lora_name, group_idx ... default to None.
-    batch = decode_batch(_pack([1.0, [_stored_array([7], None, [1, 2], 2, None)]]))
-    (event,) = batch.events
-    assert event == BlockStored([7], None, [1, 2], 2, None)
+    payload = _pack([1.0, [_stored_array([7], None, [1, 2], 2, None)]])
+    (raw,) = decode_vllm(payload).events
+    assert raw == VllmBlockStored([7], None, [1, 2], 2, None)
+    assert raw.medium is None and raw.group_idx is None and raw.lora_name is None
+    (event,) = decode_batch(payload).events
+    assert event == BlockStored([7], None, [1, 2], 2)
     assert event.medium is None and event.group_idx is None
 
 
 def test_block_stored_array_with_only_hashes() -> None:
-    batch = decode_batch(_pack([1.0, [["BlockStored", [7]]], 0]))
-    assert batch.events == [BlockStored([7])]
+    payload = _pack([1.0, [["BlockStored", [7]]], 0])
+    assert decode_vllm(payload).events == [VllmBlockStored([7])]
+    assert decode_batch(payload).events == [BlockStored([7])]
 
 
 def test_block_stored_array_with_extra_trailing_fields() -> None:
     fields = [[7], None, [1, 2], 2, None, "GPU", None, None, 0, None, None]
-    batch = decode_batch(_pack([1.0, [_stored_array(*fields, "future", 42, [1])], 0]))
-    assert batch.events == [BlockStored([7], None, [1, 2], 2, None, "GPU", None, None, 0)]
+    payload = _pack([1.0, [_stored_array(*fields, "future", 42, [1])], 0])
+    assert decode_vllm(payload).events == [
+        VllmBlockStored([7], None, [1, 2], 2, None, "GPU", None, None, 0)
+    ]
+    assert decode_batch(payload).events == [BlockStored([7], None, [1, 2], 2, None, "GPU", 0)]
 
 
 def test_block_removed_array_with_extra_trailing_fields() -> None:
-    batch = decode_batch(_pack([1.0, [["BlockRemoved", [7], "GPU", 0, "LOCAL", "x"]], 0]))
-    assert batch.events == [BlockRemoved([7], "GPU", 0)]
+    payload = _pack([1.0, [["BlockRemoved", [7], "GPU", 0, "LOCAL", "x"]], 0])
+    assert decode_vllm(payload).events == [VllmBlockRemoved([7], "GPU", 0)]
+    assert decode_batch(payload).events == [BlockRemoved([7], "GPU", 0)]
 
 
 def test_map_event_with_unknown_keys_ignored() -> None:
@@ -96,39 +114,45 @@ def test_map_event_with_unknown_keys_ignored() -> None:
         "session_id": "s",
         "some_future_field": {"a": [1, 2]},
     }
-    batch = decode_batch(_pack([1.0, [event], 0]))
-    (got,) = batch.events
-    assert isinstance(got, BlockStored)
-    assert (got.block_hashes, got.medium, got.locality, got.session_id) == (
+    payload = _pack([1.0, [event], 0])
+    (raw,) = decode_vllm(payload).events
+    assert isinstance(raw, VllmBlockStored)
+    assert (raw.block_hashes, raw.medium, raw.locality, raw.session_id) == (
         [7],
         "GPU",
         "LOCAL",
         "s",
     )
+    assert decode_batch(payload).events == [BlockStored([7], None, [1, 2], 2, None, "GPU")]
 
 
 def test_map_event_with_unknown_future_key_only_known_to_tolerant_path() -> None:
-    batch = decode_batch(_pack([1.0, [{"type": "BlockRemoved", "block_hashes": [7], "x": 1}], 0]))
-    assert batch.events == [BlockRemoved([7])]
+    payload = _pack([1.0, [{"type": "BlockRemoved", "block_hashes": [7], "x": 1}], 0])
+    assert decode_vllm(payload).events == [VllmBlockRemoved([7])]
+    assert decode_batch(payload).events == [BlockRemoved([7])]
 
 
 def test_outer_batch_of_two_items_has_no_rank() -> None:
-    batch = decode_batch(_pack([2.5, [["AllBlocksCleared"]]]))
-    assert batch == EventBatch(2.5, [AllBlocksCleared()], None)
+    payload = _pack([2.5, [["AllBlocksCleared"]]])
+    assert decode_vllm(payload) == VllmEventBatch(2.5, [VllmAllBlocksCleared()], None)
+    assert decode_batch(payload) == EventBatch(2.5, [AllBlocksCleared()], None)
 
 
 def test_outer_batch_of_three_items_has_rank() -> None:
-    batch = decode_batch(_pack([2.5, [["AllBlocksCleared"]], 3]))
-    assert batch == EventBatch(2.5, [AllBlocksCleared()], 3)
+    payload = _pack([2.5, [["AllBlocksCleared"]], 3])
+    assert decode_vllm(payload) == VllmEventBatch(2.5, [VllmAllBlocksCleared()], 3)
+    assert decode_batch(payload) == EventBatch(2.5, [AllBlocksCleared()], 3)
 
 
 def test_outer_batch_with_extra_items_ignores_them() -> None:
-    batch = decode_batch(_pack([2.5, [{"type": "AllBlocksCleared"}], 1, "extra"]))
-    assert batch == EventBatch(2.5, [AllBlocksCleared()], 1)
+    payload = _pack([2.5, [{"type": "AllBlocksCleared"}], 1, "extra"])
+    assert decode_vllm(payload) == VllmEventBatch(2.5, [VllmAllBlocksCleared()], 1)
+    assert decode_batch(payload) == EventBatch(2.5, [AllBlocksCleared()], 1)
 
 
 def test_map_shaped_outer_batch_is_accepted() -> None:
     payload = _pack({"ts": 3.0, "events": [["BlockRemoved", [5]]], "data_parallel_rank": 2})
+    assert decode_vllm(payload) == VllmEventBatch(3.0, [VllmBlockRemoved([5])], 2)
     assert decode_batch(payload) == EventBatch(3.0, [BlockRemoved([5])], 2)
 
 
@@ -143,6 +167,7 @@ def test_unknown_tag_is_skipped_and_counted(unknown: Any) -> None:
     assert batch.events == [AllBlocksCleared()]
     assert batch.skipped_events == 2
     assert BatchDecoder().decode(payload) == batch
+    assert decode_vllm(payload) == VllmEventBatch(1.0, [VllmAllBlocksCleared()], 0, 2)
 
 
 def test_negative_int64_hash() -> None:
@@ -172,28 +197,38 @@ def test_bytes_hashes(size: int) -> None:
 
 @pytest.mark.parametrize("medium", ["cpu", "Cpu", "storage"])
 def test_medium_is_upper_cased(medium: str) -> None:
-    array = _pack([1.0, [["BlockRemoved", [1], medium]], 0])
-    map_ = _pack([1.0, [{"type": "BlockStored", "block_hashes": [1], "medium": medium}], 0])
-    (removed,) = decode_batch(array).events
-    (stored,) = decode_batch(map_).events
-    assert isinstance(removed, BlockRemoved) and isinstance(stored, BlockStored)
-    assert removed.medium == stored.medium == medium.upper()
+    array_removed = _pack([1.0, [["BlockRemoved", [1], medium]], 0])
+    array_stored = _pack([1.0, [_stored_array([1], None, [1], 1, None, medium)], 0])
+    map_removed = _pack([1.0, [{"type": "BlockRemoved", "block_hashes": [1], "medium": medium}], 0])
+    map_stored = _pack([1.0, [{"type": "BlockStored", "block_hashes": [1], "medium": medium}], 0])
+    for payload in (array_removed, array_stored, map_removed, map_stored):
+        (event,) = decode_batch(payload).events
+        assert isinstance(event, BlockRemoved | BlockStored)
+        assert event.medium == medium.upper()
+        assert BatchDecoder().decode(payload) == decode_batch(payload)
+        (raw,) = decode_vllm(payload).events  # vLLM's own meaning: as sent
+        assert isinstance(raw, VllmBlockRemoved | VllmBlockStored)
+        assert raw.medium == medium
 
 
 def test_extra_keys_tuples_come_back_as_lists() -> None:
     fields = [[7], None, [1, 2], 2, None, "GPU", "sql", [["sql", "salt"]], 0]
-    (event,) = decode_batch(_pack([1.0, [_stored_array(*fields)], 0])).events
-    assert isinstance(event, BlockStored)
-    assert event.extra_keys == [["sql", "salt"]] and event.lora_name == "sql"
+    payload = _pack([1.0, [_stored_array(*fields)], 0])
+    (raw,) = decode_vllm(payload).events
+    assert isinstance(raw, VllmBlockStored)
+    assert raw.extra_keys == [["sql", "salt"]] and raw.lora_name == "sql"
+    (event,) = decode_batch(payload).events
+    assert event == BlockStored([7], None, [1, 2], 2, "sql", "GPU", 0, "salt")
 
 
 def test_int_ts_is_accepted_as_float() -> None:
-    batch = decode_batch(_pack([7, [], 0]))
-    assert batch.ts == 7.0 and isinstance(batch.ts, float)
+    for batch in (decode_batch(_pack([7, [], 0])), decode_vllm(_pack([7, [], 0]))):
+        assert batch.ts == 7.0 and isinstance(batch.ts, float)
 
 
 def test_empty_events_list() -> None:
     assert decode_batch(_pack([1.0, [], 0])) == EventBatch(1.0, [], 0)
+    assert decode_vllm(_pack([1.0, [], 0])) == VllmEventBatch(1.0, [], 0)
 
 
 # --- malformed input: WireError saying expected vs got ----------------------------------------
@@ -247,9 +282,14 @@ def test_malformed_payload_raises_wire_error_with_expected_and_got(
     assert expected in message and got in message, message
     with pytest.raises(WireError):
         BatchDecoder().decode(payload)
+    with pytest.raises(WireError) as info:
+        decode_vllm(payload)
+    assert expected in str(info.value) and got in str(info.value), str(info.value)
 
 
 def test_wire_error_names_the_event_index() -> None:
     payload = _pack([1.0, [["AllBlocksCleared"], ["BlockRemoved", "x"]], 0])
     with pytest.raises(WireError, match=r"events\[1\] BlockRemoved"):
         decode_batch(payload)
+    with pytest.raises(WireError, match=r"events\[1\] BlockRemoved"):
+        decode_vllm(payload)

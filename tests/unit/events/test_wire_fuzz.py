@@ -1,4 +1,5 @@
-"""events/wire.py under fuzzing: mutated and random payloads either decode or raise WireError."""
+"""events/wire.py under fuzzing: mutated and random payloads either decode or raise WireError, and
+every decoder agrees: `decode_batch` == `BatchDecoder` == `normalise_batch(decode_vllm(...))`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from kvroute.core import EventBatch
 from kvroute.errors import WireError
-from kvroute.events.wire import BatchDecoder, EventBatch, decode_batch
+from kvroute.events import normalise_batch
+from kvroute.events.wire import BatchDecoder, decode_batch, decode_vllm
 from tests.shared_fixtures import scenarios
 
 SEED = 20261123
@@ -111,6 +114,12 @@ def _check(payload: bytes, decoder: BatchDecoder) -> str:
         assert outcome == "error", payload.hex()
     else:
         assert outcome == "ok" and again == batch, payload.hex()
+    try:
+        raw = decode_vllm(payload)
+    except WireError:
+        assert outcome == "error", payload.hex()
+    else:
+        assert outcome == "ok" and normalise_batch(raw) == batch, payload.hex()
     return outcome
 
 

@@ -1,6 +1,7 @@
 """Fleet: health probes and ejection, in-flight load, scraping, models, and live membership changes.
 
-Engines are a real in-process ASGI app (one per host name) reached through httpx.ASGITransport.
+Engines are a real in-process ASGI app (one per host name) reached by the real engine client
+through httpx.ASGITransport.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.routing import Route
 
 from kvroute.errors import ConfigError
 from kvroute.fleet import NUM_REQUESTS_RUNNING, EngineSpec, Fleet
-from kvroute.metrics import Metrics
+from kvroute.upstream import HttpxEngineClient
 from tests.polling import eventually
 
 DEADLINE_S = 10.0
@@ -34,6 +35,7 @@ class _Engines:
     """vLLM-shaped /health and /metrics for several engines, told apart by host name."""
 
     health: dict[str, int] = field(default_factory=dict)  # host -> status (default 200)
+    metrics_status: dict[str, int] = field(default_factory=dict)  # host -> status (default 200)
     running: dict[str, float] = field(default_factory=dict)
     probes: dict[str, int] = field(default_factory=dict)
     never: asyncio.Event = field(default_factory=asyncio.Event)  # host "hung" waits on it
@@ -47,6 +49,10 @@ class _Engines:
 
     async def metrics_route(self, request: Request) -> Response:
         host = request.url.hostname or ""
+        if host == "hung":
+            await self.never.wait()
+        if self.metrics_status.get(host, 200) != 200:
+            return Response(status_code=self.metrics_status[host])
         if host == "broken":
             return PlainTextResponse("<html>not metrics { {</html>")
         running = self.running.get(host, 0.0)
@@ -70,10 +76,28 @@ def engines() -> _Engines:
     return _Engines()
 
 
+def _client(transport: httpx.AsyncBaseTransport | None = None) -> HttpxEngineClient:
+    return HttpxEngineClient(
+        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10, transport=transport
+    )
+
+
 @pytest.fixture
-async def client(engines: _Engines) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=engines.app())) as c:
+async def client(engines: _Engines) -> AsyncIterator[HttpxEngineClient]:
+    async with _client(httpx.ASGITransport(app=engines.app())) as c:
         yield c
+
+
+def _fleet(specs: list[EngineSpec], client: HttpxEngineClient, **knobs: Any) -> Fleet:
+    """A fleet whose loops are off unless a test turns one on (it drives rounds itself)."""
+    options: dict[str, Any] = {
+        "health_interval_s": 0,
+        "unhealthy_after": 3,
+        "scrape_interval_s": 0,
+        "watch_interval_s": 0.02,
+        **knobs,
+    }
+    return Fleet(specs, client, **options)
 
 
 class _Changes:
@@ -89,34 +113,16 @@ class _Changes:
         self.changed.set()
 
 
-def _watching_fleet(client: httpx.AsyncClient, metrics: Metrics, **source: Any) -> Fleet:
+def _watching_fleet(client: HttpxEngineClient, **source: Any) -> Fleet:
     """Engine "a", no probes or scrapes, membership from `source` (a fleet file or a source)."""
-    return Fleet(
-        [_spec("a")],
-        client,
-        metrics,
-        health_interval_s=0,
-        scrape_interval_s=0,
-        watch_interval_s=0.02,
-        **source,
-    )
-
-
-def _reloads(metrics: Metrics, outcome: str) -> float:
-    value = metrics.registry.get_sample_value("kvroute_fleet_reloads_total", {"outcome": outcome})
-    return value or 0.0
-
-
-def _healthy_gauge(metrics: Metrics, engine: str) -> float | None:
-    return metrics.registry.get_sample_value("kvroute_engine_healthy", {"engine": engine})
+    return _fleet([_spec("a")], client, **source)
 
 
 async def test_engine_is_ejected_after_consecutive_failures_and_readmitted_after_one_success(
-    engines: _Engines, client: httpx.AsyncClient
+    engines: _Engines, client: HttpxEngineClient
 ) -> None:
-    metrics = Metrics()
-    fleet = Fleet([_spec("a"), _spec("b")], client, metrics, unhealthy_after=3)
-    assert _healthy_gauge(metrics, "a") == 1.0
+    fleet = _fleet([_spec("a"), _spec("b")], client, unhealthy_after=3)
+    assert fleet.get("a").healthy  # type: ignore[union-attr]
     engines.health["a"] = 503
     for _ in range(2):
         await fleet.check_health()
@@ -125,18 +131,16 @@ async def test_engine_is_ejected_after_consecutive_failures_and_readmitted_after
     a = fleet.get("a")
     assert a is not None and not a.healthy
     assert a.last_error == "GET http://a:8000/health: status 503"
-    assert _healthy_gauge(metrics, "a") == 0.0
     assert fleet.get("b").healthy  # type: ignore[union-attr]
     engines.health["a"] = 200
     await fleet.check_health()
-    assert a.healthy and a.consecutive_failures == 0
-    assert _healthy_gauge(metrics, "a") == 1.0
+    assert a.healthy and a.consecutive_failures == 0 and a.last_error is None
 
 
 async def test_a_success_resets_the_failure_count(
-    engines: _Engines, client: httpx.AsyncClient
+    engines: _Engines, client: HttpxEngineClient
 ) -> None:
-    fleet = Fleet([_spec("a")], client, Metrics(), unhealthy_after=2)
+    fleet = _fleet([_spec("a")], client, unhealthy_after=2)
     engines.health["a"] = 500
     await fleet.check_health()
     engines.health["a"] = 200
@@ -146,8 +150,8 @@ async def test_a_success_resets_the_failure_count(
     assert fleet.get("a").healthy  # type: ignore[union-attr]
 
 
-async def test_proxy_connect_failures_count_toward_ejection(client: httpx.AsyncClient) -> None:
-    fleet = Fleet([_spec("a")], client, Metrics(), unhealthy_after=2)
+async def test_proxy_connect_failures_count_toward_ejection(client: HttpxEngineClient) -> None:
+    fleet = _fleet([_spec("a")], client, unhealthy_after=2)
     fleet.mark_failure("a")
     assert fleet.get("a").healthy  # type: ignore[union-attr]
     fleet.mark_failure("a")
@@ -162,37 +166,30 @@ async def test_unreachable_engine_is_ejected() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = EngineSpec("dead", "llama", f"http://127.0.0.1:{port}", None)
-    async with httpx.AsyncClient() as real:
-        fleet = Fleet([spec], real, Metrics(), unhealthy_after=1, probe_timeout_s=5.0)
+    async with _client() as real:
+        fleet = _fleet([spec], real, unhealthy_after=1, probe_timeout_s=5.0)
         await fleet.check_health()
     state = fleet.get("dead")
     assert state is not None and not state.healthy
-    assert state.last_error is not None and "ConnectError" in state.last_error
+    assert state.last_error is not None
+    assert state.last_error.startswith(f"GET http://127.0.0.1:{port}/health: ConnectError")
 
 
-async def test_a_hung_health_endpoint_fails_by_the_probe_timeout(client: httpx.AsyncClient) -> None:
-    fleet = Fleet(
-        [_spec("hung"), _spec("a")], client, Metrics(), unhealthy_after=1, probe_timeout_s=0.1
-    )
+async def test_a_hung_health_endpoint_fails_by_the_probe_timeout(client: HttpxEngineClient) -> None:
+    fleet = _fleet([_spec("hung"), _spec("a")], client, unhealthy_after=1, probe_timeout_s=0.1)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await fleet.check_health()
     assert loop.time() - started < DEADLINE_S
     hung, a = fleet.get("hung"), fleet.get("a")
-    assert hung is not None and not hung.healthy and "TimeoutError" in (hung.last_error or "")
+    assert hung is not None and not hung.healthy
+    assert hung.last_error == "GET http://hung:8000/health: timed out after 0.1 s"
     assert a is not None and a.healthy
 
 
-async def test_health_loop_runs_after_start(engines: _Engines, client: httpx.AsyncClient) -> None:
+async def test_health_loop_runs_after_start(engines: _Engines, client: HttpxEngineClient) -> None:
     engines.health["a"] = 503
-    fleet = Fleet(
-        [_spec("a")],
-        client,
-        Metrics(),
-        health_interval_s=0.02,
-        unhealthy_after=2,
-        scrape_interval_s=0,
-    )
+    fleet = _fleet([_spec("a")], client, health_interval_s=0.02, unhealthy_after=2)
     await fleet.start()
     try:
         await eventually(lambda: not fleet.get("a").healthy, "ejection")  # type: ignore[union-attr]
@@ -202,8 +199,8 @@ async def test_health_loop_runs_after_start(engines: _Engines, client: httpx.Asy
         await fleet.close()
 
 
-async def test_in_flight_requests_and_tokens(client: httpx.AsyncClient) -> None:
-    fleet = Fleet([_spec("a")], client, Metrics())
+async def test_in_flight_requests_and_tokens(client: HttpxEngineClient) -> None:
+    fleet = _fleet([_spec("a")], client)
     fleet.begin_request("a", 300)
     fleet.begin_request("a", 200)
     fleet.begin_request("gone", 50)  # an engine removed meanwhile: ignored
@@ -217,28 +214,54 @@ async def test_in_flight_requests_and_tokens(client: httpx.AsyncClient) -> None:
 
 
 async def test_scrape_reads_vllm_gauges_and_survives_bad_bodies(
-    engines: _Engines, client: httpx.AsyncClient
+    engines: _Engines, client: HttpxEngineClient
 ) -> None:
     engines.running["a"] = 7
-    fleet = Fleet([_spec("a"), _spec("broken")], client, Metrics())
+    fleet = _fleet([_spec("a"), _spec("broken"), _spec("hung")], client, probe_timeout_s=0.1)
     await fleet.scrape()
     a, broken = fleet.get("a"), fleet.get("broken")
     assert a is not None and a.scraped == {NUM_REQUESTS_RUNNING: 7.0}
     assert a.scraped_at is not None
     assert broken is not None and broken.scraped == {} and broken.scraped_at is None
+    hung = fleet.get("hung")  # its scrape timed out
+    assert hung is not None and hung.scraped == {} and hung.scraped_at is None
+    last = a.scraped_at
+    engines.running["a"] = 2
+    engines.metrics_status["a"] = 500  # a failed scrape keeps the last good gauges
+    await fleet.scrape()
+    assert a.scraped == {NUM_REQUESTS_RUNNING: 7.0} and a.scraped_at == last
+
+
+async def test_scrape_loop_keeps_the_gauges_on_the_engine_state(
+    engines: _Engines, client: HttpxEngineClient
+) -> None:
+    engines.running["a"] = 3
+    fleet = _fleet([_spec("a")], client, scrape_interval_s=0.02)
+    await fleet.start()
+    try:
+        await eventually(
+            lambda: fleet.get("a").scraped == {NUM_REQUESTS_RUNNING: 3.0},  # type: ignore[union-attr]
+            "the first scrape",
+        )
+        engines.running["a"] = 5
+        await eventually(
+            lambda: fleet.get("a").scraped == {NUM_REQUESTS_RUNNING: 5.0},  # type: ignore[union-attr]
+            "a later scrape",
+        )
+    finally:
+        await fleet.close()
 
 
 async def test_engines_for_model_resolves_base_models_and_lora_names(
-    client: httpx.AsyncClient,
+    client: HttpxEngineClient,
 ) -> None:
-    fleet = Fleet(
+    fleet = _fleet(
         [
             _spec("a", lora=("sql",)),
             _spec("b"),
             _spec("c", model="qwen", lora=("chat",)),
         ],
         client,
-        Metrics(),
     )
     base, serving = fleet.engines_for_model("llama")
     assert (base, [s.name for s in serving]) == ("llama", ["a", "b"])
@@ -250,10 +273,10 @@ async def test_engines_for_model_resolves_base_models_and_lora_names(
 
 
 async def test_url_for_model_picks_a_healthy_engine_with_least_in_flight(
-    client: httpx.AsyncClient,
+    client: HttpxEngineClient,
 ) -> None:
-    fleet = Fleet(
-        [_spec("a", lora=("sql",)), _spec("b", lora=("sql",))], client, Metrics(), unhealthy_after=1
+    fleet = _fleet(
+        [_spec("a", lora=("sql",)), _spec("b", lora=("sql",))], client, unhealthy_after=1
     )
     assert fleet.url_for_model("llama") == "http://a:8000"
     fleet.begin_request("a", 10)
@@ -265,11 +288,10 @@ async def test_url_for_model_picks_a_healthy_engine_with_least_in_flight(
     assert fleet.url_for_model("nope") is None
 
 
-async def test_models_lists_bases_and_adapters_with_parent(client: httpx.AsyncClient) -> None:
-    fleet = Fleet(
+async def test_models_lists_bases_and_adapters_with_parent(client: HttpxEngineClient) -> None:
+    fleet = _fleet(
         [_spec("a", lora=("sql", "chat")), _spec("b", lora=("sql",)), _spec("c", model="qwen")],
         client,
-        Metrics(),
     )
     cards = fleet.models()
     assert [(c["id"], c["parent"]) for c in cards] == [
@@ -282,10 +304,10 @@ async def test_models_lists_bases_and_adapters_with_parent(client: httpx.AsyncCl
 
 
 async def test_update_reports_added_removed_and_changed_engines(
-    client: httpx.AsyncClient,
+    client: HttpxEngineClient,
 ) -> None:
-    metrics = Metrics()
-    fleet = Fleet([_spec("a"), _spec("b"), _spec("c")], client, metrics)
+    fleet = _fleet([_spec("a"), _spec("b"), _spec("c")], client, unhealthy_after=1)
+    fleet.mark_failure("b")  # a changed engine starts healthy again
     changes = _Changes(fleet)
     fleet.begin_request("b", 100)
     changed_b = _spec("b", dp_ranks=(0, 1))
@@ -297,14 +319,15 @@ async def test_update_reports_added_removed_and_changed_engines(
     b = fleet.get("b")
     assert b is not None and b.spec == changed_b
     assert (b.in_flight_requests, b.outstanding_tokens) == (1, 100)  # in flight carries over
-    assert _healthy_gauge(metrics, "c") is None
-    assert _healthy_gauge(metrics, "d") == 1.0
+    assert b.healthy and b.consecutive_failures == 0
+    assert fleet.get("c") is None
+    assert fleet.get("d").healthy  # type: ignore[union-attr]
     assert await fleet.update([_spec("a"), changed_b, _spec("d")]) == ([], [])
     assert len(changes.seen) == 1
 
 
-async def test_a_failing_callback_does_not_stop_others(client: httpx.AsyncClient) -> None:
-    fleet = Fleet([], client, Metrics())
+async def test_a_failing_callback_does_not_stop_others(client: HttpxEngineClient) -> None:
+    fleet = _fleet([], client)
     calls: list[str] = []
 
     async def broken(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
@@ -319,10 +342,10 @@ async def test_a_failing_callback_does_not_stop_others(client: httpx.AsyncClient
     assert calls == ["fine"] and fleet.get("a") is not None
 
 
-async def test_duplicate_engine_names_are_rejected(client: httpx.AsyncClient) -> None:
+async def test_duplicate_engine_names_are_rejected(client: HttpxEngineClient) -> None:
     with pytest.raises(ConfigError, match="expected unique"):
-        Fleet([_spec("a"), _spec("a")], client, Metrics())
-    fleet = Fleet([_spec("a")], client, Metrics())
+        _fleet([_spec("a"), _spec("a")], client)
+    fleet = _fleet([_spec("a")], client)
     with pytest.raises(ConfigError, match="expected unique"):
         await fleet.update([_spec("b"), _spec("b")])
     assert [e.name for e in fleet.engines()] == ["a"]
@@ -335,14 +358,13 @@ def _write_fleet(path: Path, specs: list[dict[str, object]], bump: int) -> None:
 
 
 async def test_fleet_file_changes_are_applied_and_invalid_files_keep_the_old_fleet(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path, client: HttpxEngineClient
 ) -> None:
     path = tmp_path / "fleet.yaml"
     a = {"name": "a", "model": "llama", "url": "http://a:8000"}
     b = {"name": "b", "model": "llama", "url": "http://b:8000"}
     _write_fleet(path, [a], 0)
-    metrics = Metrics()
-    fleet = _watching_fleet(client, metrics, fleet_file=path)
+    fleet = _watching_fleet(client, fleet_file=path)
     changes = _Changes(fleet)
     await fleet.start()
     try:
@@ -350,31 +372,41 @@ async def test_fleet_file_changes_are_applied_and_invalid_files_keep_the_old_fle
         await asyncio.wait_for(changes.changed.wait(), DEADLINE_S)
         assert changes.seen == [(["b"], [])]
         _write_fleet(path, [a, {**b, "url": "gopher://b"}], 2)
-        await eventually(
-            lambda: _reloads(metrics, "error") == 1.0, "the invalid file to be counted"
-        )
+        await eventually(lambda: fleet.reloads["error"] == 1, "the invalid file to be counted")
         assert [e.name for e in fleet.engines()] == ["a", "b"]  # the old fleet stays
         changes.changed.clear()
         _write_fleet(path, [b], 3)
         await asyncio.wait_for(changes.changed.wait(), DEADLINE_S)
         assert changes.seen[-1] == ([], ["a"])
         assert [e.name for e in fleet.engines()] == ["b"]
-        assert _reloads(metrics, "ok") == 2.0
+        assert fleet.reloads["ok"] == 2
         path.unlink()  # a vanished file is an error, not an empty fleet
-        await eventually(
-            lambda: _reloads(metrics, "error") == 2.0, "the missing file to be counted"
-        )
+        await eventually(lambda: fleet.reloads["error"] == 2, "the missing file to be counted")
         assert [e.name for e in fleet.engines()] == ["b"]
     finally:
         await fleet.close()
 
 
-async def test_close_is_idempotent_and_start_twice_is_harmless(client: httpx.AsyncClient) -> None:
-    fleet = Fleet([_spec("a")], client, Metrics(), health_interval_s=0.05)
+async def test_close_is_idempotent_and_start_twice_is_harmless(
+    engines: _Engines, client: HttpxEngineClient
+) -> None:
+    engines.health["a"] = 503
+    # One probe per loop start, then a long wait: the probe count tells how many loops run.
+    fleet = _fleet([_spec("a")], client, health_interval_s=60.0)
+    a = fleet.get("a")
+    assert a is not None
     await fleet.start()
-    await fleet.start()
+    await fleet.start()  # no second health loop
+    await eventually(lambda: a.consecutive_failures >= 1, "the first probe")
+    assert (engines.probes["a"], a.consecutive_failures) == (1, 1)
     await fleet.close()
     await fleet.close()
+    await fleet.start()  # closed loops are gone, so a start after close probes again
+    try:
+        await eventually(lambda: a.consecutive_failures >= 2, "the probe after the restart")
+        assert (engines.probes["a"], a.consecutive_failures) == (2, 2)
+    finally:
+        await fleet.close()
 
 
 class _QueueSource:
@@ -391,23 +423,18 @@ class _QueueSource:
             yield item
 
 
-async def test_any_fleet_source_drives_membership(client: httpx.AsyncClient) -> None:
+async def test_any_fleet_source_drives_membership(client: HttpxEngineClient) -> None:
     source = _QueueSource()
-    metrics = Metrics()
-    fleet = _watching_fleet(client, metrics, source=source)
+    fleet = _watching_fleet(client, source=source)
     changes = _Changes(fleet)
     await fleet.start()
     try:
         source.queue.put_nowait([_spec("a"), _spec("pod-1")])
         await eventually(lambda: len(changes.seen) == 1, "the pod to be added")
         source.queue.put_nowait([_spec("x"), _spec("x")])  # an invalid list is rejected, counted
-        await eventually(
-            lambda: _reloads(metrics, "error") == 1.0, "the rejected update to be counted"
-        )
+        await eventually(lambda: fleet.reloads["error"] == 1, "the rejected update to be counted")
         source.queue.put_nowait(RuntimeError("API server went away"))
-        await eventually(
-            lambda: _reloads(metrics, "error") == 2.0, "the broken source to be counted"
-        )
+        await eventually(lambda: fleet.reloads["error"] == 2, "the broken source to be counted")
         source.queue.put_nowait([_spec("pod-1")])
         await eventually(lambda: len(changes.seen) == 2, "engine a to be removed")
     finally:

@@ -69,3 +69,43 @@ def test_nan_samples_are_skipped_and_empty_bodies_give_nothing() -> None:
 def test_unparsable_body_is_an_engine_error(body: str) -> None:
     with pytest.raises(EngineError, match="/metrics: expected Prometheus text"):
         parse_vllm_gauges(body)
+
+
+def test_label_values_with_escapes_timestamps_and_empty_label_sets_parse() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="a \\"quoted\\" {name}, \\\\ x",engine="0",} 1 '
+        "1700000000000\n"
+        "vllm:num_requests_running{} 2\n"
+        "vllm:num_requests_running\t3\r\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        "vllm:kv_cache_usage_perc +Inf\n"
+    )
+    assert parse_vllm_gauges(text) == {NUM_REQUESTS_RUNNING: 6.0, KV_CACHE_USAGE: float("inf")}
+
+
+def test_a_name_declared_as_counter_or_histogram_is_never_a_gauge() -> None:
+    text = (
+        "# TYPE vllm:num_preemptions counter\n"
+        "vllm:num_preemptions 4\n"
+        "# TYPE vllm:e2e_latency histogram\n"
+        "vllm:e2e_latency 1\n"
+        "# TYPE vllm:odd untyped\n"
+        "vllm:odd 2\n"
+        "vllm:odd_total 9\n"
+    )
+    assert parse_vllm_gauges(text) == {"vllm:odd": 2.0}
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "vllm:a 1_000",  # Python float() syntax, not Prometheus
+        'vllm:a{engine="0} 1',  # unterminated label value
+        'vllm:a{0engine="0"} 1',  # label names do not start with a digit
+        "vllm:a 1 2.5",  # timestamps are integers
+    ],
+)
+def test_lines_outside_the_text_format_are_engine_errors(line: str) -> None:
+    with pytest.raises(EngineError, match="unparsable line"):
+        parse_vllm_gauges(f"# TYPE vllm:a gauge\n{line}\n")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kvroute.core import SourceSpec
 from kvroute.errors import ConfigError
-from kvroute.events.subscriber import SourceSpec
 from kvroute.fleet import EngineSpec, load_fleet_file, offset_endpoint, parse_fleet
 
 EXAMPLE = """\
@@ -63,22 +63,23 @@ def test_sources_offset_ports_by_dp_rank_as_vllm_does(tmp_path: Path) -> None:
     a, b = load_fleet_file(_write(tmp_path, EXAMPLE))
     assert a.sources() == [
         SourceSpec(
-            source="engine-a/0",  # type: ignore[arg-type]
             engine="engine-a",
             model="meta-llama/Llama-3.1-8B",
             endpoint="tcp://10.0.0.5:5557",
             replay_endpoint="tcp://10.0.0.5:6557",
             topic="kv",
+            rank=0,
         ),
         SourceSpec(
-            source="engine-a/1",  # type: ignore[arg-type]
             engine="engine-a",
             model="meta-llama/Llama-3.1-8B",
             endpoint="tcp://10.0.0.5:5558",
             replay_endpoint="tcp://10.0.0.5:6558",
             topic="kv",
+            rank=1,
         ),
     ]
+    assert [s.source for s in a.sources()] == ["engine-a/0", "engine-a/1"]
     assert [(s.source, s.endpoint, s.replay_endpoint) for s in b.sources()] == [
         ("engine-b/0", "tcp://10.0.0.6:5557", None)
     ]
@@ -103,7 +104,7 @@ def test_offset_endpoint_rules() -> None:
     assert offset_endpoint("inproc://kv", 0) == "inproc://kv"
     assert offset_endpoint("inproc://kv", 3) == "inproc://kv_dp3"
     assert offset_endpoint("ipc:///tmp/kv", 0) == "ipc:///tmp/kv"
-    with pytest.raises(ValueError, match="only tcp:// and inproc://"):
+    with pytest.raises(ConfigError, match="expected a tcp:// or inproc:// endpoint to offset"):
         offset_endpoint("ipc:///tmp/kv", 1)
 
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
-from kvroute.fleet import NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, Fleet, load_fleet_file
-from kvroute.metrics import Metrics
+from kvroute.fleet import (
+    NUM_REQUESTS_RUNNING,
+    NUM_REQUESTS_WAITING,
+    EngineSpec,
+    Fleet,
+    load_fleet_file,
+)
 from kvroute.sim import SimConfig, SimFleet
 from kvroute.tokenize import CachingTokenizer, RemoteTokenizer
+from kvroute.upstream import HttpxEngineClient
 from tests.polling import eventually
 
 MODEL = "sim/llama"
@@ -29,9 +35,22 @@ async def sim() -> AsyncIterator[SimFleet]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def client() -> AsyncIterator[HttpxEngineClient]:
+    async with HttpxEngineClient(
+        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10
+    ) as c:
         yield c
+
+
+def _fleet(specs: list[EngineSpec], client: HttpxEngineClient, **knobs: Any) -> Fleet:
+    options: dict[str, Any] = {
+        "health_interval_s": 0,
+        "unhealthy_after": 3,
+        "scrape_interval_s": 0,
+        "watch_interval_s": 0.02,
+        **knobs,
+    }
+    return Fleet(specs, client, **options)
 
 
 async def test_simulator_fleet_file_loads_with_per_rank_sources(
@@ -50,12 +69,11 @@ async def test_simulator_fleet_file_loads_with_per_rank_sources(
 
 
 async def test_health_scrape_and_kill(
-    sim: SimFleet, tmp_path: Path, client: httpx.AsyncClient
+    sim: SimFleet, tmp_path: Path, client: HttpxEngineClient
 ) -> None:
     path = tmp_path / "fleet.yaml"
     sim.write_fleet_file(path)
-    metrics = Metrics()
-    fleet = Fleet(load_fleet_file(path), client, metrics, unhealthy_after=1, probe_timeout_s=5.0)
+    fleet = _fleet(load_fleet_file(path), client, unhealthy_after=1, probe_timeout_s=5.0)
     await fleet.check_health()
     assert all(e.healthy for e in fleet.engines())
     await fleet.scrape()
@@ -67,17 +85,19 @@ async def test_health_scrape_and_kill(
     await fleet.check_health()
     dead = fleet.get(victim)
     assert dead is not None and not dead.healthy
+    assert dead.last_error is not None and "ConnectError" in dead.last_error
     assert fleet.url_for_model(MODEL) == sim.engines[1].url
-    assert metrics.registry.get_sample_value("kvroute_engine_healthy", {"engine": victim}) == 0.0
 
 
 async def test_remote_tokenizer_returns_the_engines_own_ids(
-    sim: SimFleet, tmp_path: Path, client: httpx.AsyncClient
+    sim: SimFleet, tmp_path: Path, client: HttpxEngineClient
 ) -> None:
     path = tmp_path / "fleet.yaml"
     sim.write_fleet_file(path)
-    fleet = Fleet(load_fleet_file(path), client, Metrics())
-    tok = CachingTokenizer(RemoteTokenizer(client, fleet.url_for_model, timeout_s=5.0))
+    fleet = _fleet(load_fleet_file(path), client)
+    tok = CachingTokenizer(
+        RemoteTokenizer(client, fleet.url_for_model, timeout_s=5.0), max_entries=16
+    )
     prompt = "You are a helpful assistant. Summarise the following text."
     assert await tok.tokenize_prompt(MODEL, prompt) == sim.tokenizer.encode(prompt)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -88,20 +108,12 @@ async def test_remote_tokenizer_returns_the_engines_own_ids(
 
 
 async def test_fleet_file_rewritten_by_the_simulator_is_picked_up(
-    tmp_path: Path, client: httpx.AsyncClient
+    tmp_path: Path, client: HttpxEngineClient
 ) -> None:
     path = tmp_path / "fleet.yaml"
     async with SimFleet(1, MODEL, name_prefix="first-") as one:
         one.write_fleet_file(path)
-        fleet = Fleet(
-            load_fleet_file(path),
-            client,
-            Metrics(),
-            health_interval_s=0,
-            scrape_interval_s=0,
-            fleet_file=path,
-            watch_interval_s=0.02,
-        )
+        fleet = _fleet(load_fleet_file(path), client, fleet_file=path)
         await fleet.start()
         try:
             async with SimFleet(1, MODEL, name_prefix="second-") as two:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from kvroute.errors import GatewayHTTPError
 from kvroute.gateway.openai_body import DEFAULT_MAX_TOKENS, RequestKind, parse_request
-from kvroute.gateway.openai_errors import GatewayHTTPError
+from kvroute.gateway.openai_errors import http_error_response
 
 
 def _raw(body: object) -> bytes:
@@ -118,7 +119,7 @@ def test_bad_bodies_raise_400_naming_the_field(
 
 def test_error_response_has_the_openai_shape() -> None:
     err = GatewayHTTPError(404, "model: unknown", param="model", code="model_not_found")
-    response = err.response()
+    response = http_error_response(err)
     assert response.status_code == 404
     assert json.loads(bytes(response.body)) == {
         "error": {

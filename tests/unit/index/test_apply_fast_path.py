@@ -9,10 +9,19 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import msgspec
 import pytest
 
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored, Event, EventBatch
-from kvroute.index import IndexLimits, PrefixIndex, SourceId, source_id
+from kvroute.core import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    EventBatch,
+    SourceId,
+    source_id,
+)
+from kvroute.index import IndexLimits, PrefixIndex
 
 MODEL = "m"
 BS = 4
@@ -43,9 +52,9 @@ def _stream(seed: int, steps: int) -> list[tuple[SourceId, list[Event]]]:
                 doc = rng.choice(docs)
                 first = rng.choice([0, 0, 1, 2])
                 n = rng.randint(1, 4 - first)
-                # vLLM >= 0.31 sends one None per block; falsy keys that are not None are
-                # not "no key" (0 is a LoRA id, "" a cache salt).
-                extra = rng.choice([None, None, [None] * n, [0] * n, [""] + [None] * (n - 1)])
+                # A falsy salt is still a salt to the fast path's check (`is None`): "" must
+                # agree too; a salt on a continuation (a parent) seeds nothing.
+                salt = rng.choice([None, None, None, "", "s1"])
                 events.append(
                     BlockStored(
                         block_hashes=[rng.randrange(40) for _ in range(n)],
@@ -54,8 +63,8 @@ def _stream(seed: int, steps: int) -> list[tuple[SourceId, list[Event]]]:
                         block_size=BS,
                         medium=rng.choice([None, "GPU", "GPU", "CPU"]),
                         lora_name=rng.choice([None, None, None, "x"]),
-                        extra_keys=extra,
                         group_idx=rng.choice([None, 0, 0, 1]),
+                        cache_salt=salt,
                     )
                 )
             elif roll < 0.75:  # misaligned: no size yet, an empty store, a short one
@@ -82,16 +91,7 @@ def _stream(seed: int, steps: int) -> list[tuple[SourceId, list[Event]]]:
 def _as_tuples(events: list[Event]) -> list[Event]:
     # Tuple token ids take the general path (`type(tokens) is list` fails); same meaning.
     return [
-        BlockStored(
-            block_hashes=ev.block_hashes,
-            parent_block_hash=ev.parent_block_hash,
-            token_ids=tuple(ev.token_ids),  # type: ignore[arg-type]
-            block_size=ev.block_size,
-            medium=ev.medium,
-            lora_name=ev.lora_name,
-            extra_keys=ev.extra_keys,
-            group_idx=ev.group_idx,
-        )
+        msgspec.structs.replace(ev, token_ids=tuple(ev.token_ids))
         if isinstance(ev, BlockStored) and ev.token_ids is not None
         else ev
         for ev in events

@@ -7,8 +7,9 @@ import struct
 import pytest
 from xxhash import xxh3_64_intdigest
 
+from kvroute.core import LocalHash
 from kvroute.errors import IndexStateError
-from kvroute.index import LocalHash, chain_hashes, pack_tokens, prompt_hashes, seed_hash
+from kvroute.index import chain_hashes, pack_tokens, prompt_hashes, seed_hash
 
 
 def _reference_chain(seed: int, tokens: list[int], block_size: int) -> list[int]:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kvroute.events.wire import BlockStored, EventBatch
-from kvroute.index import PrefixIndex, seed_hash, source_id
+from kvroute.core import BlockStored, EventBatch, source_id
+from kvroute.index import PrefixIndex, seed_hash
 from kvroute.index.matching import match_size
 
 MODEL = "m"

@@ -1,4 +1,8 @@
-"""The sync prefix index: one test per rule of issue 4 part 2 (ARCHITECTURE.md "Our own hashes")."""
+"""The sync prefix index: one test per rule of issue 4 part 2 (ARCHITECTURE.md "Our own hashes").
+
+The index consumes core events; which vLLM extra keys it can reproduce is the decoder's verdict
+(tests/unit/events/test_normalise.py). End-to-end LoRA and salt checks feed it `normalise_batch`.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,21 @@ from typing import Any
 
 import pytest
 
-from kvroute.errors import IndexStateError
-from kvroute.events.wire import (
+from kvroute.core import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    DropReason,
     Event,
     EventBatch,
-    decode_batch,
+    MatchResult,
+    SourceId,
+    source_id,
 )
-from kvroute.index import IndexLimits, MatchResult, PrefixIndex, SourceId, source_id
+from kvroute.errors import IndexStateError
+from kvroute.events import VllmBlockStored, VllmEventBatch, decode_batch, normalise_batch
+from kvroute.index import IndexLimits, PrefixIndex
 from kvroute.index.hashing import prompt_hashes
-from kvroute.metrics import DropReason
 from tests.shared_fixtures import event_fixtures_dir, expected_json, fixture_versions
 
 MODEL = "m"
@@ -51,6 +58,27 @@ def stored(
     return BlockStored(
         block_hashes=ehs[first:last], token_ids=tokens[first * bs : last * bs], **fields
     )
+
+
+def vllm_stored(
+    tokens: list[int], bs: int, first: int = 0, last: int | None = None, **kw: Any
+) -> VllmBlockStored:
+    """`stored` as vLLM sends it, with vLLM's own fields (`lora_id`, `extra_keys`, ...)."""
+    core = stored(tokens, bs, first, last)
+    return VllmBlockStored(
+        block_hashes=core.block_hashes,
+        parent_block_hash=core.parent_block_hash,
+        token_ids=core.token_ids,
+        block_size=bs,
+        **kw,
+    )
+
+
+def normalised(*events: VllmBlockStored) -> EventBatch:
+    """What the decoder hands the index for these vLLM events (each one kept)."""
+    out = normalise_batch(VllmEventBatch(ts=1.0, events=list(events)))
+    assert out.unsupported_events == 0
+    return out
 
 
 def removed(tokens: list[int], bs: int, block: int, **kw: Any) -> BlockRemoved:
@@ -254,15 +282,18 @@ def test_an_engine_hash_reused_for_another_prefix_replaces_it() -> None:
 # --- clear, reset, stale, sources ------------------------------------------------------------
 
 
-def test_all_blocks_cleared_drops_the_source_and_clears_stale() -> None:
+def test_all_blocks_cleared_drops_the_source_and_leaves_stale_as_set() -> None:
     index = make_index(A0, B0)
     index.apply(A0, batch(stored(TOKENS, 16)))
     index.apply(B0, batch(stored(TOKENS, 16)))
     index.set_stale(A0, True)
     index.apply(A0, batch(AllBlocksCleared(), stored(TOKENS, 16, 0, 1)))
-    assert not index.is_stale(A0)
+    # Staleness has one owner (the tracker): the index never clears it by itself.
+    assert index.is_stale(A0)
     assert index.source_block_count(A0) == 1
     assert index.counters.applied[(A0, "AllBlocksCleared")] == 1
+    assert {e: r.blocks for e, r in index.match(MODEL, None, TOKENS).items()} == {"b": 4}
+    index.set_stale(A0, False)
     assert {e: r.blocks for e, r in index.match(MODEL, None, TOKENS).items()} == {"a": 1, "b": 4}
 
 
@@ -276,6 +307,33 @@ def test_reset_source_drops_only_that_source() -> None:
     assert index.blocks_by_model() == {MODEL: 4}
     index.apply(A0, batch(stored(TOKENS, 16, 1, 2)))  # its old parents are gone
     assert dropped(index, A0, DropReason.ORPHAN) == 1
+
+
+def test_reset_source_leaves_stale_as_set() -> None:
+    index = make_index(A0)
+    index.apply(A0, batch(stored(TOKENS, 16)))
+    index.set_stale(A0, True)
+    index.reset_source(A0)
+    assert index.is_stale(A0)  # only `set_stale` changes it (the tracker is its owner)
+    assert index.stale_engines() == {"a"}
+    index.apply(A0, batch(stored(TOKENS, 16)))
+    assert index.match(MODEL, None, TOKENS) == {}
+    index.set_stale(A0, False)
+    assert index.match(MODEL, None, TOKENS)["a"].blocks == 4
+
+
+def test_stale_engines_are_those_with_a_stale_source() -> None:
+    index = make_index(A0, A1, B0)
+    assert index.stale_engines() == frozenset()
+    index.set_stale(A0, True)
+    index.set_stale(A1, True)
+    index.set_stale(B0, True)
+    assert index.stale_engines() == {"a", "b"}
+    index.set_stale(A0, False)
+    assert index.stale_engines() == {"a", "b"}  # rank 1 of engine a is still stale
+    index.set_stale(A1, False)
+    index.remove_source(B0)
+    assert index.stale_engines() == frozenset()
 
 
 def test_stale_sources_do_not_match() -> None:
@@ -330,7 +388,7 @@ def test_removed_source_frees_its_blocks_and_its_bit() -> None:
 
 def test_lora_adapters_never_match_each_other_or_the_base_model() -> None:
     index = make_index(A0, B0)
-    index.apply(A0, batch(stored(TOKENS, 16, lora_name="sql", lora_id=1)))
+    index.apply(A0, batch(stored(TOKENS, 16, lora_name="sql")))
     index.apply(B0, batch(stored(TOKENS, 16)))
     assert set(index.match(MODEL, "sql", TOKENS)) == {"a"}
     assert set(index.match(MODEL, None, TOKENS)) == {"b"}
@@ -357,49 +415,41 @@ def test_engines_with_different_block_sizes_each_match_their_own() -> None:
     assert result["b"] == MatchResult(2, 64, {"GPU": 2}, 0, 32)
 
 
-# --- extra keys -----------------------------------------------------------------------------
+# --- LoRA and cache salt ---------------------------------------------------------------------
 
 
-def test_extra_keys_none_and_lora_name_are_reproducible() -> None:
+def test_cache_salt_seeds_block_zero_only() -> None:
     index = make_index(A0)
-    event = stored(TOKENS, 16, lora_name="sql", extra_keys=[["sql"], None, ["sql"], ("sql",)])
-    index.apply(A0, batch(event))
-    assert index.match(MODEL, "sql", TOKENS)["a"].blocks == 4
-
-
-def test_extra_keys_cache_salt_on_block_zero_changes_the_seed() -> None:
-    index = make_index(A0)
-    index.apply(A0, batch(stored(TOKENS, 16, 0, 2, extra_keys=[["s1"], None])))
-    index.apply(A0, batch(stored(TOKENS, 16, 2, 4)))
+    index.apply(A0, batch(stored(TOKENS, 16, 0, 2, cache_salt="s1")))
+    index.apply(A0, batch(stored(TOKENS, 16, 2, 4, cache_salt="ignored")))  # has a parent
     assert index.match(MODEL, None, TOKENS) == {}
     assert index.match(MODEL, None, TOKENS, cache_salt="s1")["a"].blocks == 4
     assert index.match(MODEL, None, TOKENS, cache_salt="s2") == {}
 
 
-def test_extra_keys_tagged_forms_are_accepted() -> None:
+def test_lora_event_with_its_name_in_extra_keys_matches_the_lora_prompt() -> None:
+    index = make_index(A0)
+    event = vllm_stored(TOKENS, 16, lora_name="sql", extra_keys=[["sql"], None, ["sql"], ("sql",)])
+    index.apply(A0, normalised(event))
+    assert index.match(MODEL, "sql", TOKENS)["a"].blocks == 4
+    assert index.match(MODEL, None, TOKENS) == {}
+
+
+def test_salted_event_matches_only_the_salted_prompt() -> None:
+    index = make_index(A0)
+    index.apply(A0, normalised(vllm_stored(TOKENS, 16, 0, 2, extra_keys=[["s1"], None])))
+    index.apply(A0, normalised(vllm_stored(TOKENS, 16, 2, 4)))
+    assert index.match(MODEL, None, TOKENS) == {}
+    assert index.match(MODEL, None, TOKENS, cache_salt="s1")["a"].blocks == 4
+    assert index.match(MODEL, None, TOKENS, cache_salt="s2") == {}
+
+
+def test_tagged_lora_and_salt_event_matches_the_salted_lora_prompt() -> None:
     index = make_index(A0)
     keys = [[["lora", "sql", "/path"], ["cache_salt", "s"]], [["lora", "sql", "/path"]]]
-    index.apply(A0, batch(stored(TOKENS, 16, 0, 2, lora_name="sql", extra_keys=keys)))
+    index.apply(A0, normalised(vllm_stored(TOKENS, 16, 0, 2, lora_name="sql", extra_keys=keys)))
     assert index.match(MODEL, "sql", TOKENS, cache_salt="s")["a"].blocks == 2
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [
-        {"extra_keys": [[["mm-abc", 0]], None, None, None]},  # multimodal (id, offset)
-        {"extra_keys": [None, [b"\x01" * 32], None, None]},  # prompt embeds digest
-        {"extra_keys": [None, ["late-salt"], None, None]},  # a salt not on block 0
-        {"extra_keys": [[1.5], None, None, None]},
-        {"lookahead_token_ids": [[1, 2]]},
-        {"lora_id": 3},  # an adapter without a name (releases before lora_name)
-    ],
-    ids=["mm", "prompt-embeds", "salt-not-first", "float", "lookahead", "unnamed-lora"],
-)
-def test_extra_keys_we_cannot_reproduce_are_dropped(extra: dict[str, Any]) -> None:
-    index = make_index(A0)
-    index.apply(A0, batch(stored(TOKENS, 16, **extra)))
-    assert dropped(index, A0, DropReason.UNSUPPORTED_EXTRA_KEYS) == 1
-    assert index.source_block_count(A0) == 0
+    assert index.match(MODEL, "sql", TOKENS) == {}
 
 
 # --- bounds ---------------------------------------------------------------------------------
@@ -581,10 +631,10 @@ def test_an_event_without_blocks_is_applied_as_a_no_op() -> None:
     assert index.source_block_count(A0) == 0
 
 
-def test_lora_named_in_extra_keys_by_id_is_reproducible() -> None:
+def test_lora_event_named_by_id_in_extra_keys_matches_the_lora_prompt() -> None:
     index = make_index(A0)
-    event = stored(TOKENS, 16, 0, 1, lora_name="sql", lora_id=7, extra_keys=[[7]])
-    index.apply(A0, batch(event))
+    event = vllm_stored(TOKENS, 16, 0, 1, lora_name="sql", lora_id=7, extra_keys=[[7]])
+    index.apply(A0, normalised(event))
     assert index.match(MODEL, "sql", TOKENS)["a"].blocks == 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult
 from kvroute.routing import Candidate, LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 
 

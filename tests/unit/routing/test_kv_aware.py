@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult
 from kvroute.routing import (
     GUARD_POLICY_NAME,
     Candidate,

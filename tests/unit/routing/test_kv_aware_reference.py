@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvroute.index.types import MatchResult
+from kvroute.core import MatchResult
 from kvroute.routing import GUARD_POLICY_NAME, Candidate, CostWeights, KvAwarePolicy
 
 MEDIA = {"GPU": 1.0, "CPU": 0.8}

@@ -1,4 +1,4 @@
-"""One suite every routing policy must pass (STYLE.md §14), parametrised over POLICY_NAMES."""
+"""One suite every routing policy must pass (STYLE.md §14), parametrised over PolicyName."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kvroute.index.types import MatchResult
-from kvroute.routing import POLICY_NAMES, Candidate, Decision, make_policy
+from kvroute.core import MatchResult, PolicyName
+from kvroute.routing import Candidate, Decision, make_policy
 
 
 def _fleet(n: int, *, unhealthy: tuple[int, ...] = ()) -> list[Candidate]:
@@ -33,8 +33,8 @@ def _check_decision_shape(decision: Decision, candidates: list[Candidate]) -> No
         assert score.stale is False
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_never_chooses_an_unhealthy_engine(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_never_chooses_an_unhealthy_engine(policy_name: PolicyName) -> None:
     policy = make_policy(policy_name, seed=3)
     candidates = _fleet(5, unhealthy=(0, 2, 4))
     # the unhealthy engines hold the whole prompt and carry no load: still never chosen
@@ -45,8 +45,8 @@ def test_never_chooses_an_unhealthy_engine(policy_name: str) -> None:
         _check_decision_shape(decision, candidates)
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_single_healthy_engine_is_always_chosen(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_single_healthy_engine_is_always_chosen(policy_name: PolicyName) -> None:
     policy = make_policy(policy_name)
     candidates = _fleet(3, unhealthy=(0, 1))
     for _ in range(10):
@@ -55,8 +55,8 @@ def test_single_healthy_engine_is_always_chosen(policy_name: str) -> None:
         assert decision.ranked == ["engine-2"]
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_same_seed_same_decisions(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_same_seed_same_decisions(policy_name: PolicyName) -> None:
     rng = random.Random(7)
     calls = []
     for _ in range(40):
@@ -72,15 +72,15 @@ def test_same_seed_same_decisions(policy_name: str) -> None:
     assert runs_a == runs_b
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_policy_name_is_reported(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_policy_name_is_reported(policy_name: PolicyName) -> None:
     policy = make_policy(policy_name)
     assert policy.name == policy_name
     assert policy.choose(_fleet(2), {}, 10).policy == policy_name
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_scores_report_matches_apart_from_speculation(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_scores_report_matches_apart_from_speculation(policy_name: PolicyName) -> None:
     policy = make_policy(policy_name)
     match = MatchResult(
         blocks=3, tokens=48, by_medium={"GPU": 2, "CPU": 1}, speculative_blocks=5, block_size=16
@@ -98,22 +98,22 @@ def test_scores_report_matches_apart_from_speculation(policy_name: str) -> None:
     assert (b.blocks_matched, b.tokens_matched, b.by_medium, b.speculative_blocks) == (0, 0, {}, 0)
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_matches_for_unknown_engines_are_ignored(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_matches_for_unknown_engines_are_ignored(policy_name: PolicyName) -> None:
     decision = make_policy(policy_name).choose(_fleet(2), {"gone": _gpu(9)}, 160)
     assert decision.engine in {"engine-0", "engine-1"}
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_every_healthy_engine_gets_traffic_when_idle_and_equal(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_every_healthy_engine_gets_traffic_when_idle_and_equal(policy_name: PolicyName) -> None:
     # With no prefix anywhere and equal load, no policy may pin everything on one engine.
     policy = make_policy(policy_name, seed=5)
     chosen = {policy.choose(_fleet(4), {}, 100).engine for _ in range(200)}
     assert chosen == {f"engine-{i}" for i in range(4)}
 
 
-@pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_no_healthy_candidate_is_a_clear_value_error(policy_name: str) -> None:
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_no_healthy_candidate_is_a_clear_value_error(policy_name: PolicyName) -> None:
     policy = make_policy(policy_name)
     for candidates in ([], _fleet(2, unhealthy=(0, 1))):
         with pytest.raises(ValueError, match="expected at least one healthy candidate"):
@@ -124,4 +124,9 @@ def test_unknown_policy_name_is_a_config_error() -> None:
     from kvroute.errors import ConfigError
 
     with pytest.raises(ConfigError, match="expected one of kv_aware, least_loaded"):
-        make_policy("fastest")
+        make_policy("fastest")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("policy_name", list(PolicyName))
+def test_a_plain_string_naming_a_policy_is_accepted(policy_name: PolicyName) -> None:
+    assert make_policy(policy_name.value).name == policy_name.value  # type: ignore[arg-type]

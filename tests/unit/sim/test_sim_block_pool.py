@@ -6,7 +6,11 @@ import hashlib
 
 import pytest
 
-from kvroute.events.wire import AllBlocksCleared, BlockRemoved, BlockStored
+from kvroute.events.vllm_events import (
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+)
 from kvroute.sim.block_pool import NONE_DIGEST, BlockPool
 from kvroute.sim.scheduler import SchedulerConfig, SimRequest, SimScheduler
 
@@ -71,16 +75,16 @@ def test_lru_eviction_takes_free_queue_head_and_tail_of_a_sequence_first() -> No
     d = chain([1, 2, 3, 4], 2)
     pool.cache(a, d, None, [1, 2, 3, 4])
     stored = pool.drain_events()
-    assert stored == [BlockStored([u64(d[0]), u64(d[1])], None, [1, 2, 3, 4], 2, None, "GPU",
-                                  None, group_idx=0)]  # fmt: skip
+    assert stored == [VllmBlockStored([u64(d[0]), u64(d[1])], None, [1, 2, 3, 4], 2, None, "GPU",
+                                      None, group_idx=0)]  # fmt: skip
     pool.free(list(reversed(a)))  # free queue: 2, 3, 1, 0
     assert pool.num_free == 4 and pool.num_cached == 2
     b = pool.allocate(3)  # 2, 3 are empty; 1 holds d[1] and is evicted
     assert b == [2, 3, 1]
-    assert pool.drain_events() == [BlockRemoved([u64(d[1])], "GPU", 0)]
+    assert pool.drain_events() == [VllmBlockRemoved([u64(d[1])], "GPU", 0)]
     assert pool.is_cached(d[0]) and not pool.is_cached(d[1])
     pool.allocate(1)  # block 0: evicts d[0]
-    assert pool.drain_events() == [BlockRemoved([u64(d[0])], "GPU", 0)]
+    assert pool.drain_events() == [VllmBlockRemoved([u64(d[0])], "GPU", 0)]
     with pytest.raises(ValueError):
         pool.allocate(1)
 
@@ -98,13 +102,13 @@ def test_touch_takes_cached_free_block_out_of_the_eviction_queue() -> None:
         pool.allocate(1)
     pool.free(ids)
     pool.allocate(1)
-    assert pool.drain_events() == [BlockRemoved([u64(d[0])], "GPU", 0)]
+    assert pool.drain_events() == [VllmBlockRemoved([u64(d[0])], "GPU", 0)]
 
 
 def test_a_hash_cached_twice_is_stored_and_removed_once_per_copy() -> None:
     pool = BlockPool(2, 2)
     d = chain([1, 2], 2)
-    stored = BlockStored([u64(d[0])], None, [1, 2], 2, None, "GPU", None, group_idx=0)
+    stored = VllmBlockStored([u64(d[0])], None, [1, 2], 2, None, "GPU", None, group_idx=0)
     first, second = pool.allocate(1), pool.allocate(1)
     pool.cache(first, d, None, [1, 2])
     pool.cache(second, d, None, [1, 2])
@@ -113,10 +117,10 @@ def test_a_hash_cached_twice_is_stored_and_removed_once_per_copy() -> None:
     pool.free(second)
     pool.free(first)
     pool.allocate(1)  # evicts one copy: the hash stays cached
-    assert pool.drain_events() == [BlockRemoved([u64(d[0])], "GPU", 0)]
+    assert pool.drain_events() == [VllmBlockRemoved([u64(d[0])], "GPU", 0)]
     assert pool.is_cached(d[0])
     pool.allocate(1)
-    assert pool.drain_events() == [BlockRemoved([u64(d[0])], "GPU", 0)]
+    assert pool.drain_events() == [VllmBlockRemoved([u64(d[0])], "GPU", 0)]
     assert not pool.is_cached(d[0])
 
 
@@ -128,7 +132,7 @@ def test_reset_prefix_cache_refused_while_blocks_are_in_use() -> None:
     assert pool.reset_prefix_cache() is False
     pool.free(ids)
     assert pool.reset_prefix_cache() is True
-    assert pool.drain_events() == [AllBlocksCleared()]
+    assert pool.drain_events() == [VllmAllBlocksCleared()]
     assert pool.num_cached == 0 and pool.cached_blocks() == []
 
 
@@ -142,11 +146,11 @@ def test_events_per_step_cover_prompt_and_generated_blocks_with_parents() -> Non
     d = chain([*prompt, *out[:3]], 2)  # computed tokens: prompt + 3 fed-back outputs
     steps = run_all(s)
     assert steps == [
-        [BlockStored([u64(d[0]), u64(d[1])], None, [11, 12, 13, 14], 2, None, "GPU", None,
-                     group_idx=0)],
-        [BlockStored([u64(d[2])], u64(d[1]), [15, 21], 2, None, "GPU", None, group_idx=0)],
+        [VllmBlockStored([u64(d[0]), u64(d[1])], None, [11, 12, 13, 14], 2, None, "GPU", None,
+                         group_idx=0)],
+        [VllmBlockStored([u64(d[2])], u64(d[1]), [15, 21], 2, None, "GPU", None, group_idx=0)],
         [],
-        [BlockStored([u64(d[3])], u64(d[2]), [22, 23], 2, None, "GPU", None, group_idx=0)],
+        [VllmBlockStored([u64(d[3])], u64(d[2]), [22, 23], 2, None, "GPU", None, group_idx=0)],
     ]  # fmt: skip
     cached = {b.hash: b.parent for b in s.pool.cached_blocks()}
     assert cached == {u64(d[0]): None, u64(d[1]): u64(d[0]), u64(d[2]): u64(d[1]),
@@ -159,7 +163,9 @@ def test_lora_blocks_carry_name_and_id_and_hash_apart() -> None:
     out = s.step()
     assert out is not None
     d = chain([1, 2], 2, "sql")
-    assert out.events == [BlockStored([u64(d[0])], None, [1, 2], 2, 1, "GPU", "sql", group_idx=0)]
+    assert out.events == [
+        VllmBlockStored([u64(d[0])], None, [1, 2], 2, 1, "GPU", "sql", group_idx=0)
+    ]
     assert s.pool.cached_blocks()[0].lora_name == "sql"
 
 
@@ -184,8 +190,8 @@ def test_identical_prompts_admitted_in_one_step_store_two_copies() -> None:
     out = s.step()
     assert out is not None and len(out.advanced) == 2
     d = chain([1, 2, 3, 4], 2)
-    stored = BlockStored([u64(d[0]), u64(d[1])], None, [1, 2, 3, 4], 2, None, "GPU", None,
-                         group_idx=0)  # fmt: skip
+    stored = VllmBlockStored([u64(d[0]), u64(d[1])], None, [1, 2, 3, 4], 2, None, "GPU", None,
+                             group_idx=0)  # fmt: skip
     assert out.events == [stored, stored]
 
 
@@ -199,7 +205,7 @@ def test_whole_prompt_hit_recomputes_the_last_block_as_a_second_copy() -> None:
     assert out is not None and b.cached_tokens == 2
     d = chain([1, 2, 3, 4], 2)
     assert out.events == [
-        BlockStored([u64(d[1])], u64(d[0]), [3, 4], 2, None, "GPU", None, group_idx=0)
+        VllmBlockStored([u64(d[1])], u64(d[0]), [3, 4], 2, None, "GPU", None, group_idx=0)
     ]
     assert sorted(x.hash for x in s.pool.cached_blocks()) == sorted(
         [u64(d[0]), u64(d[1]), u64(d[1])]
@@ -216,10 +222,10 @@ def test_eviction_events_precede_stores_in_a_step() -> None:
     da, db = chain([1, 2, 3, 4], 2), chain([7, 8, 9, 10], 2)
     # freed last-block-first, so a's second block is evicted first
     assert out.events == [
-        BlockRemoved([u64(da[1])], "GPU", 0),
-        BlockRemoved([u64(da[0])], "GPU", 0),
-        BlockStored([u64(db[0]), u64(db[1])], None, [7, 8, 9, 10], 2, None, "GPU", None,
-                    group_idx=0),
+        VllmBlockRemoved([u64(da[1])], "GPU", 0),
+        VllmBlockRemoved([u64(da[0])], "GPU", 0),
+        VllmBlockStored([u64(db[0]), u64(db[1])], None, [7, 8, 9, 10], 2, None, "GPU", None,
+                        group_idx=0),
     ]  # fmt: skip
 
 
@@ -233,8 +239,8 @@ def test_reset_prefix_cache_is_announced_with_the_next_step() -> None:
     assert s.pool.cached_blocks() == []
     s.add(req("b", [1, 2, 3], [4]))
     out = s.step()
-    assert out is not None and out.events[0] == AllBlocksCleared()
-    assert isinstance(out.events[1], BlockStored) and out.events[1].parent_block_hash is None
+    assert out is not None and out.events[0] == VllmAllBlocksCleared()
+    assert isinstance(out.events[1], VllmBlockStored) and out.events[1].parent_block_hash is None
 
 
 def test_restart_empties_pool_and_loses_requests_without_all_blocks_cleared() -> None:
@@ -252,7 +258,7 @@ def test_restart_empties_pool_and_loses_requests_without_all_blocks_cleared() ->
     s.add(again)
     out = s.step()
     assert out is not None and again.cached_tokens == 0
-    assert all(isinstance(e, BlockStored) for e in out.events)
+    assert all(isinstance(e, VllmBlockStored) for e in out.events)
 
 
 def test_admission_waits_for_blocks_and_max_num_seqs() -> None:

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from kvroute.errors import TokenizeError
-from kvroute.metrics import Metrics
+from kvroute.errors import ConfigError, TokenizeError
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
@@ -62,8 +61,12 @@ def recording(tmp_path: Path) -> _Recording:
     return _Recording(LocalTokenizer(tmp_path / "tokenizer.json", TEMPLATE))
 
 
+def _cache(inner: _Recording, **kw: Any) -> CachingTokenizer:
+    return CachingTokenizer(inner, **{"max_entries": 4096, **kw})
+
+
 async def test_repeated_prompt_hits_the_cache(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     first = await cache.tokenize_prompt("m", "one two")
     second = await cache.tokenize_prompt("m", "one two")
     assert first == second == await recording.inner.tokenize_prompt("m", "one two")
@@ -72,14 +75,14 @@ async def test_repeated_prompt_hits_the_cache(recording: _Recording) -> None:
 
 
 async def test_cache_key_includes_the_model(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     await cache.tokenize_prompt("a", "one")
     await cache.tokenize_prompt("b", "one")
     assert len(recording.calls) == 2
 
 
 async def test_mutating_a_returned_list_does_not_corrupt_the_cache(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     ids = await cache.tokenize_prompt("m", "one two")
     expected = list(ids)
     ids.append(999)
@@ -89,7 +92,7 @@ async def test_mutating_a_returned_list_does_not_corrupt_the_cache(recording: _R
 
 
 async def test_least_recently_used_entry_is_evicted_first(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording, max_entries=2)
+    cache = _cache(recording, max_entries=2)
     await cache.tokenize_prompt("m", "one")
     await cache.tokenize_prompt("m", "two")
     await cache.tokenize_prompt("m", "one")  # "two" is now least recently used
@@ -104,14 +107,14 @@ async def test_least_recently_used_entry_is_evicted_first(recording: _Recording)
 
 
 async def test_cache_stays_bounded(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording, max_entries=5)
+    cache = _cache(recording, max_entries=5)
     for i in range(50):
         await cache.tokenize_prompt("m", f"one {i}")
     assert len(cache) == 5
 
 
 async def test_chat_key_ignores_dict_key_order_but_not_flags(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     await cache.tokenize_chat("m", [{"role": "user", "content": "hello"}])
     await cache.tokenize_chat("m", [{"content": "hello", "role": "user"}])
     assert len(recording.calls) == 1
@@ -125,14 +128,14 @@ async def test_chat_key_ignores_dict_key_order_but_not_flags(recording: _Recordi
 
 
 async def test_a_chat_prompt_and_a_text_prompt_do_not_share_entries(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     await cache.tokenize_prompt("m", '[{"content": "hello", "role": "user"}]')
     await cache.tokenize_chat("m", [{"role": "user", "content": "hello"}])
     assert len(recording.calls) == 2
 
 
 async def test_failures_are_not_cached(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     recording.fail = True
     with pytest.raises(TokenizeError):
         await cache.tokenize_prompt("m", "one")
@@ -144,7 +147,7 @@ async def test_failures_are_not_cached(recording: _Recording) -> None:
 
 
 async def test_token_id_prompts_bypass_the_cache(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     assert await cache.tokenize_prompt("m", [4, 5]) == [4, 5]
     assert recording.calls == [] and len(cache) == 0
     with pytest.raises(TokenizeError):
@@ -154,7 +157,7 @@ async def test_token_id_prompts_bypass_the_cache(recording: _Recording) -> None:
 async def test_unserialisable_messages_go_to_the_inner_tokenizer_uncached(
     recording: _Recording,
 ) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     messages: list[dict[str, Any]] = [{"role": "user", "content": "one", "extra": {1, 2}}]
     await cache.tokenize_chat("m", messages)
     await cache.tokenize_chat("m", messages)
@@ -162,21 +165,22 @@ async def test_unserialisable_messages_go_to_the_inner_tokenizer_uncached(
 
 
 async def test_cache_hits_are_timed_as_mode_cache(recording: _Recording) -> None:
-    metrics = Metrics()
-    cache = CachingTokenizer(recording, metrics=metrics)
+    seen: list[str] = []
+    cache = _cache(recording, observe=lambda mode, _s: seen.append(mode))
     await cache.tokenize_prompt("m", "one")
     await cache.tokenize_prompt("m", "one")
-    count = metrics.registry.get_sample_value("kvroute_tokenize_seconds_count", {"mode": "cache"})
-    assert count == 1.0
+    await cache.tokenize_chat("m", [{"role": "user", "content": "one"}])
+    await cache.tokenize_chat("m", [{"role": "user", "content": "one"}])
+    assert seen == ["cache", "cache"]  # misses are timed by the inner tokenizer
 
 
 def test_max_entries_must_be_positive(recording: _Recording) -> None:
-    with pytest.raises(ValueError, match="max_entries"):
+    with pytest.raises(ConfigError, match="max_entries: expected >= 1, got 0"):
         CachingTokenizer(recording, max_entries=0)
 
 
 async def test_concurrent_misses_share_one_inner_call(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     recording.gate = asyncio.Event()
     waiters = [asyncio.ensure_future(cache.tokenize_prompt("m", "one two")) for _ in range(20)]
     await asyncio.sleep(0)  # let every waiter reach the shared call
@@ -189,7 +193,7 @@ async def test_concurrent_misses_share_one_inner_call(recording: _Recording) -> 
 
 
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_call(recording: _Recording) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     recording.gate = asyncio.Event()
     first = asyncio.ensure_future(cache.tokenize_prompt("m", "one"))
     second = asyncio.ensure_future(cache.tokenize_prompt("m", "one"))
@@ -204,7 +208,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_call(recording: _Re
 async def test_a_shared_failure_reaches_every_waiter_and_is_not_cached(
     recording: _Recording,
 ) -> None:
-    cache = CachingTokenizer(recording)
+    cache = _cache(recording)
     recording.gate = asyncio.Event()
     recording.fail = True
     waiters = [asyncio.ensure_future(cache.tokenize_prompt("m", "one")) for _ in range(3)]

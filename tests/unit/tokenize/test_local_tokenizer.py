@@ -9,7 +9,6 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from kvroute.errors import ConfigError, TokenizeError
-from kvroute.metrics import Metrics
 from kvroute.tokenize import LocalTokenizer
 
 CORPUS = [
@@ -151,9 +150,10 @@ def test_bad_template_is_a_config_error(tokenizer_json: Path, tmp_path: Path) ->
 
 
 async def test_local_latency_is_observed(tokenizer_json: Path) -> None:
-    metrics = Metrics()
-    tok = LocalTokenizer(tokenizer_json, TEMPLATE, metrics=metrics)
+    seen: list[tuple[str, float]] = []
+    tok = LocalTokenizer(tokenizer_json, TEMPLATE, observe=lambda m, s: seen.append((m, s)))
     await tok.tokenize_prompt("m", "hello")
     await tok.tokenize_chat("m", [{"role": "user", "content": "x"}])
-    count = metrics.registry.get_sample_value("kvroute_tokenize_seconds_count", {"mode": "local"})
-    assert count == 2.0
+    await tok.tokenize_prompt("m", [1, 2])  # ids: nothing tokenized, nothing timed
+    assert [mode for mode, _ in seen] == ["local", "local"]
+    assert all(s >= 0 for _, s in seen)

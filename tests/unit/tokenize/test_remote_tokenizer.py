@@ -1,4 +1,5 @@
-"""RemoteTokenizer against a real in-process ASGI app shaped like vLLM's /tokenize (ref. §7)."""
+"""RemoteTokenizer over the real engine client, against a real in-process ASGI app shaped like
+vLLM's /tokenize (ref. §7)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from kvroute.errors import TokenizeError
-from kvroute.metrics import Metrics
+from kvroute.errors import EngineConnectError, TokenizeError
 from kvroute.tokenize import RemoteTokenizer
+from kvroute.upstream import HttpxEngineClient
 
 BOS = 1
 
@@ -73,9 +74,15 @@ async def engine() -> AsyncIterator[_Engine]:
     e.release.set()
 
 
+def _client(transport: httpx.AsyncBaseTransport | None = None) -> HttpxEngineClient:
+    return HttpxEngineClient(
+        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10, transport=transport
+    )
+
+
 @pytest.fixture
-async def client(engine: _Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=engine.app())) as c:
+async def client(engine: _Engine) -> AsyncIterator[HttpxEngineClient]:
+    async with _client(httpx.ASGITransport(app=engine.app())) as c:
         yield c
 
 
@@ -83,10 +90,14 @@ def _urls(model: str) -> str | None:
     return {"llama": "http://engine-a:8000", "llama-sql": "http://engine-a:8000/"}.get(model)
 
 
+def _tokenizer(client: HttpxEngineClient, **kw: Any) -> RemoteTokenizer:
+    return RemoteTokenizer(client, _urls, **{"timeout_s": 5.0, **kw})
+
+
 async def test_prompt_uses_completion_form_with_special_tokens(
-    engine: _Engine, client: httpx.AsyncClient
+    engine: _Engine, client: HttpxEngineClient
 ) -> None:
-    tok = RemoteTokenizer(client, _urls)
+    tok = _tokenizer(client)
     ids = await tok.tokenize_prompt("llama", "hello big world")
     assert ids == [BOS, *_word_ids("hello big world")]
     assert engine.bodies == [
@@ -95,9 +106,9 @@ async def test_prompt_uses_completion_form_with_special_tokens(
 
 
 async def test_chat_uses_chat_form_so_the_engine_template_applies(
-    engine: _Engine, client: httpx.AsyncClient
+    engine: _Engine, client: HttpxEngineClient
 ) -> None:
-    tok = RemoteTokenizer(client, _urls)
+    tok = _tokenizer(client)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     ids = await tok.tokenize_chat("llama", messages)
     assert ids == [BOS, *_word_ids("<system> be brief <user> hi <assistant>")]
@@ -106,8 +117,8 @@ async def test_chat_uses_chat_form_so_the_engine_template_applies(
     ]
 
 
-async def test_chat_flags_are_forwarded(engine: _Engine, client: httpx.AsyncClient) -> None:
-    tok = RemoteTokenizer(client, _urls)
+async def test_chat_flags_are_forwarded(engine: _Engine, client: HttpxEngineClient) -> None:
+    tok = _tokenizer(client)
     messages = [{"role": "user", "content": "hi"}]
     ids = await tok.tokenize_chat(
         "llama",
@@ -120,52 +131,52 @@ async def test_chat_flags_are_forwarded(engine: _Engine, client: httpx.AsyncClie
     assert engine.bodies[0]["chat_template_kwargs"] == {"enable_thinking": True}
 
 
-async def test_lora_name_is_sent_as_the_model(engine: _Engine, client: httpx.AsyncClient) -> None:
+async def test_lora_name_is_sent_as_the_model(engine: _Engine, client: HttpxEngineClient) -> None:
     # a trailing slash on the engine URL does not double up
-    await RemoteTokenizer(client, _urls).tokenize_prompt("llama-sql", "x")
+    await _tokenizer(client).tokenize_prompt("llama-sql", "x")
     assert engine.bodies[0]["model"] == "llama-sql"
 
 
 async def test_prompt_given_as_token_ids_is_returned_without_a_request(
-    engine: _Engine, client: httpx.AsyncClient
+    engine: _Engine, client: HttpxEngineClient
 ) -> None:
-    tok = RemoteTokenizer(client, _urls)
+    tok = _tokenizer(client)
     assert await tok.tokenize_prompt("llama", [5, 6, 7]) == [5, 6, 7]
     assert engine.bodies == []
 
 
 @pytest.mark.parametrize("bad", [[1, -2], [1, True], [1, "2"], [1.0], [1, 2**32]])
-async def test_bad_token_id_prompt_is_a_tokenize_error(client: httpx.AsyncClient, bad: Any) -> None:
+async def test_bad_token_id_prompt_is_a_tokenize_error(client: HttpxEngineClient, bad: Any) -> None:
     with pytest.raises(TokenizeError, match="expected a list of token ids"):
-        await RemoteTokenizer(client, _urls).tokenize_prompt("llama", bad)
+        await _tokenizer(client).tokenize_prompt("llama", bad)
 
 
-async def test_unknown_model_is_a_tokenize_error(client: httpx.AsyncClient) -> None:
+async def test_unknown_model_is_a_tokenize_error(client: HttpxEngineClient) -> None:
     with pytest.raises(TokenizeError, match="no engine serves"):
-        await RemoteTokenizer(client, _urls).tokenize_prompt("mystery", "x")
+        await _tokenizer(client).tokenize_prompt("mystery", "x")
 
 
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
         ("error", "expected status 200, got 404"),
-        ("not_json", "expected a JSON body"),
-        ("no_tokens", "expected an object with 'tokens'"),
-        ("bad_tokens", "got an item str"),
-        ("huge_tokens", "got an item int 4294967296"),
+        ("not_json", "expected a JSON body, got '<html>oops</html>'"),
+        ("no_tokens", "expected an object with 'tokens'.*missing required field `tokens`"),
+        ("bad_tokens", r"Expected `int`, got `str` - at `\$\.tokens\[1\]`"),
+        ("huge_tokens", r"Expected `int` <= 4294967295 - at `\$\.tokens\[1\]`"),
     ],
 )
 async def test_bad_engine_answers_are_tokenize_errors(
-    engine: _Engine, client: httpx.AsyncClient, mode: str, message: str
+    engine: _Engine, client: HttpxEngineClient, mode: str, message: str
 ) -> None:
     engine.mode = mode
     with pytest.raises(TokenizeError, match=message):
-        await RemoteTokenizer(client, _urls).tokenize_prompt("llama", "x")
+        await _tokenizer(client).tokenize_prompt("llama", "x")
 
 
-async def test_a_hanging_engine_times_out(engine: _Engine, client: httpx.AsyncClient) -> None:
+async def test_a_hanging_engine_times_out(engine: _Engine, client: HttpxEngineClient) -> None:
     engine.mode = "hang"
-    tok = RemoteTokenizer(client, _urls, timeout_s=0.2)
+    tok = _tokenizer(client, timeout_s=0.2)
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(TokenizeError, match=r"timed out after 0\.2 s"):
@@ -173,24 +184,30 @@ async def test_a_hanging_engine_times_out(engine: _Engine, client: httpx.AsyncCl
     assert loop.time() - started < 5.0
 
 
-async def test_connect_failure_is_a_tokenize_error_from_the_httpx_error() -> None:
+async def test_connect_failure_is_a_tokenize_error_from_the_engine_connect_error() -> None:
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with httpx.AsyncClient() as real:
+    async with _client() as real:
         tok = RemoteTokenizer(real, lambda _m: f"http://127.0.0.1:{port}", timeout_s=5.0)
         with pytest.raises(TokenizeError, match="ConnectError") as info:
             await tok.tokenize_chat("llama", [{"role": "user", "content": "x"}])
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, EngineConnectError)
 
 
-async def test_remote_latency_is_observed(client: httpx.AsyncClient) -> None:
-    metrics = Metrics()
-    tok = RemoteTokenizer(client, _urls, metrics=metrics)
+async def test_remote_latency_is_observed_for_answered_calls(
+    engine: _Engine, client: HttpxEngineClient
+) -> None:
+    seen: list[tuple[str, float]] = []
+    tok = _tokenizer(client, observe=lambda mode, s: seen.append((mode, s)))
     await tok.tokenize_prompt("llama", "a b")
     await tok.tokenize_chat("llama", [{"role": "user", "content": "x"}])
-    count = metrics.registry.get_sample_value("kvroute_tokenize_seconds_count", {"mode": "remote"})
-    assert count == 2.0
+    await tok.tokenize_prompt("llama", [1, 2])  # ids: no call, nothing to time
+    engine.mode = "error"
+    with pytest.raises(TokenizeError):
+        await tok.tokenize_prompt("llama", "a b")
+    assert [mode for mode, _ in seen] == ["remote", "remote"]
+    assert all(s >= 0 for _, s in seen)
 
 
 @pytest.mark.parametrize(
@@ -202,8 +219,8 @@ async def test_remote_latency_is_observed(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_a_body_json_cannot_encode_is_a_tokenize_error(
-    client: httpx.AsyncClient, messages: list[dict[str, Any]]
+    client: HttpxEngineClient, messages: list[dict[str, Any]]
 ) -> None:
-    tokenizer = RemoteTokenizer(client, _urls)
+    tokenizer = _tokenizer(client)
     with pytest.raises(TokenizeError, match="not encodable as JSON"):
         await tokenizer.tokenize_chat("llama", messages)

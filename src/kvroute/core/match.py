@@ -1,27 +1,11 @@
-"""Types the index shares with routing and the gateway: source ids, local hashes, match results."""
+"""What the index answers for one engine and prompt: `MatchResult` (docs/architecture.md,
+"Match result")."""
 
 from __future__ import annotations
 
-from typing import NewType
-
 import msgspec
 
-__all__ = ["LocalHash", "MatchResult", "SourceId", "source_id", "split_source_id"]
-
-LocalHash = NewType("LocalHash", int)
-"""Our own chained block hash (index/hashing.py); never an engine's hash."""
-
-SourceId = NewType("SourceId", str)
-"""One publishing engine source: ``"<engine>/<dp rank>"`` (also the `source` metric label)."""
-
-
-def source_id(engine: str, rank: int) -> SourceId:
-    return SourceId(f"{engine}/{rank}")
-
-
-def split_source_id(source: SourceId) -> tuple[str, int]:
-    engine, _, rank = source.rpartition("/")
-    return engine, int(rank)
+__all__ = ["MatchResult"]
 
 
 class MatchResult(msgspec.Struct, frozen=True, gc=False):

@@ -1,0 +1,475 @@
+"""The recovery state machine of one engine source: seq tracking, replay, resets, staleness.
+Synchronous and socket-free; the only code that writes a source's state into the index."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvroute.core import (
+    AllBlocksCleared,
+    DropReason,
+    EventBatch,
+    EventCounters,
+    ReplayOutcome,
+    ResetCause,
+    SourceSpec,
+    SourceStatus,
+)
+from kvroute.errors import WireError
+from kvroute.events.wire import BatchDecoder
+from kvroute.index import PrefixIndex
+
+__all__ = ["RecoveryTimings", "ReplayKind", "ReplayRequest", "SourceTracker"]
+
+
+class ReplayKind(enum.Enum):
+    """Why a replay is asked for; it decides what its outcome means."""
+
+    BOOTSTRAP = "bootstrap"  # first contact or after a reset: from seq 0
+    GAP = "gap"  # the live stream skipped seqs: from last + 1, then the live batch that showed it
+    RETRY = "retry"  # a stale source's backoff timer fired: from last + 1
+    TAIL = "tail"  # a quiet source: was its last batch lost? from last + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """Ask the source's replay ROUTER for every batch with seq >= `start`."""
+
+    start: int
+    kind: ReplayKind
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryTimings:
+    """The tracker's timers: retry backoff of a stale source (doubling from `backoff_min_s` to
+    `backoff_max_s`) and how long a source may be quiet before its tail is checked (0: never)."""
+
+    backoff_min_s: float
+    backoff_max_s: float
+    tail_check_s: float
+
+
+class SourceTracker:
+    """The rules of docs/design.md §5 for one source (engine, DP rank), one input at a time.
+
+    Inputs: `on_connect`, `on_disconnect`, `on_live` (a live batch), `on_replay` /
+    `on_replay_failed` (the answer to a `ReplayRequest` the tracker returned), `tick` (timers, on
+    the injected clock). Each returns the next replay to run, or None; the caller runs it and
+    feeds its result back before any other input. `last` is the last applied seq (None: no base
+    yet). The tracker alone calls `index.apply`, `reset_source` and `set_stale` for its source:
+    staleness has one owner. Stale comes in two kinds: a *gap* we could not close (live
+    batches are held back, counted `stale_source`, and the replay is retried with backoff),
+    and a *malformed* batch (its seq is consumed and live batches keep flowing; only a reset or
+    an AllBlocksCleared makes the source consistent again, since a replay repeats the bad bytes).
+    """
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        index: PrefixIndex,
+        counters: EventCounters,
+        timings: RecoveryTimings,
+        clock: Callable[[], float],
+    ) -> None:
+        self.spec = spec
+        self.source = spec.source
+        self._src: str = spec.source
+        self._index = index
+        self._counters = counters
+        self._timings = timings
+        self._clock = clock
+        self._has_replay = spec.replay_endpoint is not None
+        self._decoder = BatchDecoder()
+        self.last: int | None = None
+        # The previous live seq of the engine process we are following (None: not known). A live
+        # stream only rises; it survives a resync (same process), not a restart or disconnect.
+        self._last_live: int | None = None
+        # seq -> hash(payload) of replayed batches until the live stream passes them: a live seq
+        # <= last is replay overlap if its bytes are the ones we applied; other bytes mean a new
+        # engine process reuses the seqs (restart).
+        self._replayed: dict[int, int] = {}
+        self._need_bootstrap = True
+        self._live_bootstrap = False  # a live batch already asked for a bootstrap since the reset
+        self._pending: tuple[int, bytes, bool] | None = None  # live batch waiting for a replay
+        self.connected = False
+        self._last_batch_t: float | None = None
+        self._quiet_since = clock()  # connect or tail check (applied batches: _last_batch_t)
+        self._gap_stale: str | None = None  # why a gap could not be closed
+        self._malformed_stale = False
+        self._stale_since: float | None = None
+        self._stale_total_s = 0.0
+        self._retry_at: float | None = None
+        self._backoff = timings.backoff_min_s
+        self._resync_on_retry = False  # the retry resets and bootstraps instead of replaying
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        return self._gap_stale is not None or self._malformed_stale
+
+    def stale_reason(self) -> str | None:
+        if self._malformed_stale:
+            return "malformed"
+        return self._gap_stale
+
+    def status(self) -> SourceStatus:
+        now = self._clock()
+        stale_s = self._stale_total_s
+        if self._stale_since is not None:
+            stale_s += now - self._stale_since
+        return SourceStatus(
+            source=self.source,
+            engine=self.spec.engine,
+            rank=self.spec.rank,
+            endpoint=self.spec.endpoint,
+            connected=self.connected,
+            last_seq=self.last,
+            stale=self.stale,
+            stale_reason=self.stale_reason(),
+            last_batch_age_s=None if self._last_batch_t is None else now - self._last_batch_t,
+            blocks=self._index.source_block_count(self.source),
+            stale_seconds=stale_s,
+        )
+
+    def next_deadline(self) -> float | None:
+        """When `tick` has work next (clock time), or None."""
+        deadlines = [t for t in (self._retry_at, self._tail_due()) if t is not None]
+        return min(deadlines) if deadlines else None
+
+    def _update_stale(self) -> None:
+        now_stale = self.stale
+        if now_stale and self._stale_since is None:
+            self._stale_since = self._clock()
+            self._index.set_stale(self.source, True)
+        elif not now_stale and self._stale_since is not None:
+            self._stale_total_s += self._clock() - self._stale_since
+            self._stale_since = None
+            self._index.set_stale(self.source, False)
+
+    def _clear_stale(self) -> None:
+        self._gap_stale = None
+        self._malformed_stale = False
+        self._retry_at = None
+        self._resync_on_retry = False
+        self._backoff = self._timings.backoff_min_s
+        self._update_stale()
+
+    def _mark_gap_stale(self, reason: str, *, resync: bool) -> None:
+        self._gap_stale = reason
+        self._resync_on_retry = resync
+        self._retry_at = self._clock() + self._backoff
+        self._backoff = min(self._backoff * 2, self._timings.backoff_max_s)
+        self._update_stale()
+
+    def reset(self, cause: ResetCause) -> None:
+        """Drop everything this source held; the next replay or live batch is a new base.
+
+        A resync keeps following the same engine process (the live stream's last seq): its
+        queued live batches older than the new bootstrap are backlog, not a restart.
+        """
+        self._index.reset_source(self.source)
+        self._counters.reset(self._src, cause)
+        self.last = None
+        if cause is not ResetCause.RESYNC:
+            self._last_live = None
+        self._replayed.clear()
+        self._need_bootstrap = True
+        self._live_bootstrap = False
+        self._pending = None
+        self._decoder = BatchDecoder()
+        self._clear_stale()
+
+    # --- connection -------------------------------------------------------------------------
+
+    def on_connect(self) -> ReplayRequest | None:
+        """The SUB socket connected (ZMQ handshake): bootstrap if this is a new base."""
+        self.connected = True
+        self._quiet_since = self._clock()
+        if self._need_bootstrap:
+            return self._bootstrap()
+        return None
+
+    def on_disconnect(self) -> None:
+        """The SUB socket lost its connection: the engine may have restarted. The caller drops
+        whatever the socket still queued (it came from the engine we just lost)."""
+        self.connected = False
+        self.reset(ResetCause.DISCONNECT)
+
+    def on_bad_frames(self) -> None:
+        """A live message that is not `[topic, seq8, payload]`: counted, nothing else known."""
+        self._counters.drop(self._src, DropReason.MALFORMED)
+
+    # --- applying batches -------------------------------------------------------------------
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        """Decode and apply the batch that follows `last` (or is the new base)."""
+        self._counters.batches[self._src] += 1
+        self.last = seq
+        self._last_batch_t = self._clock()
+        batch = self._decode(payload)
+        if batch is None:
+            # The seq is consumed; a replay would repeat the same bytes, so only a reset or an
+            # AllBlocksCleared can make this source consistent again.
+            self._malformed_stale = True
+            self._update_stale()
+            return
+        rank = batch.data_parallel_rank
+        if rank is not None and rank != self.spec.rank:
+            self._counters.rank_mismatches[self._src] += 1
+        self._index.apply(self.source, batch)
+        if AllBlocksCleared in map(type, batch.events):
+            self._cleared()
+
+    def _decode(self, payload: bytes) -> EventBatch | None:
+        """The batch, None if it cannot be decoded; malformed batches, event kinds the decoder
+        skipped and stores it could not reproduce are counted (pinned by
+        tests/e2e/test_gateway_metric_labels.py)."""
+        try:
+            batch = self._decoder.decode(payload)
+        except WireError:
+            self._counters.drop(self._src, DropReason.MALFORMED)
+            return None
+        if batch.skipped_events:
+            self._counters.drop(self._src, DropReason.UNKNOWN_TAG, batch.skipped_events)
+        if batch.unsupported_events:
+            self._counters.drop(
+                self._src, DropReason.UNSUPPORTED_EXTRA_KEYS, batch.unsupported_events
+            )
+        return batch
+
+    def _cleared(self) -> None:
+        """The engine dropped its whole cache: counted as a reset; it ends malformed staleness
+        (everything after it in order is known), never gap staleness (batches may be missing)."""
+        self._counters.reset(self._src, ResetCause.ALL_BLOCKS_CLEARED)
+        if self._malformed_stale:
+            self._malformed_stale = False
+            self._update_stale()
+
+    def _hold(self, seq: int, payload: bytes) -> None:
+        """A live batch while gap-stale: dropped, unless it clears everything (a fresh base)."""
+        self._counters.batches[self._src] += 1
+        batch = self._decode(payload)
+        if batch is None:
+            return
+        cleared_at = _last_clear(batch)
+        if cleared_at is None:
+            self._counters.drop(self._src, DropReason.STALE_SOURCE, max(1, len(batch.events)))
+            return
+        # Everything before the AllBlocksCleared is moot; what follows starts from empty.
+        if cleared_at:
+            self._counters.drop(self._src, DropReason.STALE_SOURCE, cleared_at)
+        tail = EventBatch(
+            batch.ts, batch.events[cleared_at:], batch.data_parallel_rank, 0, 0
+        )  # its drops were counted above
+        self._index.apply(self.source, tail)
+        self.last = seq
+        self._last_batch_t = self._clock()
+        self._clear_stale()
+        self._cleared()
+
+    # --- the live stream --------------------------------------------------------------------
+
+    def on_live(self, seq: int, payload: bytes) -> ReplayRequest | None:
+        """One live batch; the common case (`last + 1` on a consistent source) is applied here."""
+        last = self.last
+        if last is not None and seq == last + 1 and self._gap_stale is None:
+            self._last_live = seq
+            if self._replayed:
+                self._replayed.clear()
+            self._apply(seq, payload)
+            return None
+        return self._live(seq, payload, may_restart=True)
+
+    def _live(self, seq: int, payload: bytes, *, may_restart: bool) -> ReplayRequest | None:
+        """Every live batch that is not simply `last + 1` on a consistent source.
+
+        `may_restart` is False right after a restart was detected for this very batch, so an
+        engine whose replay disagrees with its live stream cannot make us loop.
+        """
+        if self.last is None and (
+            self._need_bootstrap or (seq > 0 and self._has_replay and not self._live_bootstrap)
+        ):
+            # Batches before this one may have been published after the first bootstrap's
+            # snapshot but before our subscription reached the PUB (slow joiner): ask once more.
+            self._live_bootstrap = True
+            request = self._bootstrap()
+            if request is not None:
+                self._pending = (seq, payload, may_restart)
+                return request
+        return self._continue_live(seq, payload, may_restart)
+
+    def _continue_live(self, seq: int, payload: bytes, may_restart: bool) -> ReplayRequest | None:
+        last = self.last
+        if last is None:
+            self._apply(seq, payload)  # the first batch we see is the base (late join)
+            self._last_live = seq
+            return None
+        previous = self._last_live
+        if previous is not None and seq <= previous:
+            return self._restarted(seq, payload)
+        self._last_live = seq
+        if seq <= last:
+            return self._overlap(seq, payload, previous, may_restart)
+        if self._gap_stale is not None:
+            self._hold(seq, payload)
+            return None
+        if seq == last + 1:
+            self._replayed.clear()
+            self._apply(seq, payload)
+            return None
+        self._counters.seq_gaps[self._src] += 1
+        self._pending = (seq, payload, may_restart)
+        return self._replay(ReplayRequest(last + 1, ReplayKind.GAP))
+
+    def _overlap(
+        self, seq: int, payload: bytes, previous: int | None, may_restart: bool
+    ) -> ReplayRequest | None:
+        """A live seq we already hold. A replay overlap when its bytes match the replayed ones,
+        or, for a seq no replay returned, when the live stream rises from a seq we saw: backlog
+        the SUB socket queued before a bootstrap overtook it. Otherwise an engine restart."""
+        replayed = self._replayed.get(seq)
+        same_process = previous is not None if replayed is None else replayed == hash(payload)
+        if same_process or not may_restart:
+            self._counters.batches[self._src] += 1
+            self._counters.drop(self._src, DropReason.DUPLICATE)
+            return None
+        return self._restarted(seq, payload)
+
+    def _restarted(self, seq: int, payload: bytes) -> ReplayRequest | None:
+        self.reset(ResetCause.SEQ_BACKWARDS)
+        return self._live(seq, payload, may_restart=False)
+
+    # --- replay -----------------------------------------------------------------------------
+
+    def _bootstrap(self) -> ReplayRequest | None:
+        """First contact (or after a reset): replay from 0 when the engine keeps a buffer."""
+        self._need_bootstrap = False
+        if not self._has_replay:
+            return None
+        return ReplayRequest(0, ReplayKind.BOOTSTRAP)
+
+    def _replay(self, request: ReplayRequest) -> ReplayRequest | None:
+        """Hand `request` to the caller, or settle it at once when there is no replay endpoint."""
+        if self._has_replay:
+            return request
+        return self.on_replay_failed(request, ReplayOutcome.NO_ENDPOINT)
+
+    def on_replay(
+        self, request: ReplayRequest, batches: Sequence[tuple[int, bytes]], complete: bool
+    ) -> ReplayRequest | None:
+        """The replayed `(seq, payload)` pairs, oldest first; `complete` when the end marker came.
+
+        Those that continue `last` are applied (dedupe by seq). PARTIAL: the buffer no longer
+        reached `start` (harmless in a bootstrap: a late joiner holds a subset of the truth).
+        """
+        outcome = ReplayOutcome.OK if complete else ReplayOutcome.TIMEOUT
+        applied = 0
+        for seq, payload in batches:
+            last = self.last
+            # Without a base (a bootstrap, or the tail check of a source that has none) the
+            # first batch is the base; after it, and from any base, only `last + 1` follows.
+            if last is not None:
+                if seq <= last:
+                    self._counters.batches[self._src] += 1
+                    self._counters.drop(self._src, DropReason.DUPLICATE)
+                    continue
+                if seq != last + 1:
+                    outcome = ReplayOutcome.PARTIAL
+                    break
+            self._apply(seq, payload)
+            self._replayed[seq] = hash(payload)
+            applied += 1
+        if applied and request.kind is ReplayKind.TAIL:
+            self._counters.seq_gaps[self._src] += 1  # the lost tail was a gap nothing revealed
+        return self._replay_done(request, outcome)
+
+    def on_replay_failed(
+        self, request: ReplayRequest, outcome: ReplayOutcome
+    ) -> ReplayRequest | None:
+        """The replay could not be run (`error`: a socket failure; `no_endpoint`)."""
+        return self._replay_done(request, outcome)
+
+    def _replay_done(self, request: ReplayRequest, outcome: ReplayOutcome) -> ReplayRequest | None:
+        self._counters.replay(self._src, outcome)
+        kind = request.kind
+        if kind is ReplayKind.RETRY:
+            if outcome is ReplayOutcome.OK:
+                self._clear_stale()
+            else:
+                resync = outcome in (ReplayOutcome.PARTIAL, ReplayOutcome.NO_ENDPOINT)
+                self._mark_gap_stale(f"replay_{outcome.value}", resync=resync)
+        elif kind is ReplayKind.TAIL:
+            self._quiet_since = self._clock()
+            if outcome is ReplayOutcome.PARTIAL and self.last is not None:
+                # Batches after `last` were published and are gone from the buffer.
+                self._mark_gap_stale("replay_partial", resync=True)
+            # timeout/error: nothing learned; the next quiet period asks again
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        seq, payload, may_restart = pending
+        if kind is not ReplayKind.GAP:  # a bootstrap that a live batch asked for
+            return self._continue_live(seq, payload, may_restart)
+        last = self.last
+        assert last is not None  # a gap replay starts from a base and never resets it
+        if seq <= last:  # the replay included it: its bytes must be the replayed ones
+            return self._overlap(seq, payload, None, may_restart)
+        if seq == last + 1:
+            self._apply(seq, payload)
+            return None
+        if outcome is ReplayOutcome.OK:
+            outcome = ReplayOutcome.PARTIAL  # the end marker came before the live seq
+        self._mark_gap_stale(
+            f"replay_{outcome.value}",
+            resync=outcome in (ReplayOutcome.PARTIAL, ReplayOutcome.NO_ENDPOINT),
+        )
+        self._hold(seq, payload)
+        return None
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def _tail_due(self) -> float | None:
+        period = self._timings.tail_check_s
+        if (
+            period <= 0
+            or not self._has_replay
+            or not self.connected
+            or self._gap_stale is not None
+            or self._pending is not None
+        ):
+            return None
+        since = self._quiet_since
+        if self._last_batch_t is not None and self._last_batch_t > since:
+            since = self._last_batch_t
+        return since + period
+
+    def tick(self) -> ReplayRequest | None:
+        """Fire what is due: a stale source's retry, or the tail check of a quiet source (vLLM
+        sends no heartbeat, so a lost last batch is otherwise never noticed)."""
+        now = self._clock()
+        if self._retry_at is not None and now >= self._retry_at:
+            self._retry_at = None
+            if self._resync_on_retry:
+                # The buffer moved past last + 1 (or there is none): start over as a late
+                # joiner, which holds a safe subset of the engine's cache.
+                self.reset(ResetCause.RESYNC)
+                return self._bootstrap()
+            assert self.last is not None
+            return ReplayRequest(self.last + 1, ReplayKind.RETRY)
+        due = self._tail_due()
+        if due is not None and now >= due:
+            self._quiet_since = now
+            start = 0 if self.last is None else self.last + 1
+            return ReplayRequest(start, ReplayKind.TAIL)
+        return None
+
+
+def _last_clear(batch: EventBatch) -> int | None:
+    found = None
+    for i, event in enumerate(batch.events):
+        if type(event) is AllBlocksCleared:
+            found = i
+    return found

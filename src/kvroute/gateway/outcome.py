@@ -1,0 +1,45 @@
+"""`RouteOutcome`: what one routing step decided for a request, and its `/v1/route` answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvroute.core import MatchResult
+from kvroute.routing import Decision
+
+__all__ = ["RouteOutcome"]
+
+
+@dataclass(frozen=True)
+class RouteOutcome:
+    """One routing step: the base model and adapter, the prompt's ids (None when tokenization
+    failed or was skipped), what each engine holds, and the policy's decision."""
+
+    model: str
+    lora: str | None
+    token_ids: list[int] | None
+    prompt_tokens: int
+    matches: dict[str, MatchResult]
+    decision: Decision
+
+    def route_json(self) -> dict[str, object]:
+        """The `/v1/route` answer (ARCHITECTURE.md "Contracts")."""
+        return {
+            "engine": self.decision.engine,
+            "policy": self.decision.policy,
+            "prompt_tokens": self.prompt_tokens,
+            "engines": [
+                {
+                    "name": s.name,
+                    "blocks_matched": s.blocks_matched,
+                    "tokens_matched": s.tokens_matched,
+                    "by_medium": dict(s.by_medium),
+                    "speculative_blocks": s.speculative_blocks,
+                    "outstanding_tokens": s.outstanding_tokens,
+                    "cost": s.cost,
+                    "healthy": s.healthy,
+                    "stale": s.stale,
+                }
+                for s in self.decision.scores
+            ],
+        }

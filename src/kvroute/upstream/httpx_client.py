@@ -1,0 +1,236 @@
+"""`HttpxEngineClient`: the `EngineClient` over one pooled httpx client. httpx errors are caught
+here and re-raised as EngineConnectError or EngineResponseError (STYLE.md §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Annotated, Any, Final
+
+import httpx
+import msgspec
+
+from kvroute.core import EngineResponse
+from kvroute.errors import EngineConnectError, EngineError, EngineResponseError, TokenizeError
+
+__all__ = ["HttpxEngineClient"]
+
+# Failures before a connection exists: the engine cannot have seen the request, so the proxy
+# may retry elsewhere (pinned by tests/unit/upstream/test_httpx_client.py).
+_CONNECT_FAILURES: Final = (httpx.ConnectError, httpx.ConnectTimeout)
+_JSON_HEADERS: Final = {"content-type": "application/json"}
+
+
+class _TokenizeAnswer(msgspec.Struct):
+    """vLLM's `/tokenize` answer; other fields (`count`, `max_model_len`) are ignored. The index
+    packs token ids as 4-byte unsigned ints (index/hashing.py), hence the range."""
+
+    tokens: list[Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]]
+
+
+_TOKENIZE_ANSWER: Final = msgspec.json.Decoder(_TokenizeAnswer)
+
+
+def _join(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + path
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _translate(method: str, url: str, exc: httpx.HTTPError, timeout_s: float | None) -> EngineError:
+    """The kvroute error for an httpx error of `method url` (`timeout_s`: the call's deadline)."""
+    if isinstance(exc, _CONNECT_FAILURES):
+        return EngineConnectError(f"{method} {url}: {_describe(exc)}")
+    if timeout_s is not None and isinstance(exc, httpx.TimeoutException):
+        return EngineResponseError(
+            f"{method} {url}: timed out after {timeout_s} s ({type(exc).__name__})"
+        )
+    return EngineResponseError(f"{method} {url}: {_describe(exc)}")
+
+
+class _RawChunks:
+    """An httpx body iterator whose errors arrive as EngineResponseError."""
+
+    __slots__ = ("_chunks", "_url")
+
+    def __init__(self, chunks: AsyncIterator[bytes], url: str) -> None:
+        self._chunks = chunks
+        self._url = url
+
+    def __aiter__(self) -> _RawChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except httpx.HTTPError as exc:
+            raise _translate("POST", self._url, exc, None) from exc
+
+
+class _StreamedResponse:
+    """An `EngineResponse` over an httpx response opened with `stream=True`."""
+
+    __slots__ = ("_response", "_url", "headers", "status_code")
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self._response = response
+        self._url = url
+        self.status_code = response.status_code
+        # httpx.Headers: lower-case names, repeated headers comma-joined by items() and [].
+        self.headers: Mapping[str, str] = response.headers
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return _RawChunks(self._response.aiter_raw(), self._url)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxEngineClient:
+    """The one pooled HTTP client to engines (proxy, health probes, scrapes, remote tokenizer).
+
+    `connect_timeout_s` bounds each connect (a failure lets the proxy retry elsewhere),
+    `read_timeout_s` each wait for more bytes (and sending, and waiting for a pooled
+    connection); `max_connections` is the pool over all engines. Proxy variables in the
+    environment are ignored: engines sit on the cluster network, and variables meant for the
+    outside world must not divert that traffic. `transport` plugs in an in-process app
+    (`httpx.ASGITransport`, for tests); the pool limits then do not apply.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=connect_timeout_s,
+                read=read_timeout_s,
+                write=read_timeout_s,
+                pool=read_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            trust_env=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> HttpxEngineClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- calls with a deadline
+
+    async def _call(
+        self, method: str, url: str, timeout_s: float, content: bytes | None = None
+    ) -> httpx.Response:
+        """`method url` with its whole answer read, all within `timeout_s`: httpx's timeout is
+        per phase, and a slowly dripping body must not outlast the deadline."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._client.request(
+                    method,
+                    url,
+                    content=content,
+                    headers=_JSON_HEADERS if content is not None else None,
+                    timeout=timeout_s,
+                )
+        except TimeoutError as exc:
+            raise EngineResponseError(f"{method} {url}: timed out after {timeout_s} s") from exc
+        except httpx.HTTPError as exc:
+            raise _translate(method, url, exc, timeout_s) from exc
+
+    async def health(self, base_url: str, *, timeout_s: float) -> int:
+        response = await self._call("GET", _join(base_url, "/health"), timeout_s)
+        return response.status_code
+
+    async def metrics_text(self, base_url: str, *, timeout_s: float) -> str:
+        url = _join(base_url, "/metrics")
+        response = await self._call("GET", url, timeout_s)
+        if response.status_code != 200:
+            raise EngineResponseError(f"GET {url}: expected status 200, got {response.status_code}")
+        return response.text
+
+    async def tokenize_prompt(
+        self, base_url: str, model: str, prompt: str, *, add_special_tokens: bool, timeout_s: float
+    ) -> list[int]:
+        body = {"model": model, "prompt": prompt, "add_special_tokens": add_special_tokens}
+        return await self._tokenize(base_url, body, timeout_s)
+
+    async def tokenize_chat(
+        self,
+        base_url: str,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+        timeout_s: float,
+    ) -> list[int]:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        if chat_template_kwargs:
+            body["chat_template_kwargs"] = chat_template_kwargs
+        return await self._tokenize(base_url, body, timeout_s)
+
+    async def _tokenize(self, base_url: str, body: dict[str, Any], timeout_s: float) -> list[int]:
+        url = _join(base_url, "/tokenize")
+        try:
+            # Strict JSON, as engines parse it: no NaN, no lone surrogates (pinned by
+            # test_a_body_json_cannot_encode_is_a_tokenize_error).
+            content = json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise TokenizeError(f"POST {url}: request not encodable as JSON: {exc}") from exc
+        response = await self._call("POST", url, timeout_s, content)
+        if response.status_code != 200:
+            raise EngineResponseError(
+                f"POST {url}: expected status 200, got {response.status_code}: "
+                f"{response.text[:200]!r}"
+            )
+        try:
+            return _TOKENIZE_ANSWER.decode(response.content).tokens
+        except msgspec.ValidationError as exc:
+            raise EngineResponseError(
+                f"POST {url}: expected an object with 'tokens' (ids in [0, 2**32)): {exc}"
+            ) from exc
+        except msgspec.DecodeError as exc:
+            raise EngineResponseError(
+                f"POST {url}: expected a JSON body, got {response.text[:80]!r}"
+            ) from exc
+
+    # --- the proxied request
+
+    async def post_stream(
+        self, base_url: str, path: str, *, body: bytes, headers: Mapping[str, str]
+    ) -> EngineResponse:
+        url = _join(base_url, path)
+        request = self._client.build_request("POST", url, content=body, headers=headers)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _translate("POST", url, exc, None) from exc
+        return _StreamedResponse(response, url)
