@@ -67,7 +67,7 @@ class Settings(BaseSettings):
         ge=0,
         description="kv_aware cost weight of prompt tokens the engine must prefill.",
     )
-    # Why 0.1 and not ARCHITECTURE.md's 1.0: see CostWeights (routing/types.py).
+    # Why 0.1 and not the reference design's 1.0: docs/design.md §6, CostWeights.
     w_load: float = Field(
         _WEIGHTS.w_load,
         ge=0,

@@ -1,5 +1,5 @@
-"""Every package's documented surface, in one table (STYLE.md §15), every package's `__all__`
-in its `__init__.py`, and the one-job docstring every module opens with."""
+"""Every package's documented surface in one table, every package's `__all__` in its
+`__init__.py`, and the one-job docstring every module opens with."""
 
 from __future__ import annotations
 
@@ -194,5 +194,5 @@ def test_every_module_opens_with_a_docstring_of_at_most_two_lines(path: str) -> 
     docstring = ast.get_docstring(ast.parse((SRC / path).read_text()))
     assert docstring, f"{path}: no module docstring"
     if path == "errors.py":
-        return  # STYLE.md §9: its docstring draws the exception tree
+        return  # its docstring draws the exception tree
     assert len(docstring.splitlines()) <= 2, f"{path}: {docstring!r}"

@@ -142,7 +142,7 @@ def test_the_simulator_shares_only_the_wire_with_the_router() -> None:
                 assert name.startswith(allowed) or name in wire, (path.name, name)
 
 
-# The synchronous core (STYLE.md §6): no coroutine, no await, no lock.
+# The synchronous core (docs/design.md §1): no coroutine, no await, no lock.
 SYNC = ("index", "routing", "events/tracker.py", "events/normalise.py", "core")
 
 

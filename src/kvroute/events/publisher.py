@@ -1,5 +1,5 @@
 """Encode and publish KV-event batches exactly as a given vLLM release does (for tests and the sim).
-Byte-exact per release: pinned by tests/unit/events/test_encode.py against the fixtures."""
+Byte-exact per release: pinned by tests/unit/events/test_publisher.py against the fixtures."""
 
 from __future__ import annotations
 

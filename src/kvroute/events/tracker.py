@@ -226,7 +226,7 @@ class SourceTracker:
     def _decode(self, payload: bytes) -> EventBatch | None:
         """The batch, None if it cannot be decoded; malformed batches, event kinds the decoder
         skipped and stores it could not reproduce are counted (pinned by
-        tests/e2e/test_gateway_metric_labels.py)."""
+        tests/e2e/gateway/test_metric_labels.py)."""
         try:
             batch = self._decoder.decode(payload)
         except WireError:

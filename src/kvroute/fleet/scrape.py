@@ -13,7 +13,8 @@ __all__ = ["KV_CACHE_USAGE", "NUM_REQUESTS_RUNNING", "NUM_REQUESTS_WAITING", "pa
 NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
 NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
-_OLD_KV_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # before vLLM renamed it (reference §10)
+_OLD_KV_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # before vLLM renamed it
+# (pinned by test_old_gpu_cache_usage_name_is_also_reported_under_the_new_one)
 # Untyped samples with these endings are counter or histogram parts, not gauges.
 _NOT_GAUGE_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created")
 _UNTYPED: Final = frozenset({"untyped", "unknown"})
@@ -42,7 +43,8 @@ def parse_vllm_gauges(text: str) -> dict[str, float]:
     An engine with several DP ranks exposes one sample per rank (label `engine`): counts are
     summed, fractions (`*_perc`) take the maximum. The old `gpu_cache_usage_perc` is also
     reported as `kv_cache_usage_perc`. A sample counts when its own name is declared a gauge,
-    or is untyped (undeclared) without a counter or histogram ending; NaN samples are skipped.
+    or is untyped (undeclared) without a counter or histogram ending; `*_created` samples (the
+    creation times prometheus_client exports as gauges) and NaN samples are skipped.
     A body that is not Prometheus text raises EngineError.
     """
     types: dict[str, str] = {}  # name -> type, as declared so far (TYPE precedes its samples)
@@ -60,8 +62,8 @@ def parse_vllm_gauges(text: str) -> dict[str, float]:
         if m is None or _FLOAT.fullmatch(m["value"]) is None:
             raise _unparsable(line)
         name = m["name"]
-        if not name.startswith("vllm:"):
-            continue
+        if not name.startswith("vllm:") or name.endswith("_created"):
+            continue  # `_created`: a counter's creation time, declared a gauge by some clients
         value = float(m["value"])
         kind = types.get(name, "untyped")
         if kind in _UNTYPED:

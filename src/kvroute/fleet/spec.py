@@ -1,4 +1,4 @@
-"""Engine specs and the YAML fleet file (ARCHITECTURE.md "Contracts"), validated field by field."""
+"""Engine specs and the YAML fleet file (docs/architecture.md), validated field by field."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from kvroute.errors import GatewayHTTPError
 from kvroute.events import SubscriberManager
 from kvroute.fleet import Fleet, load_fleet_file
 from kvroute.gateway import handlers
-from kvroute.gateway.openai_errors import error_response
+from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex
 from kvroute.metrics import Metrics
@@ -120,14 +120,18 @@ def _tokenizer(
 async def _http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (no such path) and 405 (wrong method), in OpenAI's error shape."""
     assert isinstance(exc, HTTPException)
-    response = error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    response = http_error_response(
+        GatewayHTTPError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    )
     response.headers.update(exc.headers or {})
     return response
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+    return http_error_response(
+        GatewayHTTPError(500, f"internal error: {type(exc).__name__}", type="server_error")
+    )
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlette:

@@ -6,24 +6,13 @@ from starlette.responses import JSONResponse
 
 from kvroute.errors import GatewayHTTPError
 
-__all__ = ["error_response", "http_error_response", "no_healthy_engine"]
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+__all__ = ["http_error_response", "no_healthy_engine"]
 
 
 def http_error_response(exc: GatewayHTTPError) -> JSONResponse:
-    """The answer a handler's GatewayHTTPError (kvroute/errors.py) stands for."""
-    return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+    """The answer a GatewayHTTPError (kvroute/errors.py) stands for."""
+    error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    return JSONResponse({"error": error}, status_code=exc.status)
 
 
 def no_healthy_engine(model: str, detail: str = "") -> GatewayHTTPError:

@@ -23,7 +23,7 @@ class RouteOutcome:
     decision: Decision
 
     def route_json(self) -> dict[str, object]:
-        """The `/v1/route` answer (ARCHITECTURE.md "Contracts")."""
+        """The `/v1/route` answer (docs/architecture.md, "/v1/route")."""
         return {
             "engine": self.decision.engine,
             "policy": self.decision.policy,

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from kvroute.core import EngineClient, MatchResult
 from kvroute.errors import GatewayHTTPError, TokenizeError
@@ -26,31 +26,23 @@ __all__ = ["Gateway"]
 log = logging.getLogger("kvroute.gateway")
 
 
+@dataclass(kw_only=True, eq=False)
 class Gateway:
     """Everything one gateway process holds, built elsewhere and passed in; `index` and
     `subscribers` are None when KV event sync is off. `start()` subscribes to the fleet's event
     sources and starts the fleet's loops; fleet changes add and remove sources; `close()` stops
     both. It is the proxy's `ProxyContext` (gateway/proxy.py)."""
 
-    def __init__(
-        self,
-        *,
-        fleet: Fleet,
-        client: EngineClient,
-        metrics: Metrics,
-        policy: Policy,
-        tokenizer: Tokenizer,
-        index: PrefixIndex | None,
-        subscribers: SubscriberManager | None,
-    ) -> None:
-        self.fleet = fleet
-        self.client = client
-        self.metrics = metrics
-        self.policy = policy
-        self.tokenizer = tokenizer
-        self.index = index
-        self.subscribers = subscribers
-        fleet.on_change(self._on_fleet_change)
+    fleet: Fleet
+    client: EngineClient
+    metrics: Metrics
+    policy: Policy
+    tokenizer: Tokenizer
+    index: PrefixIndex | None
+    subscribers: SubscriberManager | None
+
+    def __post_init__(self) -> None:
+        self.fleet.on_change(self._on_fleet_change)
 
     # --- lifecycle
 

@@ -26,7 +26,8 @@ def kv_cost(
     (max(confirmed, speculative)), so a burst sharing a prefix sticks to one engine before
     its events arrive, without counting a confirmed block twice. At most
     `(prompt_tokens − 1) // block_size` blocks count: vLLM computes at least one prompt token,
-    so a fully cached prompt still prefills its last block (reference §10, "Whole-prompt hits").
+    so a fully cached prompt still prefills its last block (pinned by
+    test_a_fully_cached_prompt_still_prefills_its_last_block).
     """
     saved = 0.0
     if match is not None and match.block_size > 0 and prompt_tokens > 0:

@@ -57,7 +57,7 @@ def _default_medium_weights() -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class CostWeights:
-    """Weights of the kv_aware cost (ARCHITECTURE.md "Contracts", but `w_load` 0.1, not 1.0).
+    """Weights of the kv_aware cost (docs/architecture.md, "Cost"); `w_load` 0.1.
 
     Outstanding tokens count every in-flight prompt in full: at w_load 1.0 one queued request
     outweighs a whole cached prefix and a burst of one prefix scatters over every engine
@@ -75,7 +75,7 @@ class CostWeights:
 
 
 class Policy(Protocol):
-    """One synchronous interface for every routing policy (STYLE.md §8).
+    """One synchronous interface for every routing policy (docs/architecture.md).
 
     `choose` never does I/O and never raises when, as the caller guarantees, at least one
     candidate is healthy (otherwise: ValueError). `matches` is keyed by engine name; an engine

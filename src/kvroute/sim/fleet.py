@@ -264,7 +264,7 @@ class SimFleet:
         return out
 
     def fleet_yaml(self) -> str:
-        """The fleet file of ARCHITECTURE.md ("Contracts") with the real ports."""
+        """The fleet file (docs/architecture.md, "Fleet file") with the real ports."""
         return yaml.safe_dump({"engines": self.fleet_entries()}, sort_keys=False)
 
     def write_fleet_file(self, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Remote tokenization through an engine's own `/tokenize` (reference §7): its template applies."""
+"""Remote tokenization through an engine's own `/tokenize` so its chat template applies
+(pinned by test_chat_uses_chat_form_so_the_engine_template_applies)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Engine HTTP clients: `HttpxEngineClient` implements `kvroute.core.EngineClient`; the one place
-kvroute imports httpx and turns its errors into kvroute's (STYLE.md §10)."""
+kvroute imports httpx and turns its errors into kvroute's (docs/architecture.md)."""
 
 from kvroute.upstream.httpx_client import HttpxEngineClient
 

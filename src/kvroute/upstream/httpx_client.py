@@ -1,5 +1,5 @@
 """`HttpxEngineClient`: the `EngineClient` over one pooled httpx client. httpx errors are caught
-here and re-raised as EngineConnectError or EngineResponseError (STYLE.md §10)."""
+here and re-raised as EngineConnectError or EngineResponseError (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -27,30 +27,24 @@ TOKENS = list(range(1000, 1064))  # 4 blocks of 16
 HASHES = [11, 12, 13, 14]
 
 
+# Four blocks of TOKENS, no parent, on GPU: the fields vLLM's and the core's BlockStored share.
+SHARED: dict[str, Any] = {
+    "block_hashes": HASHES,
+    "parent_block_hash": None,
+    "token_ids": TOKENS,
+    "block_size": 16,
+    "medium": "GPU",
+}
+
+
 def vllm_stored(**kw: Any) -> VllmBlockStored:
-    """Four blocks of TOKENS, no parent, as vLLM sends them; `kw` sets vLLM's other fields."""
-    fields: dict[str, Any] = {
-        "block_hashes": HASHES,
-        "parent_block_hash": None,
-        "token_ids": TOKENS,
-        "block_size": 16,
-        "medium": "GPU",
-    }
-    fields.update(kw)
-    return VllmBlockStored(**fields)
+    """SHARED as vLLM sends it; `kw` sets vLLM's other fields."""
+    return VllmBlockStored(**{**SHARED, **kw})
 
 
 def core_stored(**kw: Any) -> BlockStored:
     """`vllm_stored()` as the index sees it; `kw` sets core fields (lora_name, cache_salt)."""
-    fields: dict[str, Any] = {
-        "block_hashes": HASHES,
-        "parent_block_hash": None,
-        "token_ids": TOKENS,
-        "block_size": 16,
-        "medium": "GPU",
-    }
-    fields.update(kw)
-    return BlockStored(**fields)
+    return BlockStored(**{**SHARED, **kw})
 
 
 def normalise_one(event: VllmBlockStored) -> EventBatch:

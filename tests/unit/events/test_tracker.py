@@ -129,6 +129,15 @@ class Rig:
         """Connect and bootstrap."""
         self.serve(self.tracker.on_connect(), engine)
 
+    def gap(self, engine: Engine) -> ReplayRequest:
+        """Attach, take one live batch, lose the next: the batch after it asks for a replay."""
+        self.attach(engine)
+        self.live(engine, engine.batch())
+        engine.batch()  # lost
+        request = self.live(engine, engine.batch())
+        assert request is not None and request.kind is ReplayKind.GAP
+        return request
+
 
 # --- §5, one rule at a time --------------------------------------------------------------------
 
@@ -213,11 +222,7 @@ def test_a_gap_replay_cannot_close_makes_the_source_stale_and_holds_live_batches
     answer: str, reason: str
 ) -> None:
     rig, engine = Rig(), Engine()
-    rig.attach(engine)
-    rig.live(engine, engine.batch())
-    engine.batch()  # lost
-    request = rig.live(engine, engine.batch())
-    assert request is not None
+    request = rig.gap(engine)
     if answer == "timeout":
         rig.tracker.on_replay(request, [], complete=False)
     elif answer == "error":
@@ -233,11 +238,7 @@ def test_a_gap_replay_cannot_close_makes_the_source_stale_and_holds_live_batches
 
 def test_a_stale_source_retries_with_backoff_and_recovers_on_success() -> None:
     rig, engine = Rig(), Engine()
-    rig.attach(engine)
-    rig.live(engine, engine.batch())
-    engine.batch()
-    request = rig.live(engine, engine.batch())
-    assert request is not None
+    request = rig.gap(engine)
     rig.tracker.on_replay(request, [], complete=False)
     deadline = rig.tracker.next_deadline()
     assert deadline == pytest.approx(rig.clock.t + TIMINGS.backoff_min_s)
@@ -383,11 +384,7 @@ def test_regression_a_clear_in_an_unfinished_retry_replay_keeps_the_source_stale
     AllBlocksCleared, so a retry replay holding a clear but no end marker left the subscriber
     stale while `match` counted the source's blocks: a false hold."""
     rig, engine = Rig(), Engine()
-    rig.attach(engine)
-    rig.live(engine, engine.batch())
-    engine.batch()  # lost
-    request = rig.live(engine, engine.batch())
-    assert request is not None
+    request = rig.gap(engine)
     rig.tracker.on_replay(request, [], complete=False)  # the gap cannot be closed: stale
     engine.clear()
     engine.batch()

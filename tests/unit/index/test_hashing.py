@@ -1,4 +1,4 @@
-"""Our block hash, pinned to the formula of ARCHITECTURE.md "Our block hash"."""
+"""Our block hash, pinned to the formula of docs/architecture.md "Block hash"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The sync prefix index: one test per rule of issue 4 part 2 (ARCHITECTURE.md "Our own hashes").
+"""The sync prefix index: one test per rule (docs/architecture.md "Block hash").
 
 The index consumes core events; which vLLM extra keys it can reproduce is the decoder's verdict
 (tests/unit/events/test_normalise.py). End-to-end LoRA and salt checks feed it `normalise_batch`.

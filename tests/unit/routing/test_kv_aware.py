@@ -1,4 +1,4 @@
-"""kv_aware: the ARCHITECTURE.md cost, speculative blocks, ties, and the imbalance guard."""
+"""kv_aware: the cost of docs/architecture.md, speculative blocks, ties, and the imbalance guard."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""kv_aware against an obviously correct reference over random fleets (STYLE.md §14)."""
+"""kv_aware against an obviously correct reference over random fleets (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ MEDIA = {"GPU": 1.0, "CPU": 0.8}
 
 
 def _reference_cost(m: MatchResult | None, load: int, prompt: int) -> float:
-    """The ARCHITECTURE.md formula written out the long way, block by block: confirmed blocks
-    best medium first, then speculative ones, at most (prompt − 1) // block_size of them."""
+    """The formula of docs/architecture.md ("Cost") written out the long way, block by block:
+    confirmed blocks best medium first, then speculative ones, at most (prompt − 1) // block_size
+    of them."""
     weights: list[float] = []
     if m is not None:
         for medium, blocks in m.by_medium.items():

@@ -1,4 +1,4 @@
-"""One suite every routing policy must pass (STYLE.md §14), parametrised over PolicyName."""
+"""One suite every routing policy must pass (docs/architecture.md), parametrised over PolicyName."""
 
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
 """Every drop reason and reset cause is triggered through a running gateway and found on its
-`/metrics` (STYLE.md §11): real sockets, our publisher, a bare PUB socket, a fleet file change."""
+`/metrics` (docs/architecture.md "Metrics"): real sockets, our publisher, a bare PUB socket."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import msgspec
-import pytest
 import yaml
 import zmq
 import zmq.asyncio
@@ -27,19 +26,12 @@ from kvroute.events import (
 from kvroute.gateway import BackgroundServer, Gateway, create_app
 from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
-from tests.chaos.event_streams import BLOCK_SIZE, EngineStream
-from tests.chaos.harness import MODEL, applied, start_feed
+from tests.event_harness import MODEL, applied, start_feed
+from tests.event_streams import BLOCK_SIZE, EngineStream
 from tests.polling import eventually
 
 MAX_BLOCKS_PER_SOURCE = 64
 DEADLINE_S = 15.0
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def _labels(text: str, family: str, label: str) -> dict[str, float]:

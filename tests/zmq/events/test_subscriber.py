@@ -12,8 +12,7 @@ from kvroute.core import EventCounters, SourceSpec, source_id
 from kvroute.errors import ConfigError
 from kvroute.events import SubscriberManager, decode_batch, encode_batch
 from kvroute.index import PrefixIndex
-from tests.chaos.event_streams import BLOCK_SIZE, EngineStream
-from tests.chaos.harness import (
+from tests.event_harness import (
     MODEL,
     RELEASES,
     ScriptedReplay,
@@ -25,13 +24,7 @@ from tests.chaos.harness import (
     start_feed,
     until,
 )
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
+from tests.event_streams import BLOCK_SIZE, EngineStream
 
 
 @pytest.fixture

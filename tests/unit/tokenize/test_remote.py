@@ -19,6 +19,7 @@ from starlette.routing import Route
 from kvroute.errors import EngineConnectError, TokenizeError
 from kvroute.tokenize import RemoteTokenizer
 from kvroute.upstream import HttpxEngineClient
+from tests.engine_clients import engine_client
 
 BOS = 1
 
@@ -74,15 +75,9 @@ async def engine() -> AsyncIterator[_Engine]:
     e.release.set()
 
 
-def _client(transport: httpx.AsyncBaseTransport | None = None) -> HttpxEngineClient:
-    return HttpxEngineClient(
-        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10, transport=transport
-    )
-
-
 @pytest.fixture
 async def client(engine: _Engine) -> AsyncIterator[HttpxEngineClient]:
-    async with _client(httpx.ASGITransport(app=engine.app())) as c:
+    async with engine_client(httpx.ASGITransport(app=engine.app())) as c:
         yield c
 
 
@@ -188,7 +183,7 @@ async def test_connect_failure_is_a_tokenize_error_from_the_engine_connect_error
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with _client() as real:
+    async with engine_client() as real:
         tok = RemoteTokenizer(real, lambda _m: f"http://127.0.0.1:{port}", timeout_s=5.0)
         with pytest.raises(TokenizeError, match="ConnectError") as info:
             await tok.tokenize_chat("llama", [{"role": "user", "content": "x"}])

@@ -12,7 +12,7 @@ from kvroute.fleet import (
     parse_vllm_gauges,
 )
 
-# The shapes vLLM exposes (reference §10): gauges per DP rank (label `engine`), a counter with
+# The shapes vLLM exposes: gauges per DP rank (label `engine`), a counter with
 # `_total`, a histogram.
 SCRAPE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -109,3 +109,15 @@ def test_a_name_declared_as_counter_or_histogram_is_never_a_gauge() -> None:
 def test_lines_outside_the_text_format_are_engine_errors(line: str) -> None:
     with pytest.raises(EngineError, match="unparsable line"):
         parse_vllm_gauges(f"# TYPE vllm:a gauge\n{line}\n")
+
+
+def test_creation_times_declared_as_gauges_are_not_gauges() -> None:
+    # prometheus_client (which vLLM uses) exports a counter's creation time as a gauge named
+    # `<name>_created` in text format 0.0.4; seen on a real engine in `make test-vllm`.
+    body = (
+        "# TYPE vllm:prompt_tokens_created gauge\n"
+        "vllm:prompt_tokens_created 1.7961e09\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        "vllm:num_requests_running 2\n"
+    )
+    assert parse_vllm_gauges(body) == {"vllm:num_requests_running": 2.0}

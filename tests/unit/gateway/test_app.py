@@ -23,14 +23,13 @@ from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 from kvroute.tokenize import CachingTokenizer, RemoteTokenizer
 from kvroute.upstream import HttpxEngineClient
+from tests.engine_clients import engine_client
 from tests.polling import eventually
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[HttpxEngineClient]:
-    async with HttpxEngineClient(
-        connect_timeout_s=1.0, read_timeout_s=1.0, max_connections=10
-    ) as c:
+    async with engine_client(timeout_s=1.0) as c:
         yield c
 
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kvroute.fleet import (
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
-    EngineSpec,
-    Fleet,
     load_fleet_file,
 )
 from kvroute.sim import SimConfig, SimFleet
 from kvroute.tokenize import CachingTokenizer, RemoteTokenizer
 from kvroute.upstream import HttpxEngineClient
+from tests.engine_clients import engine_client, quiet_fleet
 from tests.polling import eventually
 
 MODEL = "sim/llama"
@@ -36,21 +34,8 @@ async def sim() -> AsyncIterator[SimFleet]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[HttpxEngineClient]:
-    async with HttpxEngineClient(
-        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10
-    ) as c:
+    async with engine_client() as c:
         yield c
-
-
-def _fleet(specs: list[EngineSpec], client: HttpxEngineClient, **knobs: Any) -> Fleet:
-    options: dict[str, Any] = {
-        "health_interval_s": 0,
-        "unhealthy_after": 3,
-        "scrape_interval_s": 0,
-        "watch_interval_s": 0.02,
-        **knobs,
-    }
-    return Fleet(specs, client, **options)
 
 
 async def test_simulator_fleet_file_loads_with_per_rank_sources(
@@ -73,7 +58,7 @@ async def test_health_scrape_and_kill(
 ) -> None:
     path = tmp_path / "fleet.yaml"
     sim.write_fleet_file(path)
-    fleet = _fleet(load_fleet_file(path), client, unhealthy_after=1, probe_timeout_s=5.0)
+    fleet = quiet_fleet(load_fleet_file(path), client, unhealthy_after=1, probe_timeout_s=5.0)
     await fleet.check_health()
     assert all(e.healthy for e in fleet.engines())
     await fleet.scrape()
@@ -94,7 +79,7 @@ async def test_remote_tokenizer_returns_the_engines_own_ids(
 ) -> None:
     path = tmp_path / "fleet.yaml"
     sim.write_fleet_file(path)
-    fleet = _fleet(load_fleet_file(path), client)
+    fleet = quiet_fleet(load_fleet_file(path), client)
     tok = CachingTokenizer(
         RemoteTokenizer(client, fleet.url_for_model, timeout_s=5.0), max_entries=16
     )
@@ -113,7 +98,7 @@ async def test_fleet_file_rewritten_by_the_simulator_is_picked_up(
     path = tmp_path / "fleet.yaml"
     async with SimFleet(1, MODEL, name_prefix="first-") as one:
         one.write_fleet_file(path)
-        fleet = _fleet(load_fleet_file(path), client, fleet_file=path)
+        fleet = quiet_fleet(load_fleet_file(path), client, fleet_file=path)
         await fleet.start()
         try:
             async with SimFleet(1, MODEL, name_prefix="second-") as two:

@@ -22,7 +22,7 @@ from kvroute.events import (
 )
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
-from tests.chaos.event_streams import EngineStream
+from tests.event_streams import EngineStream
 
 MODEL = "test/model"
 RELEASES = ("0.9.0", "0.22.0", "0.26.0", "0.33.0")

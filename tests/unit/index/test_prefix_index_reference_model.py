@@ -1,4 +1,4 @@
-"""Random event streams against a tiny, obviously correct reference index (STYLE.md §14).
+"""Random event streams against a tiny, obviously correct reference index (docs/architecture.md).
 
 Streams are vLLM's events, normalised as the decoder does; the reference reads the same core
 events. The seed is in the test id: `pytest -k "seed-17"` replays a failure.

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from kvroute.errors import ConfigError
 from kvroute.fleet import NUM_REQUESTS_RUNNING, EngineSpec, Fleet
 from kvroute.upstream import HttpxEngineClient
+from tests.engine_clients import engine_client, quiet_fleet
 from tests.polling import eventually
 
 DEADLINE_S = 10.0
@@ -76,28 +77,10 @@ def engines() -> _Engines:
     return _Engines()
 
 
-def _client(transport: httpx.AsyncBaseTransport | None = None) -> HttpxEngineClient:
-    return HttpxEngineClient(
-        connect_timeout_s=5.0, read_timeout_s=5.0, max_connections=10, transport=transport
-    )
-
-
 @pytest.fixture
 async def client(engines: _Engines) -> AsyncIterator[HttpxEngineClient]:
-    async with _client(httpx.ASGITransport(app=engines.app())) as c:
+    async with engine_client(httpx.ASGITransport(app=engines.app())) as c:
         yield c
-
-
-def _fleet(specs: list[EngineSpec], client: HttpxEngineClient, **knobs: Any) -> Fleet:
-    """A fleet whose loops are off unless a test turns one on (it drives rounds itself)."""
-    options: dict[str, Any] = {
-        "health_interval_s": 0,
-        "unhealthy_after": 3,
-        "scrape_interval_s": 0,
-        "watch_interval_s": 0.02,
-        **knobs,
-    }
-    return Fleet(specs, client, **options)
 
 
 class _Changes:
@@ -115,13 +98,13 @@ class _Changes:
 
 def _watching_fleet(client: HttpxEngineClient, **source: Any) -> Fleet:
     """Engine "a", no probes or scrapes, membership from `source` (a fleet file or a source)."""
-    return _fleet([_spec("a")], client, **source)
+    return quiet_fleet([_spec("a")], client, **source)
 
 
 async def test_engine_is_ejected_after_consecutive_failures_and_readmitted_after_one_success(
     engines: _Engines, client: HttpxEngineClient
 ) -> None:
-    fleet = _fleet([_spec("a"), _spec("b")], client, unhealthy_after=3)
+    fleet = quiet_fleet([_spec("a"), _spec("b")], client, unhealthy_after=3)
     assert fleet.get("a").healthy  # type: ignore[union-attr]
     engines.health["a"] = 503
     for _ in range(2):
@@ -140,7 +123,7 @@ async def test_engine_is_ejected_after_consecutive_failures_and_readmitted_after
 async def test_a_success_resets_the_failure_count(
     engines: _Engines, client: HttpxEngineClient
 ) -> None:
-    fleet = _fleet([_spec("a")], client, unhealthy_after=2)
+    fleet = quiet_fleet([_spec("a")], client, unhealthy_after=2)
     engines.health["a"] = 500
     await fleet.check_health()
     engines.health["a"] = 200
@@ -151,7 +134,7 @@ async def test_a_success_resets_the_failure_count(
 
 
 async def test_proxy_connect_failures_count_toward_ejection(client: HttpxEngineClient) -> None:
-    fleet = _fleet([_spec("a")], client, unhealthy_after=2)
+    fleet = quiet_fleet([_spec("a")], client, unhealthy_after=2)
     fleet.mark_failure("a")
     assert fleet.get("a").healthy  # type: ignore[union-attr]
     fleet.mark_failure("a")
@@ -166,8 +149,8 @@ async def test_unreachable_engine_is_ejected() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = EngineSpec("dead", "llama", f"http://127.0.0.1:{port}", None)
-    async with _client() as real:
-        fleet = _fleet([spec], real, unhealthy_after=1, probe_timeout_s=5.0)
+    async with engine_client() as real:
+        fleet = quiet_fleet([spec], real, unhealthy_after=1, probe_timeout_s=5.0)
         await fleet.check_health()
     state = fleet.get("dead")
     assert state is not None and not state.healthy
@@ -176,7 +159,7 @@ async def test_unreachable_engine_is_ejected() -> None:
 
 
 async def test_a_hung_health_endpoint_fails_by_the_probe_timeout(client: HttpxEngineClient) -> None:
-    fleet = _fleet([_spec("hung"), _spec("a")], client, unhealthy_after=1, probe_timeout_s=0.1)
+    fleet = quiet_fleet([_spec("hung"), _spec("a")], client, unhealthy_after=1, probe_timeout_s=0.1)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await fleet.check_health()
@@ -189,7 +172,7 @@ async def test_a_hung_health_endpoint_fails_by_the_probe_timeout(client: HttpxEn
 
 async def test_health_loop_runs_after_start(engines: _Engines, client: HttpxEngineClient) -> None:
     engines.health["a"] = 503
-    fleet = _fleet([_spec("a")], client, health_interval_s=0.02, unhealthy_after=2)
+    fleet = quiet_fleet([_spec("a")], client, health_interval_s=0.02, unhealthy_after=2)
     await fleet.start()
     try:
         await eventually(lambda: not fleet.get("a").healthy, "ejection")  # type: ignore[union-attr]
@@ -200,7 +183,7 @@ async def test_health_loop_runs_after_start(engines: _Engines, client: HttpxEngi
 
 
 async def test_in_flight_requests_and_tokens(client: HttpxEngineClient) -> None:
-    fleet = _fleet([_spec("a")], client)
+    fleet = quiet_fleet([_spec("a")], client)
     fleet.begin_request("a", 300)
     fleet.begin_request("a", 200)
     fleet.begin_request("gone", 50)  # an engine removed meanwhile: ignored
@@ -217,7 +200,7 @@ async def test_scrape_reads_vllm_gauges_and_survives_bad_bodies(
     engines: _Engines, client: HttpxEngineClient
 ) -> None:
     engines.running["a"] = 7
-    fleet = _fleet([_spec("a"), _spec("broken"), _spec("hung")], client, probe_timeout_s=0.1)
+    fleet = quiet_fleet([_spec("a"), _spec("broken"), _spec("hung")], client, probe_timeout_s=0.1)
     await fleet.scrape()
     a, broken = fleet.get("a"), fleet.get("broken")
     assert a is not None and a.scraped == {NUM_REQUESTS_RUNNING: 7.0}
@@ -236,7 +219,7 @@ async def test_scrape_loop_keeps_the_gauges_on_the_engine_state(
     engines: _Engines, client: HttpxEngineClient
 ) -> None:
     engines.running["a"] = 3
-    fleet = _fleet([_spec("a")], client, scrape_interval_s=0.02)
+    fleet = quiet_fleet([_spec("a")], client, scrape_interval_s=0.02)
     await fleet.start()
     try:
         await eventually(
@@ -255,7 +238,7 @@ async def test_scrape_loop_keeps_the_gauges_on_the_engine_state(
 async def test_engines_for_model_resolves_base_models_and_lora_names(
     client: HttpxEngineClient,
 ) -> None:
-    fleet = _fleet(
+    fleet = quiet_fleet(
         [
             _spec("a", lora=("sql",)),
             _spec("b"),
@@ -275,7 +258,7 @@ async def test_engines_for_model_resolves_base_models_and_lora_names(
 async def test_url_for_model_picks_a_healthy_engine_with_least_in_flight(
     client: HttpxEngineClient,
 ) -> None:
-    fleet = _fleet(
+    fleet = quiet_fleet(
         [_spec("a", lora=("sql",)), _spec("b", lora=("sql",))], client, unhealthy_after=1
     )
     assert fleet.url_for_model("llama") == "http://a:8000"
@@ -289,7 +272,7 @@ async def test_url_for_model_picks_a_healthy_engine_with_least_in_flight(
 
 
 async def test_models_lists_bases_and_adapters_with_parent(client: HttpxEngineClient) -> None:
-    fleet = _fleet(
+    fleet = quiet_fleet(
         [_spec("a", lora=("sql", "chat")), _spec("b", lora=("sql",)), _spec("c", model="qwen")],
         client,
     )
@@ -306,7 +289,7 @@ async def test_models_lists_bases_and_adapters_with_parent(client: HttpxEngineCl
 async def test_update_reports_added_removed_and_changed_engines(
     client: HttpxEngineClient,
 ) -> None:
-    fleet = _fleet([_spec("a"), _spec("b"), _spec("c")], client, unhealthy_after=1)
+    fleet = quiet_fleet([_spec("a"), _spec("b"), _spec("c")], client, unhealthy_after=1)
     fleet.mark_failure("b")  # a changed engine starts healthy again
     changes = _Changes(fleet)
     fleet.begin_request("b", 100)
@@ -327,7 +310,7 @@ async def test_update_reports_added_removed_and_changed_engines(
 
 
 async def test_a_failing_callback_does_not_stop_others(client: HttpxEngineClient) -> None:
-    fleet = _fleet([], client)
+    fleet = quiet_fleet([], client)
     calls: list[str] = []
 
     async def broken(added: list[EngineSpec], removed: list[EngineSpec]) -> None:
@@ -344,8 +327,8 @@ async def test_a_failing_callback_does_not_stop_others(client: HttpxEngineClient
 
 async def test_duplicate_engine_names_are_rejected(client: HttpxEngineClient) -> None:
     with pytest.raises(ConfigError, match="expected unique"):
-        _fleet([_spec("a"), _spec("a")], client)
-    fleet = _fleet([_spec("a")], client)
+        quiet_fleet([_spec("a"), _spec("a")], client)
+    fleet = quiet_fleet([_spec("a")], client)
     with pytest.raises(ConfigError, match="expected unique"):
         await fleet.update([_spec("b"), _spec("b")])
     assert [e.name for e in fleet.engines()] == ["a"]
@@ -392,7 +375,7 @@ async def test_close_is_idempotent_and_start_twice_is_harmless(
 ) -> None:
     engines.health["a"] = 503
     # One probe per loop start, then a long wait: the probe count tells how many loops run.
-    fleet = _fleet([_spec("a")], client, health_interval_s=60.0)
+    fleet = quiet_fleet([_spec("a")], client, health_interval_s=60.0)
     a = fleet.get("a")
     assert a is not None
     await fleet.start()

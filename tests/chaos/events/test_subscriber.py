@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 import zmq.asyncio
 
-from tests.chaos.harness import Feed, Stack, holdings, make_stack, start_feed, until
-
-
-@pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
+from tests.event_harness import Feed, Stack, holdings, make_stack, start_feed, until
 
 
 async def _converged(stack: Stack, feeds: list[Feed]) -> None:

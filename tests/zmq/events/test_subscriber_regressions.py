@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import pytest
 import zmq.asyncio
 
 from kvroute.core import EventCounters, ResetCause, SourceSpec, source_id
@@ -20,7 +19,7 @@ from kvroute.events import (
     encode_batch,
 )
 from kvroute.index import PrefixIndex
-from tests.chaos.harness import ScriptedReplay
+from tests.event_harness import ScriptedReplay
 from tests.polling import eventually
 
 MODEL = "m"
@@ -76,17 +75,13 @@ class Rig:
             assert loop.time() < deadline, "no live batch ever arrived"
 
 
-@pytest.fixture
-async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
-    context = zmq.asyncio.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 @contextlib.asynccontextmanager
 async def running(
-    ctx: zmq.asyncio.Context, rig: Rig, replay: ScriptedReplay | None
-) -> AsyncIterator[ZmqEventPublisher]:
+    ctx: zmq.asyncio.Context, rig: Rig, *, scripted: bool
+) -> AsyncIterator[tuple[ZmqEventPublisher, ScriptedReplay]]:
+    """A publisher, and a scripted replay server standing in for its own when `scripted`; the
+    rig subscribed and settled on the live stream."""
+    replay = ScriptedReplay(ctx)
     pub = ZmqEventPublisher(
         "tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", topic="kv", context=ctx
     )
@@ -95,26 +90,25 @@ async def running(
         engine="e",
         model=MODEL,
         endpoint=pub.endpoint,
-        replay_endpoint=replay.endpoint if replay is not None else pub.replay_endpoint,
+        replay_endpoint=replay.endpoint if scripted else pub.replay_endpoint,
         topic="kv",
     )
     try:
         await rig.manager.add_source(spec)
-        yield pub
+        await rig.settle(pub, first_token=1)
+        yield pub, replay
     finally:
         await asyncio.wait_for(rig.manager.close(), 5)
         await pub.close()
-        if replay is not None:
-            await replay.close()
+        await replay.close()
 
 
 async def test_an_unfinished_retry_replay_holding_a_clear_leaves_no_false_hold(
     ctx: zmq.asyncio.Context,
 ) -> None:
     rig = Rig(ctx)
-    replay = ScriptedReplay(ctx)
-    async with running(ctx, rig, replay) as pub:
-        base = await rig.settle(pub, first_token=1)
+    async with running(ctx, rig, scripted=True) as (pub, replay):
+        base = rig.last_seq() or 0
         replay.silent = True  # the gap replay times out: stale
         pub.drop_next(1)
         lost = pub.publish_payload(_payload(_stored(1, 100)))
@@ -140,8 +134,7 @@ async def test_a_lost_final_batch_is_repaired_once_the_source_is_quiet(
     ctx: zmq.asyncio.Context,
 ) -> None:
     rig = Rig(ctx, tail_check_s=0.2)
-    async with running(ctx, rig, None) as pub:
-        await rig.settle(pub, first_token=1)
+    async with running(ctx, rig, scripted=False) as (pub, _replay):
         assert rig.holds(1)
         pub.drop_next(1)
         pub.publish_payload(_payload(VllmAllBlocksCleared()))  # lost; nothing follows
@@ -153,9 +146,7 @@ async def test_live_backlog_older_than_a_resync_bootstrap_is_not_a_restart(
     ctx: zmq.asyncio.Context,
 ) -> None:
     rig = Rig(ctx)
-    replay = ScriptedReplay(ctx)
-    async with running(ctx, rig, replay) as pub:
-        await rig.settle(pub, first_token=1)
+    async with running(ctx, rig, scripted=True) as (pub, replay):
         # Hold the resync's bootstrap answer until live batches have queued on the SUB socket.
         replay.bootstrap_gate = asyncio.Event()
         # A gap whose replay shows the buffer moved on: stale, then a resync on retry.

@@ -1,4 +1,4 @@
-"""The fleet file (ARCHITECTURE.md "Contracts"): parsing, defaults, rank sources, clear errors."""
+"""The fleet file (docs/architecture.md): parsing, defaults, rank sources, clear errors."""
 
 from __future__ import annotations
 

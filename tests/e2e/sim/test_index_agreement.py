@@ -9,13 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+import zmq.asyncio
 
 from kvroute.core import LocalHash, SourceId, SourceSpec, source_id
 from kvroute.events import SubscriberManager
 from kvroute.index import PrefixIndex, prompt_hashes
 from kvroute.metrics import Metrics
 from kvroute.sim import BlockPool, SimConfig, SimEngine, SimFleet
-from tests.chaos.harness import applied, until
+from tests.event_harness import applied, make_stack, until
 from tests.polling import eventually
 
 MODEL = "sim/agreement"
@@ -89,7 +90,7 @@ async def _settled(
     ids=["seed20261123-0.33.0-int", "seed7-0.22.0-bytes-restarts-drops"],
 )
 async def test_index_holds_exactly_the_simulator_blocks_at_every_quiet_point(
-    seed: int, release: str, bytes_hashes: bool, chaos: bool
+    ctx: zmq.asyncio.Context, seed: int, release: str, bytes_hashes: bool, chaos: bool
 ) -> None:
     rng = random.Random(seed)
     cfg = SimConfig(
@@ -98,16 +99,8 @@ async def test_index_holds_exactly_the_simulator_blocks_at_every_quiet_point(
     )  # fmt: skip
     fleet = SimFleet(2, MODEL, dp_ranks=2, config=cfg, lora=[LORA])
     await fleet.start()
-    index = PrefixIndex()
-    metrics = Metrics()
-    mgr = SubscriberManager(
-        index,
-        metrics.event_counters,
-        replay_timeout_s=5.0,
-        max_concurrent_replays=4,
-        retry_backoff_s=(0.5, 10.0),
-        tail_check_s=0.0,
-    )
+    stack = make_stack(ctx, replay_timeout_s=5.0, retry_backoff_s=(0.5, 10.0))
+    index, mgr = stack.index, stack.manager
     truth = Truth(fleet)
     client = httpx.AsyncClient(timeout=30)
     try:
@@ -194,8 +187,8 @@ async def test_index_holds_exactly_the_simulator_blocks_at_every_quiet_point(
         assert all(n > 0 for n in compared_after_reset.values()), compared_after_reset
         assert not any(s.stale for s in mgr.status())
         if chaos:  # the faults really happened and were healed by replay and resets
-            assert _total(metrics, "kvroute_seq_gaps_total") > 0
-            assert _total(metrics, "kvroute_source_resets_total") > 0
+            assert _total(stack.metrics, "kvroute_seq_gaps_total") > 0
+            assert _total(stack.metrics, "kvroute_source_resets_total") > 0
     finally:
         await client.aclose()
         await mgr.close()
