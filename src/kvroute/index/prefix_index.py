@@ -178,7 +178,7 @@ class PrefixIndex:
         spec = self._spec_by_engine.get(src.engine)  # apply never adds entries
         group0 = self._indexed_group
         for ev in batch.events:
-            if type(ev) is BlockStored:
+            if isinstance(ev, BlockStored):  # decoders may hand a subclass (events/wire.py)
                 tokens = ev.token_ids
                 bs = ev.block_size
                 medium = ev.medium

@@ -18,6 +18,7 @@ from kvroute.events import (
     VllmBlockRemoved,
     VllmBlockStored,
     VllmEventBatch,
+    encode_batch,
     normalise_batch,
 )
 from kvroute.events.cli import batch_to_json
@@ -293,3 +294,18 @@ def test_wire_error_names_the_event_index() -> None:
         decode_batch(payload)
     with pytest.raises(WireError, match=r"events\[1\] BlockRemoved"):
         decode_vllm(payload)
+
+
+def test_plain_map_stores_compare_as_the_core_events_they_stand_for() -> None:
+    # Plain-text map stores reach the index without a copy (wire.py `_MapBlockStored`); they
+    # must still behave as core events for every caller.
+    stored = VllmBlockStored([7], None, [1, 2], 2, extra_keys=[None])
+    event = decode_batch(encode_batch(VllmEventBatch(1.0, [stored], 0))).events[0]
+    core = BlockStored([7], None, [1, 2], 2)
+    assert isinstance(event, BlockStored)
+    assert event == core and core == event
+    assert not (event != core) and not (core != event)  # noqa: SIM202 (the operator is the test)
+    assert event != BlockStored([8], None, [1, 2], 2) and event != BlockRemoved([7])
+    salted = VllmBlockStored([7], None, [1, 2], 2, extra_keys=[["salt"]])
+    copied = decode_batch(encode_batch(VllmEventBatch(1.0, [salted], 0))).events[0]
+    assert type(copied) is BlockStored and copied.cache_salt == "salt"
