@@ -87,6 +87,7 @@ class _StateCollector(Collector):
         self.index_blocks: Callable[[], Mapping[str, int]] | None = None
         self.engines: Callable[[], Iterable[tuple[str, bool]]] | None = None
         self.fleet_reloads: Mapping[str, int] | None = None
+        self.discovery_errors: Mapping[str, int] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.sources is not None:
@@ -133,6 +134,14 @@ class _StateCollector(Collector):
                 "(ok, error).",
                 ["outcome"],
                 list(self.fleet_reloads.items()),
+            )
+        if self.discovery_errors is not None:
+            yield _counter(
+                "kvroute_discovery_errors",
+                "Kubernetes discovery failures, per reason (gone, forbidden, api, connection, "
+                "pod).",
+                ["reason"],
+                list(self.discovery_errors.items()),
             )
 
 
@@ -204,6 +213,10 @@ class Metrics:
         `kvroute_fleet_reloads_total` from `reloads` (outcome -> count)."""
         self._state.engines = engines
         self._state.fleet_reloads = reloads
+
+    def watch_discovery(self, errors: Mapping[str, int]) -> None:
+        """Export `kvroute_discovery_errors_total{reason}` from `errors` (reason -> count)."""
+        self._state.discovery_errors = errors
 
     def observe_tokenize(self, mode: str, seconds: float) -> None:
         """One tokenization of `mode` (cache, local, remote) took `seconds`."""

@@ -157,6 +157,30 @@ class Settings(BaseSettings):
         2.0, gt=0, description="Seconds between checks of the fleet file for changes."
     )
 
+    # --- Kubernetes discovery (README "Run on Kubernetes")
+    k8s_namespace: str | None = Field(
+        None,
+        description="Namespace whose Ready pods form the fleet (Kubernetes discovery, instead of "
+        "a fleet file); unset: off.",
+    )
+    k8s_label_selector: str = Field(
+        "kvroute.io/engine=vllm",
+        description="Label selector of the vLLM pods (ignored with `k8s_inference_pool`).",
+    )
+    k8s_inference_pool: str | None = Field(
+        None,
+        description="InferencePool (Gateway API Inference Extension) whose selector and first "
+        "target port pick the pods.",
+    )
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig file; unset: in-cluster credentials in a pod, else `$KUBECONFIG` "
+        "or `~/.kube/config`.",
+    )
+    k8s_watch_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds one pod watch lasts before it is resumed."
+    )
+
     # --- tokenization
     use_remote_tokenizer: bool = Field(
         False,
@@ -193,6 +217,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_backoff(self) -> Settings:
+        if self.fleet_file is not None and self.k8s_namespace is not None:
+            raise ValueError(
+                "fleet_file and k8s_namespace: expected one source of engines, got both"
+            )
         if self.retry_backoff_max_s < self.retry_backoff_min_s:
             raise ValueError(
                 "retry_backoff_max_s: expected >= retry_backoff_min_s "

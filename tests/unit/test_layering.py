@@ -116,6 +116,8 @@ SEAMS = {
     "zmq": {"events"},
     "httpx": {"upstream"},
     "prometheus_client": {"metrics"},
+    "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
+    "aiohttp": {"fleet"},  # kubernetes_asyncio's transport, whose errors it raises
     "starlette": {"gateway"},
     "uvicorn": {"gateway"},
 }

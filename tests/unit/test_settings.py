@@ -154,3 +154,9 @@ def test_readme_settings_table_matches_settings() -> None:
     )
     inside = readme.split(START, 1)[1].split(END, 1)[0]
     assert inside.strip() == settings_markdown_table().strip()
+
+
+def test_a_fleet_file_and_kubernetes_discovery_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fleet_file and k8s_namespace"):
+        load_settings(fleet_file=tmp_path / "fleet.yaml", k8s_namespace="ns")
+    assert load_settings(k8s_namespace="ns").k8s_label_selector == "kvroute.io/engine=vllm"

@@ -14,9 +14,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from kvroute.core import EngineClient, PolicyName
-from kvroute.errors import GatewayHTTPError
+from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.events import SubscriberManager
-from kvroute.fleet import Fleet, load_fleet_file
+from kvroute.fleet import Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.service import Gateway
@@ -46,6 +46,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         scrape_interval_s=settings.scrape_interval_s,
         watch_interval_s=settings.watch_interval_s,
         fleet_file=settings.fleet_file,
+        source=_kubernetes_source(settings, metrics),
     )
     metrics.watch_fleet(lambda: [(e.name, e.healthy) for e in fleet.engines()], fleet.reloads)
     index: PrefixIndex | None = None
@@ -97,6 +98,36 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         index=index,
         subscribers=subscribers,
     )
+
+
+def _kubernetes_source(settings: Settings, metrics: Metrics) -> FleetSource | None:
+    """Kubernetes pod discovery when `k8s_namespace` is set (needs the `kubernetes` extra)."""
+    if settings.k8s_namespace is None:
+        return None
+    try:
+        from kvroute.fleet.kubernetes import (
+            KubernetesFleetSource,
+            KubernetesTarget,
+            kubernetes_api_client,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            "k8s_namespace: Kubernetes discovery needs the kubernetes extra: "
+            f"pip install 'kvroute[kubernetes]' ({exc})"
+        ) from exc
+    kubeconfig = settings.kubeconfig
+    if kubeconfig is not None and not kubeconfig.is_file():
+        raise ConfigError(f"kubeconfig: expected a kubeconfig file, got {str(kubeconfig)!r}")
+    source = KubernetesFleetSource(
+        KubernetesTarget(
+            settings.k8s_namespace, settings.k8s_label_selector, settings.k8s_inference_pool
+        ),
+        lambda: kubernetes_api_client(kubeconfig),
+        watch_timeout_s=settings.k8s_watch_timeout_s,
+        backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
+    )
+    metrics.watch_discovery(source.errors)
+    return source
 
 
 def _tokenizer(

@@ -21,6 +21,10 @@ def register(sub: Any) -> None:
     )
     serve.add_argument("--fleet", type=Path, help="fleet YAML file (KVROUTE_FLEET_FILE)")
     serve.add_argument(
+        "--k8s-namespace",
+        help="discover engines as the Ready pods of this namespace (KVROUTE_K8S_NAMESPACE)",
+    )
+    serve.add_argument(
         "--policy",
         choices=[p.value for p in PolicyName],
         help="routing policy (KVROUTE_POLICY, default kv_aware)",
@@ -46,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         name: value
         for name, value in (
             ("fleet_file", args.fleet),
+            ("k8s_namespace", args.k8s_namespace),
             ("policy", args.policy),
             ("host", args.host),
             ("port", args.port),
@@ -55,9 +60,13 @@ def _serve(args: argparse.Namespace) -> int:
     }
     try:
         settings = load_settings(**overrides)
-        if settings.fleet_file is None:
-            raise ConfigError("fleet_file: expected --fleet or KVROUTE_FLEET_FILE, got nothing")
-        load_fleet_file(settings.fleet_file)  # report a bad file before binding the port
+        if settings.fleet_file is None and settings.k8s_namespace is None:
+            raise ConfigError(
+                "fleet: expected --fleet (KVROUTE_FLEET_FILE) or --k8s-namespace "
+                "(KVROUTE_K8S_NAMESPACE), got neither"
+            )
+        if settings.fleet_file is not None:
+            load_fleet_file(settings.fleet_file)  # report a bad file before binding the port
     except ConfigError as exc:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2

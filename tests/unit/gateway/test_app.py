@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from kvroute.core import PolicyName
+from kvroute.errors import ConfigError
 from kvroute.gateway import BackgroundServer, create_app
 from kvroute.gateway.app import build_gateway
 from kvroute.metrics import Metrics
@@ -146,3 +147,23 @@ async def test_debug_engines_shows_the_scraped_gauges_with_infinities_as_null(
                 "vllm:kv_cache_usage_perc": None,
             }
             assert state["scraped_age_s"] >= 0.0
+
+
+async def test_kubernetes_discovery_with_a_missing_kubeconfig_fails_at_build(
+    client: HttpxEngineClient, tmp_path: Path
+) -> None:
+    settings = load_settings(k8s_namespace="ns", kubeconfig=tmp_path / "absent")
+    with pytest.raises(ConfigError, match="kubeconfig: expected a kubeconfig file"):
+        build_gateway(settings, client, Metrics())
+
+
+def test_serve_without_a_fleet_source_says_both_ways_to_give_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvroute.cli import main
+
+    monkeypatch.delenv("KVROUTE_FLEET_FILE", raising=False)
+    monkeypatch.delenv("KVROUTE_K8S_NAMESPACE", raising=False)
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--fleet" in err and "--k8s-namespace" in err and "Traceback" not in err
