@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     # --- HTTP service
     host: str = Field("0.0.0.0", description="Address `kvroute serve` listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port `kvroute serve` listens on.")
+    picker_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description='Port of the Envoy ext_proc endpoint picker (gRPC; README "Behind Envoy"); '
+        "unset: off.",
+    )
     fleet_file: Path | None = Field(
         None,
         description="Fleet YAML (engines, URLs, event endpoints); reloaded when it changes.",

@@ -118,6 +118,7 @@ SEAMS = {
     "prometheus_client": {"metrics"},
     "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
     "aiohttp": {"fleet"},  # kubernetes_asyncio's transport, whose errors it raises
+    "grpc": {"gateway"},  # gateway/picker.py, the Envoy ext_proc service
     "starlette": {"gateway"},
     "uvicorn": {"gateway"},
 }

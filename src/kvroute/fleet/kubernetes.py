@@ -135,13 +135,23 @@ class KubernetesTarget:
     inference_pool: str | None = None
 
 
-async def kubernetes_api_client(kubeconfig: Path | None) -> k8s.ApiClient:
-    """A client of the cluster's API server: in-cluster credentials when running in a pod and no
-    kubeconfig is named, else the kubeconfig (`kubeconfig`, `$KUBECONFIG` or ~/.kube/config)."""
+_SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+async def kubernetes_api_client(
+    kubeconfig: Path | None, *, service_account: Path = _SERVICE_ACCOUNT
+) -> k8s.ApiClient:
+    """A client of the cluster's API server: in-cluster credentials (the pod's service account
+    token and CA under `service_account`) when running in a pod and no kubeconfig is named, else
+    the kubeconfig (`kubeconfig`, `$KUBECONFIG` or ~/.kube/config)."""
     configuration = k8s.Configuration()
     try:
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration,
+                token_filename=str(service_account / "token"),
+                cert_filename=str(service_account / "ca.crt"),
+            )
         else:
             await k8s_config.load_kube_config(
                 config_file=str(kubeconfig) if kubeconfig is not None else None,

@@ -176,11 +176,25 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             max_connections=settings.upstream_max_connections,
         ) as client:
             gateway = build_gateway(settings, client, metrics if metrics is not None else Metrics())
+            picker = None
             try:
                 await gateway.start()
                 app.state.gateway = gateway
+                if settings.picker_port is not None:
+                    try:
+                        from kvroute.gateway.picker import start_picker
+                    except ImportError as exc:
+                        raise ConfigError(
+                            "picker_port: the endpoint picker needs the picker extra: "
+                            f"pip install 'kvroute[picker]' ({exc})"
+                        ) from exc
+                    picker, app.state.picker_port = await start_picker(
+                        gateway, settings.host, settings.picker_port
+                    )
                 yield
             finally:
+                if picker is not None:
+                    await picker.stop(grace=1.0)
                 await gateway.close()
 
     routes = [

@@ -21,6 +21,11 @@ def register(sub: Any) -> None:
     )
     serve.add_argument("--fleet", type=Path, help="fleet YAML file (KVROUTE_FLEET_FILE)")
     serve.add_argument(
+        "--picker-port",
+        type=int,
+        help="also serve the Envoy ext_proc endpoint picker on this port (KVROUTE_PICKER_PORT)",
+    )
+    serve.add_argument(
         "--k8s-namespace",
         help="discover engines as the Ready pods of this namespace (KVROUTE_K8S_NAMESPACE)",
     )
@@ -51,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
         for name, value in (
             ("fleet_file", args.fleet),
             ("k8s_namespace", args.k8s_namespace),
+            ("picker_port", args.picker_port),
             ("policy", args.policy),
             ("host", args.host),
             ("port", args.port),

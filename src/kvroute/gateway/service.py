@@ -166,6 +166,13 @@ class Gateway:
                 return name
         return None
 
+    def least_loaded_engine(self) -> str | None:
+        """The healthy engine with the fewest outstanding tokens (for requests with no prompt)."""
+        healthy = [e for e in self.fleet.engines() if e.healthy]
+        if not healthy:
+            return None
+        return min(healthy, key=lambda e: (e.outstanding_tokens, e.in_flight_requests, e.name)).name
+
     def begin_request(self, engine: str, tokens: int) -> None:
         self.fleet.begin_request(engine, tokens)
 

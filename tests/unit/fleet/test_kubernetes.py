@@ -286,3 +286,47 @@ def test_ipv6_pods_get_bracketed_addresses_and_events_can_be_off() -> None:
         pod("p", "fd00::7", annotations={"kvroute.io/model": "m", "kvroute.io/events-port": "none"})
     )
     assert (spec.url, spec.events) == ("http://[fd00::7]:8000", None)
+
+
+async def test_in_a_pod_the_service_account_and_the_service_address_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a pod sees (the in-cluster rule of the client); the API server itself is not here.
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    (tmp_path / "token").write_text("pod-token")
+    (tmp_path / "ca.crt").write_text(_TEST_CA)
+    api = await kubernetes_api_client(None, service_account=tmp_path)
+    try:
+        config = api.configuration
+        assert config.host == "https://10.96.0.1:443"
+        assert config.api_key["BearerToken"].endswith("pod-token")
+        assert config.ssl_ca_cert == str(tmp_path / "ca.crt")
+    finally:
+        await api.close()
+
+
+async def test_missing_credentials_are_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    with pytest.raises(ConfigError, match="kubernetes: cannot load credentials"):
+        await kubernetes_api_client(None, service_account=tmp_path)  # no token there
+
+
+# A throwaway self-signed certificate (openssl, EC P-256, CN kvroute-test-ca): the client loads
+# the pod's CA file when it is built, so it must be a certificate; nothing is signed with it.
+_TEST_CA = """\
+-----BEGIN CERTIFICATE-----
+MIIBizCCATGgAwIBAgIUXrQcBOOyl2OLxRDjf+f/ikKAILUwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPa3Zyb3V0ZS10ZXN0LWNhMCAXDTI2MTIwMTE3MTIzNVoYDzIx
+MjYxMTA3MTcxMjM1WjAaMRgwFgYDVQQDDA9rdnJvdXRlLXRlc3QtY2EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAARu/Mp+Wv38gIC4CB7KcQdQyAD81Qs/FHGAJCKA
+C11w9Yj3m4zKUUSeH2Jhe46S1wIKHkqPtgMZ+19Uqm61rqfRo1MwUTAdBgNVHQ4E
+FgQUQJzDzM0QFmG3TJh/1WMM5B4aOIkwHwYDVR0jBBgwFoAUQJzDzM0QFmG3TJh/
+1WMM5B4aOIkwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAqWp9
+cz9a/ux4xKE9Fb6pynn2Ao9uksyundxjm5TektcCIHA068edLlxuhEZykzdYKPRF
+ilP0ZvQ9RBJgrcuX1hak
+-----END CERTIFICATE-----
+"""

@@ -1,0 +1,179 @@
+"""The endpoint picker: an Envoy ext_proc gRPC service (Gateway API Inference Extension protocol)
+that routes each request with the gateway's index and policy and names the chosen endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from kvroute.errors import GatewayHTTPError
+from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.proxy import ENGINE_HEADER
+from kvroute.gateway.service import Gateway
+
+__all__ = ["DESTINATION_HEADER", "METADATA_NAMESPACE", "EndpointPicker", "start_picker"]
+
+log = logging.getLogger("kvroute.gateway.picker")
+
+# The protocol's names (docs/notes/issue-11-research.md §D): the chosen `ip:port` goes in this
+# request header and, with the same value, in dynamic metadata under this namespace.
+DESTINATION_HEADER: Final = "x-gateway-destination-endpoint"
+METADATA_NAMESPACE: Final = "envoy.lb"
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_KINDS: Final = {
+    "/v1/completions": RequestKind.COMPLETION,
+    "/v1/chat/completions": RequestKind.CHAT,
+}
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    # Overwrite: a client may send the destination header itself (it is not sanitised).
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def _endpoint(url: str) -> str:
+    """`host:port` of an engine's base URL, as an ORIGINAL_DST cluster connects to it."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _error(exc: GatewayHTTPError) -> ext_proc.ProcessingResponse:
+    """An OpenAI-shaped error answered by Envoy itself (the request goes nowhere)."""
+    body = {
+        "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    }
+    return ext_proc.ProcessingResponse(
+        immediate_response=ext_proc.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=exc.status),
+            headers=ext_proc.HeaderMutation(
+                set_headers=[_header("content-type", "application/json")]
+            ),
+            body=json.dumps(body).encode(),
+            details=exc.code or exc.type,
+        )
+    )
+
+
+class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """Per request: on the buffered body, route as `/v1/route` would (resolve, tokenize, match,
+    choose) and set the destination header and metadata; the request counts as in flight to
+    that engine (and its prompt as speculative there) until the stream ends, after the response.
+    A request the gateway cannot route gets its OpenAI error as an immediate response."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def Process(
+        self, requests: AsyncIterator[ext_proc.ProcessingRequest], context: Any
+    ) -> AsyncIterator[ext_proc.ProcessingResponse]:
+        gateway = self._gateway
+        path = ""
+        engine: str | None = None
+        tokens = 0
+        try:
+            async for message in requests:
+                phase = message.WhichOneof("request")
+                if phase == "request_headers":
+                    headers = {
+                        h.key: (h.raw_value or h.value.encode()).decode("utf-8", "replace")
+                        for h in message.request_headers.headers.headers
+                    }
+                    path = headers.get(":path", "").split("?", 1)[0]
+                    if not message.request_headers.end_of_stream:
+                        yield ext_proc.ProcessingResponse(
+                            request_headers=ext_proc.HeadersResponse()
+                        )
+                        continue
+                    engine = gateway.least_loaded_engine()  # no body to route by
+                    if engine is None:
+                        yield _error(
+                            GatewayHTTPError(
+                                503,
+                                "no healthy engine",
+                                type="service_unavailable_error",
+                                code="no_healthy_engine",
+                            )
+                        )
+                        return
+                    gateway.begin_request(engine, 0)
+                    yield self._destination(engine, headers_phase=True)
+                elif phase == "request_body":
+                    kind = _KINDS.get(path)
+                    try:
+                        if kind is None:
+                            raise GatewayHTTPError(
+                                404, f"{path}: not routed by the picker", code="not_found"
+                            )
+                        req = parse_request(kind, message.request_body.body)
+                        outcome = await gateway.route(req)
+                    except GatewayHTTPError as exc:
+                        yield _error(exc)
+                        return
+                    engine = outcome.decision.engine
+                    tokens = outcome.prompt_tokens + req.max_tokens
+                    gateway.begin_request(engine, tokens)
+                    gateway.add_speculative(engine, outcome, req.cache_salt)
+                    yield self._destination(engine, headers_phase=False)
+                elif phase == "response_headers":
+                    mutation = ext_proc.HeaderMutation(
+                        set_headers=[_header(ENGINE_HEADER, engine)] if engine else []
+                    )
+                    yield ext_proc.ProcessingResponse(
+                        response_headers=ext_proc.HeadersResponse(
+                            response=ext_proc.CommonResponse(header_mutation=mutation)
+                        )
+                    )
+                elif phase == "response_body":
+                    yield ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse())
+                elif phase == "request_trailers":
+                    yield ext_proc.ProcessingResponse(request_trailers=ext_proc.TrailersResponse())
+                elif phase == "response_trailers":
+                    yield ext_proc.ProcessingResponse(response_trailers=ext_proc.TrailersResponse())
+        finally:
+            if engine is not None:
+                gateway.end_request(engine, tokens)
+
+    def _destination(self, engine: str, *, headers_phase: bool) -> ext_proc.ProcessingResponse:
+        url = self._gateway.engine_url(engine) or ""
+        endpoint = _endpoint(url)
+        common = ext_proc.CommonResponse(
+            header_mutation=ext_proc.HeaderMutation(
+                set_headers=[_header(DESTINATION_HEADER, endpoint)]
+            ),
+            clear_route_cache=True,
+        )
+        metadata = struct_pb2.Struct()
+        metadata.update({METADATA_NAMESPACE: {DESTINATION_HEADER: endpoint}})
+        if headers_phase:
+            return ext_proc.ProcessingResponse(
+                request_headers=ext_proc.HeadersResponse(response=common), dynamic_metadata=metadata
+            )
+        return ext_proc.ProcessingResponse(
+            request_body=ext_proc.BodyResponse(response=common), dynamic_metadata=metadata
+        )
+
+
+async def start_picker(gateway: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Serve the picker on `host:port` (0: a free port); returns the server and its port."""
+    server = grpc.aio.server()
+    ext_proc_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gateway), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"picker: cannot listen on {host}:{port}")
+    await server.start()
+    log.info("endpoint picker listening", extra={"port": bound})
+    return server, bound
