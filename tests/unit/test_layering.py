@@ -119,6 +119,7 @@ SEAMS = {
     "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
     "aiohttp": {"fleet"},  # kubernetes_asyncio's transport, whose errors it raises
     "grpc": {"gateway"},  # gateway/picker.py, the Envoy ext_proc service
+    "grpc_health": {"gateway"},
     "starlette": {"gateway"},
     "uvicorn": {"gateway"},
 }

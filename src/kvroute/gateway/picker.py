@@ -15,13 +15,20 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvroute.errors import GatewayHTTPError
 from kvroute.gateway.openai_body import RequestKind, parse_request
 from kvroute.gateway.proxy import ENGINE_HEADER
 from kvroute.gateway.service import Gateway
 
-__all__ = ["DESTINATION_HEADER", "METADATA_NAMESPACE", "EndpointPicker", "start_picker"]
+__all__ = [
+    "DESTINATION_HEADER",
+    "HEALTH_SERVICES",
+    "METADATA_NAMESPACE",
+    "EndpointPicker",
+    "start_picker",
+]
 
 log = logging.getLogger("kvroute.gateway.picker")
 
@@ -167,10 +174,19 @@ class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
         )
 
 
+# gRPC health services the protocol asks an endpoint picker to expose (research notes §D).
+HEALTH_SERVICES: Final = ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
+
+
 async def start_picker(gateway: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve the picker on `host:port` (0: a free port); returns the server and its port."""
+    """Serve the picker on `host:port` (0: a free port), with the gRPC health protocol; returns
+    the server and its port."""
     server = grpc.aio.server()
     ext_proc_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gateway), server)
+    checks = health.aio.HealthServicer()
+    for service in ("", *HEALTH_SERVICES):
+        await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"picker: cannot listen on {host}:{port}")

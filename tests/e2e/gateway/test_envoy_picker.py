@@ -16,10 +16,13 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+import grpc
 import httpx
 import openai
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvroute.gateway import BackgroundServer, create_app
+from kvroute.gateway.picker import HEALTH_SERVICES
 from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
@@ -264,6 +267,22 @@ async def test_a_killed_engine_stops_being_picked_and_a_restarted_picker_resumes
             return response.status_code == 503 and "no_healthy_engine" in response.text
 
         await eventually(refused, "503 once every engine is ejected")
+
+
+async def test_the_picker_answers_the_grpc_health_protocol(tmp_path: Path) -> None:
+    async with SimFleet(1, MODEL, config=SimConfig(speed=50.0)) as fleet:
+        fleet_file = tmp_path / "fleet.yaml"
+        fleet.write_fleet_file(fleet_file)
+        gateway = _gateway(fleet_file, 0)
+        await gateway.server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.picker_port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for service in ("", *HEALTH_SERVICES):
+                    answer = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        finally:
+            await gateway.server.stop()
 
 
 def test_the_envoy_config_validates() -> None:
