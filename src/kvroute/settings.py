@@ -145,6 +145,12 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(
         10.0, gt=0, description="Longest delay between retries (exponential backoff)."
     )
+    ready_bootstrap_deadline_s: float = Field(
+        10.0,
+        ge=0,
+        description="`/readyz` waits this long for a new source's first bootstrap replay (the "
+        "engine's buffer in the index) before giving up on that source.",
+    )
     tail_check_s: float = Field(
         5.0,
         ge=0,

@@ -56,6 +56,7 @@ class _SourceTask:
         self.spec = tracker.spec
         self.shared = shared
         self.sockets: tuple[zmq.asyncio.Socket, zmq.asyncio.Socket] | None = None
+        self.added_at = time.monotonic()
 
     def open(self) -> None:
         """Create and connect the SUB socket and its monitor; a bad endpoint raises ConfigError."""
@@ -239,6 +240,16 @@ class SubscriberManager:
 
     def status(self) -> list[SourceStatus]:
         return [state.tracker.status() for state in self._sources.values()]
+
+    def unsettled(self, deadline_s: float) -> list[SourceId]:
+        """Sources whose first bootstrap has not ended, added less than `deadline_s` ago (one
+        that cannot even connect is given up on then): what readiness waits for."""
+        now = time.monotonic()
+        return [
+            source
+            for source, state in self._sources.items()
+            if not state.tracker.settled and now - state.added_at < deadline_s
+        ]
 
     def sources(self) -> list[SourceSpec]:
         return [state.spec for state in self._sources.values()]

@@ -91,6 +91,9 @@ class SourceTracker:
         # engine process reuses the seqs (restart).
         self._replayed: dict[int, int] = {}
         self._need_bootstrap = True
+        # The first bootstrap has ended (answered, failed, or there is no replay endpoint): what
+        # the engine's buffer held is in the index. Latched: later resets do not unsettle it.
+        self.settled = False
         self._live_bootstrap = False  # a live batch already asked for a bootstrap since the reset
         self._pending: tuple[int, bytes, bool] | None = None  # live batch waiting for a replay
         self.connected = False
@@ -348,6 +351,7 @@ class SourceTracker:
         """First contact (or after a reset): replay from 0 when the engine keeps a buffer."""
         self._need_bootstrap = False
         if not self._has_replay:
+            self.settled = True
             return None
         return ReplayRequest(0, ReplayKind.BOOTSTRAP)
 
@@ -395,7 +399,9 @@ class SourceTracker:
     def _replay_done(self, request: ReplayRequest, outcome: ReplayOutcome) -> ReplayRequest | None:
         self._counters.replay(self._src, outcome)
         kind = request.kind
-        if kind is ReplayKind.RETRY:
+        if kind is ReplayKind.BOOTSTRAP:
+            self.settled = True
+        elif kind is ReplayKind.RETRY:
             if outcome is ReplayOutcome.OK:
                 self._clear_stale()
             else:

@@ -97,6 +97,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         tokenizer=_tokenizer(settings, client, fleet, metrics.observe_tokenize),
         index=index,
         subscribers=subscribers,
+        ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
     )
 
 

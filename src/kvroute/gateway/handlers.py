@@ -85,12 +85,16 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready once the fleet is loaded and at least one engine passes its health checks."""
-    engines = _gateway(request).fleet.engines()
+    """Ready once at least one engine passes its health checks and every event source has
+    bootstrapped (its engine's replay buffer is in the index) or run out of time to."""
+    gateway = _gateway(request)
+    engines = gateway.fleet.engines()
     healthy = sum(1 for e in engines if e.healthy)
-    ready = healthy > 0
+    deadline_s = gateway.ready_bootstrap_deadline_s
+    pending = gateway.subscribers.unsettled(deadline_s) if gateway.subscribers is not None else []
+    ready = healthy > 0 and not pending
     return JSONResponse(
-        {"ready": ready, "engines": len(engines), "healthy": healthy},
+        {"ready": ready, "engines": len(engines), "healthy": healthy, "bootstrapping": pending},
         status_code=200 if ready else 503,
     )
 

@@ -40,6 +40,7 @@ class Gateway:
     tokenizer: Tokenizer
     index: PrefixIndex | None
     subscribers: SubscriberManager | None
+    ready_bootstrap_deadline_s: float
 
     def __post_init__(self) -> None:
         self.fleet.on_change(self._on_fleet_change)

@@ -165,3 +165,39 @@ async def test_fleet_file_changes_add_and_remove_engines_and_their_sources(
             await eventually(removed, "engine-0 and its source removed")
             models = (await http.get("/v1/models")).json()["data"]
             assert [m["id"] for m in models] == [MODEL]
+
+
+async def test_readiness_waits_for_bootstrap_until_its_deadline(tmp_path: Path) -> None:
+    # An engine that serves HTTP but whose event endpoint never answers: readiness waits for its
+    # first bootstrap, then gives up on it at the deadline instead of waiting forever.
+    async with SimFleet(1, MODEL, config=SimConfig(speed=50.0)) as fleet:
+        (entry,) = fleet.fleet_entries()
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        entry = {
+            **entry,
+            "events": f"tcp://127.0.0.1:{dead}",
+            "replay": f"tcp://127.0.0.1:{dead + 1}",
+        }
+        fleet_file = tmp_path / "fleet.yaml"
+        fleet_file.write_text(yaml.safe_dump({"engines": [entry]}))
+        settings = load_settings(
+            fleet_file=fleet_file, port=0, health_interval_s=0.1, ready_bootstrap_deadline_s=5.0
+        )
+        async with (
+            BackgroundServer(create_app(settings, metrics=Metrics())) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=10.0, trust_env=False) as http,
+        ):
+            first = await http.get("/readyz")
+            assert first.status_code == 503, first.text
+            assert first.json()["bootstrapping"] == [f"{entry['name']}/0"]
+            await eventually(
+                lambda: _status(http, "/readyz", 200),
+                "ready once the deadline passed",
+                timeout_s=20,
+            )
+
+
+async def _status(http: httpx.AsyncClient, path: str, expected: int) -> bool:
+    return (await http.get(path)).status_code == expected

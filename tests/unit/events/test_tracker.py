@@ -451,3 +451,24 @@ def test_regression_live_backlog_older_than_a_resync_bootstrap_is_not_a_restart(
     rig.serve(rig.live(new, new.batch()), new)
     assert rig.resets(ResetCause.SEQ_BACKWARDS) == 1
     assert rig.held() == new.reference()
+
+
+def test_a_source_is_settled_once_its_first_bootstrap_ends_and_stays_settled() -> None:
+    rig, engine = Rig(), Engine()
+    engine.batch()
+    assert not rig.tracker.settled  # not even connected
+    request = rig.tracker.on_connect()
+    assert request is not None and not rig.tracker.settled  # the replay is out
+    rig.serve(request, engine)
+    assert rig.tracker.settled
+    rig.tracker.on_disconnect()  # a later reset does not take readiness back
+    assert rig.tracker.settled
+    failed = Rig()
+    first = failed.tracker.on_connect()
+    assert first is not None
+    failed.tracker.on_replay_failed(first, ReplayOutcome.ERROR)  # given up on: settled too
+    assert failed.tracker.settled
+    no_replay = Rig(replay=False)
+    assert not no_replay.tracker.settled
+    no_replay.tracker.on_connect()  # nothing to replay
+    assert no_replay.tracker.settled
