@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from kvroute import __version__
+
 __all__ = ["main"]
 
 # Each module exposes `register(subparsers)`, adding its subcommand(s) with
@@ -23,14 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvroute", description="KV-cache-aware router for vLLM fleets."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"kvroute {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `kvroute`: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:

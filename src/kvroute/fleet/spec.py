@@ -163,6 +163,11 @@ class _EngineFields:
             raise self.fail("url", "an http(s)://host[:port] base URL", value)
         if parts.query or parts.fragment:
             raise self.fail("url", "a base URL without query or fragment", value)
+        if parts.path.rstrip("/").endswith("/v1"):
+            # The OpenAI SDK's base_url habit: kvroute adds /v1/... and /health itself, so this
+            # would probe /v1/health (404) and eject every engine.
+            trimmed = value.rstrip("/")[: -len("/v1")]
+            raise self.fail("url", f"the engine's base URL without /v1 (write {trimmed!r})", value)
         return value.rstrip("/")
 
     def endpoint(self, field: str, max_rank: int) -> str | None:

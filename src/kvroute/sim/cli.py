@@ -121,7 +121,15 @@ async def _serve(fleet: SimFleet, args: argparse.Namespace) -> int:
             if faults:
                 await apply_faults(engine, faults)
         if args.fleet_out is not None:
-            fleet.write_fleet_file(args.fleet_out)
+            try:
+                fleet.write_fleet_file(args.fleet_out)
+            except OSError as exc:
+                print(
+                    f"kvroute sim: --fleet-out {args.fleet_out}: cannot write: "
+                    f"{exc.strerror or exc}",
+                    file=sys.stderr,
+                )
+                return 2
         print(
             f"kvroute sim: {len(fleet.engines)} engine(s) x {fleet.dp_ranks} rank(s) of "
             f"{fleet.model} ready in {started:.2f} s",

@@ -117,3 +117,16 @@ async def test_sim_cli_fixed_base_ports_follow_the_stride(tmp_path: Path) -> Non
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_sim_cli_reports_an_unwritable_fleet_file_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "no-such-dir" / "fleet.yaml"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DRIVER, "sim", "--engines", "1", "--model", "m",
+        "--fleet-out", str(out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    message = stderr.decode().strip()
+    assert proc.returncode == 2, message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+    assert "--fleet-out" in message and "cannot write" in message

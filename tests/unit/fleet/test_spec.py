@@ -133,6 +133,11 @@ _MISSING = object()
         (_engine(url="http://"), "field 'url': expected an http(s)://host[:port] base URL"),
         (_engine(url="http://h:99999"), "field 'url': expected an http(s)://host[:port]"),
         (_engine(url="http://h:8000/?a=1"), "field 'url': expected a base URL without query"),
+        # The OpenAI SDK's base_url habit; it used to eject every engine (/v1/health is 404).
+        (
+            _engine(url="http://h:8000/v1/"),
+            "field 'url': expected the engine's base URL without /v1 (write 'http://h:8000')",
+        ),
         (_engine(events="tcp://*:5557"), "field 'events': expected a connect address tcp://host"),
         (_engine(events="tcp://h"), "field 'events': expected a connect address"),
         (_engine(events="h:5557"), "field 'events': expected a connect address"),
