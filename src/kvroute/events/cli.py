@@ -183,6 +183,14 @@ def _print_batch(seq: int, payload: bytes) -> None:
     print(json.dumps({"seq": seq, **batch_to_json(batch)}), flush=True)
 
 
+def _waiting(endpoint: str, topic: str) -> str:
+    """What `listen` waits for, and why it may never come (one line on stderr)."""
+    return (
+        f"listen: waiting for batches from {endpoint} with topic {topic!r} (the engine must bind "
+        f"it with endpoint tcp://*:PORT, publish with this topic and enable_kv_cache_events)"
+    )
+
+
 async def _listen(
     endpoint: str,
     *,
@@ -208,6 +216,7 @@ async def _listen(
             _error(f"listen: --endpoint {endpoint!r}: {exc}")
             return _EXIT_BAD_INPUT
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        _error(_waiting(endpoint, topic))
         # Read live messages from the start so the ones that arrive during the replay are
         # buffered, then printed after it without duplicates.
         reader = asyncio.create_task(_read_live(sub, live))
