@@ -157,9 +157,8 @@ class _SourceTask:
         """Run the tracker's replay requests until it asks for no more."""
         endpoint = self.spec.replay_endpoint
         while request is not None:
-            if endpoint is None:  # the tracker settles these itself; never reached
-                request = self.tracker.on_replay_failed(request, ReplayOutcome.NO_ENDPOINT)
-                continue
+            # The tracker settles a source's replays itself when it has no endpoint.
+            assert endpoint is not None, f"{self.spec.source}: a replay without an endpoint"
             try:
                 async with self.shared.replay_slots:
                     result = await request_replay(

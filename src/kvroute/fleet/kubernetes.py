@@ -192,7 +192,9 @@ class KubernetesFleetSource:
         self._rng = rng if rng is not None else random.Random()
         self.errors: collections.Counter[str] = collections.Counter()
         self._pods: dict[str, Mapping[str, Any]] = {}
-        self._bad: dict[str, str] = {}  # pod name -> resourceVersion already reported malformed
+        # pod name -> ((resourceVersion, HTTP port), its engine or None when malformed): a pod
+        # is parsed, and a malformed one reported, once per change of it, not once per event.
+        self._engines: dict[str, tuple[tuple[str, int | None], EngineSpec | None]] = {}
         self._last: list[EngineSpec] | None = None
 
     async def watch(self) -> AsyncIterator[list[EngineSpec]]:
@@ -331,17 +333,28 @@ class KubernetesFleetSource:
         """The engines of the Ready pods, or None when they are what was yielded last."""
         specs: list[EngineSpec] = []
         for name, pod in sorted(self._pods.items()):
-            if not pod_ready(pod):
-                continue
-            try:
-                specs.append(engine_from_pod(pod, default_port=port))
-            except ConfigError as exc:
-                version = str((pod.get("metadata") or {}).get("resourceVersion"))
-                if self._bad.get(name) != version:
-                    self._bad[name] = version
-                    self.errors["pod"] += 1
-                    log.warning("kubernetes: pod left out of the fleet: %s", exc)
+            if pod_ready(pod):
+                spec = self._engine(name, pod, port)
+                if spec is not None:
+                    specs.append(spec)
+        for gone in self._engines.keys() - self._pods.keys():
+            del self._engines[gone]
         if not force and specs == self._last:
             return None
         self._last = specs
         return specs
+
+    def _engine(self, name: str, pod: Mapping[str, Any], port: int | None) -> EngineSpec | None:
+        """The pod's engine, parsed once per (resourceVersion, port); None when malformed."""
+        key = (str((pod.get("metadata") or {}).get("resourceVersion")), port)
+        cached = self._engines.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec: EngineSpec | None = None
+        try:
+            spec = engine_from_pod(pod, default_port=port)
+        except ConfigError as exc:
+            self.errors["pod"] += 1
+            log.warning("kubernetes: pod left out of the fleet: %s", exc)
+        self._engines[name] = (key, spec)
+        return spec

@@ -6,20 +6,27 @@ from starlette.responses import JSONResponse
 
 from kvroute.errors import GatewayHTTPError
 
-__all__ = ["http_error_response", "no_healthy_engine"]
+__all__ = ["error_body", "http_error_response", "no_healthy_engine"]
+
+
+def error_body(exc: GatewayHTTPError) -> dict[str, object]:
+    """The JSON body a GatewayHTTPError (kvroute/errors.py) stands for, wherever it is sent."""
+    return {
+        "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    }
 
 
 def http_error_response(exc: GatewayHTTPError) -> JSONResponse:
-    """The answer a GatewayHTTPError (kvroute/errors.py) stands for."""
-    error = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-    return JSONResponse({"error": error}, status_code=exc.status)
+    """The answer a GatewayHTTPError stands for, from the gateway's own HTTP server."""
+    return JSONResponse(error_body(exc), status_code=exc.status)
 
 
-def no_healthy_engine(model: str, detail: str = "") -> GatewayHTTPError:
-    """The 503 for a model whose engines are all ejected (or gone)."""
+def no_healthy_engine(model: str | None, detail: str = "") -> GatewayHTTPError:
+    """The 503 for a model whose engines are all ejected (or gone); `model` None: any model."""
+    serves = "" if model is None else f" serves {model!r}"
     return GatewayHTTPError(
         503,
-        f"no healthy engine serves {model!r}{detail}",
+        f"no healthy engine{serves}{detail}",
         type="service_unavailable_error",
         code="no_healthy_engine",
     )

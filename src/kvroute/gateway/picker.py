@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvroute.errors import GatewayHTTPError
 from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.openai_errors import error_body, no_healthy_engine
 from kvroute.gateway.proxy import ENGINE_HEADER
 from kvroute.gateway.service import Gateway
 
@@ -60,16 +61,13 @@ def _endpoint(url: str) -> str:
 
 def _error(exc: GatewayHTTPError) -> ext_proc.ProcessingResponse:
     """An OpenAI-shaped error answered by Envoy itself (the request goes nowhere)."""
-    body = {
-        "error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-    }
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=exc.status),
             headers=ext_proc.HeaderMutation(
                 set_headers=[_header("content-type", "application/json")]
             ),
-            body=json.dumps(body).encode(),
+            body=json.dumps(error_body(exc)).encode(),
             details=exc.code or exc.type,
         )
     )
@@ -107,14 +105,7 @@ class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                         continue
                     engine = gateway.least_loaded_engine()  # no body to route by
                     if engine is None:
-                        yield _error(
-                            GatewayHTTPError(
-                                503,
-                                "no healthy engine",
-                                type="service_unavailable_error",
-                                code="no_healthy_engine",
-                            )
-                        )
+                        yield _error(no_healthy_engine(None))
                         return
                     gateway.begin_request(engine, 0)
                     yield self._destination(engine, headers_phase=True)
