@@ -11,12 +11,15 @@ SHARED ?= $(or $(KVROUTE_SHARED),../shared)
 VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
-        test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean
+        test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
+        test-index-python
 
-$(STAMP): pyproject.toml
+# The native index core (src/kvroute/index/_native.c) is built by this install; make insists
+# on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
+$(STAMP): pyproject.toml setup.py src/kvroute/index/_native.c
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
+	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,7 +28,12 @@ demo: $(STAMP)
 	$(VENV)/bin/kvroute demo
 
 test: $(STAMP)
-	$(call RUN_TESTS,tests -q -p no:cacheprovider)
+	KVROUTE_INDEX_IMPL=native $(call RUN_TESTS,tests -q -p no:cacheprovider)
+
+# The index and event-path tests again on the pure-Python reference index (`make test` runs
+# everything on the native core).
+test-index-python: $(STAMP)
+	KVROUTE_INDEX_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
@@ -62,3 +70,4 @@ test-vllm: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -f src/kvroute/index/_native*.so

@@ -23,6 +23,7 @@ from kvroute.events import (
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from tests.event_streams import EngineStream
+from tests.index_impl import new_index
 
 MODEL = "test/model"
 RELEASES = ("0.9.0", "0.22.0", "0.26.0", "0.33.0")
@@ -77,7 +78,7 @@ def make_stack(
     """The router side as the gateway builds it. The tail check is off unless a test asks for it:
     it asks an idle source's replay buffer, which would add `ok` replays to exact counts."""
     metrics = Metrics()
-    index = PrefixIndex(counters=metrics.event_counters)
+    index = new_index(counters=metrics.event_counters)
     manager = SubscriberManager(
         index,
         metrics.event_counters,
@@ -145,7 +146,7 @@ class Feed:
 
     def reference(self) -> set[tuple[int, str]]:
         """What the index must hold for this source: the same bytes applied without loss."""
-        index = PrefixIndex()
+        index = new_index()
         index.add_source(self.source, engine=self.engine, model=MODEL)
         for batch in self.published:
             index.apply(self.source, decode_batch(encode_batch(batch, self.pub.release)))

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     )
 
     # --- index
+    index_impl: Literal["auto", "native", "python"] = Field(
+        "auto",
+        description="Index implementation: native (compiled core), python (reference), auto.",
+    )
     max_blocks_per_source: int = Field(
         _LIMITS.max_blocks_per_source,
         gt=0,

@@ -104,6 +104,7 @@ EXPORTS: dict[str, list[str]] = {
         "IndexLimits",
         "PrefixIndex",
         "chain_hashes",
+        "create_index",
         "pack_tokens",
         "prompt_hashes",
         "seed_hash",

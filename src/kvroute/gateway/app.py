@@ -20,7 +20,7 @@ from kvroute.fleet import Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.service import Gateway
-from kvroute.index import IndexLimits, PrefixIndex
+from kvroute.index import IndexLimits, PrefixIndex, create_index
 from kvroute.metrics import Metrics
 from kvroute.routing import CostWeights, make_policy
 from kvroute.settings import Settings
@@ -53,7 +53,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
     subscribers: SubscriberManager | None = None
     policy_name = settings.policy
     if settings.kv_event_sync_enabled:
-        index = PrefixIndex(
+        index = create_index(
             IndexLimits(
                 max_blocks_per_source=settings.max_blocks_per_source,
                 max_blocks_total=settings.max_blocks_total,
@@ -61,6 +61,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
                 speculative_ttl_s=settings.speculative_ttl_s,
             ),
             counters=metrics.event_counters,
+            impl=settings.index_impl,
         )
         subscribers = SubscriberManager(
             index,

@@ -28,7 +28,7 @@ from kvroute.events import (
     decode_batch,
     encode_batch,
 )
-from kvroute.index import PrefixIndex
+from tests.index_impl import new_index
 
 MODEL = "m"
 BS = 4
@@ -74,7 +74,7 @@ class Engine:
 
     def reference(self) -> set[int]:
         """Local hashes an index holds after applying every batch sent, in order, no loss."""
-        index = PrefixIndex()
+        index = new_index()
         index.add_source(SOURCE, engine="e", model=MODEL)
         for _seq, payload in self.sent:
             index.apply(SOURCE, decode_batch(payload))
@@ -87,7 +87,7 @@ class Rig:
     def __init__(self, *, replay: bool = True, timings: RecoveryTimings = TIMINGS) -> None:
         self.clock = Clock()
         self.counters = EventCounters()
-        self.index = PrefixIndex(counters=self.counters)
+        self.index = new_index(counters=self.counters)
         self.index.add_source(SOURCE, engine="e", model=MODEL)
         spec = SourceSpec(
             engine="e",

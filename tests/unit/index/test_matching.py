@@ -7,8 +7,9 @@ import random
 import pytest
 
 from kvroute.core import BlockStored, EventBatch, source_id
-from kvroute.index import PrefixIndex, seed_hash
+from kvroute.index import seed_hash
 from kvroute.index.matching import match_size
+from tests.index_impl import new_index
 
 MODEL = "m"
 BS = 4
@@ -17,7 +18,7 @@ BS = 4
 @pytest.mark.parametrize("seed", range(8), ids=lambda s: f"seed-{s}")
 def test_gpu_only_walk_agrees_with_the_general_walk(seed: int) -> None:
     rng = random.Random(seed)
-    index = PrefixIndex()
+    index = new_index()
     sources = [source_id(f"e{i // 2}", i % 2) for i in range(12)]
     for s in sources:
         index.add_source(s, engine=s.rpartition("/")[0], model=MODEL)

@@ -25,6 +25,7 @@ from kvroute.errors import IndexStateError
 from kvroute.events import VllmBlockStored, VllmEventBatch, decode_batch, normalise_batch
 from kvroute.index import IndexLimits, PrefixIndex
 from kvroute.index.hashing import prompt_hashes
+from tests.index_impl import new_index
 from tests.shared_fixtures import event_fixtures_dir, expected_json, fixture_versions
 
 MODEL = "m"
@@ -91,7 +92,7 @@ def batch(*events: Event) -> EventBatch:
 
 def make_index(*sources: SourceId, **limits: Any) -> PrefixIndex:
     clock = limits.pop("clock", None)
-    index = PrefixIndex(IndexLimits(**limits), clock=clock or Clock())
+    index = new_index(IndexLimits(**limits), clock=clock or Clock())
     for s in sources:
         engine, _, _ = s.rpartition("/")
         index.add_source(s, engine=engine, model=MODEL)
@@ -677,7 +678,7 @@ def test_counters_are_shared_with_metrics_and_exported() -> None:
     from kvroute.metrics import Metrics
 
     metrics = Metrics()
-    index = PrefixIndex(counters=metrics.event_counters)
+    index = new_index(counters=metrics.event_counters)
     index.add_source(A0, engine="a", model=MODEL)
     index.apply(A0, batch(stored(TOKENS, 16, 0, 1), stored(TOKENS, 16, 2, 3)))
     text = generate_latest(metrics.registry).decode()

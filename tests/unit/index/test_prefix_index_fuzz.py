@@ -15,7 +15,8 @@ from kvroute.events import (
     VllmEventBatch,
     normalise_batch,
 )
-from kvroute.index import IndexLimits, PrefixIndex
+from kvroute.index import IndexLimits
+from tests.index_impl import new_index
 
 SOURCES = [source_id("a", 0), source_id("b", 0)]
 engine_hash = st.one_of(st.integers(0, 20), st.binary(min_size=1, max_size=2))
@@ -84,7 +85,7 @@ batch = st.one_of(
 def test_arbitrary_events_never_raise_and_keep_counts_consistent(
     batches: list[tuple[Any, tuple[str, list[Any]]]], prompt: list[int]
 ) -> None:
-    index = PrefixIndex(IndexLimits(max_blocks_per_source=4, max_blocks_total=6))
+    index = new_index(IndexLimits(max_blocks_per_source=4, max_blocks_total=6))
     for s in SOURCES:
         index.add_source(s, engine=s.rpartition("/")[0], model="m")
     for source, (kind, events) in batches:

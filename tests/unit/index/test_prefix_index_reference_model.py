@@ -21,6 +21,7 @@ from kvroute.events import (
     normalise_batch,
 )
 from kvroute.index import IndexLimits, PrefixIndex, prompt_hashes
+from tests.index_impl import new_index
 
 MODEL = "m"
 SOURCES = [source_id("a", 0), source_id("a", 1), source_id("b", 0)]
@@ -153,7 +154,7 @@ def _random_event(
 def _run_stream(seed: int, limits: IndexLimits, steps: int) -> tuple[PrefixIndex, Reference]:
     rng = random.Random(seed)
     docs = _documents(rng)
-    index = PrefixIndex(limits)
+    index = new_index(limits)
     for s in SOURCES:
         index.add_source(s, engine=_engine(s), model=MODEL)
     ref = Reference()

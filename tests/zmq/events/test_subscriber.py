@@ -11,7 +11,6 @@ import zmq.asyncio
 from kvroute.core import EventCounters, SourceSpec, source_id
 from kvroute.errors import ConfigError
 from kvroute.events import SubscriberManager, decode_batch, encode_batch
-from kvroute.index import PrefixIndex
 from tests.event_harness import (
     MODEL,
     RELEASES,
@@ -25,6 +24,7 @@ from tests.event_harness import (
     until,
 )
 from tests.event_streams import BLOCK_SIZE, EngineStream
+from tests.index_impl import new_index
 
 
 @pytest.fixture
@@ -413,7 +413,7 @@ async def test_close_never_hangs_on_unreachable_sources() -> None:
 def test_max_concurrent_replays_below_one_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="max_concurrent_replays: expected >= 1, got 0"):
         SubscriberManager(
-            PrefixIndex(),
+            new_index(),
             EventCounters(),
             replay_timeout_s=1.0,
             max_concurrent_replays=0,

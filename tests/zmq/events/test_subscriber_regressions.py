@@ -18,8 +18,8 @@ from kvroute.events import (
     ZmqEventPublisher,
     encode_batch,
 )
-from kvroute.index import PrefixIndex
 from tests.event_harness import ScriptedReplay
+from tests.index_impl import new_index
 from tests.polling import eventually
 
 MODEL = "m"
@@ -38,7 +38,7 @@ def _payload(*events: VllmBlockStored | VllmAllBlocksCleared) -> bytes:
 class Rig:
     def __init__(self, context: zmq.asyncio.Context, *, tail_check_s: float = 0.0) -> None:
         self.counters = EventCounters()
-        self.index = PrefixIndex(counters=self.counters)
+        self.index = new_index(counters=self.counters)
         self.manager = SubscriberManager(
             self.index,
             self.counters,

@@ -1,0 +1,1626 @@
+/* kvroute.index._native: the compiled core of the prefix index (docs/design.md §12).
+ *
+ * Three parts, all written for this project:
+ *   1. xxh3-64 with a seed, from the published XXH3 specification (docs/notes/
+ *      issue-12-research.md §B lists the paths and the test vectors tests/unit/index/
+ *      test_native.py checks), and our chained block hash over big-endian token ids
+ *      (index/hashing.py is the reference).
+ *   2. NativeMap: an insertion-ordered map of u64 -> u64 in flat arrays (a dense entry array
+ *      in store order plus an open-addressing slot array), so 10^7 blocks are two arrays and
+ *      not 10^7 Python objects. Keys or values that are not u64 ints (tuples for non-GPU
+ *      media, bytes hashes, holder masks past bit 63) are kept as object references in the
+ *      same entry, so the map keeps exact dict semantics for every key the index uses.
+ *   3. The hot loops of index/native_index.py: the common store and remove of `apply`, the
+ *      match walk, clearing and evicting a source. Each mirrors a loop of
+ *      index/prefix_index.py (the reference model) and hands anything unusual back to it.
+ *
+ * Native code never parses untrusted bytes: events arrive decoded by msgspec
+ * (events/wire.py); here they are read as Python objects of known types.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint64_t u64;
+typedef uint32_t u32;
+typedef uint8_t u8;
+typedef unsigned __int128 u128;
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define HOST_BIG_ENDIAN 1
+#else
+#define HOST_BIG_ENDIAN 0
+#endif
+
+/* ===================================================================== xxh3-64 (spec) */
+
+#define P32_1 0x9E3779B1U
+#define P32_2 0x85EBCA77U
+#define P32_3 0xC2B2AE3DU
+#define P64_1 0x9E3779B185EBCA87ULL
+#define P64_2 0xC2B2AE3D27D4EB4FULL
+#define P64_3 0x165667B19E3779F9ULL
+#define P64_4 0x85EBCA77C2B2AE63ULL
+#define P64_5 0x27D4EB2F165667C5ULL
+#define PMX1 0x165667919E3779F9ULL
+#define PMX2 0x9FB21C651E98DF25ULL
+#define SECRET_LEN 192
+
+/* The default secret, as printed in the specification's "Seed and Secret" section. */
+static const u8 k_secret[SECRET_LEN] = {
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+    0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb,
+    0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0, 0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e,
+    0x2b, 0x16, 0xbe, 0x58, 0x7d, 0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce,
+    0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
+};
+
+/* The specification reads input and secret words little-endian. */
+static inline u64 rd64(const u8 *p) {
+    u64 v;
+    memcpy(&v, p, 8);
+#if HOST_BIG_ENDIAN
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline u32 rd32(const u8 *p) {
+    u32 v;
+    memcpy(&v, p, 4);
+#if HOST_BIG_ENDIAN
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+
+static inline void wr64(u8 *p, u64 v) {
+#if HOST_BIG_ENDIAN
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+static inline u64 rotl64(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline u64 avalanche(u64 x) {
+    x ^= x >> 37;
+    x *= PMX1;
+    return x ^ (x >> 32);
+}
+
+static inline u64 avalanche_xxh64(u64 x) {
+    x ^= x >> 33;
+    x *= P64_2;
+    x ^= x >> 29;
+    x *= P64_3;
+    return x ^ (x >> 32);
+}
+
+/* The 128-bit product of a and b, its halves xor-ed. */
+static inline u64 fold128(u64 a, u64 b) {
+    u128 m = (u128)a * b;
+    return (u64)m ^ (u64)(m >> 64);
+}
+
+static inline u64 mix16(const u8 *in, const u8 *sec, u64 seed) {
+    return fold128(rd64(in) ^ (rd64(sec) + seed), rd64(in + 8) ^ (rd64(sec + 8) - seed));
+}
+
+static u64 xxh3_0to16(const u8 *in, size_t len, u64 seed) {
+    const u8 *s = k_secret;
+    if (len > 8) {
+        u64 lo = ((rd64(s + 24) ^ rd64(s + 32)) + seed) ^ rd64(in);
+        u64 hi = ((rd64(s + 40) ^ rd64(s + 48)) - seed) ^ rd64(in + len - 8);
+        return avalanche(len + __builtin_bswap64(lo) + hi + fold128(lo, hi));
+    }
+    if (len >= 4) {
+        u64 seed2 = seed ^ ((u64)__builtin_bswap32((u32)seed) << 32);
+        u64 comb = (u64)rd32(in + len - 4) | ((u64)rd32(in) << 32);
+        u64 v = ((rd64(s + 8) ^ rd64(s + 16)) - seed2) ^ comb;
+        v ^= rotl64(v, 49) ^ rotl64(v, 24);
+        v *= PMX2;
+        v ^= (v >> 35) + len;
+        v *= PMX2;
+        return v ^ (v >> 28);
+    }
+    if (len > 0) {
+        u32 c = (u32)in[len - 1] | ((u32)len << 8) | ((u32)in[0] << 16) | ((u32)in[len >> 1] << 24);
+        u64 v = ((u64)(rd32(s) ^ rd32(s + 4)) + seed) ^ (u64)c;
+        return avalanche_xxh64(v);
+    }
+    return avalanche_xxh64(seed ^ rd64(s + 56) ^ rd64(s + 64));
+}
+
+static u64 xxh3_17to240(const u8 *in, size_t len, u64 seed) {
+    const u8 *s = k_secret;
+    u64 acc = (u64)len * P64_1;
+    if (len <= 128) {
+        size_t rounds = ((len - 1) >> 5) + 1;
+        for (size_t r = rounds; r-- > 0;) {
+            acc += mix16(in + 16 * r, s + 32 * r, seed);
+            acc += mix16(in + len - 16 - 16 * r, s + 32 * r + 16, seed);
+        }
+        return avalanche(acc);
+    }
+    size_t chunks = len >> 4;
+    for (size_t i = 0; i < 8; i++) acc += mix16(in + 16 * i, s + 16 * i, seed);
+    acc = avalanche(acc);
+    for (size_t i = 8; i < chunks; i++) acc += mix16(in + 16 * i, s + 16 * (i - 8) + 3, seed);
+    acc += mix16(in + len - 16, s + 119, seed);
+    return avalanche(acc);
+}
+
+static inline void accumulate(u64 *acc, const u8 *stripe, const u8 *sec) {
+    for (int i = 0; i < 8; i++) {
+        u64 d = rd64(stripe + 8 * i);
+        u64 k = d ^ rd64(sec + 8 * i);
+        acc[i ^ 1] += d;
+        acc[i] += (k & 0xffffffffULL) * (k >> 32);
+    }
+}
+
+static u64 xxh3_long(const u8 *in, size_t len, const u8 *sec) {
+    u64 acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
+    const size_t stripes = (SECRET_LEN - 64) / 8, block = 64 * stripes;
+    size_t full = (len - 1) / block; /* the last block is kept for the end, even when full */
+    for (size_t b = 0; b < full; b++) {
+        for (size_t n = 0; n < stripes; n++) accumulate(acc, in + b * block + n * 64, sec + n * 8);
+        for (int i = 0; i < 8; i++) {
+            u64 a = acc[i];
+            a ^= a >> 47;
+            a ^= rd64(sec + SECRET_LEN - 64 + 8 * i);
+            acc[i] = a * P32_1;
+        }
+    }
+    const u8 *last = in + full * block;
+    size_t rest = len - full * block;
+    for (size_t n = 0; n < (rest - 1) / 64; n++) accumulate(acc, last + n * 64, sec + n * 8);
+    accumulate(acc, in + len - 64, sec + SECRET_LEN - 64 - 7);
+    u64 r = (u64)len * P64_1;
+    for (int i = 0; i < 4; i++)
+        r += fold128(acc[2 * i] ^ rd64(sec + 11 + 16 * i), acc[2 * i + 1] ^ rd64(sec + 19 + 16 * i));
+    return avalanche(r);
+}
+
+static u64 xxh3_64(const u8 *in, size_t len, u64 seed) {
+    if (len <= 16) return xxh3_0to16(in, len, seed);
+    if (len <= 240) return xxh3_17to240(in, len, seed);
+    if (seed == 0) return xxh3_long(in, len, k_secret);
+    u8 sec[SECRET_LEN]; /* past 240 bytes a seed derives its own secret */
+    for (int i = 0; i < SECRET_LEN / 16; i++) {
+        wr64(sec + 16 * i, rd64(k_secret + 16 * i) + seed);
+        wr64(sec + 16 * i + 8, rd64(k_secret + 16 * i + 8) - seed);
+    }
+    return xxh3_long(in, len, sec);
+}
+
+/* ============================================================ ints in and out */
+
+/* A token id: 0 ok; -1 not an int; -2 out of [0, 2**32). No exception is left set. */
+static inline int read_token(PyObject *o, u32 *out) {
+    if (PyLong_CheckExact(o)) {
+#if PY_VERSION_HEX >= 0x030C0000
+        if (PyUnstable_Long_IsCompact((PyLongObject *)o)) {
+            Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+            if (v < 0 || v > 0xFFFFFFFFL) return -2;
+            *out = (u32)v;
+            return 0;
+        }
+#else
+        Py_ssize_t size = Py_SIZE(o);
+        if (size == 0) {
+            *out = 0;
+            return 0;
+        }
+        if (size == 1) {
+            *out = (u32)((PyLongObject *)o)->ob_digit[0];
+            return 0;
+        }
+#endif
+    } else if (!PyLong_Check(o)) {
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -2;
+    }
+    if (v > 0xFFFFFFFFULL) return -2;
+    *out = (u32)v;
+    return 0;
+}
+
+/* 1 if `o` is an int in [0, 2**64) (stored in *out), 0 if not, -1 on error. */
+static inline int as_u64(PyObject *o, u64 *out) {
+    if (!PyLong_Check(o)) return 0;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyLong_CheckExact(o) && PyUnstable_Long_IsCompact((PyLongObject *)o)) {
+        Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+        if (v < 0) return 0;
+        *out = (u64)v;
+        return 1;
+    }
+#else
+    Py_ssize_t size = Py_SIZE(o);
+    if (size < 0) return 0;
+    if (size == 0) {
+        *out = 0;
+        return 1;
+    }
+    if (size == 1) {
+        *out = (u64)((PyLongObject *)o)->ob_digit[0];
+        return 1;
+    }
+#endif
+    if (_PyLong_Sign(o) < 0) return 0;
+    unsigned long long v = PyLong_AsUnsignedLongLong(o);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *out = (u64)v;
+    return 1;
+}
+
+/* Raised for token ids that are not uint32 (kvroute.errors.IndexStateError, set by configure). */
+static PyObject *g_index_error = NULL;
+
+/* Pack `count` token ids from `seq` (a list or tuple) big-endian into buf.
+ * 0 ok; -1 with an exception set when `raise`, else -1 with none. */
+static int pack_tokens_be(PyObject **items, Py_ssize_t count, u8 *buf, int raise) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        u32 t;
+        if (read_token(items[i], &t) != 0) {
+            if (raise) {
+                PyObject *r = PyObject_Repr(items[i]);
+                if (r == NULL) return -1;
+                PyErr_Format(g_index_error ? g_index_error : PyExc_ValueError,
+                             "token_ids: expected ints in [0, 2**32), got %.40U", r);
+                Py_DECREF(r);
+            }
+            return -1;
+        }
+        u32 be = t;
+#if !HOST_BIG_ENDIAN
+        be = __builtin_bswap32(t);
+#endif
+        memcpy(buf + 4 * i, &be, 4);
+    }
+    return 0;
+}
+
+/* A scratch buffer for packed tokens: on the stack for common sizes. */
+#define STACK_TOKENS 4096
+typedef struct {
+    u8 stack[STACK_TOKENS * 4];
+    u8 *heap;
+} scratch_t;
+
+static u8 *scratch_get(scratch_t *s, Py_ssize_t tokens) {
+    s->heap = NULL;
+    if (tokens <= STACK_TOKENS) return s->stack;
+    s->heap = PyMem_Malloc((size_t)tokens * 4);
+    if (s->heap == NULL) PyErr_NoMemory();
+    return s->heap;
+}
+
+static void scratch_free(scratch_t *s) {
+    if (s->heap) PyMem_Free(s->heap);
+}
+
+/* ==================================================================== NativeMap */
+
+#define F_LIVE 1u
+#define F_OKEY 2u /* k holds a PyObject* (a key that is not a u64 int) */
+#define F_OVAL 4u /* v holds a PyObject* (a value that is not a u64 int) */
+#define SLOT_EMPTY (-1)
+#define SLOT_DUMMY (-2)
+#define MIN_SLOTS 8
+
+typedef struct {
+    u64 k, v;
+} entry_t;
+
+typedef struct {
+    PyObject_HEAD
+    entry_t *entries; /* store order; dead entries stay until the next rebuild */
+    u8 *flags;        /* per entry: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
+    int32_t *slots;   /* open addressing, linear probing: entry index, EMPTY or DUMMY */
+    Py_ssize_t nslots;      /* a power of two, or 0 before the first insert */
+    Py_ssize_t capacity;    /* entries that fit before a rebuild: 2/3 of nslots */
+    Py_ssize_t used;        /* entries written (live and dead) */
+    Py_ssize_t live;
+    Py_ssize_t first;       /* no live entry before this index */
+    Py_ssize_t objects;     /* live entries holding an object key or value */
+    u64 version;            /* bumped on every insert and delete, for iterators */
+} NativeMap;
+
+static PyTypeObject NativeMapType;
+static u64 g_hash_seed; /* per process, so engines cannot aim keys at one probe chain */
+
+static inline u64 mix_u64(u64 k) {
+    k ^= g_hash_seed;
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    return k ^ (k >> 33);
+}
+
+static inline u64 obj_slot_hash(Py_hash_t h) { return mix_u64((u64)h ^ 0x5bd1e9955bd1e995ULL); }
+
+/* The entry index of int key k, or -1; *slot gets its slot or the first free one. */
+static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
+    if (m->nslots == 0) {
+        *slot = -1;
+        return -1;
+    }
+    size_t mask = (size_t)m->nslots - 1, i = (size_t)mix_u64(k) & mask;
+    Py_ssize_t free_slot = -1;
+    for (;;) {
+        int32_t ix = m->slots[i];
+        if (ix == SLOT_EMPTY) {
+            *slot = free_slot >= 0 ? free_slot : (Py_ssize_t)i;
+            return -1;
+        }
+        if (ix == SLOT_DUMMY) {
+            if (free_slot < 0) free_slot = (Py_ssize_t)i;
+        } else if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+            *slot = (Py_ssize_t)i;
+            return ix;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/* As find_int for an object key with hash h; -2 on a comparison error. The map may change
+ * during a comparison (it calls Python): then the probe starts over. */
+static Py_ssize_t find_obj(NativeMap *m, PyObject *key, Py_hash_t h, Py_ssize_t *slot) {
+restart:
+    if (m->nslots == 0) {
+        *slot = -1;
+        return -1;
+    }
+    size_t mask = (size_t)m->nslots - 1, i = (size_t)obj_slot_hash(h) & mask;
+    Py_ssize_t free_slot = -1;
+    for (;;) {
+        int32_t ix = m->slots[i];
+        if (ix == SLOT_EMPTY) {
+            *slot = free_slot >= 0 ? free_slot : (Py_ssize_t)i;
+            return -1;
+        }
+        if (ix == SLOT_DUMMY) {
+            if (free_slot < 0) free_slot = (Py_ssize_t)i;
+        } else if (m->flags[ix] & F_OKEY) {
+            PyObject *other = (PyObject *)(uintptr_t)m->entries[ix].k;
+            if (other == key) {
+                *slot = (Py_ssize_t)i;
+                return ix;
+            }
+            if (PyObject_Hash(other) == h) {
+                u64 version = m->version;
+                Py_INCREF(other);
+                int eq = PyObject_RichCompareBool(other, key, Py_EQ);
+                Py_DECREF(other);
+                if (eq < 0) return -2;
+                if (m->version != version) goto restart;
+                if (eq) {
+                    *slot = (Py_ssize_t)i;
+                    return ix;
+                }
+            }
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/* A key as the map sees it: an int in [0, 2**64) or an object with its hash. */
+typedef struct {
+    int is_obj;
+    u64 k;
+    PyObject *obj;
+    Py_hash_t hash;
+} mkey_t;
+
+static int make_key(PyObject *key, mkey_t *out) {
+    int r = as_u64(key, &out->k);
+    if (r < 0) return -1;
+    out->obj = key;
+    if (r == 1) {
+        out->is_obj = 0;
+        return 0;
+    }
+    out->is_obj = 1;
+    out->hash = PyObject_Hash(key);
+    return out->hash == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static inline Py_ssize_t find_key(NativeMap *m, mkey_t *key, Py_ssize_t *slot) {
+    return key->is_obj ? find_obj(m, key->obj, key->hash, slot) : find_int(m, key->k, slot);
+}
+
+static inline u64 entry_slot_hash(NativeMap *m, Py_ssize_t ix) {
+    if (m->flags[ix] & F_OKEY) {
+        /* The hash of a stored key cannot fail: it was computed once on insert. */
+        return obj_slot_hash(PyObject_Hash((PyObject *)(uintptr_t)m->entries[ix].k));
+    }
+    return mix_u64(m->entries[ix].k);
+}
+
+static PyObject *value_of(NativeMap *m, Py_ssize_t ix) {
+    if (m->flags[ix] & F_OVAL) {
+        PyObject *v = (PyObject *)(uintptr_t)m->entries[ix].v;
+        Py_INCREF(v);
+        return v;
+    }
+    return PyLong_FromUnsignedLongLong(m->entries[ix].v);
+}
+
+static PyObject *key_of(NativeMap *m, Py_ssize_t ix) {
+    if (m->flags[ix] & F_OKEY) {
+        PyObject *k = (PyObject *)(uintptr_t)m->entries[ix].k;
+        Py_INCREF(k);
+        return k;
+    }
+    return PyLong_FromUnsignedLongLong(m->entries[ix].k);
+}
+
+/* Rebuild with room for at least `need` entries: live entries move to the front in order. */
+static int map_rebuild(NativeMap *m, Py_ssize_t need) {
+    Py_ssize_t nslots = MIN_SLOTS;
+    while (nslots / 3 * 2 < need) {
+        if (nslots > ((Py_ssize_t)1 << 30)) {
+            PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+            return -1;
+        }
+        nslots <<= 1;
+    }
+    Py_ssize_t capacity = nslots / 3 * 2;
+    entry_t *entries = PyMem_Malloc((size_t)capacity * sizeof(entry_t));
+    u8 *flags = PyMem_Malloc((size_t)capacity);
+    int32_t *slots = PyMem_Malloc((size_t)nslots * sizeof(int32_t));
+    if (!entries || !flags || !slots) {
+        PyMem_Free(entries);
+        PyMem_Free(flags);
+        PyMem_Free(slots);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(slots, 0xff, (size_t)nslots * sizeof(int32_t)); /* all SLOT_EMPTY */
+    Py_ssize_t n = 0;
+    size_t mask = (size_t)nslots - 1;
+    for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
+        if (!m->flags[ix]) continue;
+        entries[n] = m->entries[ix];
+        flags[n] = m->flags[ix];
+        size_t i = (size_t)entry_slot_hash(m, ix) & mask;
+        while (slots[i] != SLOT_EMPTY) i = (i + 1) & mask;
+        slots[i] = (int32_t)n;
+        n++;
+    }
+    PyMem_Free(m->entries);
+    PyMem_Free(m->flags);
+    PyMem_Free(m->slots);
+    m->entries = entries;
+    m->flags = flags;
+    m->slots = slots;
+    m->nslots = nslots;
+    m->capacity = capacity;
+    m->used = n;
+    m->first = 0;
+    m->version++;
+    return 0;
+}
+
+/* Append a new entry (the key is known absent). Steals nothing: object keys and values are
+ * increfed here. */
+static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObject *vobj) {
+    if (m->used >= m->capacity) {
+        /* Dead entries are reclaimed first; grow when the map is more than half live. */
+        Py_ssize_t need = m->live + 1;
+        if (need * 2 > m->capacity) need = need * 2;
+        if (map_rebuild(m, need) < 0) return -1;
+        Py_ssize_t ix = find_key(m, key, &slot);
+        if (ix == -2) return -1;
+    }
+    Py_ssize_t ix = m->used++;
+    u8 f = F_LIVE;
+    if (key->is_obj) {
+        Py_INCREF(key->obj);
+        m->entries[ix].k = (u64)(uintptr_t)key->obj;
+        f |= F_OKEY;
+    } else {
+        m->entries[ix].k = key->k;
+    }
+    if (vobj) {
+        Py_INCREF(vobj);
+        m->entries[ix].v = (u64)(uintptr_t)vobj;
+        f |= F_OVAL;
+    } else {
+        m->entries[ix].v = v;
+    }
+    m->flags[ix] = f;
+    if (f & (F_OKEY | F_OVAL)) m->objects++;
+    m->slots[slot] = (int32_t)ix;
+    m->live++;
+    m->version++;
+    return 0;
+}
+
+/* The fast insert of the hot loops: int key known absent, int value. */
+static inline int map_append_int(NativeMap *m, u64 k, u64 v, Py_ssize_t slot) {
+    if (m->used >= m->capacity) {
+        mkey_t key = {0, k, NULL, 0};
+        return map_append(m, &key, slot, v, NULL);
+    }
+    Py_ssize_t ix = m->used++;
+    m->entries[ix].k = k;
+    m->entries[ix].v = v;
+    m->flags[ix] = F_LIVE;
+    m->slots[slot] = (int32_t)ix;
+    m->live++;
+    m->version++;
+    return 0;
+}
+
+/* Drop entry ix found at slot: its references go at the end (a decref may run Python). */
+static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
+    u8 f = m->flags[ix];
+    PyObject *kobj = (f & F_OKEY) ? (PyObject *)(uintptr_t)m->entries[ix].k : NULL;
+    PyObject *vobj = (f & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
+    m->flags[ix] = 0;
+    m->slots[slot] = SLOT_DUMMY;
+    m->live--;
+    if (kobj || vobj) m->objects--;
+    m->version++;
+    if (ix == m->first) {
+        while (m->first < m->used && !m->flags[m->first]) m->first++;
+    }
+    if (m->live == 0) { /* start over: no dead entries to skip or probe past */
+        m->used = m->first = 0;
+        memset(m->slots, 0xff, (size_t)m->nslots * sizeof(int32_t));
+    }
+    Py_XDECREF(kobj);
+    Py_XDECREF(vobj);
+}
+
+/* Set the value of live entry ix. */
+static int map_set_value(NativeMap *m, Py_ssize_t ix, PyObject *value) {
+    u64 v;
+    int r = as_u64(value, &v);
+    if (r < 0) return -1;
+    PyObject *old = (m->flags[ix] & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
+    int had_obj = (m->flags[ix] & (F_OKEY | F_OVAL)) != 0;
+    if (r == 1) {
+        m->entries[ix].v = v;
+        m->flags[ix] &= (u8)~F_OVAL;
+    } else {
+        Py_INCREF(value);
+        m->entries[ix].v = (u64)(uintptr_t)value;
+        m->flags[ix] |= F_OVAL;
+    }
+    int has_obj = (m->flags[ix] & (F_OKEY | F_OVAL)) != 0;
+    m->objects += has_obj - had_obj;
+    Py_XDECREF(old);
+    return 0;
+}
+
+static int map_setitem(NativeMap *m, PyObject *key, PyObject *value) {
+    mkey_t k;
+    if (make_key(key, &k) < 0) return -1;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return -1;
+    if (ix >= 0) return map_set_value(m, ix, value);
+    u64 v = 0;
+    int r = as_u64(value, &v);
+    if (r < 0) return -1;
+    if (slot < 0) { /* empty map: make room first */
+        if (map_rebuild(m, MIN_SLOTS / 3 * 2) < 0) return -1;
+        ix = find_key(m, &k, &slot);
+        if (ix == -2) return -1;
+    }
+    return map_append(m, &k, slot, v, r == 1 ? NULL : value);
+}
+
+static void map_clear(NativeMap *m) {
+    entry_t *entries = m->entries;
+    u8 *flags = m->flags;
+    Py_ssize_t used = m->used, first = m->first, objects = m->objects;
+    PyMem_Free(m->slots);
+    m->entries = NULL;
+    m->flags = NULL;
+    m->slots = NULL;
+    m->nslots = m->capacity = m->used = m->live = m->first = m->objects = 0;
+    m->version++;
+    if (objects) {
+        for (Py_ssize_t ix = first; ix < used; ix++) {
+            if (flags[ix] & F_OKEY) Py_DECREF((PyObject *)(uintptr_t)entries[ix].k);
+            if (flags[ix] & F_OVAL) Py_DECREF((PyObject *)(uintptr_t)entries[ix].v);
+        }
+    }
+    PyMem_Free(entries);
+    PyMem_Free(flags);
+}
+
+static PyObject *NativeMap_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if ((kwds && PyDict_GET_SIZE(kwds)) || PyTuple_GET_SIZE(args)) {
+        PyErr_SetString(PyExc_TypeError, "NativeMap() takes no arguments");
+        return NULL;
+    }
+    NativeMap *m = (NativeMap *)type->tp_alloc(type, 0);
+    return (PyObject *)m;
+}
+
+static void NativeMap_dealloc(NativeMap *m) {
+    map_clear(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static Py_ssize_t NativeMap_len(NativeMap *m) { return m->live; }
+
+static PyObject *NativeMap_getitem(NativeMap *m, PyObject *key) {
+    mkey_t k;
+    if (make_key(key, &k) < 0) return NULL;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return NULL;
+    if (ix < 0) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return NULL;
+    }
+    return value_of(m, ix);
+}
+
+static int NativeMap_ass_sub(NativeMap *m, PyObject *key, PyObject *value) {
+    if (value != NULL) return map_setitem(m, key, value);
+    mkey_t k;
+    if (make_key(key, &k) < 0) return -1;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return -1;
+    if (ix < 0) {
+        PyErr_SetObject(PyExc_KeyError, key);
+        return -1;
+    }
+    map_delete(m, ix, slot);
+    return 0;
+}
+
+static int NativeMap_contains(NativeMap *m, PyObject *key) {
+    mkey_t k;
+    if (make_key(key, &k) < 0) return -1;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    return ix == -2 ? -1 : ix >= 0;
+}
+
+static PyObject *NativeMap_get(NativeMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get expected 1 or 2 arguments");
+        return NULL;
+    }
+    mkey_t k;
+    if (make_key(args[0], &k) < 0) return NULL;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return NULL;
+    if (ix >= 0) return value_of(m, ix);
+    PyObject *d = nargs == 2 ? args[1] : Py_None;
+    Py_INCREF(d);
+    return d;
+}
+
+/* As dict.setdefault: on insert the default object itself is returned (prefix_index.py's
+ * fast path tells a new hash by identity). */
+static PyObject *NativeMap_setdefault(NativeMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "setdefault expected 1 or 2 arguments");
+        return NULL;
+    }
+    PyObject *d = nargs == 2 ? args[1] : Py_None;
+    mkey_t k;
+    if (make_key(args[0], &k) < 0) return NULL;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return NULL;
+    if (ix >= 0) return value_of(m, ix);
+    if (map_setitem(m, args[0], d) < 0) return NULL;
+    Py_INCREF(d);
+    return d;
+}
+
+static PyObject *NativeMap_pop(NativeMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop expected 1 or 2 arguments");
+        return NULL;
+    }
+    mkey_t k;
+    if (make_key(args[0], &k) < 0) return NULL;
+    Py_ssize_t slot, ix = find_key(m, &k, &slot);
+    if (ix == -2) return NULL;
+    if (ix < 0) {
+        if (nargs == 2) {
+            Py_INCREF(args[1]);
+            return args[1];
+        }
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    PyObject *v = value_of(m, ix);
+    if (v == NULL) return NULL;
+    map_delete(m, ix, slot);
+    return v;
+}
+
+static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
+    map_clear(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
+    size_t n = sizeof(NativeMap) + (size_t)m->capacity * (sizeof(entry_t) + 1) +
+               (size_t)m->nslots * sizeof(int32_t);
+    return PyLong_FromSize_t(n);
+}
+
+static PyObject *NativeMap_objects(NativeMap *m, PyObject *unused) {
+    return PyLong_FromSsize_t(m->objects);
+}
+
+/* --- iteration: keys, values or items, in store order -------------------------------- */
+
+enum { IT_KEYS, IT_VALUES, IT_ITEMS };
+
+typedef struct {
+    PyObject_HEAD
+    NativeMap *map;
+    Py_ssize_t pos;
+    u64 version;
+    int kind;
+} MapIter;
+
+static PyTypeObject MapIterType;
+
+static PyObject *make_iter(NativeMap *m, int kind) {
+    MapIter *it = PyObject_New(MapIter, &MapIterType);
+    if (it == NULL) return NULL;
+    Py_INCREF(m);
+    it->map = m;
+    it->pos = m->first;
+    it->version = m->version;
+    it->kind = kind;
+    return (PyObject *)it;
+}
+
+static void MapIter_dealloc(MapIter *it) {
+    Py_XDECREF(it->map);
+    PyObject_Free(it);
+}
+
+static PyObject *MapIter_next(MapIter *it) {
+    NativeMap *m = it->map;
+    if (m == NULL) return NULL;
+    if (m->version != it->version) {
+        PyErr_SetString(PyExc_RuntimeError, "NativeMap changed during iteration");
+        return NULL;
+    }
+    while (it->pos < m->used && !m->flags[it->pos]) it->pos++;
+    if (it->pos >= m->used) {
+        it->map = NULL;
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_ssize_t ix = it->pos++;
+    if (it->kind == IT_KEYS) return key_of(m, ix);
+    if (it->kind == IT_VALUES) return value_of(m, ix);
+    PyObject *k = key_of(m, ix);
+    if (k == NULL) return NULL;
+    PyObject *v = value_of(m, ix);
+    if (v == NULL) {
+        Py_DECREF(k);
+        return NULL;
+    }
+    PyObject *t = PyTuple_Pack(2, k, v);
+    Py_DECREF(k);
+    Py_DECREF(v);
+    return t;
+}
+
+static PyObject *MapIter_length_hint(MapIter *it, PyObject *unused) {
+    return PyLong_FromSsize_t(it->map ? it->map->live : 0);
+}
+
+static PyMethodDef MapIter_methods[] = {
+    {"__length_hint__", (PyCFunction)MapIter_length_hint, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MapIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvroute.index._native.MapIter",
+    .tp_basicsize = sizeof(MapIter),
+    .tp_dealloc = (destructor)MapIter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)MapIter_next,
+    .tp_methods = MapIter_methods,
+};
+
+static PyObject *NativeMap_iter(NativeMap *m) { return make_iter(m, IT_KEYS); }
+static PyObject *NativeMap_keys(NativeMap *m, PyObject *u) { return make_iter(m, IT_KEYS); }
+static PyObject *NativeMap_values(NativeMap *m, PyObject *u) { return make_iter(m, IT_VALUES); }
+static PyObject *NativeMap_items(NativeMap *m, PyObject *u) { return make_iter(m, IT_ITEMS); }
+
+static PyObject *NativeMap_to_dict(NativeMap *m) {
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+    for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
+        if (!m->flags[ix]) continue;
+        PyObject *k = key_of(m, ix), *v = k ? value_of(m, ix) : NULL;
+        int bad = v == NULL || PyDict_SetItem(d, k, v) < 0;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (bad) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
+static PyObject *NativeMap_richcompare(NativeMap *m, PyObject *other, int op) {
+    if ((op != Py_EQ && op != Py_NE) ||
+        !(PyDict_Check(other) || Py_IS_TYPE(other, &NativeMapType)))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *a = NativeMap_to_dict(m);
+    if (a == NULL) return NULL;
+    PyObject *b = other;
+    if (Py_IS_TYPE(other, &NativeMapType)) {
+        b = NativeMap_to_dict((NativeMap *)other);
+        if (b == NULL) {
+            Py_DECREF(a);
+            return NULL;
+        }
+    } else {
+        Py_INCREF(b);
+    }
+    PyObject *r = PyObject_RichCompare(a, b, op);
+    Py_DECREF(a);
+    Py_DECREF(b);
+    return r;
+}
+
+static PyObject *NativeMap_repr(NativeMap *m) {
+    PyObject *d = NativeMap_to_dict(m);
+    if (d == NULL) return NULL;
+    PyObject *r = PyUnicode_FromFormat("NativeMap(%R)", d);
+    Py_DECREF(d);
+    return r;
+}
+
+static PyMethodDef NativeMap_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))NativeMap_get, METH_FASTCALL, NULL},
+    {"setdefault", (PyCFunction)(void (*)(void))NativeMap_setdefault, METH_FASTCALL, NULL},
+    {"pop", (PyCFunction)(void (*)(void))NativeMap_pop, METH_FASTCALL, NULL},
+    {"keys", (PyCFunction)NativeMap_keys, METH_NOARGS, NULL},
+    {"values", (PyCFunction)NativeMap_values, METH_NOARGS, NULL},
+    {"items", (PyCFunction)NativeMap_items, METH_NOARGS, NULL},
+    {"clear", (PyCFunction)NativeMap_clear_method, METH_NOARGS, NULL},
+    {"nbytes", (PyCFunction)NativeMap_nbytes, METH_NOARGS,
+     "Bytes allocated for the map's arrays (what its memory budget counts)."},
+    {"objects", (PyCFunction)NativeMap_objects, METH_NOARGS,
+     "Live entries holding an object key or value (not a u64 int)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods NativeMap_as_mapping = {
+    (lenfunc)NativeMap_len,
+    (binaryfunc)NativeMap_getitem,
+    (objobjargproc)NativeMap_ass_sub,
+};
+
+static PySequenceMethods NativeMap_as_sequence = {
+    .sq_contains = (objobjproc)NativeMap_contains,
+};
+
+static PyTypeObject NativeMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvroute.index._native.NativeMap",
+    .tp_doc = "An insertion-ordered map of u64 ints in flat arrays, with dict semantics.",
+    .tp_basicsize = sizeof(NativeMap),
+    .tp_dealloc = (destructor)NativeMap_dealloc,
+    .tp_repr = (reprfunc)NativeMap_repr,
+    .tp_as_sequence = &NativeMap_as_sequence,
+    .tp_as_mapping = &NativeMap_as_mapping,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_richcompare = (richcmpfunc)NativeMap_richcompare,
+    .tp_iter = (getiterfunc)NativeMap_iter,
+    .tp_methods = NativeMap_methods,
+    .tp_new = NativeMap_new,
+};
+
+/* ================================================================= chained hashing */
+
+/* chain_hashes(parent, token_ids, block_size) -> list[int]: index/hashing.py's chain_hashes. */
+static PyObject *py_chain_hashes(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "chain_hashes(parent, token_ids, block_size)");
+        return NULL;
+    }
+    u64 h;
+    if (as_u64(args[0], &h) != 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "parent: not a u64 int");
+        return NULL;
+    }
+    Py_ssize_t bs = PyLong_AsSsize_t(args[2]);
+    if (bs == -1 && PyErr_Occurred()) return NULL;
+    if (bs <= 0) {
+        return PyErr_Format(g_index_error ? g_index_error : PyExc_ValueError,
+                            "block_size: expected a positive int, got %zd", bs);
+    }
+    PyObject *seq = PySequence_Fast(args[1], "token_ids: expected a sequence");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq) / bs;
+    PyObject *out = PyList_New(n);
+    scratch_t sc;
+    u8 *buf = out ? scratch_get(&sc, n * bs) : NULL;
+    if (buf == NULL || pack_tokens_be(PySequence_Fast_ITEMS(seq), n * bs, buf, 1) < 0) {
+        if (buf) scratch_free(&sc);
+        Py_XDECREF(out);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h = xxh3_64(buf + 4 * bs * i, (size_t)(4 * bs), h);
+        PyObject *v = PyLong_FromUnsignedLongLong(h);
+        if (v == NULL) {
+            scratch_free(&sc);
+            Py_DECREF(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    scratch_free(&sc);
+    Py_DECREF(seq);
+    return out;
+}
+
+static PyObject *py_xxh3_64(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "xxh3_64(data, seed=0)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    u64 seed = 0;
+    if (nargs == 2 && as_u64(args[1], &seed) != 1) {
+        PyBuffer_Release(&view);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "seed: not a u64 int");
+        return NULL;
+    }
+    u64 h = xxh3_64(view.buf, (size_t)view.len, seed);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* =========================================================== the index's hot loops */
+
+/* Set once by configure(): the event classes, their field offsets, method names. */
+static PyTypeObject *g_stored_type, *g_removed_type;
+static Py_ssize_t off_hashes, off_parent, off_tokens, off_bsize, off_lora, off_medium, off_group,
+    off_salt, off_r_hashes, off_r_medium, off_r_group;
+static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm,
+    *s_last_size, *s_last_lora, *s_seeds, *s_dups, *s_aliases, *s_media;
+
+static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
+    PyObject *descr = PyObject_GetAttrString((PyObject *)tp, name);
+    if (descr == NULL) return -1;
+    int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+    if (ok) *out = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_DECREF(descr);
+    if (!ok) PyErr_Format(PyExc_TypeError, "%s.%s: not an object slot", tp->tp_name, name);
+    return ok ? 0 : -1;
+}
+
+#define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+static PyObject *py_configure(PyObject *mod, PyObject *args) {
+    PyObject *stored, *removed, *err;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyType_Type, &stored, &PyType_Type, &removed, &err))
+        return NULL;
+    PyTypeObject *st = (PyTypeObject *)stored, *rt = (PyTypeObject *)removed;
+    if (member_offset(st, "block_hashes", &off_hashes) < 0 ||
+        member_offset(st, "parent_block_hash", &off_parent) < 0 ||
+        member_offset(st, "token_ids", &off_tokens) < 0 ||
+        member_offset(st, "block_size", &off_bsize) < 0 ||
+        member_offset(st, "lora_name", &off_lora) < 0 ||
+        member_offset(st, "medium", &off_medium) < 0 ||
+        member_offset(st, "group_idx", &off_group) < 0 ||
+        member_offset(st, "cache_salt", &off_salt) < 0 ||
+        member_offset(rt, "block_hashes", &off_r_hashes) < 0 ||
+        member_offset(rt, "medium", &off_r_medium) < 0 ||
+        member_offset(rt, "group_idx", &off_r_group) < 0)
+        return NULL;
+    Py_INCREF(stored);
+    Py_INCREF(removed);
+    Py_INCREF(err);
+    Py_XSETREF(g_stored_type, st);
+    Py_XSETREF(g_removed_type, rt);
+    Py_XSETREF(g_index_error, err);
+    Py_RETURN_NONE;
+}
+
+static inline int is_gpu(PyObject *medium) {
+    if (medium == Py_None || medium == s_gpu) return 1;
+    return PyUnicode_CheckExact(medium) && PyUnicode_Compare(medium, s_gpu) == 0;
+}
+
+/* 1 if `group` is None or the indexed group. */
+static inline int is_group(PyObject *group, long group0) {
+    if (group == Py_None) return 1;
+    if (!PyLong_CheckExact(group)) return 0;
+    int overflow;
+    long g = PyLong_AsLongAndOverflow(group, &overflow);
+    return !overflow && g == group0;
+}
+
+/* 1 if `lora` equals the source's last LoRA (both None or equal strings). */
+static inline int same_lora(PyObject *lora, PyObject *last) {
+    if (lora == last) return 1;
+    if (lora == Py_None || last == Py_None) return 0;
+    if (!PyUnicode_CheckExact(lora) || !PyUnicode_CheckExact(last)) return 0;
+    return PyUnicode_Compare(lora, last) == 0;
+}
+
+/* True if every item of a list is an int in [0, 2**64). */
+static int all_u64(PyObject *list) {
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        u64 k;
+        int r = as_u64(PyList_GET_ITEM(list, i), &k);
+        if (r != 1) {
+            if (r < 0) PyErr_Clear();
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    Py_ssize_t n = PyObject_Length(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* Per call state of apply_run, read from the source (SourceState) at the start. */
+typedef struct {
+    PyObject *index, *src, *hm, *dups; /* dups: borrowed from src */
+    NativeMap *blocks, *holders;
+    u64 bit;
+    int plain; /* no aliases and no other media: release is one holder bit */
+} run_t;
+
+static int refresh_plain(run_t *r) {
+    Py_ssize_t a = attr_len(r->src, s_aliases), md = a < 0 ? -1 : attr_len(r->src, s_media);
+    if (md < 0) return -1;
+    r->plain = a == 0 && md == 0;
+    return 0;
+}
+
+/* Drop `bit` from holders[local]; 1 if the hash is now held by nobody, -1 on error. */
+static inline int release_bit(NativeMap *holders, u64 local, u64 bit) {
+    Py_ssize_t slot, ix = find_int(holders, local, &slot);
+    if (ix < 0 || (holders->flags[ix] & F_OVAL)) {
+        PyErr_SetString(PyExc_RuntimeError, "NativeMap: a held block has no holder entry");
+        return -1;
+    }
+    u64 m = holders->entries[ix].v & ~bit;
+    if (m) {
+        holders->entries[ix].v = m;
+        return 0;
+    }
+    map_delete(holders, ix, slot);
+    return 1;
+}
+
+static PyObject *call_method_long(PyObject *obj, PyObject *name, PyObject *a, PyObject *b,
+                                  PyObject *c, long *out) {
+    PyObject *res = c ? PyObject_CallMethodObjArgs(obj, name, a, b, c, NULL)
+                      : (b ? PyObject_CallMethodObjArgs(obj, name, a, b, NULL)
+                           : PyObject_CallMethodObjArgs(obj, name, a, NULL));
+    if (res == NULL) return NULL;
+    if (out) {
+        *out = PyLong_AsLong(res);
+        if (*out == -1 && PyErr_Occurred()) {
+            Py_DECREF(res);
+            return NULL;
+        }
+    }
+    return res;
+}
+
+/* One common BlockStored (the checks of prefix_index.py's inline path hold): store its blocks.
+ * Returns the number of new hashes, or -1 on error. */
+static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n,
+                         Py_ssize_t step, u64 h, PyObject *spec) {
+    long new_hashes = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        u64 local = h = xxh3_64(buf + step * j, (size_t)step, h);
+        PyObject *eh_obj = PyList_GET_ITEM(hashes, j);
+        u64 eh;
+        if (as_u64(eh_obj, &eh) != 1) { /* checked before: the list cannot change under us */
+            PyErr_SetString(PyExc_RuntimeError, "apply_run: block hash changed type");
+            return -1;
+        }
+        if (spec != NULL && PyDict_GET_SIZE(spec)) {
+            PyObject *lo = PyLong_FromUnsignedLongLong(local);
+            if (lo == NULL) return -1;
+            if (PyDict_DelItem(spec, lo) < 0) {
+                if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+                    Py_DECREF(lo);
+                    return -1;
+                }
+                PyErr_Clear();
+            }
+            Py_DECREF(lo);
+        }
+        Py_ssize_t slot, ix = find_int(r->blocks, eh, &slot);
+        if (ix >= 0) { /* stored again: the reference model's rule */
+            PyObject *lo = PyLong_FromUnsignedLongLong(local);
+            long got;
+            PyObject *res = lo ? call_method_long(r->index, s_store_again, r->src, eh_obj, lo, &got)
+                               : NULL;
+            Py_XDECREF(lo);
+            if (res == NULL) return -1;
+            Py_DECREF(res);
+            new_hashes += got;
+            if (refresh_plain(r) < 0) return -1;
+            continue;
+        }
+        if (slot < 0) {
+            if (map_rebuild(r->blocks, MIN_SLOTS / 3 * 2) < 0) return -1;
+            find_int(r->blocks, eh, &slot);
+        }
+        if (map_append_int(r->blocks, eh, local, slot) < 0) return -1;
+        NativeMap *hold = r->holders;
+        ix = find_int(hold, local, &slot);
+        if (ix < 0) {
+            if (slot < 0) {
+                if (map_rebuild(hold, MIN_SLOTS / 3 * 2) < 0) return -1;
+                find_int(hold, local, &slot);
+            }
+            if (map_append_int(hold, local, r->bit, slot) < 0) return -1;
+            new_hashes++;
+        } else if (hold->flags[ix] & F_OVAL) {
+            PyErr_SetString(PyExc_RuntimeError, "apply_run: a holder mask past bit 63");
+            return -1;
+        } else if (!(hold->entries[ix].v & r->bit)) {
+            hold->entries[ix].v |= r->bit;
+        } else { /* held already under another key or in another medium */
+            PyObject *lo = PyLong_FromUnsignedLongLong(local);
+            PyObject *res = lo ? call_method_long(r->hm, s_hold_again, r->src, lo, NULL, NULL)
+                               : NULL;
+            Py_XDECREF(lo);
+            if (res == NULL) return -1;
+            Py_DECREF(res);
+            if (refresh_plain(r) < 0) return -1;
+        }
+    }
+    return new_hashes;
+}
+
+/* One common BlockRemoved (GPU, the indexed group, u64 hashes). Returns 1 if it counts as
+ * applied, 0 if not, -1 on error; *gone counts hashes nobody holds any more. */
+static int remove_blocks(run_t *r, PyObject *hashes, long *gone) {
+    Py_ssize_t n = PyList_GET_SIZE(hashes), known = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        PyObject *eh_obj = PyList_GET_ITEM(hashes, j);
+        u64 eh;
+        if (as_u64(eh_obj, &eh) != 1) {
+            PyErr_SetString(PyExc_RuntimeError, "apply_run: block hash changed type");
+            return -1;
+        }
+        Py_ssize_t slot, ix = find_int(r->blocks, eh, &slot);
+        if (ix < 0) {
+            PyObject *res = PyObject_CallMethodObjArgs(r->index, s_unknown_block, r->src, NULL);
+            if (res == NULL) return -1;
+            Py_DECREF(res);
+            continue;
+        }
+        known++;
+        if (PyDict_GET_SIZE(r->dups)) {
+            PyObject *cnt = PyDict_GetItemWithError(r->dups, eh_obj);
+            if (cnt != NULL) { /* another physical copy is still resident */
+                long c = PyLong_AsLong(cnt);
+                if (c == -1 && PyErr_Occurred()) return -1;
+                int rc;
+                if (c > 1) {
+                    PyObject *less = PyLong_FromLong(c - 1);
+                    rc = less ? PyDict_SetItem(r->dups, eh_obj, less) : -1;
+                    Py_XDECREF(less);
+                } else {
+                    rc = PyDict_DelItem(r->dups, eh_obj);
+                }
+                if (rc < 0) return -1;
+                continue;
+            }
+            if (PyErr_Occurred()) return -1;
+        }
+        u64 local = r->blocks->entries[ix].v;
+        map_delete(r->blocks, ix, slot);
+        if (r->plain) {
+            int g = release_bit(r->holders, local, r->bit);
+            if (g < 0) return -1;
+            *gone += g;
+        } else {
+            PyObject *lo = PyLong_FromUnsignedLongLong(local);
+            PyObject *res =
+                lo ? PyObject_CallMethodObjArgs(r->hm, s_release, r->src, s_gpu, lo, NULL) : NULL;
+            Py_XDECREF(lo);
+            if (res == NULL) return -1;
+            Py_DECREF(res);
+            if (refresh_plain(r) < 0) return -1;
+        }
+    }
+    return known > 0 || n == 0;
+}
+
+/* apply_run(index, src, blocks, holders, bit, events, start, cap, group0, spec)
+ *   -> (next, unhandled, stored, removed, new_hashes, gone_hashes)
+ *
+ * Applies events[start:] while they take the common paths of PrefixIndex.apply. It stops
+ * after a store that takes the source past `cap` (unhandled False: the caller evicts), or at
+ * an event it leaves to the reference model (unhandled True: events[next]). */
+static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "apply_run expects 10 arguments");
+        return NULL;
+    }
+    run_t r;
+    r.index = args[0];
+    r.src = args[1];
+    if (!Py_IS_TYPE(args[2], &NativeMapType) || !Py_IS_TYPE(args[3], &NativeMapType) ||
+        !PyList_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "apply_run: blocks, holders must be NativeMaps");
+        return NULL;
+    }
+    r.blocks = (NativeMap *)args[2];
+    r.holders = (NativeMap *)args[3];
+    if (as_u64(args[4], &r.bit) != 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "apply_run: bit past 63");
+        return NULL;
+    }
+    PyObject *events = args[5];
+    Py_ssize_t i = PyLong_AsSsize_t(args[6]), cap = PyLong_AsSsize_t(args[7]);
+    long group0 = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *spec = args[9] == Py_None ? NULL : args[9];
+    if (spec != NULL && !PyDict_CheckExact(spec)) {
+        PyErr_SetString(PyExc_TypeError, "apply_run: spec must be a dict or None");
+        return NULL;
+    }
+    PyObject *last_size_obj = NULL, *last_lora = NULL, *seeds = NULL, *dups = NULL;
+    PyObject *result = NULL;
+    scratch_t sc;
+    sc.heap = NULL;
+    long stored = 0, removed = 0, new_hashes = 0, gone = 0;
+    int unhandled = 0;
+    r.hm = PyObject_GetAttr(r.index, s_hm);
+    last_size_obj = PyObject_GetAttr(r.src, s_last_size);
+    last_lora = PyObject_GetAttr(r.src, s_last_lora);
+    seeds = PyObject_GetAttr(r.src, s_seeds);
+    dups = PyObject_GetAttr(r.src, s_dups);
+    if (!r.hm || !last_size_obj || !last_lora || !seeds || !dups || !PyDict_CheckExact(seeds) ||
+        !PyDict_CheckExact(dups)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "apply_run: bad source state");
+        goto done;
+    }
+    r.dups = dups;
+    if (refresh_plain(&r) < 0) goto done;
+    Py_ssize_t last_size = PyLong_AsSsize_t(last_size_obj);
+    if (last_size == -1 && PyErr_Occurred()) goto done;
+    Py_ssize_t nevents = PyList_GET_SIZE(events);
+    for (; i < nevents; i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (PyObject_TypeCheck(ev, g_stored_type)) {
+            PyObject *tokens = FIELD(ev, off_tokens), *bs_obj = FIELD(ev, off_bsize);
+            PyObject *hashes = FIELD(ev, off_hashes), *parent = FIELD(ev, off_parent);
+            PyObject *lora = FIELD(ev, off_lora);
+            if (!tokens || !bs_obj || !hashes || !parent || !lora || !FIELD(ev, off_medium) ||
+                !FIELD(ev, off_group) || !FIELD(ev, off_salt) || last_size <= 0 ||
+                !PyList_CheckExact(tokens) || !PyList_CheckExact(hashes) ||
+                !PyLong_CheckExact(bs_obj) || FIELD(ev, off_salt) != Py_None ||
+                !is_gpu(FIELD(ev, off_medium)) || !is_group(FIELD(ev, off_group), group0) ||
+                !same_lora(lora, last_lora)) {
+                unhandled = 1;
+                break;
+            }
+            Py_ssize_t bs = PyLong_AsSsize_t(bs_obj);
+            if (bs == -1 && PyErr_Occurred()) PyErr_Clear();
+            Py_ssize_t n = PyList_GET_SIZE(hashes);
+            if (bs != last_size || n == 0 || PyList_GET_SIZE(tokens) != n * bs || !all_u64(hashes)) {
+                unhandled = 1;
+                break;
+            }
+            u64 start;
+            if (parent == Py_None) {
+                PyObject *seed = PyDict_GetItemWithError(seeds, lora);
+                if (seed == NULL) {
+                    if (PyErr_Occurred()) goto done;
+                    unhandled = 1;
+                    break;
+                }
+                if (as_u64(seed, &start) != 1) {
+                    PyErr_Clear();
+                    unhandled = 1;
+                    break;
+                }
+            } else {
+                u64 p;
+                Py_ssize_t slot, ix;
+                if (as_u64(parent, &p) != 1 || (ix = find_int(r.blocks, p, &slot)) < 0) {
+                    PyErr_Clear();
+                    unhandled = 1; /* orphans and parents in other media: the reference */
+                    break;
+                }
+                start = r.blocks->entries[ix].v;
+            }
+            u8 *buf = scratch_get(&sc, n * bs);
+            if (buf == NULL) goto done;
+            if (pack_tokens_be(PySequence_Fast_ITEMS(tokens), n * bs, buf, 0) < 0) {
+                scratch_free(&sc);
+                sc.heap = NULL;
+                unhandled = 1; /* counted malformed by the reference */
+                break;
+            }
+            long got = store_blocks(&r, hashes, buf, n, 4 * bs, start, spec);
+            scratch_free(&sc);
+            sc.heap = NULL;
+            if (got < 0) goto done;
+            new_hashes += got;
+            stored++;
+            if (r.blocks->live > cap) {
+                i++;
+                break;
+            }
+            continue;
+        }
+        if (PyObject_TypeCheck(ev, g_removed_type)) {
+            PyObject *hashes = FIELD(ev, off_r_hashes), *medium = FIELD(ev, off_r_medium);
+            PyObject *group = FIELD(ev, off_r_group);
+            if (!hashes || !medium || !group || !PyList_CheckExact(hashes) || !is_gpu(medium) ||
+                !is_group(group, group0) || !all_u64(hashes)) {
+                unhandled = 1;
+                break;
+            }
+            int ok = remove_blocks(&r, hashes, &gone);
+            if (ok < 0) goto done;
+            removed += ok;
+            continue;
+        }
+        unhandled = 1;
+        break;
+    }
+    result = Py_BuildValue("(nOllll)", i, unhandled ? Py_True : Py_False, stored, removed,
+                           new_hashes, gone);
+done:
+    Py_XDECREF(r.hm);
+    Py_XDECREF(last_size_obj);
+    Py_XDECREF(last_lora);
+    Py_XDECREF(seeds);
+    Py_XDECREF(dups);
+    return result;
+}
+
+/* release_all(blocks, holders, bit) -> gone: drop `bit` from the holders of every block of a
+ * GPU-only source without aliases (prefix_index.py's _clear_source fast branch). */
+static PyObject *py_release_all(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    u64 bit;
+    if (nargs != 3 || !Py_IS_TYPE(args[0], &NativeMapType) ||
+        !Py_IS_TYPE(args[1], &NativeMapType) || as_u64(args[2], &bit) != 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "release_all(blocks, holders, bit)");
+        return NULL;
+    }
+    NativeMap *blocks = (NativeMap *)args[0], *holders = (NativeMap *)args[1];
+    long gone = 0;
+    for (Py_ssize_t ix = blocks->first; ix < blocks->used; ix++) {
+        if (!blocks->flags[ix]) continue;
+        int g = release_bit(holders, blocks->entries[ix].v, bit);
+        if (g < 0) return NULL;
+        gone += g;
+    }
+    return PyLong_FromLong(gone);
+}
+
+/* evict_oldest(blocks, holders, bit, n, dups) -> (evicted, gone): drop the n least recently
+ * stored blocks of a source without aliases or other media (prefix_index.py's _evict). */
+static PyObject *py_evict_oldest(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    u64 bit;
+    if (nargs != 5 || !Py_IS_TYPE(args[0], &NativeMapType) ||
+        !Py_IS_TYPE(args[1], &NativeMapType) || as_u64(args[2], &bit) != 1 ||
+        !PyDict_CheckExact(args[4])) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "evict_oldest(blocks, holders, bit, n, dups)");
+        return NULL;
+    }
+    NativeMap *blocks = (NativeMap *)args[0], *holders = (NativeMap *)args[1];
+    PyObject *dups = args[4];
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    long evicted = 0, gone = 0;
+    while (evicted < n && blocks->live > 0) {
+        Py_ssize_t ix = blocks->first;
+        while (!blocks->flags[ix]) ix++;
+        int okey = (blocks->flags[ix] & F_OKEY) != 0;
+        u64 local = blocks->entries[ix].v;
+        Py_ssize_t slot;
+        if (okey || PyDict_GET_SIZE(dups)) {
+            PyObject *ko = key_of(blocks, ix);
+            if (ko == NULL) return NULL;
+            if (PyDict_GET_SIZE(dups) && PyDict_DelItem(dups, ko) < 0) {
+                if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+                    Py_DECREF(ko);
+                    return NULL;
+                }
+                PyErr_Clear();
+            }
+            mkey_t mk;
+            Py_ssize_t found = make_key(ko, &mk) < 0 ? -2 : find_key(blocks, &mk, &slot);
+            Py_DECREF(ko);
+            if (found != ix) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_RuntimeError, "evict_oldest: the oldest key moved");
+                return NULL;
+            }
+        } else {
+            find_int(blocks, blocks->entries[ix].k, &slot);
+        }
+        map_delete(blocks, ix, slot);
+        int g = release_bit(holders, local, bit);
+        if (g < 0) return NULL;
+        gone += g;
+        evicted++;
+    }
+    return Py_BuildValue("(ll)", evicted, gone);
+}
+
+/* match_walk(holders, token_ids, n, size, seed, alive) -> {bit: blocks}: prefix match's walk
+ * over GPU holders (index/matching.py match_size, its branch without media or speculative
+ * entries): per source bit in `alive`, the leading blocks of the prompt it holds. */
+static PyObject *py_match_walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    u64 seed, alive;
+    if (nargs != 6 || !Py_IS_TYPE(args[0], &NativeMapType) || as_u64(args[4], &seed) != 1 ||
+        as_u64(args[5], &alive) != 1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "match_walk(holders, tokens, n, size, seed, alive)");
+        return NULL;
+    }
+    NativeMap *holders = (NativeMap *)args[0];
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *lengths = PyDict_New();
+    if (lengths == NULL || !alive || n <= 0) return lengths;
+    PyObject *seq = PySequence_Fast(args[1], "token_ids: expected a sequence");
+    if (seq == NULL || PySequence_Fast_GET_SIZE(seq) < n * size) {
+        if (seq) PyErr_SetString(PyExc_ValueError, "match_walk: fewer tokens than n * size");
+        Py_XDECREF(seq);
+        Py_DECREF(lengths);
+        return NULL;
+    }
+    scratch_t sc;
+    u8 *buf = scratch_get(&sc, n * size);
+    if (buf == NULL || pack_tokens_be(PySequence_Fast_ITEMS(seq), n * size, buf, 1) < 0) {
+        if (buf) scratch_free(&sc);
+        Py_DECREF(seq);
+        Py_DECREF(lengths);
+        return NULL;
+    }
+    Py_DECREF(seq);
+    u64 h = seed;
+    Py_ssize_t step = 4 * size, i;
+    for (i = 0; i < n; i++) {
+        h = xxh3_64(buf + step * i, (size_t)step, h);
+        Py_ssize_t slot, ix = find_int(holders, h, &slot);
+        if (ix >= 0 && (holders->flags[ix] & F_OVAL)) {
+            scratch_free(&sc);
+            Py_DECREF(lengths);
+            PyErr_SetString(PyExc_RuntimeError, "match_walk: a holder mask past bit 63");
+            return NULL;
+        }
+        u64 m = ix >= 0 ? alive & holders->entries[ix].v : 0;
+        if (m != alive) {
+            u64 ended = alive ^ m;
+            while (ended) {
+                u64 low = ended & (~ended + 1);
+                ended ^= low;
+                PyObject *k = PyLong_FromUnsignedLongLong(low), *v = PyLong_FromSsize_t(i);
+                int bad = !k || !v || PyDict_SetItem(lengths, k, v) < 0;
+                Py_XDECREF(k);
+                Py_XDECREF(v);
+                if (bad) {
+                    scratch_free(&sc);
+                    Py_DECREF(lengths);
+                    return NULL;
+                }
+            }
+            alive = m;
+            if (!alive) break;
+        }
+    }
+    scratch_free(&sc);
+    while (alive) {
+        u64 low = alive & (~alive + 1);
+        alive ^= low;
+        PyObject *k = PyLong_FromUnsignedLongLong(low), *v = PyLong_FromSsize_t(n);
+        int bad = !k || !v || PyDict_SetItem(lengths, k, v) < 0;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (bad) {
+            Py_DECREF(lengths);
+            return NULL;
+        }
+    }
+    return lengths;
+}
+
+/* ===================================================================== the module */
+
+static PyMethodDef module_methods[] = {
+    {"xxh3_64", (PyCFunction)(void (*)(void))py_xxh3_64, METH_FASTCALL,
+     "xxh3_64(data, seed=0) -> int: XXH3 64-bit of a bytes-like object."},
+    {"chain_hashes", (PyCFunction)(void (*)(void))py_chain_hashes, METH_FASTCALL,
+     "chain_hashes(parent, token_ids, block_size) -> list[int] (index/hashing.py)."},
+    {"configure", py_configure, METH_VARARGS,
+     "configure(BlockStored, BlockRemoved, IndexStateError): the event classes read."},
+    {"apply_run", (PyCFunction)(void (*)(void))py_apply_run, METH_FASTCALL, NULL},
+    {"release_all", (PyCFunction)(void (*)(void))py_release_all, METH_FASTCALL, NULL},
+    {"evict_oldest", (PyCFunction)(void (*)(void))py_evict_oldest, METH_FASTCALL, NULL},
+    {"match_walk", (PyCFunction)(void (*)(void))py_match_walk, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "kvroute.index._native",
+    "The compiled core of kvroute's prefix index (docs/design.md §12).", -1, module_methods,
+};
+
+static int intern(PyObject **slot, const char *s) {
+    *slot = PyUnicode_InternFromString(s);
+    return *slot ? 0 : -1;
+}
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&NativeMapType) < 0 || PyType_Ready(&MapIterType) < 0) return NULL;
+    if (intern(&s_gpu, "GPU") || intern(&s_store_again, "_store_again_gpu") ||
+        intern(&s_hold_again, "hold_again_gpu") || intern(&s_release, "release") ||
+        intern(&s_unknown_block, "_unknown_block") || intern(&s_hm, "_hm") ||
+        intern(&s_last_size, "last_size") || intern(&s_last_lora, "last_lora") ||
+        intern(&s_seeds, "seeds") || intern(&s_dups, "dups") || intern(&s_aliases, "aliases") ||
+        intern(&s_media, "media"))
+        return NULL;
+    /* A per-process seed for slot hashing: not secret from the process, unknown to engines. */
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *rnd = os ? PyObject_CallMethod(os, "urandom", "i", 8) : NULL;
+    Py_XDECREF(os);
+    if (rnd == NULL) return NULL;
+    memcpy(&g_hash_seed, PyBytes_AS_STRING(rnd), 8);
+    Py_DECREF(rnd);
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&NativeMapType);
+    if (PyModule_AddObject(m, "NativeMap", (PyObject *)&NativeMapType) < 0) {
+        Py_DECREF(&NativeMapType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,197 @@
+"""The prefix index on the compiled core (`_native.c`): `PrefixIndex`'s rules, which stay the
+reference model, over flat native block tables with the hot loops in C."""
+
+# Every rule lives once, in `PrefixIndex`. This subclass swaps the per-source block maps and the
+# holder map for `NativeMap`s (dict semantics, flat u64 arrays) and runs the common store and
+# remove, the match walk, clearing and eviction in C. Anything else (other media, LoRA switches,
+# orphans, duplicates, bytes hashes, holder bits past 63) goes through the reference code, which
+# works on the native maps unchanged. tests/unit/index/test_native_differential.py checks that
+# both give the same observable results after every batch.
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvroute.core import (
+    GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    DropReason,
+    EventBatch,
+    EventCounters,
+    MatchResult,
+    SourceId,
+)
+from kvroute.errors import IndexStateError
+from kvroute.index import _native  # type: ignore[attr-defined]
+from kvroute.index.holders import SourceState
+from kvroute.index.limits import IndexLimits
+from kvroute.index.prefix_index import PrefixIndex
+
+__all__ = ["NativePrefixIndex"]
+
+NativeMap: Any = _native.NativeMap
+_apply_run = _native.apply_run
+_release_all = _native.release_all
+_evict_oldest = _native.evict_oldest
+_match_walk = _native.match_walk
+_native.configure(BlockStored, BlockRemoved, IndexStateError)
+
+_STORED = "BlockStored"
+_REMOVED = "BlockRemoved"
+_CLEARED = "AllBlocksCleared"
+_WIDE = 1 << 64  # source bits from here on do not fit the native holder masks
+
+
+class NativePrefixIndex(PrefixIndex):
+    """`PrefixIndex` with native block tables; see the module docstring."""
+
+    def __init__(
+        self,
+        limits: IndexLimits | None = None,
+        *,
+        counters: EventCounters | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(limits, counters=counters, clock=clock)
+        self._nh: Any = NativeMap()  # the holder map, typed as what it is
+        self._hm.any = self._holders = self._nh
+
+    def add_source(self, source: SourceId, *, engine: str, model: str) -> None:
+        super().add_source(source, engine=engine, model=model)
+        src = self._sources[source]
+        if type(src.blocks) is dict and not src.blocks:
+            src.blocks = NativeMap()
+
+    def _unknown_block(self, src: SourceState) -> None:
+        # Called from the C remove loop: the reference's count for a hash the source lacks.
+        self.counters.drop(src.sid, DropReason.UNKNOWN_BLOCK)
+
+    def _native_ok(self, src: SourceState) -> bool:
+        return src.bit < _WIDE and not self._nh.objects()
+
+    def apply(self, source: SourceId, batch: EventBatch) -> None:
+        src = self._sources.get(source)
+        if src is None or not self._native_ok(src):
+            super().apply(source, batch)
+            return
+        counters = self.counters
+        blocks = src.blocks
+        holders = self._holders
+        before = len(blocks)
+        cap = self.limits.max_blocks_per_source
+        group0 = self._indexed_group
+        spec = self._spec_by_engine.get(src.engine) or None
+        events = batch.events
+        total = len(events)
+        stored = removed = delta = 0
+        i = 0
+        while i < total:
+            i, unhandled, s, r, new, gone = _apply_run(
+                self, src, blocks, holders, src.bit, events, i, cap, group0, spec
+            )
+            stored += s
+            removed += r
+            delta += new - gone
+            if len(blocks) > cap:
+                self._evict(src, len(blocks) - cap + (cap >> 8))
+            if not unhandled:
+                continue
+            # The reference model's general branch of `PrefixIndex.apply`, for one event.
+            ev = events[i]
+            i += 1
+            if isinstance(ev, BlockStored):
+                if self._store(src, ev):
+                    stored += 1
+                    if len(blocks) > cap:
+                        self._evict(src, len(blocks) - cap + (cap >> 8))
+            elif type(ev) is BlockRemoved:
+                if self._remove(src, ev):
+                    removed += 1
+            elif type(ev) is AllBlocksCleared:
+                self._clear_source(src)
+                counters.applied[(source, _CLEARED)] += 1
+            else:
+                counters.drop(source, DropReason.UNKNOWN_TAG)
+        if delta:
+            self._model_blocks[src.model] += delta
+        if stored:
+            counters.applied[(source, _STORED)] += stored
+        if removed:
+            counters.applied[(source, _REMOVED)] += removed
+        self._total += len(blocks) - before
+        if self._total > self.limits.max_blocks_total:
+            self._enforce_total()
+
+    def _clear_source(self, src: SourceState) -> None:
+        blocks = src.blocks
+        if (
+            type(blocks) is NativeMap
+            and not (src.media or src.aliases)
+            and src.bit < _WIDE
+            and not self._nh.objects()
+        ):
+            gone = _release_all(blocks, self._holders, src.bit)
+            if gone:
+                self._model_blocks[src.model] -= gone
+            blocks.clear()
+        super()._clear_source(src)  # the rest; its block loop finds nothing left
+
+    def _evict(self, src: SourceState, n: int) -> None:
+        blocks = src.blocks
+        if (
+            type(blocks) is not NativeMap
+            or src.media
+            or src.aliases
+            or src.bit >= _WIDE
+            or self._nh.objects()
+        ):
+            super()._evict(src, n)
+            return
+        evicted, gone = _evict_oldest(blocks, self._holders, src.bit, max(n, 0), src.dups)
+        if gone:
+            self._model_blocks[src.model] -= gone
+        if evicted:
+            self.counters.drop(src.sid, DropReason.OVER_LIMIT, evicted)
+
+    def match(
+        self,
+        model: str,
+        lora: str | None,
+        token_ids: Sequence[int],
+        *,
+        cache_salt: str | None = None,
+    ) -> dict[str, MatchResult]:
+        sizes = self._parts.get((model, lora))
+        if (
+            not sizes
+            or len(sizes) != 1
+            or self._nongpu
+            or any(self._spec_by_engine.values())
+            or self._nh.objects()
+        ):
+            return super().match(model, lora, token_ids, cache_salt=cache_salt)
+        ((size, bits),) = sizes.items()
+        alive = bits & ~self._stale_bits
+        n = len(token_ids) // size
+        if not n or alive >= _WIDE:
+            if alive >= _WIDE:
+                return super().match(model, lora, token_ids, cache_salt=cache_salt)
+            return {}
+        self._spec.purge(self._clock())
+        seed = self._seed(model, lora, cache_salt)
+        lengths = _match_walk(self._holders, token_ids, n, size, seed, alive)
+        out: dict[str, MatchResult] = {}
+        by_bit = self._by_bit
+        for bit, blocks in lengths.items():
+            if not blocks:
+                continue
+            engine = by_bit[bit].engine
+            best = out.get(engine)
+            if best is not None and best.blocks >= blocks:
+                continue  # another DP rank of this engine matched more
+            out[engine] = MatchResult(blocks, blocks * size, {GPU: blocks}, 0, size)
+        return out

@@ -1,0 +1,167 @@
+"""The compiled core's parts on their own: xxh3-64 against the reference library, our chained
+hash against index/hashing.py, NativeMap against dict, and choosing the implementation."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvroute.errors import ConfigError, IndexStateError
+from kvroute.index import PrefixIndex, chain_hashes, create_index
+from kvroute.index import impl as impl_module
+from kvroute.index.impl import native_error, resolve_impl
+
+pytestmark = pytest.mark.skipif(
+    native_error() is not None, reason=f"native index core not built: {native_error()}"
+)
+
+
+@pytest.fixture(scope="module")
+def native() -> Any:
+    from kvroute.index import _native  # type: ignore[attr-defined]
+
+    return _native
+
+
+# Every length class of the specification (0, 1-3, 4-8, 9-16, 17-128, 129-240, long with one
+# and several 1024-byte blocks), with and without a seed.
+LENGTHS = [*range(0, 260), 383, 384, 400, 511, 1023, 1024, 1025, 2048, 4096, 5000]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 0x9E3779B185EBCA87, 2**64 - 1])
+def test_xxh3_64_matches_the_reference_library_at_every_length(native: Any, seed: int) -> None:
+    rng = random.Random(seed)
+    for n in LENGTHS:
+        data = rng.randbytes(n)
+        assert native.xxh3_64(data, seed) == xxhash.xxh3_64_intdigest(data, seed), n
+
+
+def test_xxh3_64_known_vectors(native: Any) -> None:
+    # From docs/notes/issue-12-research.md §B: data is bytes((i*31+7) & 0xff for i in range(n)).
+    vectors = {0: 0x2D06800538D394C2, 16: 0x7E484C18D74895D0, 400: 0x4ED40FEBAC58B282}
+    for n, want in vectors.items():
+        assert native.xxh3_64(bytes((i * 31 + 7) & 0xFF for i in range(n))) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parent=st.integers(0, 2**64 - 1),
+    tokens=st.lists(st.integers(0, 2**32 - 1), max_size=70),
+    size=st.integers(1, 17),
+)
+def test_chain_hashes_matches_the_python_reference(
+    native: Any, parent: int, tokens: list[int], size: int
+) -> None:
+    assert native.chain_hashes(parent, tokens, size) == chain_hashes(parent, tokens, size)  # type: ignore[arg-type]
+
+
+def test_chain_hashes_refuses_what_the_reference_refuses(native: Any) -> None:
+    with pytest.raises(IndexStateError, match="2\\*\\*32"):
+        native.chain_hashes(0, [1, 2**32], 1)
+    with pytest.raises(IndexStateError, match="2\\*\\*32"):
+        native.chain_hashes(0, [1, "x"], 1)
+    with pytest.raises(IndexStateError, match="block_size"):
+        native.chain_hashes(0, [1], 0)
+
+
+KEYS = st.one_of(
+    st.integers(0, 40),
+    st.integers(2**64 - 3, 2**64 + 3),
+    st.integers(-3, -1),
+    st.binary(max_size=2),
+    st.tuples(st.sampled_from(["CPU", "DISK"]), st.integers(0, 5)),
+)
+VALUES = st.one_of(st.integers(0, 2**64 - 1), st.integers(2**64, 2**70), st.integers(-2, -1))
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), KEYS, VALUES),
+        st.tuples(st.just("del"), KEYS, st.none()),
+        st.tuples(st.just("pop"), KEYS, st.none()),
+        st.tuples(st.just("setdefault"), KEYS, VALUES),
+        st.tuples(st.just("clear"), st.none(), st.none()),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=OPS)
+def test_native_map_behaves_as_a_dict(native: Any, ops: list[tuple[str, Any, Any]]) -> None:
+    m, d = native.NativeMap(), {}
+    for op, k, v in ops:
+        if op == "set":
+            m[k] = v
+            d[k] = v
+        elif op == "del":
+            if k in d:
+                del m[k]
+                del d[k]
+            else:
+                with pytest.raises(KeyError):
+                    del m[k]
+        elif op == "pop":
+            assert m.pop(k, "none") == d.pop(k, "none")
+        elif op == "setdefault":
+            assert m.setdefault(k, v) == d.setdefault(k, v)
+        else:
+            m.clear()
+            d.clear()
+        assert len(m) == len(d)
+        assert list(m.items()) == list(d.items())  # store order, as dict keeps it
+        assert m == d
+    for k in d:
+        assert k in m and m[k] == d[k] and m.get(k) == d[k]
+    assert m.objects() == sum(
+        1 for k, v in d.items() if not (type(k) is int and 0 <= k < 2**64 and 0 <= v < 2**64)
+    )
+
+
+def test_native_map_setdefault_returns_the_default_object_on_insert(native: Any) -> None:
+    # prefix_index.py's fast path tells a new hash from an old one by identity.
+    m = native.NativeMap()
+    bit = 1 << 40
+    assert m.setdefault(7, bit) is bit
+    assert m.setdefault(7, 1 << 41) == bit
+
+
+def test_native_map_iteration_refuses_a_changed_map(native: Any) -> None:
+    m = native.NativeMap()
+    m[1] = 1
+    m[2] = 2
+    it = iter(m)
+    next(it)
+    m[3] = 3
+    with pytest.raises(RuntimeError, match="changed during iteration"):
+        next(it)
+
+
+def test_native_map_grows_and_shrinks_through_many_keys(native: Any) -> None:
+    m, d = native.NativeMap(), {}
+    rng = random.Random(5)
+    for i in range(60_000):
+        k = rng.getrandbits(64)
+        m[k] = i
+        d[k] = i
+        if i % 3 == 0:
+            victim = next(iter(d))
+            del m[victim]
+            del d[victim]
+    assert m == d
+    assert list(m) == list(d)
+    assert m.nbytes() > 0
+
+
+def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_impl("python") == "python"
+    assert resolve_impl("auto") == "native"
+    assert type(create_index(impl="python")) is PrefixIndex
+    assert type(create_index(impl="native")).__name__ == "NativePrefixIndex"
+    monkeypatch.setattr(impl_module, "native_error", lambda: "no compiler")
+    with pytest.raises(ConfigError, match="KVROUTE_INDEX_IMPL=python"):
+        resolve_impl("native")
+    assert resolve_impl("auto") == "python"  # with one warning in the log
