@@ -12,7 +12,7 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
-        test-index-python
+        test-index-python bench-peers
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
@@ -42,6 +42,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/kvroute bench all --size full
+
+# NVIDIA Dynamo's standalone indexer for `kvroute bench ingest --vs dynamo`, in its own venv
+# (its pydantic pin clashes with ours); CPU only, no CUDA needed.
+bench-peers:
+	@[ -x .venv-peers/bin/python ] || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q --upgrade pip
+	.venv-peers/bin/python -m pip install -q 'ai-dynamo-runtime==1.6.1'
+	@echo "now: kvroute bench ingest --vs dynamo [--size smoke|full] [--events N]"
 
 test-kv-sync: $(STAMP)
 	$(call RUN_TESTS,tests/unit -q)

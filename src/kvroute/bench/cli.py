@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,31 @@ def register(sub: Any) -> None:
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    peers = bench.add_argument_group(
+        "ingest side by side (kvroute bench ingest --vs dynamo; install the peer: make bench-peers)"
+    )
+    peers.add_argument(
+        "--vs",
+        choices=["dynamo"],
+        help="also run NVIDIA Dynamo's standalone indexer on the same stream and compare",
+    )
+    peers.add_argument(
+        "--events",
+        type=int,
+        metavar="N",
+        help="events in the workload (default: 20,000 smoke, 500,000 full)",
+    )
+    peers.add_argument(
+        "--per-message",
+        metavar="LIST",
+        help="events per message, one run each (default: 1,10,50)",
+    )
+    peers.add_argument(
+        "--peers-venv",
+        type=Path,
+        metavar="DIR",
+        help="the venv holding ai-dynamo-runtime (default: .venv-peers)",
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -52,6 +78,14 @@ def register(sub: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.vs is not None:
+        return _run_vs(args)
+    if any(v is not None for v in (args.events, args.per_message, args.peers_venv)):
+        print(
+            "kvroute bench: --events, --per-message and --peers-venv go with ingest --vs",
+            file=sys.stderr,
+        )
+        return 2
     if args.which == "all":
         targets = [(module, "run") for module in _BENCHES.values()]
     elif args.which in _ALIASES:
@@ -61,6 +95,40 @@ def _run_bench(args: argparse.Namespace) -> int:
     for module_name, func_name in targets:
         func = getattr(importlib.import_module(module_name), func_name)
         func(size=args.size, out_dir=args.out_dir)
+    return 0
+
+
+def _run_vs(args: argparse.Namespace) -> int:
+    from kvroute.bench import ingest_vs
+
+    prog = f"kvroute bench {args.which} --vs {args.vs}"
+    if args.which != "ingest":
+        print(f"{prog}: --vs compares ingest only (kvroute bench ingest --vs ...)", file=sys.stderr)
+        return 2
+    try:
+        per_message = (
+            ingest_vs.PER_MESSAGE
+            if args.per_message is None
+            else ingest_vs.parse_per_message(args.per_message)
+        )
+        if args.events is not None and args.events < 1:
+            raise ValueError(f"--events: expected >= 1, got {args.events}")
+        ingest_vs.find_dynamo(args.peers_venv)
+    except (ValueError, ingest_vs.PeerMissing) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ingest_vs.run(
+            args.size,
+            args.out_dir,
+            vs=args.vs,
+            events=args.events,
+            per_message=per_message,
+            peers_venv=args.peers_venv,
+        )
+    except RuntimeError as exc:  # a system did not start or answer: say which, no traceback
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import random
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -17,8 +16,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from kvroute.bench.ingest_workload import ChainedWorkload
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
-from kvroute.core import EngineHash, EventBatch, SourceSpec, source_id
+from kvroute.core import EventBatch, SourceSpec, source_id
 from kvroute.events import (
     BatchDecoder,
     SubscriberManager,
@@ -137,46 +137,12 @@ def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
 # --- the workload ------------------------------------------------------------------------------
 
 
-class _Workload:
-    """10-event messages: 4-block BlockStored chained from a held block (or the root), and 10%
-    BlockRemoved of a held block, so the index really chains and removes."""
-
-    def __init__(self, seed: int = 0) -> None:
-        self._rng = random.Random(seed)
-        self._next = 1
-        self._tails: list[int] = []
-        self._held: list[int] = []
-
-    def events(self) -> list[VllmEvent]:
-        rng = self._rng
-        out: list[VllmEvent] = []
-        for _ in range(_EVENTS_PER_MESSAGE):
-            if self._held and rng.random() < _REMOVE_SHARE:
-                i = rng.randrange(len(self._held))
-                self._held[i], self._held[-1] = self._held[-1], self._held[i]
-                out.append(VllmBlockRemoved(block_hashes=[self._held.pop()], medium="GPU"))
-                continue
-            parent = None
-            if self._tails and rng.random() < 0.8:
-                parent = self._tails[rng.randrange(len(self._tails))]
-            first = self._next
-            self._next += _BLOCKS
-            hashes: list[EngineHash] = list(range(first, first + _BLOCKS))
-            tokens = [(first * 31 + j) % 50_000 for j in range(_BLOCKS * _BLOCK_SIZE)]
-            out.append(
-                VllmBlockStored(
-                    block_hashes=hashes,
-                    parent_block_hash=parent,
-                    token_ids=tokens,
-                    block_size=_BLOCK_SIZE,
-                    medium="GPU",
-                )
-            )
-            self._held.extend(range(first, first + _BLOCKS))
-            self._tails.append(first + _BLOCKS - 1)
-            if len(self._tails) > 4096:
-                self._tails = self._tails[-2048:]
-        return out
+def _workload(seed: int = 0) -> ChainedWorkload:
+    """4-block BlockStored chained from a held block (or the root), and 10% BlockRemoved of a
+    leaf block, so the index really chains and removes (bench/ingest_workload.py)."""
+    return ChainedWorkload(
+        seed=seed, blocks_per_store=_BLOCKS, block_size=_BLOCK_SIZE, remove_share=_REMOVE_SHARE
+    )
 
 
 def _blocks(events: Sequence[VllmEvent]) -> int:
@@ -200,18 +166,18 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
         "tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0", hwm=10_000_000
     )
     await pub.start()
-    workload = _Workload()
+    workload = _workload()
     burst: list[bytes] = []
     blocks = 0
     if mode == "burst":
         for _ in range(int(amount)):
-            events = workload.events()
+            events = workload.events(_EVENTS_PER_MESSAGE)
             blocks += _blocks(events)
             burst.append(encode_batch(VllmEventBatch(ts=_BURST_TS, events=events), pub.release))
     conn.send((pub.endpoint, pub.replay_endpoint))
     try:
         while not conn.poll(0.005):  # probes until the router says it sees the live stream
-            pub.publish(VllmEventBatch(ts=0.0, events=workload.events()))
+            pub.publish(VllmEventBatch(ts=0.0, events=workload.events(_EVENTS_PER_MESSAGE)))
             await asyncio.sleep(0)
         conn.recv()
         first = pub.next_seq
@@ -230,7 +196,7 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)  # no spinning: the router needs the other core
-                events = workload.events()
+                events = workload.events(_EVENTS_PER_MESSAGE)
                 blocks += _blocks(events)
                 pub.publish(VllmEventBatch(ts=time.monotonic(), events=events))
             events_sent = n * _EVENTS_PER_MESSAGE
@@ -415,11 +381,11 @@ async def _run_latency(seconds: float, *, noop: bool = False) -> dict[str, Any]:
 
 def _run_core(messages: int) -> dict[str, Any]:
     """The same messages decoded and applied in a plain loop: the ceiling without transport."""
-    workload = _Workload()
+    workload = _workload()
     payloads = []
     blocks = 0
     for _ in range(messages):
-        events = workload.events()
+        events = workload.events(_EVENTS_PER_MESSAGE)
         blocks += _blocks(events)
         payloads.append(encode_batch(VllmEventBatch(ts=_BURST_TS, events=events)))
     metrics = Metrics()

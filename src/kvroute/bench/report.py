@@ -32,7 +32,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c, justify="right")
     for r in cells:
         table.add_row(*r)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: no 80-column squeeze of wide tables
+        console = Console(width=200)
+    console.print(table)
 
 
 def save_json(name: str, data: dict[str, Any], out_dir: Path = DEFAULT_OUT_DIR) -> Path:
