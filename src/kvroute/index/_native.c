@@ -22,6 +22,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 
 typedef uint64_t u64;
 typedef uint32_t u32;
@@ -319,6 +320,39 @@ static void scratch_free(scratch_t *s) {
     if (s->heap) PyMem_Free(s->heap);
 }
 
+/* Arrays of a map: big ones straight from mmap, so growth is an mremap (no copy, no second
+ * resident copy) and a freed table goes back to the system at once; small ones from PyMem. */
+#define BIG_ARRAY ((size_t)1 << 18)
+
+static void *arr_alloc(size_t size) {
+    if (size < BIG_ARRAY) return PyMem_Malloc(size ? size : 1);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void arr_free(void *p, size_t size) {
+    if (p == NULL) return;
+    if (size < BIG_ARRAY)
+        PyMem_Free(p);
+    else
+        munmap(p, size);
+}
+
+static void *arr_realloc(void *p, size_t old, size_t size) {
+    if (p == NULL) return arr_alloc(size);
+    if (old >= BIG_ARRAY) {
+        void *q = mremap(p, old, size, MREMAP_MAYMOVE);
+        return q == MAP_FAILED ? NULL : q;
+    }
+    if (size < BIG_ARRAY) return PyMem_Realloc(p, size);
+    void *q = arr_alloc(size);
+    if (q != NULL) {
+        memcpy(q, p, old);
+        PyMem_Free(p);
+    }
+    return q;
+}
+
 /* ==================================================================== NativeMap */
 
 #define F_LIVE 1u
@@ -326,23 +360,35 @@ static void scratch_free(scratch_t *s) {
 #define F_OVAL 4u /* v holds a PyObject* (a value that is not a u64 int) */
 #define SLOT_EMPTY (-1)
 #define SLOT_DUMMY (-2)
-#define MIN_SLOTS 8
+#define MIN_SLOTS 16
+#define MIGRATE_STEP 64 /* old slots moved per insert while a table grows */
 
 typedef struct {
     u64 k, v;
 } entry_t;
 
+#define ENTRY_BYTES (sizeof(entry_t) + 1) /* the entry and its flag byte */
+
+/* Layout (docs/design.md §12): a dense entry array in store order (dead entries stay until a
+ * compaction) and a slot table of entry indices, open addressing with linear probing, filled
+ * to at most 3/4. A full table grows *incrementally* to twice its live entries: the new table
+ * takes every insert and each insert moves MIGRATE_STEP slots of the old one, so no insert
+ * rehashes the whole map.
+ * A slot position >= nslots names position (slot - nslots) of the old table. */
 typedef struct {
     PyObject_HEAD
-    entry_t *entries; /* store order; dead entries stay until the next rebuild */
-    u8 *flags;        /* per entry: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
-    int32_t *slots;   /* open addressing, linear probing: entry index, EMPTY or DUMMY */
-    Py_ssize_t nslots;      /* a power of two, or 0 before the first insert */
-    Py_ssize_t capacity;    /* entries that fit before a rebuild: 2/3 of nslots */
+    entry_t *entries;
+    u8 *flags;              /* per entry: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
+    Py_ssize_t ecap;        /* entries allocated */
     Py_ssize_t used;        /* entries written (live and dead) */
     Py_ssize_t live;
     Py_ssize_t first;       /* no live entry before this index */
     Py_ssize_t objects;     /* live entries holding an object key or value */
+    int32_t *slots;         /* the current table: entry index, EMPTY or DUMMY */
+    Py_ssize_t nslots;      /* any size (see home), or 0 before the first insert */
+    Py_ssize_t filled;      /* non-EMPTY slots of the current table */
+    int32_t *old;           /* the table being migrated from, or NULL */
+    Py_ssize_t old_nslots, old_pos;
     u64 version;            /* bumped on every insert and delete, for iterators */
 } NativeMap;
 
@@ -360,68 +406,109 @@ static inline u64 mix_u64(u64 k) {
 
 static inline u64 obj_slot_hash(Py_hash_t h) { return mix_u64((u64)h ^ 0x5bd1e9955bd1e995ULL); }
 
-/* The entry index of int key k, or -1; *slot gets its slot or the first free one. */
+/* A hash's home slot in a table of n slots (any n: tables grow by half, not double). */
+static inline size_t home(u64 h, size_t n) { return (size_t)(((u128)h * n) >> 64); }
+
+static inline int32_t *slot_ptr(NativeMap *m, Py_ssize_t slot) {
+    return slot < m->nslots ? &m->slots[slot] : &m->old[slot - m->nslots];
+}
+
+/* The entry index of int key k, or -1; *slot gets its slot, or when absent the first free
+ * slot of the current table (-1 before the first insert). */
 static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
     if (m->nslots == 0) {
         *slot = -1;
         return -1;
     }
-    size_t mask = (size_t)m->nslots - 1, i = (size_t)mix_u64(k) & mask;
+    u64 h = mix_u64(k);
+    size_t n = (size_t)m->nslots, i = home(h, n);
     Py_ssize_t free_slot = -1;
     for (;;) {
         int32_t ix = m->slots[i];
-        if (ix == SLOT_EMPTY) {
-            *slot = free_slot >= 0 ? free_slot : (Py_ssize_t)i;
-            return -1;
-        }
+        if (ix == SLOT_EMPTY) break;
         if (ix == SLOT_DUMMY) {
             if (free_slot < 0) free_slot = (Py_ssize_t)i;
         } else if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
             *slot = (Py_ssize_t)i;
             return ix;
         }
-        i = (i + 1) & mask;
+        if (++i == n) i = 0;
     }
+    if (free_slot < 0) free_slot = (Py_ssize_t)i;
+    if (m->old) {
+        size_t on = (size_t)m->old_nslots, j = home(h, on);
+        for (;;) {
+            int32_t ix = m->old[j];
+            if (ix == SLOT_EMPTY) break;
+            if (ix >= 0 && m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+                *slot = m->nslots + (Py_ssize_t)j;
+                return ix;
+            }
+            if (++j == on) j = 0;
+        }
+    }
+    *slot = free_slot;
+    return -1;
 }
 
-/* As find_int for an object key with hash h; -2 on a comparison error. The map may change
- * during a comparison (it calls Python): then the probe starts over. */
-static Py_ssize_t find_obj(NativeMap *m, PyObject *key, Py_hash_t h, Py_ssize_t *slot) {
-restart:
-    if (m->nslots == 0) {
-        *slot = -1;
-        return -1;
-    }
-    size_t mask = (size_t)m->nslots - 1, i = (size_t)obj_slot_hash(h) & mask;
-    Py_ssize_t free_slot = -1;
+/* Probe one table for an object key; -2 on a comparison error, -3 if the map changed during
+ * a comparison (it calls Python: the caller starts over). */
+static Py_ssize_t probe_obj(NativeMap *m, int32_t *table, Py_ssize_t n, PyObject *key, Py_hash_t h,
+                            Py_ssize_t *found, Py_ssize_t *free_slot) {
+    size_t i = home(obj_slot_hash(h), (size_t)n);
     for (;;) {
-        int32_t ix = m->slots[i];
+        int32_t ix = table[i];
         if (ix == SLOT_EMPTY) {
-            *slot = free_slot >= 0 ? free_slot : (Py_ssize_t)i;
+            if (free_slot && *free_slot < 0) *free_slot = (Py_ssize_t)i;
             return -1;
         }
         if (ix == SLOT_DUMMY) {
-            if (free_slot < 0) free_slot = (Py_ssize_t)i;
+            if (free_slot && *free_slot < 0) *free_slot = (Py_ssize_t)i;
         } else if (m->flags[ix] & F_OKEY) {
             PyObject *other = (PyObject *)(uintptr_t)m->entries[ix].k;
-            if (other == key) {
-                *slot = (Py_ssize_t)i;
-                return ix;
-            }
-            if (PyObject_Hash(other) == h) {
+            int eq = other == key;
+            if (!eq && PyObject_Hash(other) == h) {
                 u64 version = m->version;
                 Py_INCREF(other);
-                int eq = PyObject_RichCompareBool(other, key, Py_EQ);
+                eq = PyObject_RichCompareBool(other, key, Py_EQ);
                 Py_DECREF(other);
                 if (eq < 0) return -2;
-                if (m->version != version) goto restart;
-                if (eq) {
-                    *slot = (Py_ssize_t)i;
-                    return ix;
-                }
+                if (m->version != version) return -3;
+            }
+            if (eq) {
+                *found = (Py_ssize_t)i;
+                return ix;
             }
         }
-        i = (i + 1) & mask;
+        if (++i == (size_t)n) i = 0;
+    }
+}
+
+static Py_ssize_t find_obj(NativeMap *m, PyObject *key, Py_hash_t h, Py_ssize_t *slot) {
+    for (;;) {
+        if (m->nslots == 0) {
+            *slot = -1;
+            return -1;
+        }
+        Py_ssize_t found = -1, free_slot = -1;
+        Py_ssize_t ix = probe_obj(m, m->slots, m->nslots, key, h, &found, &free_slot);
+        if (ix == -3) continue;
+        if (ix == -2) return -2;
+        if (ix >= 0) {
+            *slot = found;
+            return ix;
+        }
+        if (m->old) {
+            ix = probe_obj(m, m->old, m->old_nslots, key, h, &found, NULL);
+            if (ix == -3) continue;
+            if (ix == -2) return -2;
+            if (ix >= 0) {
+                *slot = m->nslots + found;
+                return ix;
+            }
+        }
+        *slot = free_slot;
+        return -1;
     }
 }
 
@@ -476,64 +563,148 @@ static PyObject *key_of(NativeMap *m, Py_ssize_t ix) {
     return PyLong_FromUnsignedLongLong(m->entries[ix].k);
 }
 
-/* Rebuild with room for at least `need` entries: live entries move to the front in order. */
-static int map_rebuild(NativeMap *m, Py_ssize_t need) {
-    Py_ssize_t nslots = MIN_SLOTS;
-    while (nslots / 3 * 2 < need) {
-        if (nslots > ((Py_ssize_t)1 << 30)) {
-            PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
-            return -1;
-        }
-        nslots <<= 1;
-    }
-    Py_ssize_t capacity = nslots / 3 * 2;
-    entry_t *entries = PyMem_Malloc((size_t)capacity * sizeof(entry_t));
-    u8 *flags = PyMem_Malloc((size_t)capacity);
-    int32_t *slots = PyMem_Malloc((size_t)nslots * sizeof(int32_t));
-    if (!entries || !flags || !slots) {
-        PyMem_Free(entries);
-        PyMem_Free(flags);
-        PyMem_Free(slots);
+static int32_t *new_table(Py_ssize_t n) {
+    int32_t *t = arr_alloc((size_t)n * sizeof(int32_t));
+    if (t == NULL) {
         PyErr_NoMemory();
+        return NULL;
+    }
+    memset(t, 0xff, (size_t)n * sizeof(int32_t)); /* all SLOT_EMPTY */
+    return t;
+}
+
+static inline void place(NativeMap *m, Py_ssize_t ix) {
+    size_t n = (size_t)m->nslots, i = home(entry_slot_hash(m, ix), n);
+    while (m->slots[i] >= 0)
+        if (++i == n) i = 0;
+    if (m->slots[i] == SLOT_EMPTY) m->filled++;
+    m->slots[i] = (int32_t)ix;
+}
+
+/* Move up to `n` slots of the old table into the current one. */
+static void migrate(NativeMap *m, Py_ssize_t n) {
+    while (m->old && n-- > 0) {
+        int32_t ix = m->old[m->old_pos];
+        if (ix >= 0) {
+            m->old[m->old_pos] = SLOT_DUMMY;
+            place(m, ix);
+        }
+        if (++m->old_pos == m->old_nslots) {
+            arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
+            m->old = NULL;
+            m->old_nslots = m->old_pos = 0;
+        }
+    }
+}
+
+/* Slots for `live` entries, sized so a table starts a little over half full and is grown at
+ * 3/4 (fuller costs probes, emptier costs memory; docs/design.md §12), and so a migration of an
+ * old table of `old` slots, MIGRATE_STEP slots per insert, ends before the new one is 3/4 full. */
+static Py_ssize_t table_size_for(Py_ssize_t live, Py_ssize_t old) {
+    Py_ssize_t n = live + live / 4 * 3 + old / 8;
+    return n < MIN_SLOTS ? MIN_SLOTS : n;
+}
+
+/* Compact: live entries to the front in order, a fresh table (O(live), the one full pass; it
+ * runs when dead entries outnumber live ones, see map_reserve). */
+static int map_compact(NativeMap *m) {
+    Py_ssize_t nslots = table_size_for(m->live + 1, 0);
+    if (nslots > ((Py_ssize_t)1 << 31)) {
+        PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
         return -1;
     }
-    memset(slots, 0xff, (size_t)nslots * sizeof(int32_t)); /* all SLOT_EMPTY */
+    int32_t *slots = new_table(nslots);
+    if (slots == NULL) return -1;
     Py_ssize_t n = 0;
-    size_t mask = (size_t)nslots - 1;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
         if (!m->flags[ix]) continue;
-        entries[n] = m->entries[ix];
-        flags[n] = m->flags[ix];
-        size_t i = (size_t)entry_slot_hash(m, ix) & mask;
-        while (slots[i] != SLOT_EMPTY) i = (i + 1) & mask;
-        slots[i] = (int32_t)n;
+        m->entries[n] = m->entries[ix];
+        m->flags[n] = m->flags[ix];
         n++;
     }
-    PyMem_Free(m->entries);
-    PyMem_Free(m->flags);
-    PyMem_Free(m->slots);
-    m->entries = entries;
-    m->flags = flags;
+    arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
+    arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t)); /* all are placed again below */
+    m->old = NULL;
+    m->old_nslots = m->old_pos = 0;
     m->slots = slots;
     m->nslots = nslots;
-    m->capacity = capacity;
+    m->filled = 0;
     m->used = n;
     m->first = 0;
+    for (Py_ssize_t ix = 0; ix < n; ix++) place(m, ix);
     m->version++;
     return 0;
 }
 
-/* Append a new entry (the key is known absent). Steals nothing: object keys and values are
- * increfed here. */
-static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObject *vobj) {
-    if (m->used >= m->capacity) {
-        /* Dead entries are reclaimed first; grow when the map is more than half live. */
-        Py_ssize_t need = m->live + 1;
-        if (need * 2 > m->capacity) need = need * 2;
-        if (map_rebuild(m, need) < 0) return -1;
-        Py_ssize_t ix = find_key(m, key, &slot);
-        if (ix == -2) return -1;
+/* Room for one more entry and one more filled slot. Returns 1 if slots moved (the caller's
+ * free slot is stale), 0 if not, -1 on error. */
+static int map_reserve(NativeMap *m) {
+    int moved = 0;
+    if (m->used >= m->ecap) {
+        Py_ssize_t dead = m->used - m->live;
+        if (dead > m->live && dead > 64) {
+            if (map_compact(m) < 0) return -1;
+            moved = 1;
+        }
+        if (m->used >= m->ecap) {
+            Py_ssize_t ecap = m->ecap < 16 ? 16 : m->ecap + m->ecap / 2;
+            if (ecap > ((Py_ssize_t)1 << 31) - 2) ecap = ((Py_ssize_t)1 << 31) - 2;
+            if (m->used >= ecap) {
+                PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+                return -1;
+            }
+            /* One block: ecap entries, then ecap flag bytes (moved up after the growth). */
+            entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * ENTRY_BYTES,
+                                     (size_t)ecap * ENTRY_BYTES);
+            if (e == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            m->entries = e;
+            m->flags = (u8 *)(e + ecap);
+            memmove(m->flags, (u8 *)(e + m->ecap), (size_t)m->used);
+            m->ecap = ecap;
+        }
     }
+    if (m->nslots == 0 || (m->filled + 1) * 4 > m->nslots * 3) {
+        migrate(m, PY_SSIZE_T_MAX); /* finishes in time by construction; this is a guard */
+        Py_ssize_t nslots = table_size_for(m->live + 1, m->nslots);
+        if (nslots > ((Py_ssize_t)1 << 31)) {
+            PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+            return -1;
+        }
+        int32_t *t = new_table(nslots);
+        if (t == NULL) return -1;
+        if (m->nslots && m->live) {
+            m->old = m->slots;
+            m->old_nslots = m->nslots;
+            m->old_pos = 0;
+        } else {
+            arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
+        }
+        m->slots = t;
+        m->nslots = nslots;
+        m->filled = 0;
+        moved = 1;
+    }
+    return moved;
+}
+
+/* A free slot of the current table for a key with slot hash h (known absent). */
+static inline Py_ssize_t free_slot_for(NativeMap *m, u64 h) {
+    size_t n = (size_t)m->nslots, i = home(h, n);
+    while (m->slots[i] >= 0)
+        if (++i == n) i = 0;
+    return (Py_ssize_t)i;
+}
+
+/* Append a new entry (the key is known absent; `slot` from find_*). Object keys and values
+ * are increfed here. */
+static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObject *vobj) {
+    int moved = map_reserve(m);
+    if (moved < 0) return -1;
+    if (moved || slot < 0)
+        slot = free_slot_for(m, key->is_obj ? obj_slot_hash(key->hash) : mix_u64(key->k));
     Py_ssize_t ix = m->used++;
     u8 f = F_LIVE;
     if (key->is_obj) {
@@ -552,26 +723,18 @@ static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObjec
     }
     m->flags[ix] = f;
     if (f & (F_OKEY | F_OVAL)) m->objects++;
+    if (m->slots[slot] == SLOT_EMPTY) m->filled++;
     m->slots[slot] = (int32_t)ix;
     m->live++;
     m->version++;
+    if (m->old) migrate(m, MIGRATE_STEP);
     return 0;
 }
 
-/* The fast insert of the hot loops: int key known absent, int value. */
+/* The insert of the hot loops: int key known absent, int value. */
 static inline int map_append_int(NativeMap *m, u64 k, u64 v, Py_ssize_t slot) {
-    if (m->used >= m->capacity) {
-        mkey_t key = {0, k, NULL, 0};
-        return map_append(m, &key, slot, v, NULL);
-    }
-    Py_ssize_t ix = m->used++;
-    m->entries[ix].k = k;
-    m->entries[ix].v = v;
-    m->flags[ix] = F_LIVE;
-    m->slots[slot] = (int32_t)ix;
-    m->live++;
-    m->version++;
-    return 0;
+    mkey_t key = {0, k, NULL, 0};
+    return map_append(m, &key, slot, v, NULL);
 }
 
 /* Drop entry ix found at slot: its references go at the end (a decref may run Python). */
@@ -580,7 +743,7 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
     PyObject *kobj = (f & F_OKEY) ? (PyObject *)(uintptr_t)m->entries[ix].k : NULL;
     PyObject *vobj = (f & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
     m->flags[ix] = 0;
-    m->slots[slot] = SLOT_DUMMY;
+    *slot_ptr(m, slot) = SLOT_DUMMY;
     m->live--;
     if (kobj || vobj) m->objects--;
     m->version++;
@@ -589,7 +752,11 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
     }
     if (m->live == 0) { /* start over: no dead entries to skip or probe past */
         m->used = m->first = 0;
+        arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
+        m->old = NULL;
+        m->old_nslots = m->old_pos = 0;
         memset(m->slots, 0xff, (size_t)m->nslots * sizeof(int32_t));
+        m->filled = 0;
     }
     Py_XDECREF(kobj);
     Py_XDECREF(vobj);
@@ -625,23 +792,20 @@ static int map_setitem(NativeMap *m, PyObject *key, PyObject *value) {
     u64 v = 0;
     int r = as_u64(value, &v);
     if (r < 0) return -1;
-    if (slot < 0) { /* empty map: make room first */
-        if (map_rebuild(m, MIN_SLOTS / 3 * 2) < 0) return -1;
-        ix = find_key(m, &k, &slot);
-        if (ix == -2) return -1;
-    }
     return map_append(m, &k, slot, v, r == 1 ? NULL : value);
 }
 
 static void map_clear(NativeMap *m) {
     entry_t *entries = m->entries;
     u8 *flags = m->flags;
-    Py_ssize_t used = m->used, first = m->first, objects = m->objects;
-    PyMem_Free(m->slots);
+    Py_ssize_t used = m->used, first = m->first, objects = m->objects, ecap = m->ecap;
+    arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
+    arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
     m->entries = NULL;
     m->flags = NULL;
-    m->slots = NULL;
-    m->nslots = m->capacity = m->used = m->live = m->first = m->objects = 0;
+    m->slots = m->old = NULL;
+    m->ecap = m->nslots = m->filled = m->used = m->live = m->first = m->objects = 0;
+    m->old_nslots = m->old_pos = 0;
     m->version++;
     if (objects) {
         for (Py_ssize_t ix = first; ix < used; ix++) {
@@ -649,8 +813,8 @@ static void map_clear(NativeMap *m) {
             if (flags[ix] & F_OVAL) Py_DECREF((PyObject *)(uintptr_t)entries[ix].v);
         }
     }
-    PyMem_Free(entries);
-    PyMem_Free(flags);
+    (void)flags; /* in the same block as the entries */
+    arr_free(entries, (size_t)ecap * ENTRY_BYTES);
 }
 
 static PyObject *NativeMap_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -764,8 +928,8 @@ static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
 }
 
 static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
-    size_t n = sizeof(NativeMap) + (size_t)m->capacity * (sizeof(entry_t) + 1) +
-               (size_t)m->nslots * sizeof(int32_t);
+    size_t n = sizeof(NativeMap) + (size_t)m->ecap * ENTRY_BYTES +
+               (size_t)(m->nslots + m->old_nslots) * sizeof(int32_t);
     return PyLong_FromSize_t(n);
 }
 
@@ -1186,18 +1350,10 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
             if (refresh_plain(r) < 0) return -1;
             continue;
         }
-        if (slot < 0) {
-            if (map_rebuild(r->blocks, MIN_SLOTS / 3 * 2) < 0) return -1;
-            find_int(r->blocks, eh, &slot);
-        }
         if (map_append_int(r->blocks, eh, local, slot) < 0) return -1;
         NativeMap *hold = r->holders;
         ix = find_int(hold, local, &slot);
         if (ix < 0) {
-            if (slot < 0) {
-                if (map_rebuild(hold, MIN_SLOTS / 3 * 2) < 0) return -1;
-                find_int(hold, local, &slot);
-            }
             if (map_append_int(hold, local, r->bit, slot) < 0) return -1;
             new_hashes++;
         } else if (hold->flags[ix] & F_OVAL) {
@@ -1462,7 +1618,7 @@ static PyObject *py_evict_oldest(PyObject *mod, PyObject *const *args, Py_ssize_
         while (!blocks->flags[ix]) ix++;
         int okey = (blocks->flags[ix] & F_OKEY) != 0;
         u64 local = blocks->entries[ix].v;
-        Py_ssize_t slot;
+        Py_ssize_t slot = -1;
         if (okey || PyDict_GET_SIZE(dups)) {
             PyObject *ko = key_of(blocks, ix);
             if (ko == NULL) return NULL;

@@ -104,12 +104,12 @@ def match_size(
     _ended(alive, n, lengths)
 
     out: dict[str, MatchResult] = {}
+    chosen: dict[str, str] = {}  # engine -> the source its result is from
     for bit, blocks in lengths.items():
         if not blocks:
             continue
-        engine = by_bit[bit].engine
-        if engine in out and out[engine].blocks >= blocks:
-            continue  # another DP rank of this engine matched more
+        src = by_bit[bit]
+        engine = src.engine
         counts = nongpu_counts.get(bit) if nongpu_counts else None
         if counts:
             by_medium = dict(counts)
@@ -117,8 +117,17 @@ def match_size(
             if on_gpu:
                 by_medium[GPU] = on_gpu
         else:
+            on_gpu = blocks
             by_medium = {GPU: blocks}
+        best = out.get(engine)
+        if best is not None:
+            # Per engine the DP rank with the most blocks, then the most on GPU, then the
+            # lowest source id: an order that does not depend on how bits were handed out.
+            have = (best.blocks, best.by_medium.get(GPU, 0))
+            if have > (blocks, on_gpu) or (have == (blocks, on_gpu) and chosen[engine] < src.sid):
+                continue
         out[engine] = MatchResult(blocks, blocks * size, by_medium, 0, size)
+        chosen[engine] = src.sid
 
     if spec_by_engine:
         for engine, entries in spec_by_engine.items():

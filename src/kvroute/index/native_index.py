@@ -49,6 +49,9 @@ _WIDE = 1 << 64  # source bits from here on do not fit the native holder masks
 class NativePrefixIndex(PrefixIndex):
     """`PrefixIndex` with native block tables; see the module docstring."""
 
+    drain_min = 65_536  # a cleared source this big releases its blocks a slice per batch
+    drain_per_batch = 4096  # ... this many per applied batch (about 0.2 ms)
+
     def __init__(
         self,
         limits: IndexLimits | None = None,
@@ -57,6 +60,8 @@ class NativePrefixIndex(PrefixIndex):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(limits, counters=counters, clock=clock)
+        # Block maps of cleared sources still in the holder masks under their old bit.
+        self._draining: list[tuple[Any, int, str]] = []
         self._nh: Any = NativeMap()  # the holder map, typed as what it is
         self._hm.any = self._holders = self._nh
 
@@ -74,22 +79,25 @@ class NativePrefixIndex(PrefixIndex):
         return src.bit < _WIDE and not self._nh.objects()
 
     def apply(self, source: SourceId, batch: EventBatch) -> None:
+        if self._draining:
+            self._drain(self.drain_per_batch)
         src = self._sources.get(source)
         if src is None or not self._native_ok(src):
             super().apply(source, batch)
             return
         counters = self.counters
-        blocks = src.blocks
         holders = self._holders
-        before = len(blocks)
         cap = self.limits.max_blocks_per_source
         group0 = self._indexed_group
         spec = self._spec_by_engine.get(src.engine) or None
         events = batch.events
         total = len(events)
-        stored = removed = delta = 0
+        stored = removed = delta = grown = 0
         i = 0
         while i < total:
+            # A clear may hand the source a fresh block map and bit: read both again each time.
+            blocks = src.blocks
+            before = len(blocks)
             i, unhandled, s, r, new, gone = _apply_run(
                 self, src, blocks, holders, src.bit, events, i, cap, group0, spec
             )
@@ -98,16 +106,18 @@ class NativePrefixIndex(PrefixIndex):
             delta += new - gone
             if len(blocks) > cap:
                 self._evict(src, len(blocks) - cap + (cap >> 8))
+            grown += len(blocks) - before
             if not unhandled:
                 continue
             # The reference model's general branch of `PrefixIndex.apply`, for one event.
             ev = events[i]
             i += 1
+            before = len(src.blocks)
             if isinstance(ev, BlockStored):
                 if self._store(src, ev):
                     stored += 1
-                    if len(blocks) > cap:
-                        self._evict(src, len(blocks) - cap + (cap >> 8))
+                    if len(src.blocks) > cap:
+                        self._evict(src, len(src.blocks) - cap + (cap >> 8))
             elif type(ev) is BlockRemoved:
                 if self._remove(src, ev):
                     removed += 1
@@ -116,42 +126,74 @@ class NativePrefixIndex(PrefixIndex):
                 counters.applied[(source, _CLEARED)] += 1
             else:
                 counters.drop(source, DropReason.UNKNOWN_TAG)
+            grown += len(src.blocks) - before
         if delta:
             self._model_blocks[src.model] += delta
         if stored:
             counters.applied[(source, _STORED)] += stored
         if removed:
             counters.applied[(source, _REMOVED)] += removed
-        self._total += len(blocks) - before
+        self._total += grown
         if self._total > self.limits.max_blocks_total:
             self._enforce_total()
 
+    def _plain(self, src: SourceState) -> bool:
+        """Whether the C loops may take `src`: GPU only, no aliases, a bit under 64."""
+        return not (src.media or src.aliases) and src.bit < _WIDE and not self._nh.objects()
+
     def _clear_source(self, src: SourceState) -> None:
         blocks = src.blocks
-        if (
-            type(blocks) is NativeMap
-            and not (src.media or src.aliases)
-            and src.bit < _WIDE
-            and not self._nh.objects()
-        ):
+        if not self._plain(src):
+            super()._clear_source(src)
+            return
+        if len(blocks) < self.drain_min or (not self._free_bits and self._next_bit >= _WIDE):
             gone = _release_all(blocks, self._holders, src.bit)
             if gone:
                 self._model_blocks[src.model] -= gone
             blocks.clear()
-        super()._clear_source(src)  # the rest; its block loop finds nothing left
+            super()._clear_source(src)  # the rest; its block loop finds nothing left
+            return
+        # A big source: hand it a fresh map and a fresh bit now (O(1)) and take the old bit out
+        # of the holder masks a slice per batch (`_drain`). The old bit is in no partition any
+        # more, so `match` never counts it; it is reused only once drained.
+        src.blocks = NativeMap()
+        super()._clear_source(src)  # partitions, dups, aliases, media, with the old bit
+        old = src.bit
+        new = self._free_bits.pop() if self._free_bits else self._take_next_bit()
+        src.bit = new
+        del self._by_bit[old]
+        self._by_bit[new] = src
+        self._model_bits[src.model] = (self._model_bits[src.model] & ~old) | new
+        if src.stale:
+            self._stale_bits = (self._stale_bits & ~old) | new
+        self._draining.append((blocks, old, src.model))
+
+    def _take_next_bit(self) -> int:
+        bit = self._next_bit
+        self._next_bit <<= 1
+        return bit
+
+    def _drain(self, budget: int) -> None:
+        """Take up to `budget` blocks of cleared sources out of the holder masks."""
+        while self._draining and budget > 0:
+            blocks, bit, model = self._draining[0]
+            done, gone = _evict_oldest(blocks, self._holders, bit, budget, {})
+            budget -= done
+            if gone:
+                self._model_blocks[model] -= gone
+            if not blocks:
+                self._draining.pop(0)
+                self._free_bits.append(bit)
+
+    def blocks_by_model(self) -> dict[str, int]:
+        self._drain(1 << 62)  # exact counts: a scrape after a clear pays the rest of the drain
+        return super().blocks_by_model()
 
     def _evict(self, src: SourceState, n: int) -> None:
-        blocks = src.blocks
-        if (
-            type(blocks) is not NativeMap
-            or src.media
-            or src.aliases
-            or src.bit >= _WIDE
-            or self._nh.objects()
-        ):
+        if not self._plain(src):
             super()._evict(src, n)
             return
-        evicted, gone = _evict_oldest(blocks, self._holders, src.bit, max(n, 0), src.dups)
+        evicted, gone = _evict_oldest(src.blocks, self._holders, src.bit, max(n, 0), src.dups)
         if gone:
             self._model_blocks[src.model] -= gone
         if evicted:

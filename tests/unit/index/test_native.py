@@ -165,3 +165,26 @@ def test_implementation_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="KVROUTE_INDEX_IMPL=python"):
         resolve_impl("native")
     assert resolve_impl("auto") == "python"  # with one warning in the log
+
+
+def test_a_cleared_source_leaves_match_at_once_and_the_holder_masks_over_later_batches() -> None:
+    from kvroute.core import AllBlocksCleared, BlockStored, EventBatch, SourceId
+    from kvroute.index.native_index import NativePrefixIndex
+
+    index = NativePrefixIndex()
+    index.drain_min, index.drain_per_batch = 10, 7
+    a, b = SourceId("a/0"), SourceId("b/0")
+    index.add_source(a, engine="a", model="m")
+    index.add_source(b, engine="b", model="m")
+    tokens = list(range(4 * 40))
+    for source in (a, b):
+        index.apply(source, EventBatch(0.0, [BlockStored(list(range(1, 41)), None, tokens, 4)]))
+    bit_before = index._sources[a].bit
+    index.apply(a, EventBatch(0.0, [AllBlocksCleared()]))
+    assert index._draining  # the old bit is still in the holder masks ...
+    assert set(index.match("m", None, tokens)) == {"b"}  # ... but no longer counts
+    assert index.source_block_count(a) == 0 and index._sources[a].bit != bit_before
+    index.apply(a, EventBatch(0.0, [BlockStored([1], None, tokens[:4], 4)]))  # a slice drained
+    assert index.match("m", None, tokens)["a"].blocks == 1
+    assert index.blocks_by_model() == {"m": 40}  # drains the rest: exact counts
+    assert not index._draining and bit_before in index._free_bits

@@ -109,7 +109,11 @@ class Reference:
                 media[medium] = media.get(medium, 0) + 1
                 n += 1
             engine = _engine(source)
-            if n and (engine not in out or out[engine][0] < n):
+            # Per engine: the most blocks, then the most on GPU, then the first source.
+            if n and (
+                engine not in out
+                or (out[engine][0], out[engine][1].get("GPU", 0)) < (n, media.get("GPU", 0))
+            ):
                 out[engine] = (n, media)
         return out
 
