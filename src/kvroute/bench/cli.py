@@ -23,6 +23,7 @@ _ALIASES = {
     "match": ("kvroute.bench.index_bench", "run_match"),
     "apply": ("kvroute.bench.index_bench", "run_apply"),
     "memory": ("kvroute.bench.index_bench", "run_memory"),
+    "stalls": ("kvroute.bench.index_bench", "run_stalls"),
 }
 
 
@@ -33,7 +34,8 @@ def register(sub: Any) -> None:
     bench.add_argument(
         "which",
         choices=[*_BENCHES, *_ALIASES, "all"],
-        help="decode | index (apply+memory+match) | apply | memory | match | ingest | all",
+        help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
+        "ingest | all",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
