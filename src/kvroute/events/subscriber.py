@@ -29,12 +29,13 @@ __all__ = ["SubscriberManager"]
 
 log = logging.getLogger("kvroute.events.subscriber")
 
-# Messages handled per wake-up before going back to the poller, so one busy source cannot
+# Messages handled per wake-up before yielding to the event loop, so one busy source cannot
 # starve the other sources or the gateway sharing the loop.
 _MAX_DRAIN: Final = 128
 # Live messages the SUB socket may queue while we replay (ZMQ drops beyond it: a later gap).
 _SUB_RCVHWM: Final = 100_000
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag per call
 
 
 class _Shared:
@@ -49,7 +50,19 @@ class _Shared:
 
 
 class _SourceTask:
-    """The sockets of one source and the task that feeds what they receive to its tracker."""
+    """The sockets of one source and the task that feeds what they receive to its tracker.
+
+    The task waits on the two sockets' file descriptors (`loop.add_reader`, registered once) and
+    one timer for the tracker's next deadline, then drains with non-blocking receives, one
+    `recv` per frame: no poller, futures or reader registration per wake-up
+    (docs/notes/issue-12-profile.md, "The per-message path, cut").
+
+    ZeroMQ's descriptors are edge-like: one becomes readable when its socket's state changed and
+    stays so until the socket is next used, whether or not a message is left. So a socket marked
+    ready is drained until EAGAIN (only then does the descriptor speak for it again), and a
+    descriptor that fires while nobody waits (the task is inside a replay) is unregistered until
+    the next wait, so the loop does not spin on it.
+    """
 
     def __init__(self, tracker: SourceTracker, shared: _Shared) -> None:
         self.tracker = tracker
@@ -57,6 +70,14 @@ class _SourceTask:
         self.shared = shared
         self.sockets: tuple[zmq.asyncio.Socket, zmq.asyncio.Socket] | None = None
         self.added_at = time.monotonic()
+        # Set by the descriptor callbacks, cleared once drained to EAGAIN.
+        self._sub_ready = True
+        self._monitor_ready = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fds: tuple[int, int] | None = None  # (SUB, monitor) while registered
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when `_timer` fires, on the tracker's (monotonic) clock
 
     def open(self) -> None:
         """Create and connect the SUB socket and its monitor; a bad endpoint raises ConfigError."""
@@ -91,26 +112,26 @@ class _SourceTask:
         sub.close(linger=0)
 
     async def run(self) -> None:
-        """Wait for readability or the tracker's next timer; drain, hand over, run replays."""
+        """Wait for a readable socket or the tracker's next timer; drain, hand over, run replays."""
         assert self.sockets is not None, "open() first"
         sub, monitor = self.sockets
         tracker = self.tracker
+        self._loop = loop = asyncio.get_running_loop()
         try:
+            # Plain (blocking-API) views of the same sockets: their calls return at once.
             raw: zmq.Socket[Any] = zmq.Socket.shadow(sub.underlying)
-            poller = zmq.asyncio.Poller()
-            poller.register(sub, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
+            raw_monitor: zmq.Socket[Any] = zmq.Socket.shadow(monitor.underlying)
+            fds = (_fd(raw), _fd(raw_monitor))
+            loop.add_reader(fds[0], self._on_sub)
+            loop.add_reader(fds[1], self._on_monitor)
+            self._fds = fds
             while True:
-                deadline = tracker.next_deadline()
-                timeout_ms = None
-                if deadline is not None:
-                    timeout_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
-                ready = dict(await poller.poll(timeout_ms))
                 try:
-                    if monitor in ready:
-                        await self._drain_monitor(monitor, raw)
-                    if sub in ready:
-                        await self._drain(raw)
+                    if self._monitor_ready:
+                        self._monitor_ready = False
+                        await self._drain_monitor(raw_monitor, raw)
+                    if self._sub_ready:
+                        self._sub_ready = await self._drain(raw)
                     await self._replays(tracker.tick())
                 except Exception:
                     # A bug or an input we did not foresee must not end this source's task
@@ -119,14 +140,79 @@ class _SourceTask:
                         "subscriber %s: unexpected error; resetting the source", self.spec.source
                     )
                     tracker.reset(ResetCause.RESYNC)
+                if self._sub_ready or self._monitor_ready:
+                    await asyncio.sleep(0)  # more may be queued: let the others run first
+                else:
+                    await self._wait(tracker.next_deadline(), fds)
         finally:
+            self._unregister()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.sockets = None
             self._close(sub, monitor)
 
-    async def _drain_monitor(self, monitor: zmq.asyncio.Socket, raw: zmq.Socket[Any]) -> None:
+    # --- waiting ----------------------------------------------------------------------------
+
+    async def _wait(self, deadline: float | None, fds: tuple[int, int]) -> None:
+        """Until a descriptor fires or `deadline` (tracker clock) passes."""
+        loop = self._loop
+        assert loop is not None
+        if self._fds is None:  # unregistered while nobody waited
+            loop.add_reader(fds[0], self._on_sub)
+            loop.add_reader(fds[1], self._on_monitor)
+            self._fds = fds
+        if deadline is not None:
+            at = deadline + 0.001  # past the deadline, so `tick` finds it due
+            timer = self._timer
+            # One timer, rescheduled only to fire earlier: firing early costs one empty pass
+            # (the tail-check deadline moves later with every batch).
+            if timer is None or self._timer_at > at:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_later(max(0.0, at - time.monotonic()), self._on_timer)
+                self._timer_at = at
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_sub(self) -> None:
+        self._sub_ready = True
+        self._wake()
+
+    def _on_monitor(self) -> None:
+        self._monitor_ready = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            # The task is busy (a replay): the descriptor stays readable until its socket is
+            # drained, so stop the loop from calling back until the next wait.
+            self._unregister()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _unregister(self) -> None:
+        fds, self._fds = self._fds, None
+        if fds is not None and self._loop is not None:
+            self._loop.remove_reader(fds[0])
+            self._loop.remove_reader(fds[1])
+
+    # --- draining ---------------------------------------------------------------------------
+
+    async def _drain_monitor(self, monitor: zmq.Socket[Any], raw: zmq.Socket[Any]) -> None:
         while True:
             try:
-                frames = await monitor.recv_multipart(zmq.NOBLOCK)
+                frames = monitor.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             event = parse_monitor_message(frames)["event"]
@@ -135,23 +221,42 @@ class _SourceTask:
                 # Whatever is still queued came from the engine we just lost.
                 with contextlib.suppress(zmq.ZMQError):
                     while True:
-                        raw.recv_multipart(zmq.NOBLOCK)
+                        raw.recv_multipart(_NOBLOCK)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 await self._replays(self.tracker.on_connect())
 
-    async def _drain(self, raw: zmq.Socket[Any]) -> None:
-        on_live = self.tracker.on_live
+    async def _drain(self, raw: zmq.Socket[Any]) -> bool:
+        """Hand up to `_MAX_DRAIN` live messages to the tracker; False once the socket is empty.
+
+        One `recv(copy=False)` per frame: the frame says whether another part follows, where
+        `recv_multipart` asks the socket (a getsockopt through an enum) after every part. The
+        parts of a message arrive together, so only the first `recv` can find nothing.
+        """
+        recv = raw.recv
+        tracker = self.tracker
+        on_live = tracker.on_live
         for _ in range(_MAX_DRAIN):
             try:
-                frames = raw.recv_multipart(zmq.NOBLOCK)
+                topic = recv(_NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            if len(frames) != 3 or len(frames[1]) != 8:
-                self.tracker.on_bad_frames()
+                return False
+            if not topic.more:
+                tracker.on_bad_frames()  # one frame
                 continue
-            request = on_live(int.from_bytes(frames[1], "big"), frames[2])
+            seq = recv(_NOBLOCK, copy=False)
+            if not seq.more:
+                tracker.on_bad_frames()  # two frames
+                continue
+            payload = recv(_NOBLOCK, copy=False)
+            if payload.more or len(seq) != 8:
+                while payload.more:  # four or more frames: skip to the next message
+                    payload = recv(_NOBLOCK, copy=False)
+                tracker.on_bad_frames()
+                continue
+            request = on_live(int.from_bytes(seq.bytes, "big"), payload.bytes)
             if request is not None:
                 await self._replays(request)
+        return True
 
     async def _replays(self, request: ReplayRequest | None) -> None:
         """Run the tracker's replay requests until it asks for no more."""
@@ -268,6 +373,13 @@ class SubscriberManager:
                 await task
         if self._own_context:
             self._context.destroy(linger=0)
+
+
+def _fd(sock: zmq.Socket[Any]) -> int:
+    """The file descriptor ZeroMQ signals on when `sock` may have something to read."""
+    fd = sock.get(zmq.FD)
+    assert isinstance(fd, int)
+    return fd
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

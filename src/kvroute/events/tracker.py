@@ -78,6 +78,8 @@ class SourceTracker:
         self._src: str = spec.source
         self._index = index
         self._counters = counters
+        self._batches = counters.batches  # the one counter of every batch, without a lookup
+        self._rank = spec.rank
         self._timings = timings
         self._clock = clock
         self._has_replay = spec.replay_endpoint is not None
@@ -139,8 +141,10 @@ class SourceTracker:
 
     def next_deadline(self) -> float | None:
         """When `tick` has work next (clock time), or None."""
-        deadlines = [t for t in (self._retry_at, self._tail_due()) if t is not None]
-        return min(deadlines) if deadlines else None
+        retry_at, tail = self._retry_at, self._tail_due()
+        if retry_at is None:
+            return tail
+        return retry_at if tail is None or retry_at < tail else tail
 
     def _update_stale(self) -> None:
         now_stale = self.stale
@@ -208,19 +212,27 @@ class SourceTracker:
     # --- applying batches -------------------------------------------------------------------
 
     def _apply(self, seq: int, payload: bytes) -> None:
-        """Decode and apply the batch that follows `last` (or is the new base)."""
-        self._counters.batches[self._src] += 1
+        """Decode and apply the batch that follows `last` (or is the new base).
+
+        The path of every live message: `_decode`'s common case is inlined, and the counters are
+        plain ints (no per-batch Prometheus call; metrics.py reads them at scrape time).
+        """
+        self._batches[self._src] += 1
         self.last = seq
         self._last_batch_t = self._clock()
-        batch = self._decode(payload)
-        if batch is None:
+        try:
+            batch = self._decoder.decode(payload)
+        except WireError:
             # The seq is consumed; a replay would repeat the same bytes, so only a reset or an
             # AllBlocksCleared can make this source consistent again.
+            self._counters.drop(self._src, DropReason.MALFORMED)
             self._malformed_stale = True
             self._update_stale()
             return
+        if batch.skipped_events or batch.unsupported_events:
+            self._count_skipped(batch)
         rank = batch.data_parallel_rank
-        if rank is not None and rank != self.spec.rank:
+        if rank is not None and rank != self._rank:
             self._counters.rank_mismatches[self._src] += 1
         self._index.apply(self.source, batch)
         if AllBlocksCleared in map(type, batch.events):
@@ -229,19 +241,23 @@ class SourceTracker:
     def _decode(self, payload: bytes) -> EventBatch | None:
         """The batch, None if it cannot be decoded; malformed batches, event kinds the decoder
         skipped and stores it could not reproduce are counted (pinned by
-        tests/e2e/gateway/test_metric_labels.py)."""
+        tests/e2e/gateway/test_metric_labels.py). `_apply` inlines it."""
         try:
             batch = self._decoder.decode(payload)
         except WireError:
             self._counters.drop(self._src, DropReason.MALFORMED)
             return None
+        if batch.skipped_events or batch.unsupported_events:
+            self._count_skipped(batch)
+        return batch
+
+    def _count_skipped(self, batch: EventBatch) -> None:
         if batch.skipped_events:
             self._counters.drop(self._src, DropReason.UNKNOWN_TAG, batch.skipped_events)
         if batch.unsupported_events:
             self._counters.drop(
                 self._src, DropReason.UNSUPPORTED_EXTRA_KEYS, batch.unsupported_events
             )
-        return batch
 
     def _cleared(self) -> None:
         """The engine dropped its whole cache: counted as a reset; it ends malformed staleness

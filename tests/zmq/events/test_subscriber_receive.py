@@ -1,0 +1,114 @@
+"""The subscriber's receive loop over real sockets: frame by frame receives that never lose the
+message boundary, and descriptor wake-ups that do not spin while a replay is outstanding."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zmq.asyncio
+
+from kvroute.core import SourceSpec, source_id
+from kvroute.events import encode_batch
+from tests.event_harness import MODEL, ScriptedReplay, make_stack, until
+from tests.event_streams import EngineStream
+
+
+async def test_messages_of_every_wrong_frame_count_are_counted_and_skipped_whole(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    stack = make_stack(ctx)
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    source = source_id("frames", 0)
+    stream = EngineStream(11)
+
+    def message(seq: int) -> list[bytes]:
+        return [b"kv", seq.to_bytes(8, "big"), encode_batch(stream.batch(), "0.33.0")]
+
+    try:
+        await stack.manager.add_source(
+            SourceSpec(engine="frames", model=MODEL, endpoint=endpoint, topic="kv")
+        )
+        seq = 0
+        while True:  # slow joiner, no replay: publish until seen
+            await pub.send_multipart(message(seq))
+            if await stack.applied(source, seq, timeout_s=0.2):
+                break
+            seq += 1
+        good = message(seq + 1)
+        bad = [
+            [b"kv"],  # one frame
+            [b"kv", (seq + 1).to_bytes(8, "big")],  # two frames
+            [*good, b"extra"],  # four frames: its parts must not start the next message
+            [*good, b"extra", b"more", b"and more"],  # six frames
+            [b"kv", b"\x00" * 7, good[2]],  # a 7-byte seq
+        ]
+        for frames in bad:
+            await pub.send_multipart(frames)
+        await pub.send_multipart(good)
+        await pub.send_multipart(message(seq + 2))
+        assert await stack.applied(source, seq + 2)
+        assert stack.sample(
+            "kvroute_events_dropped_total", source=source, reason="malformed"
+        ) == len(bad)
+        status = stack.status(source)
+        assert not status.stale and status.last_seq == seq + 2
+        assert stack.sample("kvroute_seq_gaps_total", source=source) == 0
+    finally:
+        pub.close(linger=0)
+        await stack.manager.close()
+
+
+async def test_a_source_waiting_on_its_replay_does_not_spin_the_loop(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    """While a source waits for a replay, its SUB socket's descriptor may turn readable (the
+    connection's pipe, live messages); nobody drains it until the replay ends, so the loop must
+    not call back on it over and over meanwhile."""
+    stack = make_stack(ctx, replay_timeout_s=1.0)
+    replay = ScriptedReplay(ctx)
+    replay.bootstrap_gate = asyncio.Event()  # never opened: the bootstrap times out
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    source = source_id("waiting", 0)
+    stream = EngineStream(12)
+    try:
+        await stack.manager.add_source(
+            SourceSpec(
+                engine="waiting",
+                model=MODEL,
+                endpoint=endpoint,
+                replay_endpoint=replay.endpoint,
+                topic="kv",
+            )
+        )
+        assert await until(lambda: replay.starts == [0])  # the bootstrap is outstanding
+        loop = asyncio.get_running_loop()
+        cpu0, wall0 = time.thread_time(), loop.time()
+        for seq in range(20):
+            payload = encode_batch(stream.batch(), "0.33.0")
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), payload])
+        assert await until(
+            lambda: stack.sample("kvroute_replays_total", source=source, outcome="timeout") >= 1
+        )
+        cpu, wall = time.thread_time() - cpu0, loop.time() - wall0
+        # A spinning loop burns most of the wait; a waiting one a few milliseconds.
+        assert wall >= 0.5
+        assert cpu < 0.3 * wall, (cpu, wall)
+        # Afterwards the live stream is taken as it comes (the bootstrap found nothing).
+        seq = 20
+        while True:
+            payload = encode_batch(stream.batch(), "0.33.0")
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), payload])
+            if await stack.applied(source, seq, timeout_s=0.2):
+                break
+            seq += 1
+    finally:
+        pub.close(linger=0)
+        await stack.manager.close()
+        await replay.close()
