@@ -85,6 +85,8 @@ class _StateCollector(Collector):
     def __init__(self) -> None:
         self.sources: Callable[[], Iterable[SourceStatus]] | None = None
         self.index_blocks: Callable[[], Mapping[str, int]] | None = None
+        self.index_memory: Callable[[], Mapping[str, int]] | None = None
+        self.index_impl = ""
         self.engines: Callable[[], Iterable[tuple[str, bool]]] | None = None
         self.fleet_reloads: Mapping[str, int] | None = None
         self.discovery_errors: Mapping[str, int] | None = None
@@ -118,6 +120,32 @@ class _StateCollector(Collector):
             for model, n in self.index_blocks().items():
                 blocks.add_metric([model], float(n))
             yield blocks
+        if self.index_memory is not None:
+            mem = self.index_memory()
+            size = GaugeMetricFamily(
+                "kvroute_index_bytes",
+                "Index memory: accounted (entries x the implementation's measured cost per "
+                "entry, what the budget bounds) and allocated (native tables; 0 in Python).",
+                labels=["kind"],
+            )
+            size.add_metric(["accounted"], float(mem["accounted"]))
+            size.add_metric(["allocated"], float(mem["allocated"]))
+            yield size
+            yield GaugeMetricFamily(
+                "kvroute_index_budget_bytes",
+                "The index's memory budget (max_index_bytes).",
+                value=float(mem["budget"]),
+            )
+            yield GaugeMetricFamily(
+                "kvroute_index_entries",
+                "(block, source) entries held, over all sources.",
+                value=float(mem["entries"]),
+            )
+            info = GaugeMetricFamily(
+                "kvroute_index_info", "1, labelled with the index implementation.", labels=["impl"]
+            )
+            info.add_metric([self.index_impl], 1.0)
+            yield info
         if self.engines is not None:
             healthy = GaugeMetricFamily(
                 "kvroute_engine_healthy",
@@ -202,9 +230,18 @@ class Metrics:
         """Export each source's staleness, stale time and last seq from `sources()`."""
         self._state.sources = sources
 
-    def watch_index(self, blocks_by_model: Callable[[], Mapping[str, int]]) -> None:
-        """Export `kvroute_index_blocks{model}` from `blocks_by_model()`."""
+    def watch_index(
+        self,
+        blocks_by_model: Callable[[], Mapping[str, int]],
+        memory: Callable[[], Mapping[str, int]] | None = None,
+        impl: str = "",
+    ) -> None:
+        """Export `kvroute_index_blocks{model}` from `blocks_by_model()` and, given `memory`
+        (`PrefixIndex.memory`), `kvroute_index_bytes{kind}`, `kvroute_index_budget_bytes`,
+        `kvroute_index_entries` and `kvroute_index_info{impl}`."""
         self._state.index_blocks = blocks_by_model
+        self._state.index_memory = memory
+        self._state.index_impl = impl
 
     def watch_fleet(
         self, engines: Callable[[], Iterable[tuple[str, bool]]], reloads: Mapping[str, int]

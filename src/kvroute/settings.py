@@ -111,15 +111,21 @@ class Settings(BaseSettings):
         "auto",
         description="Index implementation: native (compiled core), python (reference), auto.",
     )
+    max_index_bytes: int = Field(
+        _LIMITS.max_index_bytes,
+        ge=1 << 20,
+        description="Memory budget of the index; least recently stored blocks of the largest "
+        "source dropped beyond.",
+    )
     max_blocks_per_source: int = Field(
         _LIMITS.max_blocks_per_source,
-        gt=0,
-        description="Blocks kept per engine source; oldest dropped beyond.",
+        ge=0,
+        description="Optional cap on blocks per engine source (0: none, the budget rules).",
     )
     max_blocks_total: int = Field(
         _LIMITS.max_blocks_total,
-        gt=0,
-        description="Blocks kept over all sources; oldest dropped beyond.",
+        ge=0,
+        description="Optional cap on blocks over all sources (0: none, the budget rules).",
     )
     indexed_group: int = Field(
         _LIMITS.indexed_group,

@@ -55,6 +55,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
     if settings.kv_event_sync_enabled:
         index = create_index(
             IndexLimits(
+                max_index_bytes=settings.max_index_bytes,
                 max_blocks_per_source=settings.max_blocks_per_source,
                 max_blocks_total=settings.max_blocks_total,
                 indexed_group=settings.indexed_group,
@@ -71,7 +72,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
             retry_backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
             tail_check_s=settings.tail_check_s,
         )
-        metrics.watch_index(index.blocks_by_model)
+        metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
     elif policy_name is PolicyName.KV_AWARE:
         log.warning(

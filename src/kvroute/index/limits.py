@@ -9,11 +9,15 @@ __all__ = ["IndexLimits"]
 
 @dataclass(frozen=True)
 class IndexLimits:
-    """Bounds of the index. Beyond a cap the least recently stored blocks are dropped (counted
-    `over_limit`), a little below the cap (1/256 of it) so eviction scans stay amortised O(1)."""
+    """Bounds of the index. The index holds at most `max_index_bytes`, counting each (block,
+    source) entry at its implementation's measured cost (`PrefixIndex.entry_bytes`); beyond it,
+    or beyond an optional block cap (0: none), the least recently stored blocks of the largest
+    source are dropped (counted `over_limit`), a little below the bound (1/256 of it) so
+    eviction stays amortised O(1). Largest first keeps it fair: no source starves another."""
 
-    max_blocks_per_source: int = 1_000_000
-    max_blocks_total: int = 8_000_000
+    max_index_bytes: int = 1 << 30
+    max_blocks_per_source: int = 0
+    max_blocks_total: int = 0
     indexed_group: int = 0  # the KV-cache group indexed; events of group None count as it
     speculative_ttl_s: float = 2.0
     max_speculative_per_engine: int = 65_536

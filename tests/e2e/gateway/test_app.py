@@ -295,6 +295,12 @@ async def test_models_health_readiness_and_metrics(stack: Stack) -> None:
     assert 'kvroute_tokenize_seconds_count{mode="remote"}' in text
     assert "kvroute_events_applied_total" in text
     assert 'kvroute_engine_healthy{engine="engine-0"} 1.0' in text
+    # The index's memory: the budget, what counts against it, and which implementation runs.
+    assert "kvroute_index_budget_bytes 1.073741824e+09" in text
+    assert 'kvroute_index_bytes{kind="accounted"}' in text
+    assert 'kvroute_index_bytes{kind="allocated"}' in text
+    assert "kvroute_index_entries " in text
+    assert 'kvroute_index_info{impl="' in text
 
 
 async def test_a_repeated_request_is_tokenized_from_the_cache_and_timed_as_cache(

@@ -486,6 +486,31 @@ def test_global_cap_evicts_from_the_largest_source() -> None:
     assert index.match(MODEL, None, other)["b"].blocks == 2
 
 
+def test_the_byte_budget_bounds_entries_at_the_implementations_cost() -> None:
+    probe = make_index()
+    per_entry = type(probe).entry_bytes
+    index = make_index(A0, B0, max_index_bytes=per_entry * 5)
+    other = list(range(64))
+    index.apply(A0, batch(stored(TOKENS, 16)))
+    index.apply(B0, batch(stored(other, 16, 0, 2)))
+    # Six entries do not fit five entries' bytes: the largest source gives up its oldest block.
+    assert dropped(index, A0, DropReason.OVER_LIMIT) == 1
+    assert (index.source_block_count(A0), index.source_block_count(B0)) == (3, 2)
+    assert index.match(MODEL, None, other)["b"].blocks == 2
+    memory = index.memory()
+    assert memory["budget"] == per_entry * 5
+    assert memory["entries"] == 5 and memory["accounted"] == 5 * per_entry
+    assert memory["capacity"] == 5
+
+
+def test_the_default_budget_holds_millions_of_blocks_with_no_per_source_cap() -> None:
+    # The ingest comparison's workload holds 1.75 M blocks of one engine (issue 12): the
+    # defaults must keep all of them, whichever implementation runs.
+    index = make_index()
+    assert index.memory()["capacity"] >= 4_000_000
+    assert index._block_cap >= 1 << 40
+
+
 def test_eviction_keeps_counts_consistent_after_clear_and_reset() -> None:
     index = make_index(A0, B0, max_blocks_total=6)
     for i in range(5):
