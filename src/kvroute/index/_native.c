@@ -258,10 +258,25 @@ static inline int as_u64(PyObject *o, u64 *out) {
         *out = 0;
         return 1;
     }
+#if PyLong_SHIFT == 30
+    /* Engine hashes are random u64s: two or three 30-bit digits, read here directly. */
+    if (size <= 3) {
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        u64 v = (u64)d[0];
+        if (size >= 2) v |= (u64)d[1] << 30;
+        if (size == 3) {
+            if (d[2] >> 4) return 0; /* 2**64 or more */
+            v |= (u64)d[2] << 60;
+        }
+        *out = v;
+        return 1;
+    }
+#else
     if (size == 1) {
         *out = (u64)((PyLongObject *)o)->ob_digit[0];
         return 1;
     }
+#endif
 #endif
     if (_PyLong_Sign(o) < 0) return 0;
     unsigned long long v = PyLong_AsUnsignedLongLong(o);
@@ -1179,8 +1194,11 @@ static PyObject *py_xxh3_64(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 static PyTypeObject *g_stored_type, *g_removed_type;
 static Py_ssize_t off_hashes, off_parent, off_tokens, off_bsize, off_lora, off_medium, off_group,
     off_salt, off_r_hashes, off_r_medium, off_r_group;
-static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm,
-    *s_last_size, *s_last_lora, *s_seeds, *s_dups, *s_aliases, *s_media;
+/* ... and the index's per-source state (index/holders.py SourceState, __slots__). */
+static PyTypeObject *g_state_type;
+static Py_ssize_t off_s_last_size, off_s_last_lora, off_s_seeds, off_s_dups, off_s_aliases,
+    off_s_media;
+static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm;
 
 static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
     PyObject *descr = PyObject_GetAttrString((PyObject *)tp, name);
@@ -1196,10 +1214,19 @@ static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
 #define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 static PyObject *py_configure(PyObject *mod, PyObject *args) {
-    PyObject *stored, *removed, *err;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyType_Type, &stored, &PyType_Type, &removed, &err))
+    PyObject *stored, *removed, *err, *state;
+    if (!PyArg_ParseTuple(args, "O!O!OO!", &PyType_Type, &stored, &PyType_Type, &removed, &err,
+                          &PyType_Type, &state))
         return NULL;
     PyTypeObject *st = (PyTypeObject *)stored, *rt = (PyTypeObject *)removed;
+    PyTypeObject *ss = (PyTypeObject *)state;
+    if (member_offset(ss, "last_size", &off_s_last_size) < 0 ||
+        member_offset(ss, "last_lora", &off_s_last_lora) < 0 ||
+        member_offset(ss, "seeds", &off_s_seeds) < 0 ||
+        member_offset(ss, "dups", &off_s_dups) < 0 ||
+        member_offset(ss, "aliases", &off_s_aliases) < 0 ||
+        member_offset(ss, "media", &off_s_media) < 0)
+        return NULL;
     if (member_offset(st, "block_hashes", &off_hashes) < 0 ||
         member_offset(st, "parent_block_hash", &off_parent) < 0 ||
         member_offset(st, "token_ids", &off_tokens) < 0 ||
@@ -1218,6 +1245,8 @@ static PyObject *py_configure(PyObject *mod, PyObject *args) {
     Py_XSETREF(g_stored_type, st);
     Py_XSETREF(g_removed_type, rt);
     Py_XSETREF(g_index_error, err);
+    Py_INCREF(state);
+    Py_XSETREF(g_state_type, ss);
     Py_RETURN_NONE;
 }
 
@@ -1257,14 +1286,6 @@ static int all_u64(PyObject *list) {
     return 1;
 }
 
-static Py_ssize_t attr_len(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    Py_ssize_t n = PyObject_Length(v);
-    Py_DECREF(v);
-    return n;
-}
-
 /* Per call state of apply_run, read from the source (SourceState) at the start. */
 typedef struct {
     PyObject *index, *src, *hm, *dups; /* dups: borrowed from src */
@@ -1274,10 +1295,19 @@ typedef struct {
 } run_t;
 
 static int refresh_plain(run_t *r) {
-    Py_ssize_t a = attr_len(r->src, s_aliases), md = a < 0 ? -1 : attr_len(r->src, s_media);
-    if (md < 0) return -1;
-    r->plain = a == 0 && md == 0;
+    PyObject *aliases = FIELD(r->src, off_s_aliases), *media = FIELD(r->src, off_s_media);
+    if (!aliases || !media || !PyDict_Check(aliases) || !PyAnySet_Check(media)) {
+        PyErr_SetString(PyExc_TypeError, "apply_run: bad source state (aliases, media)");
+        return -1;
+    }
+    r->plain = PyDict_GET_SIZE(aliases) == 0 && PySet_GET_SIZE(media) == 0;
     return 0;
+}
+
+/* The index's Holders (`_hm`), fetched on the first slow-path call that needs it. */
+static PyObject *get_hm(run_t *r) {
+    if (r->hm == NULL) r->hm = PyObject_GetAttr(r->index, s_hm);
+    return r->hm;
 }
 
 /* Drop `bit` from holders[local]; 1 if the hash is now held by nobody, -1 on error. */
@@ -1363,8 +1393,8 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
             hold->entries[ix].v |= r->bit;
         } else { /* held already under another key or in another medium */
             PyObject *lo = PyLong_FromUnsignedLongLong(local);
-            PyObject *res = lo ? call_method_long(r->hm, s_hold_again, r->src, lo, NULL, NULL)
-                               : NULL;
+            PyObject *hm = lo ? get_hm(r) : NULL;
+            PyObject *res = hm ? call_method_long(hm, s_hold_again, r->src, lo, NULL, NULL) : NULL;
             Py_XDECREF(lo);
             if (res == NULL) return -1;
             Py_DECREF(res);
@@ -1419,8 +1449,9 @@ static int remove_blocks(run_t *r, PyObject *hashes, long *gone) {
             *gone += g;
         } else {
             PyObject *lo = PyLong_FromUnsignedLongLong(local);
+            PyObject *hm = lo ? get_hm(r) : NULL;
             PyObject *res =
-                lo ? PyObject_CallMethodObjArgs(r->hm, s_release, r->src, s_gpu, lo, NULL) : NULL;
+                hm ? PyObject_CallMethodObjArgs(hm, s_release, r->src, s_gpu, lo, NULL) : NULL;
             Py_XDECREF(lo);
             if (res == NULL) return -1;
             Py_DECREF(res);
@@ -1470,12 +1501,21 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
     sc.heap = NULL;
     long stored = 0, removed = 0, new_hashes = 0, gone = 0;
     int unhandled = 0;
-    r.hm = PyObject_GetAttr(r.index, s_hm);
-    last_size_obj = PyObject_GetAttr(r.src, s_last_size);
-    last_lora = PyObject_GetAttr(r.src, s_last_lora);
-    seeds = PyObject_GetAttr(r.src, s_seeds);
-    dups = PyObject_GetAttr(r.src, s_dups);
-    if (!r.hm || !last_size_obj || !last_lora || !seeds || !dups || !PyDict_CheckExact(seeds) ||
+    r.hm = NULL;
+    if (!PyObject_TypeCheck(r.src, g_state_type)) {
+        PyErr_SetString(PyExc_TypeError, "apply_run: src must be a SourceState");
+        return NULL;
+    }
+    /* Borrowed from the source's slots, held for the call (a callback may rebind them). */
+    last_size_obj = FIELD(r.src, off_s_last_size);
+    last_lora = FIELD(r.src, off_s_last_lora);
+    seeds = FIELD(r.src, off_s_seeds);
+    dups = FIELD(r.src, off_s_dups);
+    Py_XINCREF(last_size_obj);
+    Py_XINCREF(last_lora);
+    Py_XINCREF(seeds);
+    Py_XINCREF(dups);
+    if (!last_size_obj || !last_lora || !seeds || !dups || !PyDict_CheckExact(seeds) ||
         !PyDict_CheckExact(dups)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "apply_run: bad source state");
         goto done;
@@ -1736,7 +1776,7 @@ static PyMethodDef module_methods[] = {
     {"chain_hashes", (PyCFunction)(void (*)(void))py_chain_hashes, METH_FASTCALL,
      "chain_hashes(parent, token_ids, block_size) -> list[int] (index/hashing.py)."},
     {"configure", py_configure, METH_VARARGS,
-     "configure(BlockStored, BlockRemoved, IndexStateError): the event classes read."},
+     "configure(BlockStored, BlockRemoved, IndexStateError, SourceState): the classes read."},
     {"apply_run", (PyCFunction)(void (*)(void))py_apply_run, METH_FASTCALL, NULL},
     {"release_all", (PyCFunction)(void (*)(void))py_release_all, METH_FASTCALL, NULL},
     {"evict_oldest", (PyCFunction)(void (*)(void))py_evict_oldest, METH_FASTCALL, NULL},
@@ -1758,10 +1798,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&NativeMapType) < 0 || PyType_Ready(&MapIterType) < 0) return NULL;
     if (intern(&s_gpu, "GPU") || intern(&s_store_again, "_store_again_gpu") ||
         intern(&s_hold_again, "hold_again_gpu") || intern(&s_release, "release") ||
-        intern(&s_unknown_block, "_unknown_block") || intern(&s_hm, "_hm") ||
-        intern(&s_last_size, "last_size") || intern(&s_last_lora, "last_lora") ||
-        intern(&s_seeds, "seeds") || intern(&s_dups, "dups") || intern(&s_aliases, "aliases") ||
-        intern(&s_media, "media"))
+        intern(&s_unknown_block, "_unknown_block") || intern(&s_hm, "_hm"))
         return NULL;
     /* A per-process seed for slot hashing: not secret from the process, unknown to engines. */
     PyObject *os = PyImport_ImportModule("os");

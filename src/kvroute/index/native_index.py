@@ -38,7 +38,7 @@ _apply_run = _native.apply_run
 _release_all = _native.release_all
 _evict_oldest = _native.evict_oldest
 _match_walk = _native.match_walk
-_native.configure(BlockStored, BlockRemoved, IndexStateError)
+_native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState)
 
 _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
@@ -86,14 +86,15 @@ class NativePrefixIndex(PrefixIndex):
         if self._draining:
             self._drain(self.drain_per_batch)
         src = self._sources.get(source)
-        if src is None or not self._native_ok(src):
+        # Holder masks hold objects only once a bit past 63 was handed out.
+        if src is None or (self._next_bit > _WIDE and not self._native_ok(src)):
             super().apply(source, batch)
             return
         counters = self.counters
-        holders = self._holders
+        holders = self._nh
         cap = self._block_cap
         group0 = self._indexed_group
-        spec = self._spec_by_engine.get(src.engine) or None
+        spec = self._spec_by_engine.get(src.engine) if self._spec_by_engine else None
         events = batch.events
         total = len(events)
         stored = removed = delta = grown = 0
