@@ -48,8 +48,9 @@ import zmq.asyncio
 
 from kvroute.core import EventBatch, EventCounters, SourceId, SourceSpec, source_id
 from kvroute.events import SubscriberManager, VllmEventBatch, encode_batch
-from kvroute.index import PrefixIndex
+from kvroute.index import PrefixIndex, create_index
 from tests.event_streams import EngineStream
+from tests.index_impl import IMPL
 
 MODEL = "bench/model"
 ENGINE = "bench"
@@ -92,7 +93,13 @@ class Result:
 
 def _make(index_kind: str, context: zmq.asyncio.Context) -> tuple[SubscriberManager, PrefixIndex]:
     counters = EventCounters()
-    index: PrefixIndex = (NullIndex if index_kind == "null" else PrefixIndex)(counters=counters)
+    # "real" is the implementation KVROUTE_INDEX_IMPL picks; "native", "python" name one.
+    index: PrefixIndex
+    if index_kind == "null":
+        index = NullIndex(counters=counters)
+    else:
+        impl = {"real": IMPL}.get(index_kind, index_kind)
+        index = create_index(counters=counters, impl=impl)  # type: ignore[arg-type]
     manager = SubscriberManager(
         index,
         counters,

@@ -373,8 +373,16 @@ static void *arr_realloc(void *p, size_t old, size_t size) {
 #define F_LIVE 1u
 #define F_OKEY 2u /* k holds a PyObject* (a key that is not a u64 int) */
 #define F_OVAL 4u /* v holds a PyObject* (a value that is not a u64 int) */
-#define SLOT_EMPTY (-1)
-#define SLOT_DUMMY (-2)
+/* A slot is 0 when empty (so a new table is zero pages, mapped lazily: no memset, no stall),
+ * -1 when its entry was deleted, else ((entry index + 1) << TAG_BITS) | tag, the tag being low
+ * bits of the key's slot hash: a probe reads an entry (a cache miss) only when tags agree. */
+#define SLOT_EMPTY 0
+#define SLOT_DUMMY (-1)
+#define TAG_BITS 5
+#define TAG_MASK ((1 << TAG_BITS) - 1)
+#define MAX_ENTRIES (((Py_ssize_t)1 << (31 - TAG_BITS)) - 2)
+#define SLOT_OF(ix, h) ((int32_t)((((int32_t)(ix) + 1) << TAG_BITS) | (int32_t)((h) & TAG_MASK)))
+#define SLOT_IX(s) (((s) >> TAG_BITS) - 1)
 #define MIN_SLOTS 16
 #define MIGRATE_STEP 64 /* old slots moved per insert while a table grows */
 
@@ -436,16 +444,20 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
         return -1;
     }
     u64 h = mix_u64(k);
+    int32_t tag = (int32_t)(h & TAG_MASK);
     size_t n = (size_t)m->nslots, i = home(h, n);
     Py_ssize_t free_slot = -1;
     for (;;) {
-        int32_t ix = m->slots[i];
-        if (ix == SLOT_EMPTY) break;
-        if (ix == SLOT_DUMMY) {
+        int32_t s = m->slots[i];
+        if (s == SLOT_EMPTY) break;
+        if (s == SLOT_DUMMY) {
             if (free_slot < 0) free_slot = (Py_ssize_t)i;
-        } else if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
-            *slot = (Py_ssize_t)i;
-            return ix;
+        } else if ((s & TAG_MASK) == tag) {
+            int32_t ix = SLOT_IX(s);
+            if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+                *slot = (Py_ssize_t)i;
+                return ix;
+            }
         }
         if (++i == n) i = 0;
     }
@@ -453,11 +465,14 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
     if (m->old) {
         size_t on = (size_t)m->old_nslots, j = home(h, on);
         for (;;) {
-            int32_t ix = m->old[j];
-            if (ix == SLOT_EMPTY) break;
-            if (ix >= 0 && m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
-                *slot = m->nslots + (Py_ssize_t)j;
-                return ix;
+            int32_t s = m->old[j];
+            if (s == SLOT_EMPTY) break;
+            if (s > 0 && (s & TAG_MASK) == tag) {
+                int32_t ix = SLOT_IX(s);
+                if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+                    *slot = m->nslots + (Py_ssize_t)j;
+                    return ix;
+                }
             }
             if (++j == on) j = 0;
         }
@@ -470,16 +485,19 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
  * a comparison (it calls Python: the caller starts over). */
 static Py_ssize_t probe_obj(NativeMap *m, int32_t *table, Py_ssize_t n, PyObject *key, Py_hash_t h,
                             Py_ssize_t *found, Py_ssize_t *free_slot) {
-    size_t i = home(obj_slot_hash(h), (size_t)n);
+    u64 sh = obj_slot_hash(h);
+    int32_t tag = (int32_t)(sh & TAG_MASK);
+    size_t i = home(sh, (size_t)n);
     for (;;) {
-        int32_t ix = table[i];
-        if (ix == SLOT_EMPTY) {
+        int32_t s = table[i];
+        int32_t ix = SLOT_IX(s);
+        if (s == SLOT_EMPTY) {
             if (free_slot && *free_slot < 0) *free_slot = (Py_ssize_t)i;
             return -1;
         }
-        if (ix == SLOT_DUMMY) {
+        if (s == SLOT_DUMMY) {
             if (free_slot && *free_slot < 0) *free_slot = (Py_ssize_t)i;
-        } else if (m->flags[ix] & F_OKEY) {
+        } else if ((s & TAG_MASK) == tag && (m->flags[ix] & F_OKEY)) {
             PyObject *other = (PyObject *)(uintptr_t)m->entries[ix].k;
             int eq = other == key;
             if (!eq && PyObject_Hash(other) == h) {
@@ -578,31 +596,34 @@ static PyObject *key_of(NativeMap *m, Py_ssize_t ix) {
     return PyLong_FromUnsignedLongLong(m->entries[ix].k);
 }
 
+/* An all-empty table: big ones are fresh mmap zero pages, touched only as slots fill. */
 static int32_t *new_table(Py_ssize_t n) {
-    int32_t *t = arr_alloc((size_t)n * sizeof(int32_t));
-    if (t == NULL) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    memset(t, 0xff, (size_t)n * sizeof(int32_t)); /* all SLOT_EMPTY */
+    size_t size = (size_t)n * sizeof(int32_t);
+    int32_t *t = size < BIG_ARRAY ? PyMem_Calloc((size_t)n, sizeof(int32_t)) : arr_alloc(size);
+    if (t == NULL) PyErr_NoMemory();
     return t;
 }
 
 static inline void place(NativeMap *m, Py_ssize_t ix) {
-    size_t n = (size_t)m->nslots, i = home(entry_slot_hash(m, ix), n);
-    while (m->slots[i] >= 0)
+    u64 h = entry_slot_hash(m, ix);
+    size_t n = (size_t)m->nslots, i = home(h, n);
+    while (m->slots[i] > 0)
         if (++i == n) i = 0;
     if (m->slots[i] == SLOT_EMPTY) m->filled++;
-    m->slots[i] = (int32_t)ix;
+    m->slots[i] = SLOT_OF(ix, h);
 }
 
 /* Move up to `n` slots of the old table into the current one. */
 static void migrate(NativeMap *m, Py_ssize_t n) {
     while (m->old && n-- > 0) {
-        int32_t ix = m->old[m->old_pos];
-        if (ix >= 0) {
+        /* Entries are read in slot order, not store order: ask for them a little ahead. */
+        Py_ssize_t ahead = m->old_pos + 8;
+        if (ahead < m->old_nslots && m->old[ahead] > 0)
+            __builtin_prefetch(&m->entries[SLOT_IX(m->old[ahead])]);
+        int32_t s = m->old[m->old_pos];
+        if (s > 0) {
             m->old[m->old_pos] = SLOT_DUMMY;
-            place(m, ix);
+            place(m, SLOT_IX(s));
         }
         if (++m->old_pos == m->old_nslots) {
             arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
@@ -625,7 +646,7 @@ static Py_ssize_t table_size_for(Py_ssize_t live, Py_ssize_t old) {
 static int map_compact(NativeMap *m) {
     Py_ssize_t nslots = table_size_for(m->live + 1, 0);
     if (nslots > ((Py_ssize_t)1 << 31)) {
-        PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+        PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 slots");
         return -1;
     }
     int32_t *slots = new_table(nslots);
@@ -663,9 +684,9 @@ static int map_reserve(NativeMap *m) {
         }
         if (m->used >= m->ecap) {
             Py_ssize_t ecap = m->ecap < 16 ? 16 : m->ecap + m->ecap / 2;
-            if (ecap > ((Py_ssize_t)1 << 31) - 2) ecap = ((Py_ssize_t)1 << 31) - 2;
+            if (ecap > MAX_ENTRIES) ecap = MAX_ENTRIES;
             if (m->used >= ecap) {
-                PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+                PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**26 entries");
                 return -1;
             }
             /* One block: ecap entries, then ecap flag bytes (moved up after the growth). */
@@ -685,7 +706,7 @@ static int map_reserve(NativeMap *m) {
         migrate(m, PY_SSIZE_T_MAX); /* finishes in time by construction; this is a guard */
         Py_ssize_t nslots = table_size_for(m->live + 1, m->nslots);
         if (nslots > ((Py_ssize_t)1 << 31)) {
-            PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 entries");
+            PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 slots");
             return -1;
         }
         int32_t *t = new_table(nslots);
@@ -705,10 +726,15 @@ static int map_reserve(NativeMap *m) {
     return moved;
 }
 
+/* Start loading the home slot of int key k: the hot loops ask for it before they need it. */
+static inline void prefetch_slot(NativeMap *m, u64 k) {
+    if (m->nslots) __builtin_prefetch(&m->slots[home(mix_u64(k), (size_t)m->nslots)]);
+}
+
 /* A free slot of the current table for a key with slot hash h (known absent). */
 static inline Py_ssize_t free_slot_for(NativeMap *m, u64 h) {
     size_t n = (size_t)m->nslots, i = home(h, n);
-    while (m->slots[i] >= 0)
+    while (m->slots[i] > 0)
         if (++i == n) i = 0;
     return (Py_ssize_t)i;
 }
@@ -718,8 +744,8 @@ static inline Py_ssize_t free_slot_for(NativeMap *m, u64 h) {
 static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObject *vobj) {
     int moved = map_reserve(m);
     if (moved < 0) return -1;
-    if (moved || slot < 0)
-        slot = free_slot_for(m, key->is_obj ? obj_slot_hash(key->hash) : mix_u64(key->k));
+    u64 h = key->is_obj ? obj_slot_hash(key->hash) : mix_u64(key->k);
+    if (moved || slot < 0) slot = free_slot_for(m, h);
     Py_ssize_t ix = m->used++;
     u8 f = F_LIVE;
     if (key->is_obj) {
@@ -739,7 +765,7 @@ static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObjec
     m->flags[ix] = f;
     if (f & (F_OKEY | F_OVAL)) m->objects++;
     if (m->slots[slot] == SLOT_EMPTY) m->filled++;
-    m->slots[slot] = (int32_t)ix;
+    m->slots[slot] = SLOT_OF(ix, h);
     m->live++;
     m->version++;
     if (m->old) migrate(m, MIGRATE_STEP);
@@ -770,8 +796,9 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
         arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
         m->old = NULL;
         m->old_nslots = m->old_pos = 0;
-        memset(m->slots, 0xff, (size_t)m->nslots * sizeof(int32_t));
-        m->filled = 0;
+        arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t)); /* the next insert sizes anew */
+        m->slots = NULL;
+        m->nslots = m->filled = 0;
     }
     Py_XDECREF(kobj);
     Py_XDECREF(vobj);
@@ -1349,6 +1376,7 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
     long new_hashes = 0;
     for (Py_ssize_t j = 0; j < n; j++) {
         u64 local = h = xxh3_64(buf + step * j, (size_t)step, h);
+        prefetch_slot(r->holders, local);
         PyObject *eh_obj = PyList_GET_ITEM(hashes, j);
         u64 eh;
         if (as_u64(eh_obj, &eh) != 1) { /* checked before: the list cannot change under us */
@@ -1569,6 +1597,10 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
                     break;
                 }
                 start = r.blocks->entries[ix].v;
+            }
+            for (Py_ssize_t j = 0; j < n; j++) { /* hidden behind packing and hashing */
+                u64 eh;
+                if (as_u64(PyList_GET_ITEM(hashes, j), &eh) == 1) prefetch_slot(r.blocks, eh);
             }
             u8 *buf = scratch_get(&sc, n * bs);
             if (buf == NULL) goto done;
