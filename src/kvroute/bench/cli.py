@@ -24,6 +24,7 @@ _ALIASES = {
     "apply": ("kvroute.bench.index_bench", "run_apply"),
     "memory": ("kvroute.bench.index_bench", "run_memory"),
     "stalls": ("kvroute.bench.index_bench", "run_stalls"),
+    "ingest-latency": ("kvroute.bench.ingest_bench", "run_latency"),
 }
 
 
@@ -35,7 +36,7 @@ def register(sub: Any) -> None:
         "which",
         choices=[*_BENCHES, *_ALIASES, "all"],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
-        "ingest | all",
+        "ingest | ingest-latency (its fixed-rate latency part alone) | all",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)

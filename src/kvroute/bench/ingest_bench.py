@@ -1,6 +1,7 @@
-"""Benchmark (b): publisher process → ZMQ → decode → apply, end to end in the router process.
-Reports events/s and blocks/s next to a raw pyzmq receive loop, and publish→applied latency.
-"""
+"""Benchmark (b): publisher process → ZMQ → decode → apply, end to end in the router process,
+next to a raw pyzmq receive loop; and publish→applied latency per index implementation."""
+
+# The latency run publishes at a fixed rate with the index already holding 10⁶ blocks.
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 import zmq.asyncio
@@ -29,10 +30,11 @@ from kvroute.events import (
     ZmqEventPublisher,
     encode_batch,
 )
-from kvroute.index import PrefixIndex
+from kvroute.index import IndexLimits, PrefixIndex, create_index
+from kvroute.index.impl import native_error, resolve_impl
 from kvroute.metrics import Metrics
 
-__all__ = ["run"]
+__all__ = ["run", "run_latency"]
 
 _MODEL = "bench/model"
 _EVENTS_PER_MESSAGE = 10
@@ -42,22 +44,27 @@ _REMOVE_SHARE = 0.10
 _LATENCY_RATE = 50_000  # events/s for the latency run
 _TARGET_EVENTS_PER_S = 300_000
 _TARGET_P99_MS = 1.0
-# messages in the throughput runs, seconds of the fixed-rate latency run
-_SIZES = {"smoke": (2_000, 0.3), "full": (60_000, 4.0)}
+_TARGET_BLOCKS_HELD = 1_000_000  # blocks in the index before the latency run starts
+# messages in the throughput runs, seconds of the fixed-rate latency run, blocks prefilled into
+# the index before it
+_SIZES = {"smoke": (2_000, 0.3, 20_000), "full": (60_000, 4.0, _TARGET_BLOCKS_HELD)}
 _BURST_TS = 1.0  # ts of throughput messages; probes carry 0.0, latency messages their send time
+# The latency runs' index holds the prefill and everything the run stores: no cap evicts.
+_LATENCY_LIMITS = IndexLimits(max_blocks_per_source=16_000_000, max_blocks_total=64_000_000)
+_SOURCE = source_id("bench", 0)
+_Impl = Literal["native", "python"]
 
 
 def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
     """Run the ingest benchmark; print a table, save bench-results/ingest.json, return the data."""
     if size not in _SIZES:
         raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
-    messages, latency_s = _SIZES[size]
+    messages, _latency_s, _prefill = _SIZES[size]
     baseline = _run_raw_baseline(messages)
     core = _run_core(messages)
     pipeline = asyncio.run(_run_pipeline(messages))
     no_index = asyncio.run(_run_pipeline(messages, noop=True))
-    latency = asyncio.run(_run_latency(latency_s))
-    latency_no_index = asyncio.run(_run_latency(latency_s, noop=True))
+    latency_part = _latency_part(size)
     result: dict[str, Any] = {
         "size": size,
         "messages": messages,
@@ -69,12 +76,12 @@ def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
         "baseline_raw_zmq": baseline,
         "baseline_decode_apply_in_process": core,
         "subscriber_decode_no_index": no_index,
-        "latency": latency,
-        "latency_no_index": latency_no_index,
+        **latency_part,
         "targets": {
             "events_per_s": _TARGET_EVENTS_PER_S,
             "latency_p99_ms": _TARGET_P99_MS,
             "latency_rate_events_per_s": _LATENCY_RATE,
+            "latency_blocks_held": _TARGET_BLOCKS_HELD,
         },
     }
     print_table(
@@ -112,26 +119,96 @@ def run(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
             ],
         ],
     )
+    _print_latency(latency_part)
+    save_json("ingest", result, out_dir)
+    return result
+
+
+def run_latency(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str, Any]:
+    """Only the fixed-rate latency part (`kvroute bench ingest-latency`); saves
+    bench-results/ingest-latency.json."""
+    if size not in _SIZES:
+        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
+    result: dict[str, Any] = {
+        "size": size,
+        "events_per_message": _EVENTS_PER_MESSAGE,
+        "blocks_per_store": _BLOCKS,
+        "block_size": _BLOCK_SIZE,
+        "remove_share": _REMOVE_SHARE,
+        **_latency_part(size),
+        "targets": {
+            "latency_p99_ms": _TARGET_P99_MS,
+            "latency_rate_events_per_s": _LATENCY_RATE,
+            "latency_blocks_held": _TARGET_BLOCKS_HELD,
+        },
+    }
+    _print_latency(result)
+    save_json("ingest-latency", result, out_dir)
+    return result
+
+
+def latency_impls() -> list[_Impl]:
+    """The index implementations the latency run measures here: native (when built), python."""
+    return ["python"] if native_error() is not None else ["native", "python"]
+
+
+def _latency_part(size: str) -> dict[str, Any]:
+    """The no-index baseline, then each implementation with the index prefilled.
+
+    `latency` is the implementation `kvroute serve` runs by default (native when built), kept
+    under its old key; `latency_by_impl` has every implementation's row."""
+    _messages, seconds, prefill = _SIZES[size]
+    no_index = asyncio.run(_run_latency(seconds, impl=None, prefill_blocks=0))
+    by_impl = {
+        impl: asyncio.run(_run_latency(seconds, impl=impl, prefill_blocks=prefill))
+        for impl in latency_impls()
+    }
+    return {
+        "latency": by_impl[resolve_impl("auto")],
+        "latency_no_index": no_index,
+        "latency_by_impl": by_impl,
+        "latency_prefill_blocks": prefill,
+    }
+
+
+def _print_latency(part: dict[str, Any]) -> None:
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("baseline: subscriber + decode (index.apply skipped)", part["latency_no_index"]),
+    ]
+    rows += [
+        (f"subscriber + decode + index.apply, {impl} index", row)
+        for impl, row in part["latency_by_impl"].items()
+    ]
     print_table(
-        f"ingest latency: publish → applied at {_LATENCY_RATE:,} events/s",
-        ["path", "samples", "p50 ms", "p99 ms", "max ms", "target p99 ms"],
+        f"ingest latency: publish → applied at {_LATENCY_RATE:,} events/s, index prefilled "
+        f"with {part['latency_prefill_blocks']:,} blocks (target: p99 < {_TARGET_P99_MS:g} ms "
+        f"with {_TARGET_BLOCKS_HELD:,} held)",
+        [
+            "path",
+            "blocks held at start",
+            "at end",
+            "samples",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "loop CPU µs/event",
+            "target p99 ms",
+        ],
         [
             [
                 label,
+                row["blocks_held_at_start"],
+                row["blocks_held_at_end"],
                 row["samples"],
                 row["p50_ms"],
                 row["p99_ms"],
                 row["max_ms"],
+                row["loop_cpu_us_per_event"],
                 _TARGET_P99_MS,
             ]
-            for label, row in (
-                ("subscriber + decode + index.apply", latency),
-                ("subscriber + decode (index.apply skipped)", latency_no_index),
-            )
+            for label, row in rows
         ],
     )
-    save_json("ingest", result, out_dir)
-    return result
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -251,21 +328,25 @@ class _Child:
 # --- the router side ---------------------------------------------------------------------------
 
 
-class _TimedIndex(PrefixIndex):
-    """The real index, noting when burst batches are applied and publish→apply latencies."""
+class _Timing:
+    """Wraps an index's `apply` (either implementation), noting when burst batches are applied
+    and publish→apply latencies; `noop` skips the apply itself."""
 
-    def __init__(self, metrics: Metrics, *, noop: bool = False) -> None:
-        super().__init__(counters=metrics.event_counters)
+    def __init__(self, index: PrefixIndex, *, noop: bool = False) -> None:
+        self.index = index
         self.noop = noop
         self.burst_applied = 0
         self.first_t: float | None = None
         self.last_t = 0.0
         self.latencies: list[float] = []
         self.record_latency = False
+        self._apply = index.apply
+        # The tracker calls `index.apply`: the instance attribute shadows the class's method.
+        setattr(index, "apply", self.apply)  # noqa: B010
 
     def apply(self, source: Any, batch: EventBatch) -> None:
         if not self.noop:
-            super().apply(source, batch)
+            self._apply(source, batch)
         ts = batch.ts
         if ts <= 0.0:
             return
@@ -280,7 +361,7 @@ class _TimedIndex(PrefixIndex):
 
 
 async def _router(
-    child: _Child, index: _TimedIndex, metrics: Metrics
+    child: _Child, index: PrefixIndex, metrics: Metrics
 ) -> tuple[SubscriberManager, int]:
     endpoint, replay = await asyncio.to_thread(child.endpoints)
     manager = SubscriberManager(
@@ -324,7 +405,8 @@ async def _applied(manager: SubscriberManager, seq: int, timeout_s: float) -> bo
 async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
     child = _Child("burst", messages)
     metrics = Metrics()
-    index = _TimedIndex(metrics, noop=noop)
+    index = PrefixIndex(counters=metrics.event_counters)
+    timing = _Timing(index, noop=noop)
     manager = None
     try:
         manager, _first = await _router(child, index, metrics)
@@ -332,12 +414,12 @@ async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
         ok = await _applied(manager, last, timeout_s=120)
         if not ok:
             raise RuntimeError("ingest bench: the router did not apply every batch")
-        elapsed = max(index.last_t - (index.first_t or index.last_t), 1e-9)
+        elapsed = max(timing.last_t - (timing.first_t or timing.last_t), 1e-9)
         gaps = metrics.registry.get_sample_value("kvroute_seq_gaps_total", {"source": "bench/0"})
         return {
             "messages": last - first + 1,
             "seconds": elapsed,
-            "messages_per_s": index.burst_applied / elapsed,
+            "messages_per_s": timing.burst_applied / elapsed,
             "events_per_s": events / elapsed,
             "blocks_per_s": blocks / elapsed,
             "publisher_messages_per_s": (last - first + 1) / pub_s,
@@ -350,33 +432,95 @@ async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
         child.stop()
 
 
-async def _run_latency(seconds: float, *, noop: bool = False) -> dict[str, Any]:
-    child = _Child("rate", seconds)
+async def _run_latency(
+    seconds: float, *, impl: _Impl | None, prefill_blocks: int
+) -> dict[str, Any]:
+    """Publish at `_LATENCY_RATE` for `seconds` into an index of implementation `impl` (None: the
+    apply skipped) that already holds `prefill_blocks` blocks of the same source."""
     metrics = Metrics()
-    index = _TimedIndex(metrics, noop=noop)
-    index.record_latency = True
+    if impl is None:
+        index = PrefixIndex(counters=metrics.event_counters)
+    else:
+        index = create_index(_LATENCY_LIMITS, counters=metrics.event_counters, impl=impl)
+    child = _Child("rate", seconds)  # starts while the index fills
     manager = None
     try:
+        index.add_source(_SOURCE, engine="bench", model=_MODEL)
+        t = time.perf_counter()
+        _prefill(index, prefill_blocks)
+        prefill_s = time.perf_counter() - t
+        held = index.source_block_count(_SOURCE)
+        timing = _Timing(index, noop=impl is None)
+        timing.record_latency = True
         manager, _first = await _router(child, index, metrics)
-        _first, last, _events, _blocks, _pub_s = await asyncio.to_thread(child.report, seconds + 60)
+        cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
+        _first, last, events, _blocks, _pub_s = await asyncio.to_thread(child.report, seconds + 60)
         await _applied(manager, last, timeout_s=60)
-        lat = sorted(index.latencies)
+        cpu = time.process_time() - cpu0
+        loop_cpu = time.thread_time() - loop0
+        wall = time.perf_counter() - wall0
+        lat = sorted(timing.latencies)
         n = len(lat)
 
         def pct(p: float) -> float:
             return lat[min(n - 1, int(p * n))] * 1000 if n else float("nan")
 
         return {
+            "impl": impl if impl is not None else "none",
             "rate_events_per_s": _LATENCY_RATE,
+            "events": events,
+            "blocks_held_at_start": held,
+            "blocks_held_at_end": index.source_block_count(_SOURCE),
+            "prefill_seconds": prefill_s,
             "samples": n,
             "p50_ms": pct(0.50),
             "p99_ms": pct(0.99),
+            "p999_ms": pct(0.999),
             "max_ms": lat[-1] * 1000 if n else float("nan"),
+            "seconds": wall,
+            "process_cpu_seconds": cpu,
+            "loop_cpu_seconds": loop_cpu,
+            "loop_cpu_us_per_event": loop_cpu / events * 1e6 if events else float("nan"),
         }
     finally:
         if manager is not None:
             await manager.close()
         child.stop()
+
+
+_VOCAB = 131_072
+_PREFILL_HASH = 1 << 44  # engine hashes of prefill blocks: beyond the workload's and probes'
+_PREFILL_TOKEN = _VOCAB + 11  # first token id of a prefill block: never in the workload
+_PREFILL_CHAIN = 8  # stores per chain
+
+
+def _prefill_store(k: int) -> VllmBlockStored:
+    """Prefill store `k`: `_BLOCKS` blocks continuing store k − 1 (chains of `_PREFILL_CHAIN`)
+    with token ids unique per block, so no block hashes like another or a workload block."""
+    first = k * _BLOCKS
+    tokens: list[int] = []
+    for b in range(first, first + _BLOCKS):
+        tokens += [_PREFILL_TOKEN, b % _VOCAB, b // _VOCAB]
+        tokens += [_PREFILL_TOKEN] * (_BLOCK_SIZE - 3)
+    return VllmBlockStored(
+        block_hashes=[_PREFILL_HASH + b + 1 for b in range(first, first + _BLOCKS)],
+        parent_block_hash=None if k % _PREFILL_CHAIN == 0 else _PREFILL_HASH + first,
+        token_ids=tokens,
+        block_size=_BLOCK_SIZE,
+        medium="GPU",
+    )
+
+
+def _prefill(index: PrefixIndex, blocks: int, per_batch: int = 1000) -> None:
+    """Store `blocks` blocks for the bench source straight through `index.apply` (decoded from
+    real payloads, so the index sees what the tracker would hand it)."""
+    decoder = BatchDecoder()
+    stores = -(-blocks // _BLOCKS)
+    for start in range(0, stores, per_batch):
+        events: list[VllmEvent] = [
+            _prefill_store(k) for k in range(start, min(start + per_batch, stores))
+        ]
+        index.apply(_SOURCE, decoder.decode(encode_batch(VllmEventBatch(ts=0.0, events=events))))
 
 
 def _run_core(messages: int) -> dict[str, Any]:
