@@ -142,6 +142,11 @@ class _SourceTask:
                     tracker.reset(ResetCause.RESYNC)
                 if self._sub_ready or self._monitor_ready:
                     await asyncio.sleep(0)  # more may be queued: let the others run first
+                elif tracker.idle():
+                    # Index upkeep left: a slice per turn of the loop. A descriptor that fires
+                    # meanwhile is unregistered (nobody waits), so look at both sockets next.
+                    self._sub_ready = self._monitor_ready = True
+                    await asyncio.sleep(0)
                 else:
                     await self._wait(tracker.next_deadline(), fds)
         finally:

@@ -139,6 +139,11 @@ class SourceTracker:
             stale_seconds=stale_s,
         )
 
+    def idle(self) -> bool:
+        """The socket is drained: let the index do deferred upkeep (a bounded slice; table
+        growth, cleared sources). True while it has more: the caller yields and calls again."""
+        return self._index.maintain()
+
     def next_deadline(self) -> float | None:
         """When `tick` has work next (clock time), or None."""
         retry_at, tail = self._retry_at, self._tail_due()

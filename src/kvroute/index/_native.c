@@ -384,7 +384,7 @@ static void *arr_realloc(void *p, size_t old, size_t size) {
 #define SLOT_OF(ix, h) ((int32_t)((((int32_t)(ix) + 1) << TAG_BITS) | (int32_t)((h) & TAG_MASK)))
 #define SLOT_IX(s) (((s) >> TAG_BITS) - 1)
 #define MIN_SLOTS 16
-#define MIGRATE_STEP 64 /* old slots moved per insert while a table grows */
+#define MIGRATE_STEP 8 /* old slots moved per insert while a table grows (at least) */
 
 typedef struct {
     u64 k, v;
@@ -394,9 +394,9 @@ typedef struct {
 
 /* Layout (docs/design.md §12): a dense entry array in store order (dead entries stay until a
  * compaction) and a slot table of entry indices, open addressing with linear probing, filled
- * to at most 3/4. A full table grows *incrementally* to twice its live entries: the new table
- * takes every insert and each insert moves MIGRATE_STEP slots of the old one, so no insert
- * rehashes the whole map.
+ * to at most 3/4. A full table grows *incrementally*: the new table takes every insert and each
+ * insert moves MIGRATE_STEP slots of the old one, so no insert rehashes the whole map; the
+ * router moves more while idle (`migrate_some`, from PrefixIndex.maintain).
  * A slot position >= nslots names position (slot - nslots) of the old table. */
 typedef struct {
     PyObject_HEAD
@@ -964,6 +964,14 @@ static PyObject *NativeMap_pop(NativeMap *m, PyObject *const *args, Py_ssize_t n
     return v;
 }
 
+/* migrate_some(n) -> bool: move up to n slots of a growing table; True while some remain. */
+static PyObject *NativeMap_migrate_some(NativeMap *m, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    migrate(m, n);
+    return PyBool_FromLong(m->old != NULL);
+}
+
 static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
     map_clear(m);
     Py_RETURN_NONE;
@@ -1117,6 +1125,8 @@ static PyMethodDef NativeMap_methods[] = {
     {"values", (PyCFunction)NativeMap_values, METH_NOARGS, NULL},
     {"items", (PyCFunction)NativeMap_items, METH_NOARGS, NULL},
     {"clear", (PyCFunction)NativeMap_clear_method, METH_NOARGS, NULL},
+    {"migrate_some", (PyCFunction)NativeMap_migrate_some, METH_O,
+     "Move up to n slots of a growing table; True while some remain."},
     {"nbytes", (PyCFunction)NativeMap_nbytes, METH_NOARGS,
      "Bytes allocated for the map's arrays (what its memory budget counts)."},
     {"objects", (PyCFunction)NativeMap_objects, METH_NOARGS,

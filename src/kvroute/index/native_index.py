@@ -44,6 +44,7 @@ _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
 _CLEARED = "AllBlocksCleared"
 _WIDE = 1 << 64  # source bits from here on do not fit the native holder masks
+_MAINTAIN_SLOTS = 4096  # slots of a growing table one `maintain` call moves
 
 
 class NativePrefixIndex(PrefixIndex):
@@ -196,6 +197,22 @@ class NativePrefixIndex(PrefixIndex):
         maps += [blocks for blocks, _, _ in self._draining]
         out["allocated"] = sum(m.nbytes() for m in maps if type(m) is NativeMap)
         return out
+
+    def maintain(self) -> bool:
+        """Idle-time upkeep, a bounded slice per call (~0.1 ms): move slots of growing tables
+        (inserts move some too, so growth finishes either way) and drain cleared sources."""
+        budget = _MAINTAIN_SLOTS
+        more = False
+        for m in (self._nh, *(s.blocks for s in self._sources.values())):
+            if budget <= 0:
+                return True
+            if type(m) is NativeMap and m.migrate_some(budget):
+                more = True
+                budget = 0
+        if self._draining:
+            self._drain(self.drain_per_batch)
+            more = more or bool(self._draining)
+        return more
 
     def blocks_by_model(self) -> dict[str, int]:
         self._drain(1 << 62)  # exact counts: a scrape after a clear pays the rest of the drain

@@ -550,6 +550,11 @@ class PrefixIndex:
         src = self._sources.get(source)
         return len(src.blocks) if src is not None else 0
 
+    def maintain(self) -> bool:
+        """Deferred upkeep for idle moments; True while more remains (the reference has none:
+        see NativePrefixIndex.maintain)."""
+        return False
+
     def memory(self) -> dict[str, int]:
         """The byte budget and what counts against it (`kvroute_index_bytes` on /metrics):
         `accounted` = entries × `entry_bytes`; `allocated` = bytes the native tables hold

@@ -188,3 +188,28 @@ def test_a_cleared_source_leaves_match_at_once_and_the_holder_masks_over_later_b
     assert index.match("m", None, tokens)["a"].blocks == 1
     assert index.blocks_by_model() == {"m": 40}  # drains the rest: exact counts
     assert not index._draining and bit_before in index._free_bits
+
+
+def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
+    from kvroute.core import BlockStored, EventBatch, SourceId
+    from kvroute.index.native_index import NativePrefixIndex
+
+    m = native.NativeMap()
+    for k in range(12):  # 16 slots fill to 3/4: the 13th insert starts a bigger table
+        m[k] = k
+    m[12] = 12
+    assert m.migrate_some(1) is True  # one old slot moved, more remain
+    assert m.migrate_some(1 << 20) is False
+    assert dict(m.items()) == {k: k for k in range(13)}
+
+    index = NativePrefixIndex()
+    a = SourceId("a/0")
+    index.add_source(a, engine="a", model="m")
+    tokens = list(range(4 * 5000))
+    index.apply(a, EventBatch(0.0, [BlockStored(list(range(1, 5001)), None, tokens, 4)]))
+    slices = 0
+    while index.maintain():
+        slices += 1
+        assert slices < 100
+    assert not index.maintain()  # nothing left: the subscriber goes back to waiting
+    assert index.match("m", None, tokens)["a"].blocks == 5000
