@@ -728,7 +728,11 @@ static int map_reserve(NativeMap *m) {
 
 /* Start loading the home slot of int key k: the hot loops ask for it before they need it. */
 static inline void prefetch_slot(NativeMap *m, u64 k) {
-    if (m->nslots) __builtin_prefetch(&m->slots[home(mix_u64(k), (size_t)m->nslots)]);
+    if (m->nslots == 0) return;
+    u64 h = mix_u64(k);
+    __builtin_prefetch(&m->slots[home(h, (size_t)m->nslots)]);
+    /* A key not in the new table is looked for in the old one too (new blocks always are). */
+    if (m->old) __builtin_prefetch(&m->old[home(h, (size_t)m->old_nslots)]);
 }
 
 /* A free slot of the current table for a key with slot hash h (known absent). */
@@ -1499,15 +1503,15 @@ static int remove_blocks(run_t *r, PyObject *hashes, long *gone) {
     return known > 0 || n == 0;
 }
 
-/* apply_run(index, src, blocks, holders, bit, events, start, cap, group0, spec)
- *   -> (next, unhandled, stored, removed, new_hashes, gone_hashes)
+/* apply_run(index, src, blocks, holders, bit, events, start, cap, group0, spec, out) -> next,
+ *   out[:] = [unhandled, stored, removed, new_hashes, gone_hashes]
  *
  * Applies events[start:] while they take the common paths of PrefixIndex.apply. It stops
  * after a store that takes the source past `cap` (unhandled False: the caller evicts), or at
  * an event it leaves to the reference model (unhandled True: events[next]). */
 static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "apply_run expects 10 arguments");
+    if (nargs != 11 || !PyList_CheckExact(args[10]) || PyList_GET_SIZE(args[10]) != 5) {
+        PyErr_SetString(PyExc_TypeError, "apply_run expects 11 arguments, the last a list of 5");
         return NULL;
     }
     run_t r;
@@ -1648,8 +1652,18 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
         unhandled = 1;
         break;
     }
-    result = Py_BuildValue("(nOllll)", i, unhandled ? Py_True : Py_False, stored, removed,
-                           new_hashes, gone);
+    /* The counts go into the caller's list, the next index is the result: no tuple per call
+     * (a tuple is tracked by the GC, and a collection inside apply would walk every young
+     * object of the process). */
+    long counts[5] = {unhandled, stored, removed, new_hashes, gone};
+    for (int k = 0; k < 5; k++) {
+        PyObject *v = PyLong_FromLong(counts[k]);
+        if (v == NULL) goto done;
+        PyObject *old = PyList_GET_ITEM(args[10], k);
+        PyList_SET_ITEM(args[10], k, v);
+        Py_DECREF(old);
+    }
+    result = PyLong_FromSsize_t(i);
 done:
     Py_XDECREF(r.hm);
     Py_XDECREF(last_size_obj);

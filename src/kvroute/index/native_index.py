@@ -67,6 +67,8 @@ class NativePrefixIndex(PrefixIndex):
         super().__init__(limits, counters=counters, clock=clock)
         # Block maps of cleared sources still in the holder masks under their old bit.
         self._draining: list[tuple[Any, int, str]] = []
+        self._run_out: list[int] = [0] * 5  # apply_run's counts, filled in place
+        self._applied_keys: dict[SourceId, tuple[tuple[str, str], tuple[str, str]]] = {}
         self._nh: Any = NativeMap()  # the holder map, typed as what it is
         self._hm.any = self._holders = self._nh
 
@@ -75,6 +77,10 @@ class NativePrefixIndex(PrefixIndex):
         src = self._sources[source]
         if type(src.blocks) is dict and not src.blocks:
             src.blocks = NativeMap()
+
+    def remove_source(self, source: SourceId) -> None:
+        self._applied_keys.pop(source, None)
+        super().remove_source(source)
 
     def _unknown_block(self, src: SourceState) -> None:
         # Called from the C remove loop: the reference's count for a hash the source lacks.
@@ -99,14 +105,14 @@ class NativePrefixIndex(PrefixIndex):
         events = batch.events
         total = len(events)
         stored = removed = delta = grown = 0
+        out = self._run_out
         i = 0
         while i < total:
             # A clear may hand the source a fresh block map and bit: read both again each time.
             blocks = src.blocks
             before = len(blocks)
-            i, unhandled, s, r, new, gone = _apply_run(
-                self, src, blocks, holders, src.bit, events, i, cap, group0, spec
-            )
+            i = _apply_run(self, src, blocks, holders, src.bit, events, i, cap, group0, spec, out)
+            unhandled, s, r, new, gone = out
             stored += s
             removed += r
             delta += new - gone
@@ -135,10 +141,15 @@ class NativePrefixIndex(PrefixIndex):
             grown += len(src.blocks) - before
         if delta:
             self._model_blocks[src.model] += delta
-        if stored:
-            counters.applied[(source, _STORED)] += stored
-        if removed:
-            counters.applied[(source, _REMOVED)] += removed
+        if stored or removed:
+            # Keys made once per source: a tuple per batch is a GC-tracked allocation.
+            keys = self._applied_keys.get(source)
+            if keys is None:
+                keys = self._applied_keys[source] = ((source, _STORED), (source, _REMOVED))
+            if stored:
+                counters.applied[keys[0]] += stored
+            if removed:
+                counters.applied[keys[1]] += removed
         self._total += grown
         if self._total > self._total_cap:
             self._enforce_total()
