@@ -6,7 +6,6 @@ next to a raw pyzmq receive loop; and publish→applied latency per index implem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from kvroute.bench.ingest_workload import ChainedWorkload
-from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 from kvroute.core import EventBatch, SourceSpec, source_id
 from kvroute.events import (
     BatchDecoder,
@@ -316,13 +315,7 @@ class _Child:
         return int(first), int(last), int(events), int(blocks), float(elapsed)
 
     def stop(self) -> None:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self.conn.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        self.conn.close()
+        stop_child(self.conn, self.proc)
 
 
 # --- the router side ---------------------------------------------------------------------------

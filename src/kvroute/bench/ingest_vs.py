@@ -48,7 +48,7 @@ from kvroute.bench.ingest_workload import (
     group_payloads,
     probe_event,
 )
-from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 
 __all__ = [
     "DYNAMO_VERSION",
@@ -422,13 +422,7 @@ class _Publisher:
         return self.conn.recv()
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send("stop")
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
-        self.conn.close()
+        stop_child(self.conn, self.proc)
 
 
 # --- one run -------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing.process
 import platform
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_OUT_DIR", "print_table", "save_json"]
+__all__ = ["DEFAULT_OUT_DIR", "print_table", "save_json", "stop_child"]
 
 DEFAULT_OUT_DIR = Path("bench-results")
 
@@ -60,3 +63,15 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def stop_child(conn: Connection, proc: multiprocessing.process.BaseProcess) -> None:
+    """Ask a benchmark's child process (a publisher) to stop over its pipe; terminate it if it
+    does not within 10 s."""
+    with contextlib.suppress(OSError):  # BrokenPipeError included
+        conn.send("stop")
+    proc.join(10)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    conn.close()

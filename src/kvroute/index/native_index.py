@@ -266,6 +266,8 @@ class NativePrefixIndex(PrefixIndex):
         self._spec.purge(self._clock())
         seed = self._seed(model, lora, cache_salt)
         lengths = _match_walk(self._holders, token_ids, n, size, seed, alive)
+        # matching.py match_size's result loop for GPU-only holders: equal-length DP ranks give
+        # equal results here, so its tie rule (more on GPU, then the lower source id) is moot.
         out: dict[str, MatchResult] = {}
         by_bit = self._by_bit
         for bit, blocks in lengths.items():
