@@ -12,7 +12,7 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
-        test-index-python bench-peers
+        test-index-python test-native-asan bench-peers
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
@@ -34,6 +34,10 @@ test: $(STAMP)
 # everything on the native core).
 test-index-python: $(STAMP)
 	KVROUTE_INDEX_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
+
+# The index tests against the native core built with ASan + UBSan (tests/native_asan.sh).
+test-native-asan: $(STAMP)
+	bash tests/native_asan.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -10,6 +10,7 @@ seed is in the test id: `pytest -k "seed-17"` replays a failure.
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -222,7 +223,11 @@ SMALL = IndexLimits(max_blocks_per_source=10, max_blocks_total=30, speculative_t
 ROOMY = IndexLimits(speculative_ttl_s=2.0)
 
 
-@pytest.mark.parametrize("seed", range(40), ids=lambda s: f"seed-{s}")
+# `make test-native-asan` runs more seeds (KVROUTE_DIFFERENTIAL_SEEDS) under the sanitizers.
+SEEDS = int(os.environ.get("KVROUTE_DIFFERENTIAL_SEEDS", "40"))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS), ids=lambda s: f"seed-{s}")
 def test_native_matches_reference(seed: int) -> None:
     # Half the seeds are engine-like (unusual paths rare, so the C loops run most events),
     # half are wild; each half with a tiny cap and without.
