@@ -98,6 +98,26 @@ def _run_bench(args: argparse.Namespace) -> int:
     for module_name, func_name in targets:
         func = getattr(importlib.import_module(module_name), func_name)
         func(size=args.size, out_dir=args.out_dir)
+    if args.which == "all":
+        return _run_all_vs(args)
+    return 0
+
+
+def _run_all_vs(args: argparse.Namespace) -> int:
+    """`bench all` (`make bench`) ends with the comparison against Dynamo when its venv is
+    there, so the ingest target (2x Dynamo) is printed next to its baseline; else one hint."""
+    from kvroute.bench import ingest_vs
+
+    try:
+        ingest_vs.find_dynamo(None)
+    except ingest_vs.PeerMissing:
+        print("kvroute bench all: no Dynamo peer; `make bench-peers` adds the side-by-side run")
+        return 0
+    try:
+        ingest_vs.run(args.size, args.out_dir, vs="dynamo")
+    except RuntimeError as exc:
+        print(f"kvroute bench all: ingest --vs dynamo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

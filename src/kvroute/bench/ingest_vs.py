@@ -659,7 +659,8 @@ def run(
         f"ingest side by side: {n:,} events, same publisher and stream; kvroute serve "
         f"({result['systems']['kvroute']['index_impl']} index)"
         + (f", dynamo.indexer --threads 1 ({peer.version})" if peer is not None else "")
-        + f"; {_cpu_model()}, {os.cpu_count()} cores",
+        + f"; {_cpu_model()}, {os.cpu_count()} cores"
+        + ("; target: kvroute ≥ 2× dynamo" if peer is not None else ""),
         COLUMNS,
         result_rows(result),
     )
@@ -683,6 +684,7 @@ COLUMNS: Final = (
     "CPU s",
     "cores",
     "events/CPU-s",
+    "vs dynamo per CPU-s",
     "RSS MB",
     "applied",
     "dropped",
@@ -707,8 +709,11 @@ def result_rows(result: dict[str, Any]) -> list[list[Any]]:
             )
         for name, s in systems.items():
             ratio: Any = "-"
+            cpu_ratio: Any = "-"
             if name != "dynamo" and dynamo and dynamo["events_per_s"] > 0:
                 ratio = f"{s['events_per_s'] / dynamo['events_per_s']:.2f}×"
+            if name != "dynamo" and dynamo and dynamo["events_per_cpu_s"] > 0:
+                cpu_ratio = f"{s['events_per_cpu_s'] / dynamo['events_per_cpu_s']:.2f}×"
             rows.append(
                 [
                     r["events_per_message"],
@@ -718,6 +723,7 @@ def result_rows(result: dict[str, Any]) -> list[list[Any]]:
                     s["cpu_seconds"],
                     s["cores"],
                     s["events_per_cpu_s"],
+                    cpu_ratio,
                     s["rss_mb"],
                     s["applied"],
                     s["dropped"],

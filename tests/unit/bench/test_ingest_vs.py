@@ -142,6 +142,9 @@ def test_result_rows_one_per_run_and_system_with_the_ratio() -> None:
     assert all(len(r) == len(ingest_vs.COLUMNS) for r in rows)
     by = {(r[0], r[1]): dict(zip(ingest_vs.COLUMNS, r, strict=True)) for r in rows}
     assert by[(1, "kvroute")]["vs dynamo"] == "2.00×"
+    kv, dyn = (by[(1, name)]["events/CPU-s"] for name in ("kvroute", "dynamo"))
+    assert by[(1, "kvroute")]["vs dynamo per CPU-s"] == f"{kv / dyn:.2f}×"
+    assert by[(1, "dynamo")]["vs dynamo per CPU-s"] == "-"
     assert by[(1, "dynamo")]["vs dynamo"] == "-"
     assert by[(50, "kvroute (incomplete)")]["vs dynamo"] == "-"  # no rate to compare with
     assert by[(1, "kvroute")]["stored ok"] == "23/24"
