@@ -1237,6 +1237,7 @@ static Py_ssize_t off_hashes, off_parent, off_tokens, off_bsize, off_lora, off_m
     off_salt, off_r_hashes, off_r_medium, off_r_group;
 /* ... and the index's per-source state (index/holders.py SourceState, __slots__). */
 static PyTypeObject *g_state_type;
+static PyObject *g_result_type; /* core.MatchResult, built by match_results */
 static Py_ssize_t off_s_last_size, off_s_last_lora, off_s_seeds, off_s_dups, off_s_aliases,
     off_s_media;
 static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm;
@@ -1255,9 +1256,9 @@ static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
 #define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 static PyObject *py_configure(PyObject *mod, PyObject *args) {
-    PyObject *stored, *removed, *err, *state;
-    if (!PyArg_ParseTuple(args, "O!O!OO!", &PyType_Type, &stored, &PyType_Type, &removed, &err,
-                          &PyType_Type, &state))
+    PyObject *stored, *removed, *err, *state, *result;
+    if (!PyArg_ParseTuple(args, "O!O!OO!O!", &PyType_Type, &stored, &PyType_Type, &removed, &err,
+                          &PyType_Type, &state, &PyType_Type, &result))
         return NULL;
     PyTypeObject *st = (PyTypeObject *)stored, *rt = (PyTypeObject *)removed;
     PyTypeObject *ss = (PyTypeObject *)state;
@@ -1288,6 +1289,8 @@ static PyObject *py_configure(PyObject *mod, PyObject *args) {
     Py_XSETREF(g_index_error, err);
     Py_INCREF(state);
     Py_XSETREF(g_state_type, ss);
+    Py_INCREF(result);
+    Py_XSETREF(g_result_type, result);
     Py_RETURN_NONE;
 }
 
@@ -1745,36 +1748,23 @@ static PyObject *py_evict_oldest(PyObject *mod, PyObject *const *args, Py_ssize_
     return Py_BuildValue("(ll)", evicted, gone);
 }
 
-/* match_walk(holders, token_ids, n, size, seed, alive) -> {bit: blocks}: prefix match's walk
- * over GPU holders (index/matching.py match_size, its branch without media or speculative
- * entries): per source bit in `alive`, the leading blocks of the prompt it holds. */
-static PyObject *py_match_walk(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    u64 seed, alive;
-    if (nargs != 6 || !Py_IS_TYPE(args[0], &NativeMapType) || as_u64(args[4], &seed) != 1 ||
-        as_u64(args[5], &alive) != 1) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "match_walk(holders, tokens, n, size, seed, alive)");
-        return NULL;
-    }
-    NativeMap *holders = (NativeMap *)args[0];
-    Py_ssize_t n = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *lengths = PyDict_New();
-    if (lengths == NULL || !alive || n <= 0) return lengths;
-    PyObject *seq = PySequence_Fast(args[1], "token_ids: expected a sequence");
-    if (seq == NULL || PySequence_Fast_GET_SIZE(seq) < n * size) {
-        if (seq) PyErr_SetString(PyExc_ValueError, "match_walk: fewer tokens than n * size");
-        Py_XDECREF(seq);
-        Py_DECREF(lengths);
-        return NULL;
+/* The walk of a prompt's blocks over GPU holders: blocks[pos] = the leading blocks held by the
+ * source of bit `pos` (for the bits in `alive`). 0 ok, -1 with an exception set. */
+static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py_ssize_t size,
+                      u64 seed, u64 alive, Py_ssize_t *blocks) {
+    PyObject *seq = PySequence_Fast(tokens_obj, "token_ids: expected a sequence");
+    if (seq == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(seq) < n * size) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "match: fewer tokens than n * size");
+        return -1;
     }
     scratch_t sc;
     u8 *buf = scratch_get(&sc, n * size);
     if (buf == NULL || pack_tokens_be(PySequence_Fast_ITEMS(seq), n * size, buf, 1) < 0) {
         if (buf) scratch_free(&sc);
         Py_DECREF(seq);
-        Py_DECREF(lengths);
-        return NULL;
+        return -1;
     }
     Py_DECREF(seq);
     /* All hashes first (the chain is sequential, the lookups need not be): then each lookup
@@ -1782,63 +1772,108 @@ static PyObject *py_match_walk(PyObject *mod, PyObject *const *args, Py_ssize_t 
     u64 stack_hashes[512], *hashes = n <= 512 ? stack_hashes : PyMem_Malloc((size_t)n * 8);
     if (hashes == NULL) {
         scratch_free(&sc);
-        Py_DECREF(lengths);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return -1;
     }
     u64 h = seed;
     Py_ssize_t step = 4 * size, i;
     for (i = 0; i < n; i++) hashes[i] = h = xxh3_64(buf + step * i, (size_t)step, h);
     scratch_free(&sc);
-    sc.heap = NULL;
     size_t ns = (size_t)holders->nslots;
-    for (i = 0; i < n; i++) {
+    int rc = 0;
+    for (i = 0; i < n && alive; i++) {
         if (ns && i + 8 < n) __builtin_prefetch(&holders->slots[home(mix_u64(hashes[i + 8]), ns)]);
         if (ns && i + 4 < n) {
             int32_t s4 = holders->slots[home(mix_u64(hashes[i + 4]), ns)];
             if (s4 > 0) __builtin_prefetch(&holders->entries[SLOT_IX(s4)]);
         }
-        h = hashes[i];
-        Py_ssize_t slot, ix = find_int(holders, h, &slot);
+        Py_ssize_t slot, ix = find_int(holders, hashes[i], &slot);
         if (ix >= 0 && (holders->flags[ix] & F_OVAL)) {
-            if (hashes != stack_hashes) PyMem_Free(hashes);
-            Py_DECREF(lengths);
-            PyErr_SetString(PyExc_RuntimeError, "match_walk: a holder mask past bit 63");
-            return NULL;
+            PyErr_SetString(PyExc_RuntimeError, "match: a holder mask past bit 63");
+            rc = -1;
+            break;
         }
         u64 m = ix >= 0 ? alive & holders->entries[ix].v : 0;
-        if (m != alive) {
-            u64 ended = alive ^ m;
-            while (ended) {
-                u64 low = ended & (~ended + 1);
-                ended ^= low;
-                PyObject *k = PyLong_FromUnsignedLongLong(low), *v = PyLong_FromSsize_t(i);
-                int bad = !k || !v || PyDict_SetItem(lengths, k, v) < 0;
-                Py_XDECREF(k);
-                Py_XDECREF(v);
-                if (bad) {
-                    if (hashes != stack_hashes) PyMem_Free(hashes);
-                    Py_DECREF(lengths);
-                    return NULL;
-                }
-            }
-            alive = m;
-            if (!alive) break;
-        }
+        for (u64 ended = alive ^ m; ended; ended &= ended - 1) blocks[__builtin_ctzll(ended)] = i;
+        alive = m;
     }
+    for (; alive; alive &= alive - 1) blocks[__builtin_ctzll(alive)] = n;
     if (hashes != stack_hashes) PyMem_Free(hashes);
-    while (alive) {
-        u64 low = alive & (~alive + 1);
-        alive ^= low;
-        PyObject *k = PyLong_FromUnsignedLongLong(low), *v = PyLong_FromSsize_t(n);
-        int bad = !k || !v || PyDict_SetItem(lengths, k, v) < 0;
-        Py_XDECREF(k);
-        Py_XDECREF(v);
-        if (bad) {
-            Py_DECREF(lengths);
+    return rc;
+}
+
+/* match_results(holders, token_ids, n, size, seed, alive, engines) -> {engine: MatchResult}:
+ * index/matching.py match_size for GPU-only holders without speculative entries, whole:
+ * engines[pos] names the engine of source bit `pos`; per engine the DP rank with the most
+ * blocks (equal lengths give equal results here, so matching.py's tie rule is moot). */
+static PyObject *py_match_results(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    u64 seed, alive;
+    if (nargs != 7 || !Py_IS_TYPE(args[0], &NativeMapType) || as_u64(args[4], &seed) != 1 ||
+        as_u64(args[5], &alive) != 1 || !PyList_CheckExact(args[6]) ||
+        PyList_GET_SIZE(args[6]) != 64 || g_result_type == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError,
+                            "match_results(holders, tokens, n, size, seed, alive, engines[64])");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[2]), size = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *out = PyDict_New();
+    if (out == NULL || !alive || n <= 0) return out;
+    Py_ssize_t blocks[64];
+    if (match_walk((NativeMap *)args[0], args[1], n, size, seed, alive, blocks) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    /* Per engine the longest; bits in ascending order, so a tie keeps the lower bit. */
+    Py_ssize_t best[64];
+    PyObject *engine_of[64];
+    Py_hash_t engine_hash[64]; /* str hashes are cached: compared before the strings */
+    int count = 0;
+    for (u64 bits = alive; bits; bits &= bits - 1) {
+        int pos = __builtin_ctzll(bits);
+        if (blocks[pos] == 0) continue;
+        PyObject *engine = PyList_GET_ITEM(args[6], pos);
+        if (!PyUnicode_CheckExact(engine)) {
+            Py_DECREF(out);
+            PyErr_SetString(PyExc_TypeError, "match_results: a live bit without an engine");
             return NULL;
         }
+        Py_hash_t eh = PyObject_Hash(engine);
+        int k;
+        for (k = 0; k < count; k++)
+            if (engine_of[k] == engine ||
+                (engine_hash[k] == eh && PyUnicode_Compare(engine_of[k], engine) == 0))
+                break;
+        if (k == count) {
+            engine_of[count] = engine;
+            engine_hash[count] = eh;
+            best[count++] = blocks[pos];
+        } else if (blocks[pos] > best[k]) {
+            best[k] = blocks[pos];
+        }
     }
-    return lengths;
+    for (int k = 0; k < count; k++) {
+        PyObject *by_medium = PyDict_New(), *nb = PyLong_FromSsize_t(best[k]);
+        PyObject *tokens = PyLong_FromSsize_t(best[k] * size), *zero = PyLong_FromLong(0);
+        PyObject *sz = PyLong_FromSsize_t(size), *res = NULL;
+        if (by_medium && nb && tokens && zero && sz && PyDict_SetItem(by_medium, s_gpu, nb) == 0) {
+            PyObject *argv[5] = {nb, tokens, by_medium, zero, sz};
+            res = PyObject_Vectorcall(g_result_type, argv, 5, NULL);
+        }
+        Py_XDECREF(by_medium);
+        Py_XDECREF(nb);
+        Py_XDECREF(tokens);
+        Py_XDECREF(zero);
+        Py_XDECREF(sz);
+        if (res == NULL || PyDict_SetItem(out, engine_of[k], res) < 0) {
+            Py_XDECREF(res);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    return out;
 }
 
 /* ===================================================================== the module */
@@ -1849,11 +1884,11 @@ static PyMethodDef module_methods[] = {
     {"chain_hashes", (PyCFunction)(void (*)(void))py_chain_hashes, METH_FASTCALL,
      "chain_hashes(parent, token_ids, block_size) -> list[int] (index/hashing.py)."},
     {"configure", py_configure, METH_VARARGS,
-     "configure(BlockStored, BlockRemoved, IndexStateError, SourceState): the classes read."},
+     "configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult)."},
     {"apply_run", (PyCFunction)(void (*)(void))py_apply_run, METH_FASTCALL, NULL},
     {"release_all", (PyCFunction)(void (*)(void))py_release_all, METH_FASTCALL, NULL},
     {"evict_oldest", (PyCFunction)(void (*)(void))py_evict_oldest, METH_FASTCALL, NULL},
-    {"match_walk", (PyCFunction)(void (*)(void))py_match_walk, METH_FASTCALL, NULL},
+    {"match_results", (PyCFunction)(void (*)(void))py_match_results, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

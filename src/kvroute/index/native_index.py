@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvroute.core import (
-    GPU,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -37,8 +36,8 @@ NativeMap: Any = _native.NativeMap
 _apply_run = _native.apply_run
 _release_all = _native.release_all
 _evict_oldest = _native.evict_oldest
-_match_walk = _native.match_walk
-_native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState)
+_match_results = _native.match_results
+_native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult)
 
 _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
@@ -68,17 +67,20 @@ class NativePrefixIndex(PrefixIndex):
         # Block maps of cleared sources still in the holder masks under their old bit.
         self._draining: list[tuple[Any, int, str]] = []
         self._run_out: list[int] = [0] * 5  # apply_run's counts, filled in place
+        self._engine_of: list[str | None] | None = None  # match_results' bit -> engine
         self._applied_keys: dict[SourceId, tuple[tuple[str, str], tuple[str, str]]] = {}
         self._nh: Any = NativeMap()  # the holder map, typed as what it is
         self._hm.any = self._holders = self._nh
 
     def add_source(self, source: SourceId, *, engine: str, model: str) -> None:
+        self._engine_of = None
         super().add_source(source, engine=engine, model=model)
         src = self._sources[source]
         if type(src.blocks) is dict and not src.blocks:
             src.blocks = NativeMap()
 
     def remove_source(self, source: SourceId) -> None:
+        self._engine_of = None
         self._applied_keys.pop(source, None)
         super().remove_source(source)
 
@@ -178,6 +180,7 @@ class NativePrefixIndex(PrefixIndex):
         old = src.bit
         new = self._free_bits.pop() if self._free_bits else self._take_next_bit()
         src.bit = new
+        self._engine_of = None
         del self._by_bit[old]
         self._by_bit[new] = src
         self._model_bits[src.model] = (self._model_bits[src.model] & ~old) | new
@@ -265,17 +268,13 @@ class NativePrefixIndex(PrefixIndex):
             return {}
         self._spec.purge(self._clock())
         seed = self._seed(model, lora, cache_salt)
-        lengths = _match_walk(self._holders, token_ids, n, size, seed, alive)
-        # matching.py match_size's result loop for GPU-only holders: equal-length DP ranks give
-        # equal results here, so its tie rule (more on GPU, then the lower source id) is moot.
-        out: dict[str, MatchResult] = {}
-        by_bit = self._by_bit
-        for bit, blocks in lengths.items():
-            if not blocks:
-                continue
-            engine = by_bit[bit].engine
-            best = out.get(engine)
-            if best is not None and best.blocks >= blocks:
-                continue  # another DP rank of this engine matched more
-            out[engine] = MatchResult(blocks, blocks * size, {GPU: blocks}, 0, size)
+        engines = self._engine_of
+        if engines is None:  # bit position -> engine name, rebuilt after the bits change
+            engines = self._engine_of = [None] * 64
+            for bit, src in self._by_bit.items():
+                if bit < _WIDE:
+                    engines[bit.bit_length() - 1] = src.engine
+        out: dict[str, MatchResult] = _match_results(
+            self._nh, token_ids, n, size, seed, alive, engines
+        )
         return out
