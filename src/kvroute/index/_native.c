@@ -355,15 +355,15 @@ static void arr_free(void *p, size_t size) {
 
 static void *arr_realloc(void *p, size_t old, size_t size) {
     if (p == NULL) return arr_alloc(size);
-    if (old >= BIG_ARRAY) {
+    if ((old >= BIG_ARRAY) == (size >= BIG_ARRAY)) { /* same allocator on both sides */
+        if (old < BIG_ARRAY) return PyMem_Realloc(p, size);
         void *q = mremap(p, old, size, MREMAP_MAYMOVE);
         return q == MAP_FAILED ? NULL : q;
     }
-    if (size < BIG_ARRAY) return PyMem_Realloc(p, size);
-    void *q = arr_alloc(size);
+    void *q = arr_alloc(size); /* across the threshold: a fresh block of the other kind */
     if (q != NULL) {
-        memcpy(q, p, old);
-        PyMem_Free(p);
+        memcpy(q, p, old < size ? old : size);
+        arr_free(p, old);
     }
     return q;
 }
@@ -669,6 +669,20 @@ static int map_compact(NativeMap *m) {
     m->first = 0;
     for (Py_ssize_t ix = 0; ix < n; ix++) place(m, ix);
     m->version++;
+    /* Give back what a shrunken map no longer needs (a source evicted or reset to a fraction). */
+    Py_ssize_t fit = n + n / 2 + 16;
+    if (m->ecap > 2 * fit) {
+        memmove((u8 *)(m->entries + fit), m->flags, (size_t)n);
+        entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * ENTRY_BYTES, (size_t)fit * ENTRY_BYTES);
+        if (e == NULL) { /* keep the bigger block: move the flags back where they were */
+            memmove(m->flags, (u8 *)(m->entries + fit), (size_t)n);
+            PyErr_Clear();
+            return 0;
+        }
+        m->entries = e;
+        m->flags = (u8 *)(e + fit);
+        m->ecap = fit;
+    }
     return 0;
 }
 
@@ -795,8 +809,12 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
     if (ix == m->first) {
         while (m->first < m->used && !m->flags[m->first]) m->first++;
     }
-    if (m->live == 0) { /* start over: no dead entries to skip or probe past */
+    if (m->live == 0) { /* start over: nothing to skip or probe past, no memory kept */
         m->used = m->first = 0;
+        arr_free(m->entries, (size_t)m->ecap * ENTRY_BYTES);
+        m->entries = NULL;
+        m->flags = NULL;
+        m->ecap = 0;
         arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
         m->old = NULL;
         m->old_nslots = m->old_pos = 0;

@@ -213,3 +213,22 @@ def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
         assert slices < 100
     assert not index.maintain()  # nothing left: the subscriber goes back to waiting
     assert index.match("m", None, tokens)["a"].blocks == 5000
+
+
+def test_a_shrunken_map_gives_its_memory_back(native: Any) -> None:
+    m = native.NativeMap()
+    for k in range(200_000):
+        m[k] = k
+    big = m.nbytes()
+    for k in range(199_000):  # evicted down to a fraction ...
+        del m[k]
+    for k in range(300_000, 500_000):  # ... then new stores fill it: a compaction, smaller
+        m[k] = k
+        del m[k]
+    assert len(m) == 1000 and m.nbytes() < big // 4
+    assert list(m.items()) == [(k, k) for k in range(199_000, 200_000)]
+    for k in range(199_000, 200_000):
+        del m[k]
+    assert m.nbytes() < 1024  # empty: nothing kept
+    m[1] = 2
+    assert dict(m.items()) == {1: 2}
