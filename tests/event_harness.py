@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from kvroute.events import (
 )
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
+from kvroute.sim.fleet import _consecutive_free_ports
 from tests.event_streams import EngineStream
 from tests.index_impl import new_index
 
@@ -233,20 +233,9 @@ async def until(
 
 
 def free_port_pair() -> int:
-    """A port P with P and P+1 both free on 127.0.0.1 (DP rank offsets), best effort."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return int(port)
-    raise RuntimeError("no two consecutive free ports")
+    """A port P with P and P+1 both free on 127.0.0.1 (DP rank offsets), picked below the
+    ephemeral range as the simulator's fleet picks its own (kvroute/sim/fleet.py)."""
+    return _consecutive_free_ports("127.0.0.1", 2)
 
 
 class ScriptedReplay:

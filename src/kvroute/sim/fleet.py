@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,18 +53,33 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_PICK = random.SystemRandom()  # not the global generator, which a test may have seeded
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out for outgoing connections and `bind(0)`."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _consecutive_free_ports(host: str, n: int, attempts: int = 50) -> int:
-    """A base port P with P..P+n-1 all free right now (vLLM offsets DP ranks by +rank)."""
+    """A base port P with P..P+n-1 all free right now (vLLM offsets DP ranks by +rank).
+
+    The ports are bound later, by the engine's publisher: they are picked *below* the
+    ephemeral range, where no outgoing connection or `bind(0)` of another process can take them
+    meanwhile (a CI run failed on exactly that: EADDRINUSE after the bind retries)."""
+    low, _high = _ephemeral_range()
+    floor = 10_000 if low > 12_000 else 1_024
     for _ in range(attempts):
         held: list[socket.socket] = []
         try:
-            first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(first)
-            first.bind((host, 0))
-            base = int(first.getsockname()[1])
+            base = _PICK.randrange(floor, max(floor + 1, low - n))
             if base + n - 1 > 65535:
                 continue
-            for k in range(1, n):
+            for k in range(n):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 held.append(s)
                 s.bind((host, base + k))
