@@ -1935,6 +1935,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_DECREF(rnd);
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "MAX_ENTRIES", (long)MAX_ENTRIES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&NativeMapType);
     if (PyModule_AddObject(m, "NativeMap", (PyObject *)&NativeMapType) < 0) {
         Py_DECREF(&NativeMapType);

@@ -64,6 +64,10 @@ class NativePrefixIndex(PrefixIndex):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(limits, counters=counters, clock=clock)
+        # One native map holds at most MAX_ENTRIES (2^26 - 2). Half of it bounds all entries, so
+        # every map stays under it: a source's blocks, and the holder map's distinct blocks even
+        # while cleared sources still drain from it (~33 M entries, a 1.7 GB budget at most).
+        self._total_cap = min(self._total_cap, _native.MAX_ENTRIES // 2)
         # Block maps of cleared sources still in the holder masks under their old bit.
         self._draining: list[tuple[Any, int, str]] = []
         self._run_out: list[int] = [0] * 5  # apply_run's counts, filled in place

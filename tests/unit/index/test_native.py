@@ -232,3 +232,12 @@ def test_a_shrunken_map_gives_its_memory_back(native: Any) -> None:
     assert m.nbytes() < 1024  # empty: nothing kept
     m[1] = 2
     assert dict(m.items()) == {1: 2}
+
+
+def test_the_budget_never_lets_a_native_map_past_its_entry_limit(native: Any) -> None:
+    from kvroute.index import IndexLimits
+    from kvroute.index.native_index import NativePrefixIndex
+
+    huge = NativePrefixIndex(IndexLimits(max_index_bytes=1 << 40))
+    assert native.MAX_ENTRIES == (1 << 26) - 2
+    assert huge.memory()["capacity"] == native.MAX_ENTRIES // 2
