@@ -21,6 +21,7 @@ from kvroute.core import (
     DropReason,
     EventBatch,
     EventCounters,
+    LocalHash,
     MatchResult,
     SourceId,
 )
@@ -87,6 +88,10 @@ class NativePrefixIndex(PrefixIndex):
         self._engine_of = None
         self._applied_keys.pop(source, None)
         super().remove_source(source)
+
+    def _chain(self, parent: LocalHash, tokens: Sequence[int], size: int) -> list[LocalHash]:
+        out: list[LocalHash] = _native.chain_hashes(parent, tokens, size)
+        return out
 
     def _unknown_block(self, src: SourceState) -> None:
         # Called from the C remove loop: the reference's count for a hash the source lacks.
@@ -255,13 +260,7 @@ class NativePrefixIndex(PrefixIndex):
         cache_salt: str | None = None,
     ) -> dict[str, MatchResult]:
         sizes = self._parts.get((model, lora))
-        if (
-            not sizes
-            or len(sizes) != 1
-            or self._nongpu
-            or any(self._spec_by_engine.values())
-            or self._nh.objects()
-        ):
+        if not sizes or len(sizes) != 1 or self._nongpu or self._nh.objects():
             return super().match(model, lora, token_ids, cache_salt=cache_salt)
         ((size, bits),) = sizes.items()
         alive = bits & ~self._stale_bits
@@ -270,7 +269,8 @@ class NativePrefixIndex(PrefixIndex):
             if alive >= _WIDE:
                 return super().match(model, lora, token_ids, cache_salt=cache_salt)
             return {}
-        self._spec.purge(self._clock())
+        now = self._clock()
+        self._spec.purge(now)
         seed = self._seed(model, lora, cache_salt)
         engines = self._engine_of
         if engines is None:  # bit position -> engine name, rebuilt after the bits change
@@ -281,4 +281,35 @@ class NativePrefixIndex(PrefixIndex):
         out: dict[str, MatchResult] = _match_results(
             self._nh, token_ids, n, size, seed, alive, engines
         )
+        if any(self._spec_by_engine.values()):
+            self._add_speculative_blocks(out, token_ids, n, size, seed, now)
         return out
+
+    def _add_speculative_blocks(
+        self,
+        out: dict[str, MatchResult],
+        token_ids: Sequence[int],
+        n: int,
+        size: int,
+        seed: int,
+        now: float,
+    ) -> None:
+        # matching.py match_size's speculative part, over hashes from the C chain: per engine
+        # with entries, the leading blocks confirmed or routed there within the TTL.
+        hashes = _native.chain_hashes(seed, token_ids[: n * size], size)
+        for engine, entries in self._spec_by_engine.items():
+            if not entries:
+                continue
+            confirmed = out.get(engine)
+            covered = confirmed.blocks if confirmed is not None else 0
+            j = 0
+            while j < n and (j < covered or entries.get(hashes[j], 0.0) > now):
+                j += 1
+            if j == 0:
+                continue
+            if confirmed is None:
+                out[engine] = MatchResult(0, 0, {}, j, size)
+            else:
+                out[engine] = MatchResult(
+                    confirmed.blocks, confirmed.tokens, confirmed.by_medium, j, size
+                )

@@ -310,6 +310,11 @@ class PrefixIndex:
         self._holders[local] = m | src.bit
         return 0 if m else 1
 
+    def _chain(self, parent: LocalHash, tokens: Sequence[int], size: int) -> list[LocalHash]:
+        """The chained block hash of stores and speculative entries (native_index.py has its
+        own, same results)."""
+        return chain_hashes(parent, tokens, size)
+
     def _seed(self, model: str, lora: str | None, salt: str | None) -> int:
         key = (model, lora, salt)
         seed = self._seeds.get(key)
@@ -366,7 +371,7 @@ class PrefixIndex:
                     packed.byteswap()
                 local = xxh3_64_intdigest(packed, start)
             else:
-                locals_: list[int] = chain_hashes(LocalHash(start), tokens, bs)  # type: ignore[assignment]
+                locals_: list[int] = self._chain(LocalHash(start), tokens, bs)  # type: ignore[assignment]
         except (IndexStateError, OverflowError, TypeError):
             self.counters.drop(src.sid, DropReason.MALFORMED)
             return False
@@ -635,5 +640,5 @@ class PrefixIndex:
             # At most `limit` leading blocks, so evicting older entries never takes this
             # prompt's block 0.
             head = token_ids if len(token_ids) <= limit * size else token_ids[: limit * size]
-            chains.append(chain_hashes(seed, head, size))
+            chains.append(self._chain(seed, head, size))
         self._spec.add(engine, chains)
