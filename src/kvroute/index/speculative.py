@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
 
 __all__ = ["SpeculativeEntries"]
+
+
+class _Fifo:
+    """One engine's entries in the order they were added: expiry times and local hashes in two
+    parallel deques (extended a chain at a time, without a tuple per block)."""
+
+    __slots__ = ("at", "local")
+
+    def __init__(self) -> None:
+        self.at: deque[float] = deque()
+        self.local: deque[int] = deque()
 
 
 class SpeculativeEntries:
@@ -20,36 +32,42 @@ class SpeculativeEntries:
         self.max_per_engine = max_per_engine
         self._clock = clock
         self.by_engine: dict[str, dict[int, float]] = {}
-        self._fifo: dict[str, deque[tuple[float, int]]] = {}
+        self._fifo: dict[str, _Fifo] = {}
 
     def add(self, engine: str, chains: Iterable[Iterable[int]]) -> None:
         """Add block hashes routed to `engine` now; the oldest entries go beyond the bound."""
         now = self._clock()
         expiry = now + self.ttl_s
         entries = self.by_engine.setdefault(engine, {})
-        fifo = self._fifo.setdefault(engine, deque())
+        fifo = self._fifo.get(engine)
+        if fifo is None:
+            fifo = self._fifo[engine] = _Fifo()
         _purge(entries, fifo, now)
         for chain in chains:
-            for local in chain:
-                entries[local] = expiry
-                fifo.append((expiry, local))
+            chain = chain if isinstance(chain, list) else list(chain)
+            entries.update(dict.fromkeys(chain, expiry))
+            fifo.local.extend(chain)
+            fifo.at.extend(repeat(expiry, len(chain)))
         limit = self.max_per_engine
-        while len(entries) > limit and fifo:
-            at, local = fifo.popleft()
+        while len(entries) > limit and fifo.at:
+            at, local = fifo.at.popleft(), fifo.local.popleft()
             if entries.get(local) == at:
                 del entries[local]
-        if len(fifo) > 2 * limit + 1024:  # re-adds leave superseded FIFO items behind
-            self._fifo[engine] = deque(sorted((at, k) for k, at in entries.items()))
+        if len(fifo.at) > 2 * limit + 1024:  # re-adds leave superseded FIFO items behind
+            live = sorted((at, k) for k, at in entries.items())
+            fifo.at = deque(at for at, _ in live)
+            fifo.local = deque(k for _, k in live)
 
     def purge(self, now: float) -> None:
         """Drop every entry expired at `now`."""
         for engine, fifo in self._fifo.items():
-            if fifo and fifo[0][0] <= now:
+            if fifo.at and fifo.at[0] <= now:
                 _purge(self.by_engine[engine], fifo, now)
 
 
-def _purge(entries: dict[int, float], fifo: deque[tuple[float, int]], now: float) -> None:
-    while fifo and fifo[0][0] <= now:
-        at, local = fifo.popleft()
+def _purge(entries: dict[int, float], fifo: _Fifo, now: float) -> None:
+    at_q, local_q = fifo.at, fifo.local
+    while at_q and at_q[0] <= now:
+        at, local = at_q.popleft(), local_q.popleft()
         if entries.get(local) == at:
             del entries[local]
