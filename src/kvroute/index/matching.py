@@ -134,13 +134,14 @@ def match_size(
             if not entries:
                 continue
             confirmed = out.get(engine)
-            covered = confirmed.blocks if confirmed is not None else 0
-            j = 0
+            # Confirmed blocks count as covered: look for speculative ones only past them (every
+            # engine routed to within the TTL has entries; a walk from 0 for each was the cost).
+            j = confirmed.blocks if confirmed is not None else 0
             while j < n:
                 if j >= len(hashes):  # the confirmed walk stopped early: hash the rest
                     parent = LocalHash(hashes[-1] if hashes else seed)
                     hashes += chain_hashes(parent, token_ids[j * size : n * size], size)
-                if j < covered or entries.get(hashes[j], 0.0) > now:
+                if entries.get(hashes[j], 0.0) > now:
                     j += 1
                 else:
                     break

@@ -301,9 +301,8 @@ class NativePrefixIndex(PrefixIndex):
             if not entries:
                 continue
             confirmed = out.get(engine)
-            covered = confirmed.blocks if confirmed is not None else 0
-            j = 0
-            while j < n and (j < covered or entries.get(hashes[j], 0.0) > now):
+            j = confirmed.blocks if confirmed is not None else 0  # confirmed blocks are covered
+            while j < n and entries.get(hashes[j], 0.0) > now:
                 j += 1
             if j == 0:
                 continue
