@@ -1258,7 +1258,8 @@ static PyTypeObject *g_state_type;
 static PyObject *g_result_type; /* core.MatchResult, built by match_results */
 static Py_ssize_t off_s_last_size, off_s_last_lora, off_s_seeds, off_s_dups, off_s_aliases,
     off_s_media;
-static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm;
+static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm,
+    *s_blocks;
 
 static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
     PyObject *descr = PyObject_GetAttrString((PyObject *)tp, name);
@@ -1894,6 +1895,59 @@ static PyObject *py_match_results(PyObject *mod, PyObject *const *args, Py_ssize
     return out;
 }
 
+/* spec_extend(hashes, n, spec_by_engine, out, now) -> {engine: blocks}: matching.py
+ * match_size's speculative part, counting only: per engine with entries, the leading blocks of
+ * the prompt (`hashes`, its chained block hashes) that its confirmed result in `out` covers or
+ * that were routed there and have not expired at `now`; engines with none are left out. */
+static PyObject *py_spec_extend(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyDict_Check(args[2]) ||
+        !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "spec_extend(hashes, n, spec_by_engine, out, now)");
+        return NULL;
+    }
+    PyObject *hashes = args[0], *spec = args[2], *out = args[3];
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    double now = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (n > PyList_GET_SIZE(hashes)) n = PyList_GET_SIZE(hashes);
+    PyObject *result = PyDict_New();
+    if (result == NULL) return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *engine, *entries;
+    while (PyDict_Next(spec, &pos, &engine, &entries)) {
+        if (!PyDict_Check(entries) || PyDict_GET_SIZE(entries) == 0) continue;
+        Py_ssize_t j = 0;
+        PyObject *confirmed = PyDict_GetItemWithError(out, engine);
+        if (confirmed != NULL) {
+            PyObject *blocks = PyObject_GetAttr(confirmed, s_blocks);
+            j = blocks ? PyLong_AsSsize_t(blocks) : -1;
+            Py_XDECREF(blocks);
+        }
+        if (PyErr_Occurred()) goto fail;
+        while (j < n) { /* entries are read only: nothing here runs Python code */
+            PyObject *at = PyDict_GetItemWithError(entries, PyList_GET_ITEM(hashes, j));
+            if (at == NULL) {
+                if (PyErr_Occurred()) goto fail;
+                break;
+            }
+            double expiry = PyFloat_AsDouble(at);
+            if (expiry == -1.0 && PyErr_Occurred()) goto fail;
+            if (!(expiry > now)) break;
+            j++;
+        }
+        if (j > 0) {
+            PyObject *v = PyLong_FromSsize_t(j);
+            int bad = v == NULL || PyDict_SetItem(result, engine, v) < 0;
+            Py_XDECREF(v);
+            if (bad) goto fail;
+        }
+    }
+    return result;
+fail:
+    Py_DECREF(result);
+    return NULL;
+}
+
 /* ===================================================================== the module */
 
 static PyMethodDef module_methods[] = {
@@ -1907,6 +1961,7 @@ static PyMethodDef module_methods[] = {
     {"release_all", (PyCFunction)(void (*)(void))py_release_all, METH_FASTCALL, NULL},
     {"evict_oldest", (PyCFunction)(void (*)(void))py_evict_oldest, METH_FASTCALL, NULL},
     {"match_results", (PyCFunction)(void (*)(void))py_match_results, METH_FASTCALL, NULL},
+    {"spec_extend", (PyCFunction)(void (*)(void))py_spec_extend, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1924,7 +1979,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&NativeMapType) < 0 || PyType_Ready(&MapIterType) < 0) return NULL;
     if (intern(&s_gpu, "GPU") || intern(&s_store_again, "_store_again_gpu") ||
         intern(&s_hold_again, "hold_again_gpu") || intern(&s_release, "release") ||
-        intern(&s_unknown_block, "_unknown_block") || intern(&s_hm, "_hm"))
+        intern(&s_unknown_block, "_unknown_block") || intern(&s_hm, "_hm") ||
+        intern(&s_blocks, "blocks"))
         return NULL;
     /* A per-process seed for slot hashing: not secret from the process, unknown to engines. */
     PyObject *os = PyImport_ImportModule("os");

@@ -38,6 +38,7 @@ _apply_run = _native.apply_run
 _release_all = _native.release_all
 _evict_oldest = _native.evict_oldest
 _match_results = _native.match_results
+_spec_extend = _native.spec_extend
 _native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult)
 
 _STORED = "BlockStored"
@@ -297,15 +298,8 @@ class NativePrefixIndex(PrefixIndex):
         # matching.py match_size's speculative part, over hashes from the C chain: per engine
         # with entries, the leading blocks confirmed or routed there within the TTL.
         hashes = _native.chain_hashes(seed, token_ids[: n * size], size)
-        for engine, entries in self._spec_by_engine.items():
-            if not entries:
-                continue
+        for engine, j in _spec_extend(hashes, n, self._spec_by_engine, out, now).items():
             confirmed = out.get(engine)
-            j = confirmed.blocks if confirmed is not None else 0  # confirmed blocks are covered
-            while j < n and entries.get(hashes[j], 0.0) > now:
-                j += 1
-            if j == 0:
-                continue
             if confirmed is None:
                 out[engine] = MatchResult(0, 0, {}, j, size)
             else:
