@@ -142,7 +142,7 @@ class SourceTracker:
     def idle(self) -> bool:
         """The socket is drained: let the index do deferred upkeep (a bounded slice; table
         growth, cleared sources). True while it has more: the caller yields and calls again."""
-        return self._index.maintain()
+        return self._index.maintain(self.source)
 
     def next_deadline(self) -> float | None:
         """When `tick` has work next (clock time), or None."""
@@ -219,23 +219,19 @@ class SourceTracker:
     def _apply(self, seq: int, payload: bytes) -> None:
         """Decode and apply the batch that follows `last` (or is the new base).
 
-        The path of every live message: `_decode`'s common case is inlined, and the counters are
-        plain ints (no per-batch Prometheus call; metrics.py reads them at scrape time).
+        The path of every live message: the counters are plain ints (no per-batch Prometheus
+        call; metrics.py reads them at scrape time).
         """
         self._batches[self._src] += 1
         self.last = seq
         self._last_batch_t = self._clock()
-        try:
-            batch = self._decoder.decode(payload)
-        except WireError:
+        batch = self._decode(payload)
+        if batch is None:
             # The seq is consumed; a replay would repeat the same bytes, so only a reset or an
             # AllBlocksCleared can make this source consistent again.
-            self._counters.drop(self._src, DropReason.MALFORMED)
             self._malformed_stale = True
             self._update_stale()
             return
-        if batch.skipped_events or batch.unsupported_events:
-            self._count_skipped(batch)
         rank = batch.data_parallel_rank
         if rank is not None and rank != self._rank:
             self._counters.rank_mismatches[self._src] += 1
@@ -246,7 +242,7 @@ class SourceTracker:
     def _decode(self, payload: bytes) -> EventBatch | None:
         """The batch, None if it cannot be decoded; malformed batches, event kinds the decoder
         skipped and stores it could not reproduce are counted (pinned by
-        tests/e2e/gateway/test_metric_labels.py). `_apply` inlines it."""
+        tests/e2e/gateway/test_metric_labels.py)."""
         try:
             batch = self._decoder.decode(payload)
         except WireError:
