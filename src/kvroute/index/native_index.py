@@ -168,7 +168,7 @@ class NativePrefixIndex(PrefixIndex):
 
     def _plain(self, src: SourceState) -> bool:
         """Whether the C loops may take `src`: GPU only, no aliases, a bit under 64."""
-        return not (src.media or src.aliases) and src.bit < _WIDE and not self._nh.objects()
+        return not (src.media or src.aliases) and self._native_ok(src)
 
     def _clear_source(self, src: SourceState) -> None:
         blocks = src.blocks
@@ -222,21 +222,19 @@ class NativePrefixIndex(PrefixIndex):
         out["allocated"] = sum(m.nbytes() for m in maps if type(m) is NativeMap)
         return out
 
-    def maintain(self) -> bool:
-        """Idle-time upkeep, a bounded slice per call (~0.1 ms): move slots of growing tables
-        (inserts move some too, so growth finishes either way) and drain cleared sources."""
-        budget = _MAINTAIN_SLOTS
-        more = False
-        for m in (self._nh, *(s.blocks for s in self._sources.values())):
-            if budget <= 0:
+    def maintain(self, source: SourceId) -> bool:
+        """Idle-time upkeep for `source`, whose socket is empty: a bounded slice (~0.1 ms) of
+        the growth of the holder map or of the source's own block map (only its inserts grow
+        it; inserts move slots too, so growth finishes either way), else of draining cleared
+        sources. True while more remains."""
+        src = self._sources.get(source)
+        maps: list[Any] = [self._nh] if src is None else [self._nh, src.blocks]
+        for m in maps:
+            if type(m) is NativeMap and m.migrate_some(_MAINTAIN_SLOTS):
                 return True
-            if type(m) is NativeMap and m.migrate_some(budget):
-                more = True
-                budget = 0
         if self._draining:
             self._drain(self.drain_per_batch)
-            more = more or bool(self._draining)
-        return more
+        return bool(self._draining)
 
     def blocks_by_model(self) -> dict[str, int]:
         self._drain(1 << 62)  # exact counts: a scrape after a clear pays the rest of the drain
@@ -265,10 +263,10 @@ class NativePrefixIndex(PrefixIndex):
             return super().match(model, lora, token_ids, cache_salt=cache_salt)
         ((size, bits),) = sizes.items()
         alive = bits & ~self._stale_bits
+        if alive >= _WIDE:
+            return super().match(model, lora, token_ids, cache_salt=cache_salt)
         n = len(token_ids) // size
-        if not n or alive >= _WIDE:
-            if alive >= _WIDE:
-                return super().match(model, lora, token_ids, cache_salt=cache_salt)
+        if not n:
             return {}
         now = self._clock()
         self._spec.purge(now)

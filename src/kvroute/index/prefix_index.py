@@ -555,9 +555,9 @@ class PrefixIndex:
         src = self._sources.get(source)
         return len(src.blocks) if src is not None else 0
 
-    def maintain(self) -> bool:
-        """Deferred upkeep for idle moments; True while more remains (the reference has none:
-        see NativePrefixIndex.maintain)."""
+    def maintain(self, source: SourceId) -> bool:
+        """Deferred upkeep while `source`'s socket is empty; True while more remains (the
+        reference has none: see NativePrefixIndex.maintain)."""
         return False
 
     def memory(self) -> dict[str, int]:

@@ -208,10 +208,10 @@ def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
     tokens = list(range(4 * 5000))
     index.apply(a, EventBatch(0.0, [BlockStored(list(range(1, 5001)), None, tokens, 4)]))
     slices = 0
-    while index.maintain():
+    while index.maintain(a):
         slices += 1
         assert slices < 100
-    assert not index.maintain()  # nothing left: the subscriber goes back to waiting
+    assert not index.maintain(a)  # nothing left: the subscriber goes back to waiting
     assert index.match("m", None, tokens)["a"].blocks == 5000
 
 
