@@ -1,5 +1,7 @@
-"""How much of decoding is creating token ints: the ingest workload's payloads decoded by
-`BatchDecoder` and by a Struct that keeps `token_ids` as `msgspec.Raw`.
+"""What leaving token ids as msgpack bytes saves: the ingest workload's payloads decoded by
+`BatchDecoder()` (a Python int per token) and `BatchDecoder(raw_tokens=True)` (the native index
+reads the bytes), each then applied to a fresh native index; CPU µs per event, decode and
+apply apart, best of 3, the two modes interleaved so load on the machine hits both alike.
 
 See docs/notes/issue-12-next.md.
 
@@ -9,59 +11,49 @@ See docs/notes/issue-12-next.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-
-import msgspec
 
 from kvroute.bench.ingest_workload import ChainedWorkload
+from kvroute.core import EventCounters
 from kvroute.events import BatchDecoder, VllmEventBatch, encode_batch
 
-
-class _Stored(msgspec.Struct, tag_field="type", tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None = None
-    token_ids: msgspec.Raw = msgspec.Raw(b"")
-    block_size: int = 0
-    lora_id: int | None = None
-    medium: str | None = None
-    lora_name: str | None = None
-    extra_keys: msgspec.Raw | None = None
-    group_idx: int | None = None
-    lookahead_token_ids: msgspec.Raw | None = None
+EVENTS = 100_000
 
 
-class _Removed(msgspec.Struct, tag_field="type", tag="BlockRemoved"):
-    block_hashes: list[int]
-    medium: str | None = None
-    group_idx: int | None = None
+def _run(payloads: list[bytes], raw: bool) -> tuple[float, float]:
+    from kvroute.index.native_index import NativePrefixIndex
 
-
-class _Batch(msgspec.Struct, array_like=True):
-    ts: float
-    events: list[_Stored | _Removed]
-    data_parallel_rank: int | None = None
-
-
-def _best_us_per_event(decode: Callable[[bytes], object], payloads: list[bytes], per: int) -> float:
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for p in payloads:
-            decode(p)
-        best = min(best, (time.perf_counter() - t) / len(payloads) / per * 1e6)
-    return best
+    decoder = BatchDecoder(raw_tokens=raw)
+    index = NativePrefixIndex(counters=EventCounters())
+    index.add_source("bench/0", engine="bench", model="m")
+    decode = apply = 0.0
+    for p in payloads:
+        t0 = time.thread_time()
+        batch = decoder.decode(p)
+        t1 = time.thread_time()
+        index.apply("bench/0", batch)
+        apply += time.thread_time() - t1
+        decode += t1 - t0
+    return decode, apply
 
 
 def main() -> None:
-    workload = ChainedWorkload()
-    raw = msgspec.msgpack.Decoder(_Batch)
+    print("events/msg  mode       decode µs/ev  apply µs/ev  total µs/ev")
     for per in (1, 10, 50):
+        workload = ChainedWorkload()
         payloads = [
-            encode_batch(VllmEventBatch(ts=1.0, events=workload.events(per))) for _ in range(2000)
+            encode_batch(VllmEventBatch(ts=1.0, events=workload.events(per)))
+            for _ in range(EVENTS // per)
         ]
-        typed = _best_us_per_event(BatchDecoder().decode, payloads, per)
-        untouched = _best_us_per_event(raw.decode, payloads, per)
-        print(f"{per:>3} events/msg: today {typed:.2f} µs/event, token_ids as Raw {untouched:.2f}")
+        best: dict[bool, tuple[float, float]] = {}
+        for _ in range(3):
+            for raw in (False, True):
+                got = _run(payloads, raw)
+                if raw not in best or sum(got) < sum(best[raw]):
+                    best[raw] = got
+        for raw in (False, True):
+            d, a = (x / EVENTS * 1e6 for x in best[raw])
+            mode = "raw bytes" if raw else "int lists"
+            print(f"{per:>10}  {mode:<9}  {d:>12.2f}  {a:>11.2f}  {d + a:>11.2f}")
 
 
 if __name__ == "__main__":

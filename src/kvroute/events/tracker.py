@@ -83,7 +83,7 @@ class SourceTracker:
         self._timings = timings
         self._clock = clock
         self._has_replay = spec.replay_endpoint is not None
-        self._decoder = BatchDecoder()
+        self._decoder = BatchDecoder(raw_tokens=index.raw_tokens)
         self.last: int | None = None
         # The previous live seq of the engine process we are following (None: not known). A live
         # stream only rises; it survives a resync (same process), not a restart or disconnect.
@@ -191,7 +191,7 @@ class SourceTracker:
         self._need_bootstrap = True
         self._live_bootstrap = False
         self._pending = None
-        self._decoder = BatchDecoder()
+        self._decoder = BatchDecoder(raw_tokens=self._index.raw_tokens)
         self._clear_stale()
 
     # --- connection -------------------------------------------------------------------------

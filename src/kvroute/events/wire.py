@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeAlias
 
 import msgspec
@@ -131,6 +132,21 @@ class _MapBlockStored(BlockStored, frozen=True, gc=False, tag="BlockStored"):
 
 
 _CORE_STORED_FIELDS: Final = BlockStored.__struct_fields__
+_NIL: Final = msgspec.Raw(b"\xc0")
+
+
+class _RawMapBlockStored(_MapBlockStored, frozen=True, gc=False, tag="BlockStored"):
+    """`_MapBlockStored` with `token_ids` left as the msgpack bytes of the array, for an index
+    that reads them itself (`PrefixIndex.raw_tokens`): creating a Python int per token id was
+    the largest part of decoding (docs/design.md §2)."""
+
+    token_ids: msgspec.Raw = _NIL  # type: ignore[assignment]
+
+
+class _RawMapEventBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_RawMapBlockStored | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
 
 
 class _MapEventBatch(msgspec.Struct, array_like=True, gc=False):
@@ -146,21 +162,60 @@ class _VllmMapEventBatch(msgspec.Struct, array_like=True, gc=False):
 
 
 _map_decoder: Final = msgspec.msgpack.Decoder(_MapEventBatch)
+_raw_map_decoder: Final = msgspec.msgpack.Decoder(_RawMapEventBatch)
 _array_decoder: Final = msgspec.msgpack.Decoder(_ArrayEventBatch)
 _vllm_map_decoder: Final = msgspec.msgpack.Decoder(_VllmMapEventBatch)
 _untyped_decoder: Final = msgspec.msgpack.Decoder()
-_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError)
+# RecursionError: msgspec skipping a deeply nested value it does not keep (extra_keys, raw token
+# ids) can hit the recursion limit; pinned by test_deeply_nested_*.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError, RecursionError)
 
 
 def _decode_map(payload: bytes) -> EventBatch:
     raw = _map_decoder.decode(payload)
-    events = raw.events
+    return _map_batch(raw.ts, raw.events, raw.data_parallel_rank, _MapBlockStored, None)
+
+
+_Decode: TypeAlias = Callable[[bytes], EventBatch]
+
+
+def _raw_map_decode() -> _Decode:
+    """`_decode_map` with plain stores' `token_ids` left as msgpack bytes, for an index with
+    `raw_tokens` (only the native one, so its module is imported here, not at import time)."""
+    from kvroute.index.native_index import TOKENS_BAD, TOKENS_U32, listed_tokens, token_verdict
+
+    decoder = _raw_map_decoder.decode
+
+    def decode(payload: bytes) -> EventBatch:
+        raw = decoder(payload)
+        events: list[Any] = raw.events
+        verdict = token_verdict(events)
+        if verdict != TOKENS_U32:
+            # As the typed decode does, refuse the whole batch when one store's token ids are
+            # not `list[int] | None`; nil or ints past uint32 the index reads as Python ints.
+            if verdict == TOKENS_BAD:
+                raise ValueError("token_ids: expected an array of ints")
+            events = [listed_tokens(e) for e in events]
+        rank = raw.data_parallel_rank
+        return _map_batch(raw.ts, events, rank, _RawMapBlockStored, listed_tokens)
+
+    return decode
+
+
+def _map_batch(
+    ts: float,
+    events: list[Any],
+    rank: int | None,
+    stored_type: type[_MapBlockStored],
+    listed: Callable[[Any], Any] | None,
+) -> EventBatch:
     # The common case: nothing to judge, nothing to copy. The checks are normalise_events'
     # "plain text" and "upper-case medium" tests, inlined on the hot path (a call per event
     # cost up to 10%); test_decode_batch_is_the_normalised_vllm_batch_on_fixtures and the wire
     # fuzz test keep the two in step.
+    e: Any
     for e in events:
-        if type(e) is _MapBlockStored:
+        if type(e) is stored_type:
             keys = e.extra_keys
             medium = e.medium
             if (
@@ -178,9 +233,11 @@ def _decode_map(payload: bytes) -> EventBatch:
                 continue
             break
     else:
-        return EventBatch(raw.ts, events, raw.data_parallel_rank)  # type: ignore[arg-type]
-    normal, unsupported = normalise_events(events, _MapBlockStored, BlockRemoved, AllBlocksCleared)
-    return EventBatch(raw.ts, normal, raw.data_parallel_rank, 0, unsupported)
+        return EventBatch(ts, events, rank)
+    if listed is not None:  # the verdict reads token ids as ints (rare: LoRA, extra keys)
+        events = [listed(e) for e in events]
+    normal, unsupported = normalise_events(events, stored_type, BlockRemoved, AllBlocksCleared)
+    return EventBatch(ts, normal, rank, 0, unsupported)
 
 
 def _decode_array(payload: bytes) -> EventBatch:
@@ -201,8 +258,13 @@ class BatchDecoder:
 
     __slots__ = ("_fast",)
 
-    def __init__(self) -> None:
-        self._fast = (_decode_map, _decode_array)
+    def __init__(self, *, raw_tokens: bool = False) -> None:
+        """`raw_tokens`: plain map stores keep `token_ids` as msgpack bytes (`msgspec.Raw`), for
+        an index whose `raw_tokens` is True (index/native_index.py reads them in C)."""
+        self._fast: tuple[_Decode, _Decode] = (
+            _raw_map_decode() if raw_tokens else _decode_map,
+            _decode_array,
+        )
 
     def decode(self, payload: bytes) -> EventBatch:
         first, second = self._fast

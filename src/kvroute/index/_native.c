@@ -14,8 +14,9 @@
  *      match walk, clearing and evicting a source. Each mirrors a loop of
  *      index/prefix_index.py (the reference model) and hands anything unusual back to it.
  *
- * Native code never parses untrusted bytes: events arrive decoded by msgspec
- * (events/wire.py); here they are read as Python objects of known types.
+ * Events arrive decoded by msgspec (events/wire.py) and are read here as Python objects of
+ * known types, with one exception: a BlockStored's token ids may arrive as the msgpack bytes
+ * of their array, which `tok_scan` reads (bounds-checked, fuzzed under ASan).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -335,6 +336,182 @@ static void scratch_free(scratch_t *s) {
     if (s->heap) PyMem_Free(s->heap);
 }
 
+/* ============================================================ msgpack token arrays */
+
+/* The one place native code reads untrusted bytes. events/wire.py decodes a BlockStored's
+ * `token_ids` as msgspec.Raw (the bytes of one msgpack object) when the index is native, so
+ * no Python int is made per token; this reads them. Every read is bounds-checked against
+ * `len`; tests/native_asan.sh fuzzes it under AddressSanitizer against msgspec's own decode
+ * (tests/unit/index/test_native_tokens.py). Accepted: nil, or an array (fix, 16, 32) of
+ * msgpack ints (fixints, uint8..64, int8..64), exactly what msgspec decodes as
+ * `list[int] | None`. */
+enum { TOK_BAD = -1, TOK_U32 = 0, TOK_NIL = 1, TOK_WIDE = 2 };
+
+static inline u64 be_read(const u8 *p, int n) {
+    u64 v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* One msgpack int at p[*pos] (< len): 1 and *v, *neg on success, 0 if not an int or cut.
+ * Each width is spelled out: token ids are mostly fixints and uint16/uint32 (a generic
+ * width loop cost ~4 ns per token). */
+static inline int tok_int(const u8 *p, size_t len, size_t *pos, u64 *v, int *neg) {
+    const u8 *q = p + *pos;
+    size_t left = len - *pos - 1; /* bytes after the type byte */
+    u8 b = q[0];
+    *neg = 0;
+    if (b <= 0x7f) {
+        *v = b;
+        *pos += 1;
+        return 1;
+    }
+    if (b >= 0xe0) {
+        *v = (u64)(int64_t)(int8_t)b;
+        *neg = 1;
+        *pos += 1;
+        return 1;
+    }
+    int64_t s;
+    switch (b) {
+    case 0xcd:
+        if (left < 2) return 0;
+        *v = ((u64)q[1] << 8) | q[2];
+        *pos += 3;
+        return 1;
+    case 0xce:
+        if (left < 4) return 0;
+        *v = ((u64)q[1] << 24) | ((u64)q[2] << 16) | ((u64)q[3] << 8) | q[4];
+        *pos += 5;
+        return 1;
+    case 0xcc:
+        if (left < 1) return 0;
+        *v = q[1];
+        *pos += 2;
+        return 1;
+    case 0xcf:
+        if (left < 8) return 0;
+        *v = be_read(q + 1, 8);
+        *pos += 9;
+        return 1;
+    case 0xd0:
+        if (left < 1) return 0;
+        s = (int8_t)q[1];
+        *pos += 2;
+        break;
+    case 0xd1:
+        if (left < 2) return 0;
+        s = (int16_t)(uint16_t)(((unsigned)q[1] << 8) | q[2]);
+        *pos += 3;
+        break;
+    case 0xd2:
+        if (left < 4) return 0;
+        s = (int32_t)(u32)be_read(q + 1, 4);
+        *pos += 5;
+        break;
+    case 0xd3:
+        if (left < 8) return 0;
+        s = (int64_t)be_read(q + 1, 8);
+        *pos += 9;
+        break;
+    default:
+        return 0;
+    }
+    *v = (u64)s;
+    *neg = s < 0;
+    return 1;
+}
+
+/* Scan one msgpack object. TOK_U32: an array of ints in [0, 2**32), *count of them, written
+ * big-endian to `out` when *count <= cap (out may be NULL); TOK_NIL: nil; TOK_WIDE: an array
+ * of ints some of which are outside [0, 2**32) (msgspec takes them, the index counts the store
+ * malformed); TOK_BAD: anything else, including trailing bytes. */
+static int tok_scan(const u8 *p, size_t len, u8 *out, Py_ssize_t cap, Py_ssize_t *count) {
+    *count = 0;
+    if (len == 0) return TOK_BAD;
+    u8 b = p[0];
+    size_t pos, n;
+    if (b == 0xc0) return len == 1 ? TOK_NIL : TOK_BAD;
+    if (b >= 0x90 && b <= 0x9f) {
+        n = b & 0x0f;
+        pos = 1;
+    } else if (b == 0xdc && len >= 3) {
+        n = (size_t)be_read(p + 1, 2);
+        pos = 3;
+    } else if (b == 0xdd && len >= 5) {
+        n = (size_t)be_read(p + 1, 4);
+        pos = 5;
+    } else {
+        return TOK_BAD;
+    }
+    if (n > len - pos) return TOK_BAD; /* every int takes at least a byte */
+    int wide = 0;
+    if (out != NULL && (Py_ssize_t)n > cap) out = NULL;
+    for (size_t i = 0; i < n; i++) {
+        u64 v;
+        int neg;
+        if (pos >= len || !tok_int(p, len, &pos, &v, &neg)) return TOK_BAD;
+        if (neg || v > 0xFFFFFFFFULL) {
+            wide = 1;
+            out = NULL;
+            continue;
+        }
+        if (out != NULL) {
+            u32 be = (u32)v;
+#if !HOST_BIG_ENDIAN
+            be = __builtin_bswap32(be);
+#endif
+            memcpy(out + 4 * i, &be, 4);
+        }
+    }
+    if (pos != len) return TOK_BAD;
+    *count = (Py_ssize_t)n;
+    return wide ? TOK_WIDE : TOK_U32;
+}
+
+/* token_scan(raw) -> (status, count): tok_scan over a bytes-like object, for the tests. */
+static PyObject *py_token_scan(PyObject *mod, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t count;
+    int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(in)", status, count);
+}
+
+/* token_list(raw) -> list[int] | None: msgspec's `list[int] | None` of the same bytes, for the
+ * paths that read token ids as Python ints (the reference model's branches). ValueError when
+ * the bytes are not that. */
+static PyObject *py_token_list(PyObject *mod, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const u8 *p = view.buf;
+    size_t len = (size_t)view.len;
+    Py_ssize_t n;
+    PyObject *out = NULL;
+    int status = tok_scan(p, len, NULL, 0, &n);
+    if (status == TOK_NIL) {
+        out = Py_NewRef(Py_None);
+    } else if (status == TOK_BAD) {
+        PyErr_SetString(PyExc_ValueError, "token_ids: expected a msgpack array of ints or nil");
+    } else if ((out = PyList_New(n)) != NULL) {
+        size_t pos = p[0] <= 0x9f ? 1 : p[0] == 0xdc ? 3 : 5;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            u64 v;
+            int neg;
+            tok_int(p, len, &pos, &v, &neg); /* validated by tok_scan */
+            PyObject *o = neg ? PyLong_FromLongLong((long long)v) : PyLong_FromUnsignedLongLong(v);
+            if (o == NULL) {
+                Py_CLEAR(out);
+                break;
+            }
+            PyList_SET_ITEM(out, i, o);
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* Arrays of a map: big ones straight from mmap, so growth is an mremap (no copy, no second
  * resident copy) and a freed table goes back to the system at once; small ones from PyMem. */
 #define BIG_ARRAY ((size_t)1 << 18)
@@ -604,8 +781,7 @@ static int32_t *new_table(Py_ssize_t n) {
     return t;
 }
 
-static inline void place(NativeMap *m, Py_ssize_t ix) {
-    u64 h = entry_slot_hash(m, ix);
+static inline void place_hashed(NativeMap *m, Py_ssize_t ix, u64 h) {
     size_t n = (size_t)m->nslots, i = home(h, n);
     while (m->slots[i] > 0)
         if (++i == n) i = 0;
@@ -613,19 +789,36 @@ static inline void place(NativeMap *m, Py_ssize_t ix) {
     m->slots[i] = SLOT_OF(ix, h);
 }
 
-/* Move up to `n` slots of the old table into the current one. */
+static inline void place(NativeMap *m, Py_ssize_t ix) { place_hashed(m, ix, entry_slot_hash(m, ix)); }
+
+/* Move up to `n` slots of the old table into the current one. A batch of
+ * MIGRATE_STEP is hashed first and its new home slots prefetched together, so their cache
+ * misses overlap instead of queueing one behind the other (perf showed `migrate` at 12% of a
+ * growing index's apply, docs/notes/issue-12-next.md). */
 static void migrate(NativeMap *m, Py_ssize_t n) {
-    while (m->old && n-- > 0) {
-        /* Entries are read in slot order, not store order: ask for them a little ahead. */
-        Py_ssize_t ahead = m->old_pos + 8;
-        if (ahead < m->old_nslots && m->old[ahead] > 0)
-            __builtin_prefetch(&m->entries[SLOT_IX(m->old[ahead])]);
-        int32_t s = m->old[m->old_pos];
-        if (s > 0) {
-            m->old[m->old_pos] = SLOT_DUMMY;
-            place(m, SLOT_IX(s));
+    while (m->old && n > 0) {
+        Py_ssize_t end = m->old_pos + (n < MIGRATE_STEP ? n : MIGRATE_STEP);
+        if (end > m->old_nslots) end = m->old_nslots;
+        u64 hs[MIGRATE_STEP];
+        int32_t ixs[MIGRATE_STEP];
+        int k = 0;
+        size_t ns = (size_t)m->nslots;
+        for (Py_ssize_t p = m->old_pos; p < end; p++) {
+            int32_t s = m->old[p];
+            if (s <= 0) continue;
+            m->old[p] = SLOT_DUMMY;
+            ixs[k] = SLOT_IX(s);
+            hs[k] = entry_slot_hash(m, ixs[k]);
+            __builtin_prefetch(&m->slots[home(hs[k], ns)], 1);
+            k++;
         }
-        if (++m->old_pos == m->old_nslots) {
+        /* Entries are read in slot order, not store order: ask for the next batch's now. */
+        for (Py_ssize_t p = end; p < end + MIGRATE_STEP && p < m->old_nslots; p++)
+            if (m->old[p] > 0) __builtin_prefetch(&m->entries[SLOT_IX(m->old[p])]);
+        for (int j = 0; j < k; j++) place_hashed(m, ixs[j], hs[j]);
+        n -= end - m->old_pos;
+        m->old_pos = end;
+        if (m->old_pos == m->old_nslots) {
             arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
             m->old = NULL;
             m->old_nslots = m->old_pos = 0;
@@ -1256,6 +1449,7 @@ static Py_ssize_t off_hashes, off_parent, off_tokens, off_bsize, off_lora, off_m
 /* ... and the index's per-source state (index/holders.py SourceState, __slots__). */
 static PyTypeObject *g_state_type;
 static PyObject *g_result_type; /* core.MatchResult, built by match_results */
+static PyTypeObject *g_raw_type;  /* msgspec.Raw: token ids as msgpack bytes (events/wire.py) */
 static Py_ssize_t off_s_last_size, off_s_last_lora, off_s_seeds, off_s_dups, off_s_aliases,
     off_s_media;
 static PyObject *s_gpu, *s_store_again, *s_hold_again, *s_release, *s_unknown_block, *s_hm,
@@ -1275,9 +1469,9 @@ static int member_offset(PyTypeObject *tp, const char *name, Py_ssize_t *out) {
 #define FIELD(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 static PyObject *py_configure(PyObject *mod, PyObject *args) {
-    PyObject *stored, *removed, *err, *state, *result;
-    if (!PyArg_ParseTuple(args, "O!O!OO!O!", &PyType_Type, &stored, &PyType_Type, &removed, &err,
-                          &PyType_Type, &state, &PyType_Type, &result))
+    PyObject *stored, *removed, *err, *state, *result, *raw;
+    if (!PyArg_ParseTuple(args, "O!O!OO!O!O!", &PyType_Type, &stored, &PyType_Type, &removed,
+                          &err, &PyType_Type, &state, &PyType_Type, &result, &PyType_Type, &raw))
         return NULL;
     PyTypeObject *st = (PyTypeObject *)stored, *rt = (PyTypeObject *)removed;
     PyTypeObject *ss = (PyTypeObject *)state;
@@ -1310,6 +1504,8 @@ static PyObject *py_configure(PyObject *mod, PyObject *args) {
     Py_XSETREF(g_state_type, ss);
     Py_INCREF(result);
     Py_XSETREF(g_result_type, result);
+    Py_INCREF(raw);
+    Py_XSETREF(g_raw_type, (PyTypeObject *)raw);
     Py_RETURN_NONE;
 }
 
@@ -1407,12 +1603,21 @@ static PyObject *call_method_long(PyObject *obj, PyObject *name, PyObject *a, Py
 
 /* One common BlockStored (the checks of prefix_index.py's inline path hold): store its blocks.
  * Returns the number of new hashes, or -1 on error. */
+#define STORE_CHUNK 16
 static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n,
                          Py_ssize_t step, u64 h, PyObject *spec) {
     long new_hashes = 0;
+    u64 locals[STORE_CHUNK];
     for (Py_ssize_t j = 0; j < n; j++) {
-        u64 local = h = xxh3_64(buf + step * j, (size_t)step, h);
-        prefetch_slot(r->holders, local);
+        /* The chain of a chunk first, its holder slots asked for together (their cache misses
+         * overlap), then the chunk's blocks. */
+        if (j % STORE_CHUNK == 0) {
+            for (Py_ssize_t k = j; k < n && k < j + STORE_CHUNK; k++) {
+                locals[k - j] = h = xxh3_64(buf + step * k, (size_t)step, h);
+                prefetch_slot(r->holders, h);
+            }
+        }
+        u64 local = locals[j % STORE_CHUNK];
         PyObject *eh_obj = PyList_GET_ITEM(hashes, j);
         u64 eh;
         if (as_u64(eh_obj, &eh) != 1) { /* checked before: the list cannot change under us */
@@ -1525,6 +1730,50 @@ static int remove_blocks(run_t *r, PyObject *hashes, long *gone) {
     return known > 0 || n == 0;
 }
 
+/* Ask for the block-map slots of the next event's hashes while this one is applied. */
+static inline void prefetch_event(NativeMap *blocks, PyObject *ev) {
+    PyObject *hashes;
+    if (PyObject_TypeCheck(ev, g_stored_type))
+        hashes = FIELD(ev, off_hashes);
+    else if (PyObject_TypeCheck(ev, g_removed_type))
+        hashes = FIELD(ev, off_r_hashes);
+    else
+        return;
+    if (hashes == NULL || !PyList_CheckExact(hashes)) return;
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(hashes) && j < STORE_CHUNK; j++) {
+        PyObject *o = PyList_GET_ITEM(hashes, j);
+        if (PyLong_CheckExact(o)) {
+            u64 k = PyLong_AsUnsignedLongLongMask(o);
+            prefetch_slot(blocks, k);
+        }
+    }
+}
+
+/* token_verdict(events) -> int: over the BlockStored events whose `token_ids` are msgpack
+ * bytes, TOK_BAD if any is not `list[int] | None`, else TOK_WIDE if any holds nil or an int
+ * outside [0, 2**32), else TOK_U32 (events/wire.py's raw decode). */
+static PyObject *py_token_verdict(PyObject *mod, PyObject *events) {
+    if (!PyList_CheckExact(events) || g_stored_type == NULL) {
+        PyErr_SetString(PyExc_TypeError, "token_verdict: expected a list, after configure()");
+        return NULL;
+    }
+    int worst = TOK_U32;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (!PyObject_TypeCheck(ev, g_stored_type)) continue;
+        PyObject *tokens = FIELD(ev, off_tokens);
+        if (tokens == NULL || !Py_IS_TYPE(tokens, g_raw_type)) continue;
+        Py_buffer view;
+        Py_ssize_t count;
+        if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return NULL;
+        int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
+        PyBuffer_Release(&view);
+        if (status == TOK_BAD) return PyLong_FromLong(TOK_BAD);
+        if (status != TOK_U32) worst = TOK_WIDE;
+    }
+    return PyLong_FromLong(worst);
+}
+
 /* apply_run(index, src, blocks, holders, bit, events, start, cap, group0, spec, out) -> next,
  *   out[:] = [unhandled, stored, removed, new_hashes, gone_hashes]
  *
@@ -1591,13 +1840,15 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
     Py_ssize_t nevents = PyList_GET_SIZE(events);
     for (; i < nevents; i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
+        if (i + 1 < nevents) prefetch_event(r.blocks, PyList_GET_ITEM(events, i + 1));
         if (PyObject_TypeCheck(ev, g_stored_type)) {
             PyObject *tokens = FIELD(ev, off_tokens), *bs_obj = FIELD(ev, off_bsize);
             PyObject *hashes = FIELD(ev, off_hashes), *parent = FIELD(ev, off_parent);
             PyObject *lora = FIELD(ev, off_lora);
+            int listed = tokens && PyList_CheckExact(tokens);
             if (!tokens || !bs_obj || !hashes || !parent || !lora || !FIELD(ev, off_medium) ||
                 !FIELD(ev, off_group) || !FIELD(ev, off_salt) || last_size <= 0 ||
-                !PyList_CheckExact(tokens) || !PyList_CheckExact(hashes) ||
+                (!listed && !Py_IS_TYPE(tokens, g_raw_type)) || !PyList_CheckExact(hashes) ||
                 !PyLong_CheckExact(bs_obj) || FIELD(ev, off_salt) != Py_None ||
                 !is_gpu(FIELD(ev, off_medium)) || !is_group(FIELD(ev, off_group), group0) ||
                 !same_lora(lora, last_lora)) {
@@ -1607,7 +1858,8 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
             Py_ssize_t bs = PyLong_AsSsize_t(bs_obj);
             if (bs == -1 && PyErr_Occurred()) PyErr_Clear();
             Py_ssize_t n = PyList_GET_SIZE(hashes);
-            if (bs != last_size || n == 0 || PyList_GET_SIZE(tokens) != n * bs || !all_u64(hashes)) {
+            if (bs != last_size || n == 0 || (listed && PyList_GET_SIZE(tokens) != n * bs) ||
+                !all_u64(hashes)) {
                 unhandled = 1;
                 break;
             }
@@ -1640,10 +1892,24 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
             }
             u8 *buf = scratch_get(&sc, n * bs);
             if (buf == NULL) goto done;
-            if (pack_tokens_be(PySequence_Fast_ITEMS(tokens), n * bs, buf, 0) < 0) {
+            int packed;
+            if (listed) {
+                packed = pack_tokens_be(PySequence_Fast_ITEMS(tokens), n * bs, buf, 0) == 0;
+            } else { /* msgpack bytes (events/wire.py): read straight into the packing */
+                Py_buffer view;
+                Py_ssize_t count;
+                if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) {
+                    scratch_free(&sc);
+                    goto done;
+                }
+                packed = tok_scan(view.buf, (size_t)view.len, buf, n * bs, &count) == TOK_U32 &&
+                         count == n * bs;
+                PyBuffer_Release(&view);
+            }
+            if (!packed) {
                 scratch_free(&sc);
                 sc.heap = NULL;
-                unhandled = 1; /* counted malformed by the reference */
+                unhandled = 1; /* misaligned or malformed: counted by the reference */
                 break;
             }
             long got = store_blocks(&r, hashes, buf, n, 4 * bs, start, spec);
@@ -1956,12 +2222,15 @@ static PyMethodDef module_methods[] = {
     {"chain_hashes", (PyCFunction)(void (*)(void))py_chain_hashes, METH_FASTCALL,
      "chain_hashes(parent, token_ids, block_size) -> list[int] (index/hashing.py)."},
     {"configure", py_configure, METH_VARARGS,
-     "configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult)."},
+     "configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult, Raw)."},
     {"apply_run", (PyCFunction)(void (*)(void))py_apply_run, METH_FASTCALL, NULL},
     {"release_all", (PyCFunction)(void (*)(void))py_release_all, METH_FASTCALL, NULL},
     {"evict_oldest", (PyCFunction)(void (*)(void))py_evict_oldest, METH_FASTCALL, NULL},
     {"match_results", (PyCFunction)(void (*)(void))py_match_results, METH_FASTCALL, NULL},
     {"spec_extend", (PyCFunction)(void (*)(void))py_spec_extend, METH_FASTCALL, NULL},
+    {"token_scan", py_token_scan, METH_O, "token_scan(raw) -> (status, count)."},
+    {"token_list", py_token_list, METH_O, "token_list(raw) -> list[int] | None."},
+    {"token_verdict", py_token_verdict, METH_O, "token_verdict(events) -> status."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from kvroute.core import (
     AllBlocksCleared,
     BlockRemoved,
@@ -31,7 +33,7 @@ from kvroute.index.holders import SourceState
 from kvroute.index.limits import IndexLimits
 from kvroute.index.prefix_index import PrefixIndex
 
-__all__ = ["NativePrefixIndex"]
+__all__ = ["TOKENS_BAD", "TOKENS_U32", "NativePrefixIndex", "listed_tokens", "token_verdict"]
 
 NativeMap: Any = _native.NativeMap
 _apply_run = _native.apply_run
@@ -39,13 +41,31 @@ _release_all = _native.release_all
 _evict_oldest = _native.evict_oldest
 _match_results = _native.match_results
 _spec_extend = _native.spec_extend
-_native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult)
+_token_list = _native.token_list
+_native.configure(BlockStored, BlockRemoved, IndexStateError, SourceState, MatchResult, msgspec.Raw)
 
 _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
 _CLEARED = "AllBlocksCleared"
 _WIDE = 1 << 64  # source bits from here on do not fit the native holder masks
 _MAINTAIN_SLOTS = 4096  # slots of a growing table one `maintain` call moves
+
+# `token_verdict(events)` over a batch whose stores carry `token_ids` as msgpack bytes
+# (events/wire.py, raw mode): TOKENS_U32 all arrays of uint32, TOKENS_BAD one is not
+# `list[int] | None`, anything else some need `listed_tokens` (nil, ints past uint32).
+TOKENS_BAD = -1
+TOKENS_U32 = 0
+token_verdict: Callable[[list[Any]], int] = _native.token_verdict
+
+
+def listed_tokens(ev: Any) -> Any:
+    """`ev` with its `token_ids` as a list of ints (or None) when they are msgpack bytes, for
+    the reference model's code, which reads them as ints; any other event as is."""
+    if isinstance(ev, BlockStored):
+        tokens: object = ev.token_ids
+        if type(tokens) is msgspec.Raw:
+            return msgspec.structs.replace(ev, token_ids=_token_list(tokens))
+    return ev
 
 
 class NativePrefixIndex(PrefixIndex):
@@ -55,6 +75,7 @@ class NativePrefixIndex(PrefixIndex):
     # 10^6..10^7 blocks (up to ~60 B while a slot table migrates), rounded up.
     entry_bytes = 52
     impl = "native"
+    raw_tokens = True  # stores may carry `token_ids` as msgpack bytes: `apply_run` reads them
     drain_min = 65_536  # a cleared source this big releases its blocks a slice per batch
     drain_per_batch = 4096  # ... this many per applied batch (about 0.2 ms)
 
@@ -107,7 +128,8 @@ class NativePrefixIndex(PrefixIndex):
         src = self._sources.get(source)
         # Holder masks hold objects only once a bit past 63 was handed out.
         if src is None or (self._next_bit > _WIDE and not self._native_ok(src)):
-            super().apply(source, batch)
+            events = [listed_tokens(ev) for ev in batch.events]
+            super().apply(source, msgspec.structs.replace(batch, events=events))
             return
         counters = self.counters
         holders = self._nh
@@ -134,7 +156,7 @@ class NativePrefixIndex(PrefixIndex):
             if not unhandled:
                 continue
             # The reference model's general branch of `PrefixIndex.apply`, for one event.
-            ev = events[i]
+            ev = listed_tokens(events[i])
             i += 1
             before = len(src.blocks)
             if isinstance(ev, BlockStored):

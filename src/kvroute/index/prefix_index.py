@@ -57,6 +57,9 @@ class PrefixIndex:
     # source (146-163 B at 10^6..10^7 blocks), rounded up; shared blocks cost less.
     entry_bytes: ClassVar[int] = 160
     impl: ClassVar[str] = "python"  # the `kvroute_index_info{impl}` label
+    # Whether `apply` takes stores whose `token_ids` are the msgpack bytes of the array
+    # (events/wire.py `BatchDecoder(raw_tokens=True)`); the reference reads them as ints.
+    raw_tokens: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from kvroute.core import EventBatch
 from kvroute.errors import WireError
 from kvroute.events import normalise_batch
 from kvroute.events.wire import BatchDecoder, decode_batch, decode_vllm
+from kvroute.index.impl import native_error
 from tests.shared_fixtures import scenarios
 
 SEED = 20261123
@@ -100,7 +101,18 @@ def _random_payload(rng: random.Random) -> bytes:
     return msgspec.msgpack.encode(obj)
 
 
-def _check(payload: bytes, decoder: BatchDecoder) -> str:
+def _raw_decoder() -> BatchDecoder | None:
+    """The decoder that leaves token ids as msgpack bytes, where the native core is built."""
+    return None if native_error() else BatchDecoder(raw_tokens=True)
+
+
+def _listed(batch: EventBatch) -> EventBatch:
+    from kvroute.index.native_index import listed_tokens
+
+    return msgspec.structs.replace(batch, events=[listed_tokens(e) for e in batch.events])
+
+
+def _check(payload: bytes, decoder: BatchDecoder, raw: BatchDecoder | None = None) -> str:
     try:
         batch = decode_batch(payload)
     except WireError:
@@ -108,12 +120,15 @@ def _check(payload: bytes, decoder: BatchDecoder) -> str:
     else:
         assert isinstance(batch, EventBatch)
         outcome = "ok"
-    try:
-        again = decoder.decode(payload)
-    except WireError:
-        assert outcome == "error", payload.hex()
-    else:
-        assert outcome == "ok" and again == batch, payload.hex()
+    for each in (decoder, raw):
+        if each is None:
+            continue
+        try:
+            again = each.decode(payload)
+        except WireError:
+            assert outcome == "error", payload.hex()
+        else:
+            assert outcome == "ok" and _listed(again) == batch, payload.hex()
     try:
         raw = decode_vllm(payload)
     except WireError:
@@ -128,6 +143,7 @@ def test_fuzzed_payloads_decode_or_raise_wire_error(kind: str) -> None:
     rng = random.Random(f"{SEED}-{kind}")
     seeds = _seeds()
     decoder = BatchDecoder()
+    raw = _raw_decoder()
     outcomes = {"ok": 0, "error": 0}
     for _ in range(CASES_PER_KIND):
         data = rng.choice(seeds)
@@ -139,7 +155,7 @@ def test_fuzzed_payloads_decode_or_raise_wire_error(kind: str) -> None:
             payload = _truncate_or_splice(rng, data, seeds)
         else:
             payload = _random_payload(rng)
-        outcomes[_check(payload, decoder)] += 1
+        outcomes[_check(payload, decoder, raw)] += 1
     # Both outcomes occur: the fuzzer reaches the decoder's success and error paths.
     assert outcomes["ok"] > 0 and outcomes["error"] > 0, outcomes
 
@@ -148,3 +164,22 @@ def test_deeply_nested_payload_is_a_wire_error_not_a_crash() -> None:
     payload = b"\x92\xcb" + bytes(8) + b"\x91" * 100_000 + b"\xc0"
     with pytest.raises(WireError):
         decode_batch(payload)
+    raw = _raw_decoder()
+    if raw is not None:
+        with pytest.raises(WireError):
+            raw.decode(payload)
+
+
+@pytest.mark.parametrize("where", ["token_ids", "extra_keys"])
+def test_deeply_nested_field_of_an_event_is_a_wire_error_not_a_crash(where: str) -> None:
+    event = (
+        b"\x83\xa4type\xabBlockStored\xacblock_hashes\x91\x01"
+        + msgspec.msgpack.encode(where)
+        + b"\x91" * 100_000
+        + b"\xc0"
+    )
+    payload = b"\x92\xcb" + bytes(8) + b"\x91" + event
+    for decoder in (BatchDecoder(), _raw_decoder()):
+        if decoder is not None:
+            with pytest.raises(WireError):
+                decoder.decode(payload)

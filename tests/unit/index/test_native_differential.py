@@ -14,6 +14,7 @@ import os
 import random
 from typing import Any
 
+import msgspec
 import pytest
 
 from kvroute.core import (
@@ -140,6 +141,17 @@ class Stream:
         return doc[:cut] + tail
 
 
+def with_raw_tokens(batch: EventBatch, rng: random.Random) -> EventBatch:
+    """`batch` with the token ids of about half its stores as the msgpack bytes of the list."""
+    events = [
+        msgspec.structs.replace(e, token_ids=msgspec.Raw(msgspec.msgpack.encode(e.token_ids)))
+        if isinstance(e, BlockStored) and rng.random() < 0.5
+        else e
+        for e in batch.events
+    ]
+    return msgspec.structs.replace(batch, events=events)
+
+
 def observe(index: PrefixIndex, stream: Stream, prompts: list[list[int]]) -> dict[str, Any]:
     counters = index.counters
     out: dict[str, Any] = {
@@ -185,8 +197,10 @@ def run(seed: int, steps: int, sources: int, limits: IndexLimits, odd: float = 1
         if r < 0.85:
             batch = stream.batch(source)
             what = f"apply {source} {batch}"
-            for ix in both:
-                ix.apply(source, batch)
+            ref.apply(source, batch)
+            # The native index also takes token ids as msgpack bytes (events/wire.py raw mode),
+            # including nil and ints past uint32 that the decoder would have listed.
+            nat.apply(source, with_raw_tokens(batch, rng))
         elif r < 0.88:
             what = f"reset {source}"
             for ix in both:
