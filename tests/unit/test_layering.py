@@ -27,6 +27,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "tokenize": frozenset({"core", "errors"}),
     "upstream": frozenset({"core", "errors"}),
     "metrics": frozenset({"core", "errors"}),
+    "persist": frozenset({"core", "index", "errors"}),
     "settings": frozenset({"core", "errors", "index", "routing"}),
     "gateway": frozenset(
         {
@@ -39,6 +40,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "tokenize",
             "upstream",
             "metrics",
+            "persist",
             "settings",
         }
     ),
@@ -147,7 +149,16 @@ def test_the_simulator_shares_only_the_wire_with_the_router() -> None:
 
 
 # The synchronous core (docs/design.md §1): no coroutine, no await, no lock.
-SYNC = ("index", "routing", "events/tracker.py", "events/normalise.py", "core")
+SYNC = (
+    "index",
+    "routing",
+    "events/tracker.py",
+    "events/normalise.py",
+    "core",
+    "persist/snapshot_file.py",
+    "persist/index_snapshot.py",
+    "persist/layout.py",
+)
 
 
 @pytest.mark.parametrize("where", SYNC)

@@ -35,6 +35,7 @@ class ResetCause(enum.StrEnum):
     ALL_BLOCKS_CLEARED = "all_blocks_cleared"  # the engine said so
     REMOVED = "removed"  # the source left the fleet
     RESYNC = "resync"  # a gap replay could not close (buffer moved on): start over as a late joiner
+    UNCONFIRMED = "unconfirmed"  # blocks restored from a snapshot that the engine did not confirm
 
 
 class ReplayOutcome(enum.StrEnum):

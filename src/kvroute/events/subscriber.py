@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -24,8 +24,12 @@ from kvroute.errors import ConfigError, KvrouteError
 from kvroute.events.replay import request_replay
 from kvroute.events.tracker import RecoveryTimings, ReplayRequest, SourceTracker
 from kvroute.index import PrefixIndex
+from kvroute.index.export import SourceExport
 
-__all__ = ["SubscriberManager"]
+__all__ = ["SourceRestore", "SubscriberManager"]
+
+# A source's blocks from a snapshot: its last applied seq, that batch's digest, its blocks.
+SourceRestore: TypeAlias = tuple[int, bytes, SourceExport]
 
 log = logging.getLogger("kvroute.events.subscriber")
 
@@ -318,11 +322,13 @@ class SubscriberManager:
         self._tasks: dict[SourceId, asyncio.Task[None]] = {}
         self._closed = False
 
-    async def add_source(self, spec: SourceSpec) -> None:
+    async def add_source(self, spec: SourceSpec, restore: SourceRestore | None = None) -> None:
         """Start subscribing to `spec` (replacing an existing source with the same id).
 
         Returns at once: the source runs as its own task. A malformed endpoint raises
         `ConfigError`; an unreachable one just stays disconnected until it comes up.
+        `restore`: blocks of this source from a snapshot (persist/index_snapshot.py), put back
+        unconfirmed (events/tracker.py `restore`); ignored without a replay endpoint.
         """
         if self._closed:
             raise RuntimeError("SubscriberManager is closed")
@@ -333,6 +339,10 @@ class SubscriberManager:
         task = _SourceTask(tracker, self._shared)
         task.open()
         self._index.add_source(source, engine=spec.engine, model=spec.model)
+        if restore is not None and spec.replay_endpoint is not None:
+            last, digest, export = restore
+            self._index.restore_source(source, export)
+            tracker.restore(last, digest)
         self._sources[source] = task
         self._tasks[source] = asyncio.create_task(task.run(), name=f"kvroute-subscriber-{source}")
 
@@ -349,6 +359,22 @@ class SubscriberManager:
 
     def status(self) -> list[SourceStatus]:
         return [state.tracker.status() for state in self._sources.values()]
+
+    def snapshot_sources(self) -> list[tuple[SourceSpec, int, bytes, SourceExport]]:
+        """What a snapshot keeps: per consistent source with a replay endpoint, its spec, last
+        seq, that batch's digest and its exported blocks (runs in the snapshot writer's child
+        process, persist/writer.py: the export's copy is not the event loop's)."""
+        out: list[tuple[SourceSpec, int, bytes, SourceExport]] = []
+        for source, state in self._sources.items():
+            recovery = state.tracker.recovery_state()
+            export = self._index.export_source(source) if recovery is not None else None
+            if recovery is not None and export is not None:
+                out.append((state.spec, recovery[0], recovery[1], export))
+        return out
+
+    def unconfirmed(self) -> list[SourceId]:
+        """Sources restored from a snapshot that their engine has not confirmed yet."""
+        return [s for s, state in self._sources.items() if state.tracker.unconfirmed]
 
     def unsettled(self, deadline_s: float) -> list[SourceId]:
         """Sources whose first bootstrap has not ended, added less than `deadline_s` ago (one

@@ -4,6 +4,7 @@ Synchronous and socket-free; the only code that writes a source's state into the
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,13 @@ from kvroute.errors import WireError
 from kvroute.events.wire import BatchDecoder
 from kvroute.index import PrefixIndex
 
-__all__ = ["RecoveryTimings", "ReplayKind", "ReplayRequest", "SourceTracker"]
+__all__ = ["RecoveryTimings", "ReplayKind", "ReplayRequest", "SourceTracker", "payload_digest"]
+
+
+def payload_digest(payload: bytes) -> bytes:
+    """A digest of a batch's bytes that is the same in every process (unlike `hash`): what a
+    snapshot keeps of a source's last batch, to recognise the same engine process later."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 class ReplayKind(enum.Enum):
@@ -31,6 +38,7 @@ class ReplayKind(enum.Enum):
     GAP = "gap"  # the live stream skipped seqs: from last + 1, then the live batch that showed it
     RETRY = "retry"  # a stale source's backoff timer fired: from last + 1
     TAIL = "tail"  # a quiet source: was its last batch lost? from last + 1
+    CONFIRM = "confirm"  # blocks restored from a snapshot: from `last`, whose bytes must match
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,11 @@ class SourceTracker:
         self._retry_at: float | None = None
         self._backoff = timings.backoff_min_s
         self._resync_on_retry = False  # the retry resets and bootstraps instead of replaying
+        # Blocks restored from a snapshot, stale until the engine's replay shows it is the same
+        # process (seq `last` with the bytes we applied) and what followed.
+        self.unconfirmed = False
+        self._restored_digest = b""
+        self._last_payload: bytes | None = None  # of `last`: a reference, hashed at snapshot
 
     # --- state ------------------------------------------------------------------------------
 
@@ -185,6 +198,7 @@ class SourceTracker:
         self._index.reset_source(self.source)
         self._counters.reset(self._src, cause)
         self.last = None
+        self.unconfirmed = False
         if cause is not ResetCause.RESYNC:
             self._last_live = None
         self._replayed.clear()
@@ -196,13 +210,55 @@ class SourceTracker:
 
     # --- connection -------------------------------------------------------------------------
 
+    def recovery_state(self) -> tuple[int, bytes] | None:
+        """What a snapshot keeps to confirm this source later: the last applied seq and a digest
+        of its payload; None without a base or while not consistent (nothing to restore)."""
+        if self.last is None or self._last_payload is None or self.stale or not self._has_replay:
+            return None
+        return self.last, payload_digest(self._last_payload)
+
+    def restore(self, last: int, digest: bytes) -> None:
+        """The index holds this source's blocks as a snapshot saw them after seq `last`, whose
+        payload had `digest` (`index.restore_source`, `recovery_state`). They stay stale,
+        counting for nothing, until the engine's replay from `last` proves it is the same
+        process (seq `last` with those bytes: a restarted engine reuses seqs, never the bytes,
+        which carry its clock) and brings what followed. Anything else drops them and starts
+        over (an `unconfirmed` reset): a restored index may be smaller than the truth, never
+        larger (docs/design.md §14). Only a source with a replay endpoint can be restored."""
+        if not self._has_replay:
+            raise ValueError(f"restore {self.source}: no replay endpoint to confirm it")
+        self.last = last
+        self._last_live = None
+        self._need_bootstrap = False
+        self.unconfirmed = True
+        self._restored_digest = digest
+        self._gap_stale = "unconfirmed"
+        self._update_stale()
+
     def on_connect(self) -> ReplayRequest | None:
-        """The SUB socket connected (ZMQ handshake): bootstrap if this is a new base."""
+        """The SUB socket connected (ZMQ handshake): bootstrap if this is a new base, or ask a
+        restored source's engine to confirm it."""
         self.connected = True
         self._quiet_since = self._clock()
+        if self.unconfirmed and self.last is not None:
+            return ReplayRequest(self.last, ReplayKind.CONFIRM)
         if self._need_bootstrap:
             return self._bootstrap()
         return None
+
+    def _confirmed(self) -> None:
+        self.unconfirmed = False
+        self.settled = True
+        self._clear_stale()
+
+    def _unconfirm(self) -> ReplayRequest | None:
+        """The engine did not continue the restored `last`: drop the restored blocks and start
+        over, keeping the live batch that waits (if any) for after the bootstrap."""
+        pending = self._pending
+        self.unconfirmed = False
+        self.reset(ResetCause.UNCONFIRMED)
+        self._pending = pending
+        return self._bootstrap()
 
     def on_disconnect(self) -> None:
         """The SUB socket lost its connection: the engine may have restarted. The caller drops
@@ -224,6 +280,7 @@ class SourceTracker:
         """
         self._batches[self._src] += 1
         self.last = seq
+        self._last_payload = payload
         self._last_batch_t = self._clock()
         batch = self._decode(payload)
         if batch is None:
@@ -286,6 +343,7 @@ class SourceTracker:
         )  # its drops were counted above
         self._index.apply(self.source, tail)
         self.last = seq
+        self._last_payload = payload
         self._last_batch_t = self._clock()
         self._clear_stale()
         self._cleared()
@@ -327,6 +385,9 @@ class SourceTracker:
             self._apply(seq, payload)  # the first batch we see is the base (late join)
             self._last_live = seq
             return None
+        if self.unconfirmed:  # only before on_connect's confirmation: ask for it first
+            self._pending = (seq, payload, may_restart)
+            return ReplayRequest(last, ReplayKind.CONFIRM)
         previous = self._last_live
         if previous is not None and seq <= previous:
             return self._restarted(seq, payload)
@@ -387,6 +448,20 @@ class SourceTracker:
         reached `start` (harmless in a bootstrap: a late joiner holds a subset of the truth).
         """
         outcome = ReplayOutcome.OK if complete else ReplayOutcome.TIMEOUT
+        if request.kind is ReplayKind.CONFIRM and self.unconfirmed:
+            first = batches[0] if batches else None
+            if (
+                first is None
+                or first[0] != self.last
+                or payload_digest(first[1]) != self._restored_digest
+            ):
+                # The buffer no longer holds `last`, or another process wrote it.
+                if complete:
+                    outcome = ReplayOutcome.PARTIAL
+                return self._replay_done(request, outcome)
+            self._counters.batches[self._src] += 1
+            self._counters.drop(self._src, DropReason.DUPLICATE)
+            batches = batches[1:]
         applied = 0
         for seq, payload in batches:
             last = self.last
@@ -416,6 +491,15 @@ class SourceTracker:
     def _replay_done(self, request: ReplayRequest, outcome: ReplayOutcome) -> ReplayRequest | None:
         self._counters.replay(self._src, outcome)
         kind = request.kind
+        if kind is ReplayKind.CONFIRM and self.unconfirmed:
+            if outcome is not ReplayOutcome.OK:
+                bootstrap = self._unconfirm()
+                if bootstrap is not None:
+                    return bootstrap  # the waiting live batch follows it
+                kind = ReplayKind.BOOTSTRAP  # no replay endpoint: the live batch is the base
+            else:
+                self._confirmed()
+                kind = ReplayKind.GAP  # the waiting live batch follows the confirmed `last`
         if kind is ReplayKind.BOOTSTRAP:
             self.settled = True
         elif kind is ReplayKind.RETRY:

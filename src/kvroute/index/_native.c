@@ -1749,6 +1749,88 @@ static inline void prefetch_event(NativeMap *blocks, PyObject *ev) {
     }
 }
 
+/* int_pairs(blocks) -> bytes: the (key, value) pairs of a map whose key and value are both u64
+ * ints, in store order, as little-endian u64s (index/snapshot.py; a snapshot may hold less than
+ * the index, never more, so entries with object keys or values are left out). */
+static PyObject *py_int_pairs(PyObject *mod, PyObject *arg) {
+    if (!Py_IS_TYPE(arg, &NativeMapType)) {
+        PyErr_SetString(PyExc_TypeError, "int_pairs: expected a NativeMap");
+        return NULL;
+    }
+    NativeMap *m = (NativeMap *)arg;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, m->live * 16);
+    if (out == NULL) return NULL;
+    u8 *w = (u8 *)PyBytes_AS_STRING(out);
+    Py_ssize_t n = 0;
+    for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
+        if (m->flags[ix] != F_LIVE) continue; /* dead, or an object key or value */
+        u64 kv[2] = {m->entries[ix].k, m->entries[ix].v};
+#if HOST_BIG_ENDIAN
+        kv[0] = __builtin_bswap64(kv[0]);
+        kv[1] = __builtin_bswap64(kv[1]);
+#endif
+        memcpy(w + 16 * n, kv, 16);
+        n++;
+    }
+    if (n != m->live && _PyBytes_Resize(&out, n * 16) < 0) return NULL;
+    return out;
+}
+
+/* restore_pairs(blocks, holders, bit, pairs) -> (stored, new_hashes): int_pairs' bytes back into
+ * an empty GPU-only source (index/native_index.py `restore_source`). A key already stored, or a
+ * local hash the source already holds under another key, is skipped (an alias the snapshot
+ * cannot describe: smaller than the truth, never larger). */
+static PyObject *py_restore_pairs(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !Py_IS_TYPE(args[0], &NativeMapType) ||
+        !Py_IS_TYPE(args[1], &NativeMapType)) {
+        PyErr_SetString(PyExc_TypeError, "restore_pairs(blocks, holders, bit, pairs)");
+        return NULL;
+    }
+    NativeMap *blocks = (NativeMap *)args[0], *holders = (NativeMap *)args[1];
+    u64 bit;
+    if (as_u64(args[2], &bit) != 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_OverflowError, "restore_pairs: bit past 63");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[3], &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (view.len % 16) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "restore_pairs: not a whole number of u64 pairs");
+        return NULL;
+    }
+    const u8 *p = view.buf;
+    Py_ssize_t total = view.len / 16;
+    long stored = 0, new_hashes = 0;
+    for (Py_ssize_t i = 0; i < total; i++) {
+        u64 kv[2];
+        memcpy(kv, p + 16 * i, 16);
+#if HOST_BIG_ENDIAN
+        kv[0] = __builtin_bswap64(kv[0]);
+        kv[1] = __builtin_bswap64(kv[1]);
+#endif
+        Py_ssize_t bslot, hslot;
+        if (find_int(blocks, kv[0], &bslot) >= 0) continue;
+        Py_ssize_t hx = find_int(holders, kv[1], &hslot);
+        if (hx >= 0 && ((holders->flags[hx] & F_OVAL) || (holders->entries[hx].v & bit)))
+            continue;
+        if (map_append_int(blocks, kv[0], kv[1], bslot) < 0) goto fail;
+        if (hx >= 0) {
+            holders->entries[hx].v |= bit;
+        } else {
+            /* the blocks insert may have grown only its own map: the holder slot still holds */
+            if (map_append_int(holders, kv[1], bit, hslot) < 0) goto fail;
+            new_hashes++;
+        }
+        stored++;
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(ll)", stored, new_hashes);
+fail:
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 /* token_verdict(events) -> int: over the BlockStored events whose `token_ids` are msgpack
  * bytes, TOK_BAD if any is not `list[int] | None`, else TOK_WIDE if any holds nil or an int
  * outside [0, 2**32), else TOK_U32 (events/wire.py's raw decode). */
@@ -2229,6 +2311,8 @@ static PyMethodDef module_methods[] = {
     {"match_results", (PyCFunction)(void (*)(void))py_match_results, METH_FASTCALL, NULL},
     {"spec_extend", (PyCFunction)(void (*)(void))py_spec_extend, METH_FASTCALL, NULL},
     {"token_scan", py_token_scan, METH_O, "token_scan(raw) -> (status, count)."},
+    {"int_pairs", py_int_pairs, METH_O, "int_pairs(map) -> bytes of LE u64 (key, value)."},
+    {"restore_pairs", (PyCFunction)(void (*)(void))py_restore_pairs, METH_FASTCALL, NULL},
     {"token_list", py_token_list, METH_O, "token_list(raw) -> list[int] | None."},
     {"token_verdict", py_token_verdict, METH_O, "token_verdict(events) -> status."},
     {NULL, NULL, 0, NULL},

@@ -237,6 +237,19 @@ class NativePrefixIndex(PrefixIndex):
                 self._draining.pop(0)
                 self._free_bits.append(bit)
 
+    def _export_pairs(self, src: SourceState) -> bytes:
+        if type(src.blocks) is NativeMap:
+            out: bytes = _native.int_pairs(src.blocks)
+            return out
+        return super()._export_pairs(src)
+
+    def _restore_pairs(self, src: SourceState, pairs: bytes) -> None:
+        if type(src.blocks) is not NativeMap or not self._plain(src):
+            super()._restore_pairs(src, pairs)
+            return
+        _, new = _native.restore_pairs(src.blocks, self._nh, src.bit, pairs)
+        self._model_blocks[src.model] += new
+
     def memory(self) -> dict[str, int]:
         out = super().memory()
         maps = [self._nh, *(s.blocks for s in self._sources.values())]

@@ -3,6 +3,7 @@ in plain dicts of ints (no per-block objects, nothing for the GC to track); see 
 
 from __future__ import annotations
 
+import sys
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from kvroute.core import (
     SourceId,
 )
 from kvroute.errors import IndexStateError
+from kvroute.index.export import SourceExport, pairs_of
 from kvroute.index.hashing import SWAP_BYTES as _SWAP
 from kvroute.index.hashing import chain_hashes, seed_hash
 from kvroute.index.holders import Holders, Key, SourceState
@@ -32,6 +34,8 @@ from kvroute.index.matching import match_sizes
 from kvroute.index.speculative import SpeculativeEntries
 
 __all__ = ["PrefixIndex"]
+
+_BIG_ENDIAN_HOST = sys.byteorder == "big"  # snapshot pairs are little-endian
 
 
 _NO_CAP = 1 << 62  # a block cap of 0 means none
@@ -562,6 +566,64 @@ class PrefixIndex:
         """Deferred upkeep while `source`'s socket is empty; True while more remains (the
         reference has none: see NativePrefixIndex.maintain)."""
         return False
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def export_source(self, source: SourceId) -> SourceExport | None:
+        """What a snapshot keeps of `source` (index/export.py); None for unknown sources."""
+        src = self._sources.get(source)
+        if src is None:
+            return None
+        return SourceExport(
+            sorted(src.partitions, key=lambda p: (p[0] or "", p[1])),
+            src.last_size,
+            src.last_lora,
+            self._export_pairs(src),
+        )
+
+    def _export_pairs(self, src: SourceState) -> bytes:
+        return pairs_of(src.blocks)
+
+    def restore_source(self, source: SourceId, export: SourceExport) -> int:
+        """Put an exported source's blocks back into `source`, which must be known and hold
+        nothing; the most recently stored first when the limits keep fewer. Returns the blocks
+        restored. The caller marks the source stale until its engine proves continuity."""
+        src = self._sources.get(source)
+        if src is None or src.blocks:
+            raise IndexStateError(f"restore_source {source}: expected a known, empty source")
+        for part in export.partitions:
+            if part not in src.partitions:
+                self._add_partition(src, part)
+        src.last_size = export.last_size
+        src.last_lora = export.last_lora
+        room = min(self._block_cap, max(0, self._total_cap - self._total))
+        pairs = export.pairs
+        if len(pairs) // 16 > room:
+            pairs = pairs[len(pairs) - room * 16 :]
+        before = len(src.blocks)
+        self._restore_pairs(src, pairs)
+        restored = len(src.blocks) - before
+        self._total += restored
+        return restored
+
+    def _restore_pairs(self, src: SourceState, pairs: bytes) -> None:
+        values = array("Q")
+        values.frombytes(pairs)
+        if _BIG_ENDIAN_HOST:
+            values.byteswap()
+        blocks = src.blocks
+        holders = self._holders
+        bit = src.bit
+        new = 0
+        for k, v in zip(values[0::2], values[1::2], strict=True):
+            m = holders.get(v, 0)
+            if k in blocks or m & bit:  # an alias or a repeat: left out (smaller, never larger)
+                continue
+            blocks[k] = v
+            holders[v] = m | bit
+            if not m:
+                new += 1
+        self._model_blocks[src.model] += new
 
     def memory(self) -> dict[str, int]:
         """The byte budget and what counts against it (`kvroute_index_bytes` on /metrics):
