@@ -90,6 +90,9 @@ class _StateCollector(Collector):
         self.engines: Callable[[], Iterable[tuple[str, bool]]] | None = None
         self.fleet_reloads: Mapping[str, int] | None = None
         self.discovery_errors: Mapping[str, int] | None = None
+        self.engine_loads: Callable[[], Iterable[tuple[str, int, int]]] | None = None
+        self.shared: _SharedStateView | None = None
+        self.snapshots: _SnapshotView | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.sources is not None:
@@ -171,6 +174,125 @@ class _StateCollector(Collector):
                 ["reason"],
                 list(self.discovery_errors.items()),
             )
+        if self.engine_loads is not None:
+            requests = GaugeMetricFamily(
+                "kvroute_engine_load_requests",
+                "Requests at an engine as routing counts them (load_source).",
+                labels=["engine"],
+            )
+            tokens = GaugeMetricFamily(
+                "kvroute_engine_load_tokens",
+                "The same load in prompt + max output tokens (the kv_aware cost's unit).",
+                labels=["engine"],
+            )
+            for name, n_requests, n_tokens in self.engine_loads():
+                requests.add_metric([name], float(n_requests))
+                tokens.add_metric([name], float(n_tokens))
+            yield requests
+            yield tokens
+        if self.shared is not None:
+            yield from self.shared.collect()
+        if self.snapshots is not None:
+            yield from self.snapshots.collect()
+
+
+class _SharedStateView:
+    """The shared store's state (fleet/shared_state.py), read at scrape time."""
+
+    def __init__(
+        self,
+        errors: Mapping[str, int],
+        dropped: Mapping[str, int],
+        claims: Mapping[str, int],
+        status: Callable[[], tuple[bool, int]],
+    ) -> None:
+        self.errors = errors
+        self.dropped = dropped
+        self.claims = claims
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        up, peers = self.status()
+        yield GaugeMetricFamily(
+            "kvroute_shared_state_up",
+            "1 while the shared store answers (its last sync succeeded).",
+            value=1.0 if up else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "kvroute_shared_state_peers",
+            "Other replicas whose in-flight counts the last sync read.",
+            value=float(peers),
+        )
+        yield _counter(
+            "kvroute_shared_state_errors",
+            "Failed shared store operations, per op (sync, publish, subscribe).",
+            ["op"],
+            list(self.errors.items()),
+        )
+        yield _counter(
+            "kvroute_shared_state_dropped",
+            "Speculative claims or store entries not shared, per reason (store_down, backlog, "
+            "malformed, unknown_engine, error).",
+            ["reason"],
+            list(self.dropped.items()),
+        )
+        yield _counter(
+            "kvroute_shared_speculative_claims",
+            "Speculative claims shared with the other replicas, per direction (sent, received).",
+            ["direction"],
+            list(self.claims.items()),
+        )
+
+
+class _SnapshotView:
+    """Snapshot writing and loading (persist/writer.py `SnapshotStats`), read at scrape time."""
+
+    def __init__(
+        self,
+        stats: Callable[[], Mapping[str, float]],
+        refused: Mapping[str, int],
+        unconfirmed: Callable[[], int],
+    ) -> None:
+        self.stats = stats
+        self.refused = refused
+        self.unconfirmed = unconfirmed
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        yield _counter(
+            "kvroute_snapshot_writes",
+            "Snapshot writes, per result (ok, failed: the previous file is kept).",
+            ["result"],
+            [("ok", int(s["written"])), ("failed", int(s["failed"]))],
+        )
+        yield _counter(
+            "kvroute_snapshot_refused",
+            "Snapshots refused at start, per reason (corrupt, truncated, version, fleet, "
+            "unreadable); the gateway started cold.",
+            ["reason"],
+            list(self.refused.items()),
+        )
+        yield GaugeMetricFamily(
+            "kvroute_snapshot_bytes", "Size of the last snapshot written.", value=s["last_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "kvroute_snapshot_write_seconds",
+            "Time the last snapshot took, fork to file in place.",
+            value=s["last_write_s"],
+        )
+        pause = GaugeMetricFamily(
+            "kvroute_snapshot_pause_seconds",
+            "How long the event loop stood still for a snapshot (the fork), last and max.",
+            labels=["stat"],
+        )
+        pause.add_metric(["last"], s["last_pause_s"])
+        pause.add_metric(["max"], s["max_pause_s"])
+        yield pause
+        yield GaugeMetricFamily(
+            "kvroute_snapshot_unconfirmed_sources",
+            "Sources restored from the snapshot that their engine has not confirmed yet.",
+            value=float(self.unconfirmed()),
+        )
 
 
 class Metrics:
@@ -254,6 +376,32 @@ class Metrics:
     def watch_discovery(self, errors: Mapping[str, int]) -> None:
         """Export `kvroute_discovery_errors_total{reason}` from `errors` (reason -> count)."""
         self._state.discovery_errors = errors
+
+    def watch_load(self, loads: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export `kvroute_engine_load_requests` and `_tokens{engine}` from `loads()`
+        ((engine, requests, tokens) as routing counts them)."""
+        self._state.engine_loads = loads
+
+    def watch_shared_state(
+        self,
+        errors: Mapping[str, int],
+        dropped: Mapping[str, int],
+        claims: Mapping[str, int],
+        status: Callable[[], tuple[bool, int]],
+    ) -> None:
+        """Export the shared store's `kvroute_shared_state_*` metrics: `errors` (op -> count),
+        `dropped` (reason -> count), `claims` (direction -> count), `status()` (up, peers)."""
+        self._state.shared = _SharedStateView(errors, dropped, claims, status)
+
+    def watch_snapshots(
+        self,
+        stats: Callable[[], Mapping[str, float]],
+        refused: Mapping[str, int],
+        unconfirmed: Callable[[], int],
+    ) -> None:
+        """Export `kvroute_snapshot_*`: `stats()` (written, failed, last_bytes, last_write_s,
+        last_pause_s, max_pause_s), `refused` (reason -> count), `unconfirmed()` sources."""
+        self._state.snapshots = _SnapshotView(stats, refused, unconfirmed)
 
     def observe_tokenize(self, mode: str, seconds: float) -> None:
         """One tokenization of `mode` (cache, local, remote) took `seconds`."""

@@ -9,7 +9,7 @@ from typing import Any, Final, Literal
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kvroute.core import PolicyName
+from kvroute.core import LoadSource, PolicyName
 from kvroute.errors import ConfigError
 from kvroute.index.limits import IndexLimits
 from kvroute.routing.types import CostWeights
@@ -155,6 +155,23 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = Field(
         10.0, gt=0, description="Longest delay between retries (exponential backoff)."
     )
+    snapshot_path: Path | None = Field(
+        None,
+        description="Snapshot file of the index and each source's recovery state: written "
+        "every `snapshot_interval_s` and on shutdown, loaded at start (unconfirmed until each "
+        "engine's replay confirms it). Unset: no snapshots, cold starts.",
+    )
+    snapshot_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds between snapshots (written by a forked child; 0: only on shutdown).",
+    )
+    fleet_name: str = Field(
+        "default",
+        min_length=1,
+        description="Names this fleet in snapshots: a snapshot written for another name is "
+        "refused at start.",
+    )
     ready_bootstrap_deadline_s: float = Field(
         10.0,
         ge=0,
@@ -173,11 +190,46 @@ class Settings(BaseSettings):
     unhealthy_after: int = Field(
         3, gt=0, description="Consecutive failed probes (or connect failures) before ejection."
     )
+    # 0.5 s: a request of the demo lasts ~1 s; a report older than that misses most of the
+    # other replicas' traffic (docs/design.md §14). A scrape costs ~0.4 ms of CPU per engine.
     scrape_interval_s: float = Field(
-        5.0, gt=0, description="Seconds between scrapes of engines' `vllm:` metrics."
+        0.5,
+        gt=0,
+        description="Seconds between scrapes of engines' `vllm:` metrics (their reported queue "
+        "feeds `load_source`).",
+    )
+    load_source: LoadSource = Field(
+        LoadSource.BLENDED,
+        description="Load used for routing: `local` (requests this replica sent), `engine` (the "
+        "engines' reported running + waiting) or `blended` (the report plus what this replica "
+        'sent since; README "Several replicas").',
     )
     watch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between checks of the fleet file for changes."
+    )
+
+    # --- several replicas (README "Several replicas")
+    shared_state_url: str | None = Field(
+        None,
+        description="Redis or Valkey URL (`redis://host:6379/0`) where replicas share in-flight "
+        "counts and speculative entries; unset: off.",
+    )
+    shared_state_interval_s: float = Field(
+        0.25,
+        gt=0,
+        description="Seconds between writes of this replica's in-flight counts to the shared "
+        "store and reads of the others'.",
+    )
+    shared_state_ttl_s: float = Field(
+        2.0,
+        gt=0,
+        description="Lifetime of a replica's counts in the shared store unless rewritten (a "
+        "replica gone this long counts no more).",
+    )
+    shared_state_key_prefix: str = Field(
+        "kvroute",
+        min_length=1,
+        description="Prefix of the shared store's keys and channel (one per kvroute fleet).",
     )
 
     # --- Kubernetes discovery (README "Run on Kubernetes")
@@ -243,6 +295,18 @@ class Settings(BaseSettings):
         if self.fleet_file is not None and self.k8s_namespace is not None:
             raise ValueError(
                 "fleet_file and k8s_namespace: expected one source of engines, got both"
+            )
+        if self.shared_state_url is not None and not self.shared_state_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                "shared_state_url: expected a redis://, rediss:// or unix:// URL (Redis or "
+                f"Valkey), got {self.shared_state_url!r}"
+            )
+        if self.shared_state_ttl_s <= self.shared_state_interval_s:
+            raise ValueError(
+                "shared_state_ttl_s: expected > shared_state_interval_s "
+                f"({self.shared_state_interval_s}), got {self.shared_state_ttl_s}"
             )
         if self.retry_backoff_max_s < self.retry_backoff_min_s:
             raise ValueError(

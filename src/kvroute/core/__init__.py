@@ -12,6 +12,7 @@ from kvroute.core.events import (
     EventBatch,
 )
 from kvroute.core.ids import EngineHash, LocalHash, SourceId, SourceSpec, source_id
+from kvroute.core.load_source import LoadSource
 from kvroute.core.match import MatchResult
 from kvroute.core.policy_name import PolicyName
 from kvroute.core.source_status import SourceStatus
@@ -28,6 +29,7 @@ __all__ = [
     "Event",
     "EventBatch",
     "EventCounters",
+    "LoadSource",
     "LocalHash",
     "MatchResult",
     "PolicyName",

@@ -6,14 +6,15 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from kvroute.core import EngineClient
+from kvroute.core import EngineClient, LoadSource
 from kvroute.errors import ConfigError, EngineError
-from kvroute.fleet.scrape import parse_vllm_gauges
+from kvroute.fleet.load import DEFAULT_TOKENS_PER_REQUEST, EngineLoad, LoadView, blend_load
+from kvroute.fleet.scrape import NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, scan_vllm_gauges
 from kvroute.fleet.source import FileFleetSource, FleetSource
 from kvroute.fleet.spec import EngineSpec
 
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 ChangeCallback = Callable[[list[EngineSpec], list[EngineSpec]], Awaitable[None]]
 """Called with (added, removed) specs; a changed engine is in both (old spec in removed)."""
+
+# An engine's report counts for routing while its scrape is younger than this many intervals
+# (at least _REPORT_MIN_AGE_S): a few failed scrapes in a row fall back to local load.
+_REPORT_INTERVALS: Final = 3
+_REPORT_MIN_AGE_S: Final = 1.0
+# Weight of each new request in the tokens-per-request average (about the last 50 requests).
+_TOKENS_EWMA: Final = 0.02
 
 
 @dataclass(eq=False)
@@ -37,6 +45,12 @@ class EngineState:
     consecutive_failures: int = 0
     last_error: str | None = None
     scraped_at: float | None = None  # time.monotonic() of the last good scrape
+    # In flight there when that scrape was sent: this replica's, the other replicas' (shared).
+    scraped_local_requests: int = 0
+    scraped_shared_requests: int | None = None
+    # The other replicas' requests in flight there, from the shared store (None: off or down).
+    shared_requests: int | None = None
+    shared_tokens: int = 0
 
     @property
     def name(self) -> str:
@@ -50,7 +64,9 @@ class Fleet:
     an engine is ejected after `unhealthy_after` consecutive failures (probe failures and proxy
     connect failures reported through `mark_failure`) and re-admitted after one successful
     probe. Load: the proxy calls `begin_request`/`end_request`; the `vllm:` gauges of
-    `client.metrics_text` are kept on each engine every `scrape_interval_s`. Membership: a
+    `client.metrics_text` are kept on each engine every `scrape_interval_s`; `load()` blends
+    them with the in-flight counts by `load_source` (fleet/load.py), and `set_shared_load`
+    brings in the other replicas' counts (fleet/shared_state.py). Membership: a
     `FleetSource` (the fleet file, polled every `watch_interval_s`, when `fleet_file` is given)
     feeds `update()`, which calls the `on_change` callbacks; a broken source is retried after
     `watch_interval_s`. `reloads` counts by outcome ("ok", "error"): the fleet file source each
@@ -70,9 +86,19 @@ class Fleet:
         probe_timeout_s: float = 2.0,
         fleet_file: Path | None = None,
         source: FleetSource | None = None,
+        load_source: LoadSource = LoadSource.BLENDED,
     ) -> None:
         if unhealthy_after < 1:
             raise ConfigError(f"unhealthy_after: expected >= 1, got {unhealthy_after}")
+        try:
+            self.load_source = LoadSource(load_source)
+        except ValueError as exc:
+            expected = ", ".join(LoadSource)
+            raise ConfigError(
+                f"load_source: expected one of {expected}, got {load_source!r}"
+            ) from exc
+        self._tokens_per_request: float | None = None
+        self._report_max_age_s = max(_REPORT_INTERVALS * scrape_interval_s, _REPORT_MIN_AGE_S)
         self._client = client
         self._health_interval_s = health_interval_s
         self._unhealthy_after = unhealthy_after
@@ -143,6 +169,56 @@ class Fleet:
             "parent": parent,
         }
 
+    # ---- load --------------------------------------------------------------------------------
+
+    @property
+    def tokens_per_request(self) -> float:
+        """A moving average of this replica's requests' prompt + max output tokens: the size
+        given to each request an engine reports that no replica accounted for."""
+        if self._tokens_per_request is None:
+            return float(DEFAULT_TOKENS_PER_REQUEST)
+        return self._tokens_per_request
+
+    def load(self, state: EngineState, now: float | None = None) -> EngineLoad:
+        """`state`'s load for routing, blended by `load_source` (fleet/load.py). Reads memory
+        only: the scrape and the shared store are refreshed by their own loops."""
+        now = time.monotonic() if now is None else now
+        reported: int | None = None
+        if state.scraped_at is not None and now - state.scraped_at <= self._report_max_age_s:
+            running = state.scraped.get(NUM_REQUESTS_RUNNING)
+            if running is not None:
+                waiting = state.scraped.get(NUM_REQUESTS_WAITING, 0.0)
+                total = running + waiting
+                reported = int(total) if total < 1e12 else None  # +Inf or nonsense: no report
+        view = LoadView(
+            local_requests=state.in_flight_requests,
+            local_tokens=state.outstanding_tokens,
+            reported=reported,
+            local_at_report=state.scraped_local_requests,
+            shared_requests=state.shared_requests,
+            shared_tokens=state.shared_tokens,
+            shared_at_report=state.scraped_shared_requests,
+        )
+        return blend_load(view, self.load_source, self.tokens_per_request)
+
+    def local_loads(self) -> dict[str, tuple[int, int]]:
+        """This replica's (requests, tokens) in flight per engine, for the shared store."""
+        return {
+            name: (s.in_flight_requests, s.outstanding_tokens)
+            for name, s in self._engines.items()
+            if s.in_flight_requests or s.outstanding_tokens
+        }
+
+    def set_shared_load(self, others: Mapping[str, tuple[int, int]] | None) -> None:
+        """The other replicas' (requests, tokens) in flight per engine, summed; None while the
+        shared store is off or down (routing then leaves them out)."""
+        for name, state in self._engines.items():
+            if others is None:
+                state.shared_requests, state.shared_tokens = None, 0
+                state.scraped_shared_requests = None
+            else:
+                state.shared_requests, state.shared_tokens = others.get(name, (0, 0))
+
     # ---- load and health, reported by the proxy ----------------------------------------------
 
     def begin_request(self, engine: str, tokens: int) -> None:
@@ -150,6 +226,11 @@ class Fleet:
         if state is not None:
             state.in_flight_requests += 1
             state.outstanding_tokens += max(0, tokens)
+        if tokens > 0:
+            avg = self._tokens_per_request
+            self._tokens_per_request = (
+                float(tokens) if avg is None else avg + _TOKENS_EWMA * (tokens - avg)
+            )
 
     def end_request(self, engine: str, tokens: int) -> None:
         state = self._engines.get(engine)
@@ -208,15 +289,21 @@ class Fleet:
         await asyncio.gather(*(self._scrape(state) for state in list(self._engines.values())))
 
     async def _scrape(self, state: EngineState) -> None:
+        # What kvroute had in flight there as the request leaves: the engine's answer counts
+        # these (and, roughly, nothing sent after), so `load()` can add only what is newer.
+        local_at = state.in_flight_requests
+        shared_at = state.shared_requests
         try:
             text = await self._client.metrics_text(state.spec.url, timeout_s=self._probe_timeout_s)
-            gauges = parse_vllm_gauges(text)
+            gauges = scan_vllm_gauges(text)
         except EngineError as exc:
             log.debug("scrape of %s failed: %s", state.name, exc)
             return
         if self._engines.get(state.name) is state:
             state.scraped = gauges
             state.scraped_at = time.monotonic()
+            state.scraped_local_requests = local_at
+            state.scraped_shared_requests = shared_at
 
     # ---- membership --------------------------------------------------------------------------
 
@@ -245,6 +332,8 @@ class Fleet:
             if old is not None:
                 state.in_flight_requests = old.in_flight_requests
                 state.outstanding_tokens = old.outstanding_tokens
+                state.shared_requests = old.shared_requests
+                state.shared_tokens = old.shared_tokens
             engines[name] = state
         self._engines = engines
         log.info(

@@ -4,8 +4,11 @@ the settings (engine client, fleet, index, subscribers, tokenizer, policy) and c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -22,11 +25,17 @@ from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex, create_index
 from kvroute.metrics import Metrics
+from kvroute.persist import RefuseReason, SnapshotRefused, remove_stale_temp_files
+from kvroute.persist.index_snapshot import load_sources
+from kvroute.persist.writer import SnapshotWriter
 from kvroute.routing import CostWeights, make_policy
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
 from kvroute.tokenize.timing import Observe
 from kvroute.upstream import HttpxEngineClient
+
+if TYPE_CHECKING:
+    from kvroute.fleet.shared_state import SharedState
 
 __all__ = ["build_gateway", "create_app"]
 
@@ -47,8 +56,10 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         watch_interval_s=settings.watch_interval_s,
         fleet_file=settings.fleet_file,
         source=_kubernetes_source(settings, metrics),
+        load_source=settings.load_source,
     )
     metrics.watch_fleet(lambda: [(e.name, e.healthy) for e in fleet.engines()], fleet.reloads)
+    metrics.watch_load(lambda: [(e.name, *fleet.load(e).pair()) for e in fleet.engines()])
     index: PrefixIndex | None = None
     subscribers: SubscriberManager | None = None
     policy_name = settings.policy
@@ -91,7 +102,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
             imbalance_tokens=settings.imbalance_tokens,
         ),
     )
-    return Gateway(
+    gateway = Gateway(
         fleet=fleet,
         client=client,
         metrics=metrics,
@@ -101,6 +112,95 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         subscribers=subscribers,
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
     )
+    gateway.shared = _shared_state(settings, gateway, metrics)
+    if settings.snapshot_path is not None and subscribers is not None:
+        _warm_restart(settings.snapshot_path, settings, gateway, subscribers, metrics)
+    return gateway
+
+
+def _warm_restart(
+    path: Path,
+    settings: Settings,
+    gateway: Gateway,
+    subscribers: SubscriberManager,
+    metrics: Metrics,
+) -> None:
+    """Load the snapshot at `path` (before any source is added: each takes its part as it is,
+    unconfirmed) and set up its writer. A refused snapshot is one log line and a counter, and
+    the gateway starts cold (docs/design.md §14)."""
+    refused: dict[str, int] = {}
+    for temp in remove_stale_temp_files(path):
+        log.info("removed a snapshot temp file a killed writer left", extra={"path": str(temp)})
+    started = time.perf_counter()
+    try:
+        restored = load_sources(path, fleet=settings.fleet_name)
+    except SnapshotRefused as exc:
+        if exc.reason is RefuseReason.MISSING:
+            log.info("no snapshot at %s: starting cold", path)
+        else:
+            refused[exc.reason.value] = 1
+            log.warning("%s", exc, extra={"reason": exc.reason.value})
+        restored = []
+    gateway.restores = {r.source: r for r in restored}
+    if restored:
+        log.info(
+            "snapshot loaded: its sources stay unconfirmed until their engines confirm them",
+            extra={
+                "path": str(path),
+                "sources": len(restored),
+                "blocks": sum(r.export.blocks for r in restored),
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+    writer = SnapshotWriter(
+        path,
+        fleet=settings.fleet_name,
+        collect=subscribers.snapshot_sources,
+        interval_s=settings.snapshot_interval_s,
+    )
+    gateway.snapshots = writer
+    metrics.watch_snapshots(
+        lambda: {
+            "written": writer.stats.written,
+            "failed": writer.stats.failed,
+            "last_bytes": writer.stats.last_bytes,
+            "last_write_s": writer.stats.last_write_s,
+            "last_pause_s": writer.stats.last_pause_s,
+            "max_pause_s": writer.stats.max_pause_s,
+        },
+        refused,
+        lambda: len(subscribers.unconfirmed()),
+    )
+
+
+def _shared_state(settings: Settings, gateway: Gateway, metrics: Metrics) -> SharedState | None:
+    """The shared store of several replicas when `shared_state_url` is set (the `shared`
+    extra); it only moves counts and claims between this replica's fleet and index and the
+    store, in the background."""
+    if settings.shared_state_url is None:
+        return None
+    try:
+        from kvroute.fleet.shared_state import SharedState
+    except ImportError as exc:
+        raise ConfigError(
+            "shared_state_url: sharing state between replicas needs the shared extra: "
+            f"pip install 'kvroute[shared]' ({exc})"
+        ) from exc
+    fleet = gateway.fleet
+    shared = SharedState(
+        settings.shared_state_url,
+        loads=fleet.local_loads,
+        on_loads=fleet.set_shared_load,
+        on_claim=gateway.add_shared_speculative,
+        interval_s=settings.shared_state_interval_s,
+        ttl_s=settings.shared_state_ttl_s,
+        key_prefix=settings.shared_state_key_prefix,
+        backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
+    )
+    metrics.watch_shared_state(
+        shared.errors, shared.dropped, shared.claims, lambda: (shared.up, shared.peers)
+    )
+    return shared
 
 
 def _kubernetes_source(settings: Settings, metrics: Metrics) -> FleetSource | None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvroute.core import PolicyName
+from kvroute.core import LoadSource, PolicyName
 from kvroute.errors import ConfigError
 
 __all__ = ["register"]
@@ -34,6 +34,20 @@ def register(sub: Any) -> None:
         choices=[p.value for p in PolicyName],
         help="routing policy (KVROUTE_POLICY, default kv_aware)",
     )
+    serve.add_argument(
+        "--load-source",
+        choices=[s.value for s in LoadSource],
+        help="what counts as an engine's load (KVROUTE_LOAD_SOURCE, default blended)",
+    )
+    serve.add_argument(
+        "--shared-state-url",
+        help="Redis or Valkey URL shared by several replicas (KVROUTE_SHARED_STATE_URL)",
+    )
+    serve.add_argument(
+        "--snapshot-path",
+        type=Path,
+        help="write the index here periodically and load it at start (KVROUTE_SNAPSHOT_PATH)",
+    )
     serve.add_argument("--host", help="listen address (KVROUTE_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="listen port (KVROUTE_PORT, default 8080)")
     serve.add_argument(
@@ -58,6 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
             ("k8s_namespace", args.k8s_namespace),
             ("picker_port", args.picker_port),
             ("policy", args.policy),
+            ("load_source", args.load_source),
+            ("shared_state_url", args.shared_state_url),
+            ("snapshot_path", args.snapshot_path),
             ("host", args.host),
             ("port", args.port),
             ("log_level", args.log_level),

@@ -128,6 +128,13 @@ async def debug_engines(request: Request) -> Response:
             "healthy": e.healthy,
             "in_flight_requests": e.in_flight_requests,
             "outstanding_tokens": e.outstanding_tokens,
+            # What routing counts (load_source): the report, this replica's, the others'.
+            "load": {
+                "requests": (load := gateway.fleet.load(e)).requests,
+                "tokens": load.tokens,
+                "shared_requests": e.shared_requests,
+                "shared_tokens": e.shared_tokens if e.shared_requests is not None else None,
+            },
             # JSON has no infinities: an engine's +Inf gauge shows as null.
             "scraped": {k: v if math.isfinite(v) else None for k, v in e.scraped.items()},
             "scraped_age_s": None if e.scraped_at is None else now - e.scraped_at,
@@ -135,10 +142,15 @@ async def debug_engines(request: Request) -> Response:
         }
         for e in gateway.fleet.engines()
     ]
+    shared = gateway.shared
     return JSONResponse(
         {
             "policy": gateway.policy.name,
             "kv_event_sync": gateway.index is not None,
+            "load_source": gateway.fleet.load_source.value,
+            "shared_state": None
+            if shared is None
+            else {"replica": shared.replica_id, "up": shared.up, "peers": shared.peers},
             "engines": engines,
         }
     )

@@ -3,23 +3,31 @@ step every request goes through: resolve model, tokenize, match, choose."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from kvroute.core import EngineClient, MatchResult
+from kvroute.core import EngineClient, MatchResult, SourceId
 from kvroute.errors import GatewayHTTPError, TokenizeError
 from kvroute.events import SubscriberManager
-from kvroute.fleet import EngineSpec, EngineState, Fleet
+from kvroute.fleet import EngineSpec, EngineState, Fleet, SpeculativeClaim
 from kvroute.gateway.openai_body import RequestKind, RoutingRequest
 from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
+from kvroute.persist.index_snapshot import RestoredSource
+from kvroute.persist.writer import SnapshotWriter
 from kvroute.routing import Candidate, Policy
 from kvroute.tokenize import Tokenizer
+
+if TYPE_CHECKING:  # the `shared` extra (redis) is imported only when a store is configured
+    from kvroute.fleet.shared_state import SharedState
 
 __all__ = ["Gateway"]
 
@@ -41,6 +49,12 @@ class Gateway:
     index: PrefixIndex | None
     subscribers: SubscriberManager | None
     ready_bootstrap_deadline_s: float
+    shared: SharedState | None = None  # the store replicas share load through (optional)
+    # Warm restarts (persist/): the writer, and the sources a snapshot loaded at start holds,
+    # handed to their sources once as they are added (only to the same identity).
+    snapshots: SnapshotWriter | None = None
+    restores: dict[SourceId, RestoredSource] = field(default_factory=dict)
+    _snapshot_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fleet.on_change(self._on_fleet_change)
@@ -51,16 +65,30 @@ class Gateway:
         for spec in self.fleet.specs():
             await self._add_engine(spec)
         await self.fleet.start()
+        if self.shared is not None:
+            await self.shared.start()
+        if self.snapshots is not None:
+            self._snapshot_task = asyncio.create_task(self.snapshots.run(), name="kvroute-snapshot")
         log.info(
             "gateway started",
             extra={
                 "engines": len(self.fleet.engines()),
                 "policy": self.policy.name,
                 "kv_event_sync": self.index is not None,
+                "load_source": self.fleet.load_source.value,
+                "shared_state": self.shared is not None,
             },
         )
 
     async def close(self) -> None:
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._snapshot_task
+        if self.snapshots is not None and self.subscribers is not None:
+            self.snapshots.write_now()  # graceful shutdown: the freshest state, in-process
+        if self.shared is not None:
+            await self.shared.close()
         if self.subscribers is not None:
             await self.subscribers.close()
         await self.fleet.close()
@@ -69,7 +97,11 @@ class Gateway:
         # SubscriberManager registers each source with the index too (events/subscriber.py).
         if self.subscribers is not None:
             for source in spec.sources():
-                await self.subscribers.add_source(source)
+                restored = self.restores.pop(source.source, None)
+                restore = None
+                if restored is not None and restored.matches(source):
+                    restore = (restored.last, restored.digest, restored.export)
+                await self.subscribers.add_source(source, restore)
 
     async def _remove_engine(self, spec: EngineSpec) -> None:
         if self.subscribers is not None:
@@ -147,11 +179,12 @@ class Gateway:
 
     def _candidate(self, engine: EngineState) -> Candidate:
         current = self.fleet.get(engine.spec.name) or engine
+        load = self.fleet.load(current)  # memory only: scrapes and the store update it
         return Candidate(
             name=current.spec.name,
             healthy=current.healthy,
-            outstanding_tokens=current.outstanding_tokens,
-            in_flight=current.in_flight_requests,
+            outstanding_tokens=load.tokens,
+            in_flight=load.requests,
         )
 
     # --- what the proxy asks (ProxyContext)
@@ -169,10 +202,10 @@ class Gateway:
 
     def least_loaded_engine(self) -> str | None:
         """The healthy engine with the fewest outstanding tokens (for requests with no prompt)."""
-        healthy = [e for e in self.fleet.engines() if e.healthy]
-        if not healthy:
+        loads = [(self.fleet.load(e), e.name) for e in self.fleet.engines() if e.healthy]
+        if not loads:
             return None
-        return min(healthy, key=lambda e: (e.outstanding_tokens, e.in_flight_requests, e.name)).name
+        return min(loads, key=lambda le: (le[0].tokens, le[0].requests, le[1]))[1]
 
     def begin_request(self, engine: str, tokens: int) -> None:
         self.fleet.begin_request(engine, tokens)
@@ -188,3 +221,19 @@ class Gateway:
             self.index.add_speculative(
                 engine, outcome.model, outcome.lora, outcome.token_ids, cache_salt=cache_salt
             )
+            if self.shared is not None:  # queued for the other replicas; no I/O here
+                self.shared.claim(
+                    SpeculativeClaim(
+                        engine, outcome.model, outcome.lora, outcome.token_ids, cache_salt
+                    )
+                )
+
+    def add_shared_speculative(self, claim: SpeculativeClaim) -> bool:
+        """Another replica's claim (fleet/shared_state.py): into this index as if routed here;
+        False when this replica does not know the engine or keeps no index."""
+        if self.index is None or self.fleet.get(claim.engine) is None or not claim.token_ids:
+            return False
+        self.index.add_speculative(
+            claim.engine, claim.model, claim.lora, claim.token_ids, cache_salt=claim.cache_salt
+        )
+        return True

@@ -107,6 +107,9 @@ class _Rank:
         self.generations: dict[int, Generation] = {}  # id(request) -> generation
         self.duplicate_stores = False
         self.batches_published = 0
+        # Requests the step being waited out finishes: the scheduler is already past them, but
+        # until that step's end in wall time their clients still wait (so /metrics counts them).
+        self.finishing = 0
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop(), name=f"sim-{self.engine.name}-{self.rank}")
@@ -117,6 +120,12 @@ class _Rank:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.finishing = 0
+
+    @property
+    def num_running(self) -> int:
+        """Requests running as a client sees them (vLLM's `num_requests_running`)."""
+        return self.scheduler.num_running + self.finishing
 
     def submit(self, gen: Generation) -> None:
         self.scheduler.add(gen.request)
@@ -143,8 +152,10 @@ class _Rank:
                 await self.wake.wait()
                 continue
             delay = t0 + out.end / speed - loop.time()
+            self.finishing = len(out.finished)
             # Yield even when behind, so HTTP handlers run between steps.
             await asyncio.sleep(delay if delay > 0 else 0)
+            self.finishing = 0
             if out.events:
                 self._publish(out.events)
             for req in out.advanced:

@@ -82,7 +82,7 @@ class _EngineCollector(Collector):
         for r in e.all_ranks():
             s = r.scheduler
             values = [e.model, str(r.rank)]
-            running.add_metric(values, s.num_running)
+            running.add_metric(values, r.num_running)
             waiting.add_metric(values, s.num_waiting)
             usage.add_metric(values, s.pool.usage())
             queries.add_metric(values, s.prefix_queries_tokens)
