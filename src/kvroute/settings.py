@@ -190,10 +190,10 @@ class Settings(BaseSettings):
     unhealthy_after: int = Field(
         3, gt=0, description="Consecutive failed probes (or connect failures) before ejection."
     )
-    # 0.5 s: a request of the demo lasts ~1 s; a report older than that misses most of the
-    # other replicas' traffic (docs/design.md §14). A scrape costs ~0.4 ms of CPU per engine.
+    # 0.25 s: a request of the demo lasts ~1 s; replicas routing on a report much older than
+    # that herd onto the same engine (docs/design.md §15). A scrape costs ~1 ms of CPU.
     scrape_interval_s: float = Field(
-        0.5,
+        0.25,
         gt=0,
         description="Seconds between scrapes of engines' `vllm:` metrics (their reported queue "
         "feeds `load_source`).",
@@ -215,7 +215,7 @@ class Settings(BaseSettings):
         "counts and speculative entries; unset: off.",
     )
     shared_state_interval_s: float = Field(
-        0.25,
+        0.05,
         gt=0,
         description="Seconds between writes of this replica's in-flight counts to the shared "
         "store and reads of the others'.",

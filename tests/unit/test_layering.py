@@ -119,6 +119,7 @@ SEAMS = {
     "httpx": {"upstream"},
     "prometheus_client": {"metrics"},
     "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
+    "redis": {"fleet"},  # fleet/shared_state.py, the store several replicas share
     "aiohttp": {"fleet"},  # kubernetes_asyncio's transport, whose errors it raises
     "grpc": {"gateway"},  # gateway/picker.py, the Envoy ext_proc service
     "grpc_health": {"gateway"},

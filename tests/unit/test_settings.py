@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvroute.core import PolicyName
+from kvroute.core import LoadSource, PolicyName
 from kvroute.errors import ConfigError
 from kvroute.index import IndexLimits
 from kvroute.routing import CostWeights
@@ -160,3 +160,20 @@ def test_a_fleet_file_and_kubernetes_discovery_exclude_each_other(tmp_path: Path
     with pytest.raises(ConfigError, match="fleet_file and k8s_namespace"):
         load_settings(fleet_file=tmp_path / "fleet.yaml", k8s_namespace="ns")
     assert load_settings(k8s_namespace="ns").k8s_label_selector == "kvroute.io/engine=vllm"
+
+
+def test_several_replicas_settings_defaults_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.scrape_interval_s <= 1.0  # engines' own load, fresh enough to route by
+    assert s.load_source is LoadSource.BLENDED
+    assert s.shared_state_url is None  # sharing is opt-in
+    monkeypatch.setenv("KVROUTE_LOAD_SOURCE", "local")
+    monkeypatch.setenv("KVROUTE_SHARED_STATE_URL", "redis://cache:6379/2")
+    s = load_settings()
+    assert (s.load_source, s.shared_state_url) == (LoadSource.LOCAL, "redis://cache:6379/2")
+    with pytest.raises(ConfigError, match="load_source"):
+        load_settings(load_source="gossip")
+    with pytest.raises(ConfigError, match="shared_state_url: expected a redis://"):
+        load_settings(shared_state_url="nats://127.0.0.1:4222")
+    with pytest.raises(ConfigError, match="shared_state_ttl_s: expected > shared_state_interval"):
+        load_settings(shared_state_interval_s=2.0, shared_state_ttl_s=1.0)

@@ -34,9 +34,10 @@ def register(sub: Any) -> None:
     )
     bench.add_argument(
         "which",
-        choices=[*_BENCHES, *_ALIASES, "all"],
+        choices=[*_BENCHES, *_ALIASES, "all", "replicas"],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
-        "ingest | ingest-latency (its fixed-rate latency part alone) | all",
+        "ingest | ingest-latency (its fixed-rate latency part alone) | all | replicas (one "
+        "gateway vs several behind a round-robin client; not in all)",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -65,6 +66,13 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="the venv holding ai-dynamo-runtime (default: .venv-peers)",
     )
+    from kvroute.bench import replicas
+
+    replicas.add_arguments(
+        bench.add_argument_group(
+            "several replicas (kvroute bench replicas; README 'Several replicas')"
+        )
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -81,6 +89,11 @@ def register(sub: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.which == "replicas":
+        from kvroute.bench import replicas
+
+        code: int = replicas.run(args)
+        return code
     if args.vs is not None:
         return _run_vs(args)
     if any(v is not None for v in (args.events, args.per_message, args.peers_venv)):

@@ -8,7 +8,7 @@ __all__ = ["LoadSource"]
 
 
 class LoadSource(enum.StrEnum):
-    """What counts as an engine's load (fleet/load.py; docs/design.md §14)."""
+    """What counts as an engine's load (fleet/load.py; docs/design.md §15)."""
 
     LOCAL = "local"  # the requests kvroute sent (this replica, plus the shared store's)
     ENGINE = "engine"  # the engine's reported running + waiting

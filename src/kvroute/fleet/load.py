@@ -46,7 +46,7 @@ class LoadView:
 
 
 def blend_load(view: LoadView, source: LoadSource, tokens_per_request: float) -> EngineLoad:
-    """The load routing uses for one engine (docs/design.md §14).
+    """The load routing uses for one engine (docs/design.md §15).
 
     `local`: the requests kvroute knows it sent (this replica's, plus the other replicas'
     while a shared store is up). `engine`: the engine's last report alone, in tokens at

@@ -36,6 +36,7 @@ _STORE_ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
 _FORGET_S: Final = 60.0  # a replica missing from the store this long leaves its index set
 _MAX_PENDING: Final = 1024  # claims waiting to be published; more are dropped (counted)
 _GET_TIMEOUT_S: Final = 1.0  # pub/sub read wake-up (lets a closing loop notice)
+_MAX_BACKOFF_S: Final = 2.0  # longest wait between reconnect attempts
 
 Loads = Mapping[str, tuple[int, int]]
 
@@ -67,8 +68,8 @@ class SharedState:
 
     Nothing raises out of a loop: every store error is counted in `errors` (by op: sync,
     publish, subscribe), the loop retries after a jittered exponential backoff in
-    `backoff_s`, and routing keeps its local state. The sync loop is the heartbeat: its
-    first failure logs one warning and its first success after an outage one info line.
+    `backoff_s` (capped at 2 s), and routing keeps its local state. The sync loop is the
+    heartbeat: its first failure logs one warning, its first success after an outage one info.
     """
 
     def __init__(
@@ -93,11 +94,15 @@ class SharedState:
         self._on_claim = on_claim
         self._interval_s = interval_s
         self._ttl_ms = max(1, round(ttl_s * 1000))
-        self._backoff_s = backoff_s
+        # A reconnect attempt costs one refused connection: past _MAX_BACKOFF_S, waiting
+        # longer only prolongs the outage after the store is back.
+        self._backoff_s = (backoff_s[0], max(backoff_s[0], min(backoff_s[1], _MAX_BACKOFF_S)))
         self._replicas_key = f"{key_prefix}:replicas"
         self._key_prefix = f"{key_prefix}:load:"
         self._channel = f"{key_prefix}:speculative"
-        timeout = max(0.1, min(1.0, interval_s * 2))
+        # Generous against a busy store or host (a timeout counts as an outage), short enough
+        # that a hung store holds the loops back for well under the TTL.
+        timeout = max(0.5, min(2.0, interval_s * 4))
         self._redis = aioredis.Redis.from_url(
             url,
             socket_connect_timeout=timeout,
@@ -109,6 +114,7 @@ class SharedState:
         self._pending: collections.deque[SpeculativeClaim] = collections.deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._encoder = msgspec.msgpack.Encoder()
         self._claims_decoder = msgspec.msgpack.Decoder(_Claims)
         self._loads_decoder = msgspec.msgpack.Decoder(_Loads)
@@ -146,10 +152,16 @@ class SharedState:
         ]
 
     async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._closing = True
+        pending = set(self._tasks)
+        self._tasks = []
+        while pending:
+            # A cancellation can be lost inside the client (a socket timeout expiring at the
+            # same moment turns it into TimeoutError): ask again; the loops also end on
+            # `_closing` at their next turn.
+            for task in pending:
+                task.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=0.5)
         if self.up:  # leave at once instead of after the TTL; best effort
             with contextlib.suppress(*_STORE_ERRORS):
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -172,7 +184,7 @@ class SharedState:
 
     async def _sync_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             try:
                 await self._sync()
             except Exception as exc:
@@ -222,7 +234,7 @@ class SharedState:
         self._on_loads(sums)
 
     async def _publish_loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             batch = list(self._pending)
@@ -246,11 +258,11 @@ class SharedState:
 
     async def _subscribe_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=_GET_TIMEOUT_S)
                     if message is None:
                         continue

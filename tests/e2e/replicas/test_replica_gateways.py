@@ -70,11 +70,13 @@ async def _replicas(
             }
             app = create_app(load_settings(**options), metrics=Metrics())
             server = await stack.enter_async_context(BackgroundServer(app))
-            clients.append(
-                await stack.enter_async_context(
-                    httpx.AsyncClient(base_url=server.url, timeout=30.0, trust_env=False)
-                )
+            # Idle connections expire on our side well before uvicorn's 5 s keep-alive, so no
+            # request goes out on a connection the server is closing (an ECONNRESET race).
+            limits = httpx.Limits(keepalive_expiry=1.0)
+            http = httpx.AsyncClient(
+                base_url=server.url, timeout=30.0, trust_env=False, limits=limits
             )
+            clients.append(await stack.enter_async_context(http))
         yield _Replicas(fleet, clients)
 
 

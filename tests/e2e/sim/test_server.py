@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -309,3 +310,27 @@ async def test_dp_ranks_share_load_and_the_rank_header_pins_a_rank() -> None:
         assert pinned.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 16
         bad = await c.post("/v1/completions", json=body, headers={"X-data-parallel-rank": "5"})
         assert bad.status_code == 400
+
+
+async def test_metrics_count_a_request_running_until_its_last_token_is_due() -> None:
+    # The step loop computes a step ahead of the wall clock: the scheduler is past a request
+    # its current step finishes, but its client waits until that step's end, and vLLM's
+    # num_requests_running (which routers scrape as load) still counts it meanwhile.
+    fleet = SimFleet(1, MODEL, config=SimConfig(speed=0.002))  # one step: ~6 s of wall time
+    async with fleet, httpx.AsyncClient(timeout=30) as c:
+        c.base_url = httpx.URL(fleet.engines[0].url)
+        rank = fleet.engines[0].all_ranks()[0]
+        body = {"model": MODEL, "prompt": [1] * 40, "max_tokens": 1}
+        pending = asyncio.create_task(c.post("/v1/completions", json=body))
+        try:
+            await eventually(
+                lambda: rank.scheduler.num_running == 0 and rank.finishing == 1,
+                "the one-step request finished by the scheduler, its step still under way",
+            )
+            text = (await c.get("/metrics")).text
+            assert f'vllm:num_requests_running{{engine="0",model_name="{MODEL}"}} 1.0' in text
+            assert not pending.done()
+        finally:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending

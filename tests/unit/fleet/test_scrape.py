@@ -10,6 +10,7 @@ from kvroute.fleet import (
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
     parse_vllm_gauges,
+    scan_vllm_gauges,
 )
 
 # The shapes vLLM exposes: gauges per DP rank (label `engine`), a counter with
@@ -121,3 +122,45 @@ def test_creation_times_declared_as_gauges_are_not_gauges() -> None:
         "vllm:num_requests_running 2\n"
     )
     assert parse_vllm_gauges(body) == {"vllm:num_requests_running": 2.0}
+
+
+# ---- scan_vllm_gauges: the scrape loop's cheaper reading of the same text ----------------------
+
+_WELL_FORMED = [
+    SCRAPE,
+    '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="m"} 0.5\n',
+    "vllm:num_requests_running 1\nvllm:prefix_cache_queries_total 9\nvllm:x_count 3\n",
+    "# TYPE vllm:a gauge\nvllm:a NaN\n",
+    "",
+    "# TYPE vllm:num_preemptions counter\nvllm:num_preemptions 4\n"
+    "# TYPE vllm:e2e_latency histogram\nvllm:e2e_latency 1\n"
+    "# TYPE vllm:odd untyped\nvllm:odd 2\nvllm:odd_total 9\n",
+    "# TYPE vllm:prompt_tokens_created gauge\nvllm:prompt_tokens_created 1.7961e09\n"
+    "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 2\n",
+    # A histogram family followed by an undeclared gauge whose name extends the family's.
+    '# TYPE vllm:lat histogram\nvllm:lat_bucket{le="1"} 2\nvllm:lat_count 2\nvllm:lat_sum 1\n'
+    "vllm:lat_p50 0.5\nvllm:latency 3\n",
+    # A gauge declared with a counter-like ending counts as a gauge.
+    "# TYPE vllm:x_total gauge\nvllm:x_total 7\n",
+    'vllm:num_requests_running{model_name="a \\"quoted\\" {name}, \\\\ x",engine="0",} 1 17\n'
+    "vllm:num_requests_running{} 2\nvllm:num_requests_running\t3\r\n",
+]
+
+
+@pytest.mark.parametrize("text", _WELL_FORMED)
+def test_scan_reads_the_same_gauges_as_the_full_parser(text: str) -> None:
+    assert scan_vllm_gauges(text) == parse_vllm_gauges(text)
+
+
+@pytest.mark.parametrize("body", ["<html>502</html>", "garbage { {", "vllm:a{engine=0} 1\n"])
+def test_scan_rejects_a_body_that_is_not_prometheus_text(body: str) -> None:
+    with pytest.raises(EngineError, match="/metrics: expected Prometheus text"):
+        scan_vllm_gauges(body)
+
+
+def test_scan_checks_every_line_that_can_hold_a_vllm_gauge() -> None:
+    with pytest.raises(EngineError, match="unparsable line"):
+        scan_vllm_gauges('# TYPE vllm:a gauge\nvllm:a 1\nvllm:b{x="1} 2\n')
+    # A broken histogram bucket further down holds no gauge: skipped unread (documented).
+    text = '# TYPE vllm:h histogram\nvllm:h_bucket{le="1} 2\nvllm:num_requests_running 1\n'
+    assert scan_vllm_gauges(text) == {NUM_REQUESTS_RUNNING: 1.0}
