@@ -34,10 +34,11 @@ def register(sub: Any) -> None:
     )
     bench.add_argument(
         "which",
-        choices=[*_BENCHES, *_ALIASES, "all", "replicas"],
+        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart"],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
         "ingest | ingest-latency (its fixed-rate latency part alone) | all | replicas (one "
-        "gateway vs several behind a round-robin client; not in all)",
+        "gateway vs several behind a round-robin client; not in all) | restart (a gateway killed "
+        "under load, restarted warm from its snapshot and cold; not in all)",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -73,6 +74,11 @@ def register(sub: Any) -> None:
             "several replicas (kvroute bench replicas; README 'Several replicas')"
         )
     )
+    from kvroute.bench import restart
+
+    restart.add_arguments(
+        bench.add_argument_group("warm restarts (kvroute bench restart; README 'Persistence')")
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -94,6 +100,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         code: int = replicas.run(args)
         return code
+    if args.which == "restart":
+        from kvroute.bench import restart
+
+        restart.run(restart.options(args))
+        return 0
     if args.vs is not None:
         return _run_vs(args)
     if any(v is not None for v in (args.events, args.per_message, args.peers_venv)):
