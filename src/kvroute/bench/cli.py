@@ -62,6 +62,12 @@ def register(sub: Any) -> None:
         help="events per message, one run each (default: 1,10,50)",
     )
     peers.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help="runs per setting; each system's median by events per CPU-second (default 1)",
+    )
+    peers.add_argument(
         "--peers-venv",
         type=Path,
         metavar="DIR",
@@ -107,9 +113,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.vs is not None:
         return _run_vs(args)
-    if any(v is not None for v in (args.events, args.per_message, args.peers_venv)):
+    if any(v is not None for v in (args.events, args.per_message, args.peers_venv, args.repeats)):
         print(
-            "kvroute bench: --events, --per-message and --peers-venv go with ingest --vs",
+            "kvroute bench: --events, --per-message, --repeats and --peers-venv go with "
+            "ingest --vs",
             file=sys.stderr,
         )
         return 2
@@ -172,6 +179,7 @@ def _run_vs(args: argparse.Namespace) -> int:
             events=args.events,
             per_message=per_message,
             peers_venv=args.peers_venv,
+            repeats=args.repeats or 1,
         )
     except RuntimeError as exc:  # a system did not start or answer: say which, no traceback
         print(f"{prog}: {exc}", file=sys.stderr)
