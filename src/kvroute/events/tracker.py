@@ -251,14 +251,17 @@ class SourceTracker:
         self.settled = True
         self._clear_stale()
 
-    def _unconfirm(self) -> ReplayRequest | None:
+    def _unconfirm(self) -> ReplayRequest:
         """The engine did not continue the restored `last`: drop the restored blocks and start
-        over, keeping the live batch that waits (if any) for after the bootstrap."""
+        over, keeping the live batch that waits (if any) for after the bootstrap. Only sources
+        with a replay endpoint are restored, so there is always one to ask."""
         pending = self._pending
         self.unconfirmed = False
         self.reset(ResetCause.UNCONFIRMED)
         self._pending = pending
-        return self._bootstrap()
+        request = self._bootstrap()
+        assert request is not None  # restore() refuses sources without a replay endpoint
+        return request
 
     def on_disconnect(self) -> None:
         """The SUB socket lost its connection: the engine may have restarted. The caller drops
@@ -493,10 +496,7 @@ class SourceTracker:
         kind = request.kind
         if kind is ReplayKind.CONFIRM and self.unconfirmed:
             if outcome is not ReplayOutcome.OK:
-                bootstrap = self._unconfirm()
-                if bootstrap is not None:
-                    return bootstrap  # the waiting live batch follows it
-                kind = ReplayKind.BOOTSTRAP  # no replay endpoint: the live batch is the base
+                return self._unconfirm()  # the waiting live batch follows its bootstrap
             else:
                 self._confirmed()
                 kind = ReplayKind.GAP  # the waiting live batch follows the confirmed `last`

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvroute.persist.errors import SnapshotError
 from kvroute.persist.index_snapshot import SnapshotSource, fleet_identity, snapshot_sections
-from kvroute.persist.snapshot_file import write_snapshot
+from kvroute.persist.snapshot_file import SnapshotInfo, write_snapshot
 
 __all__ = ["SnapshotStats", "SnapshotWriter"]
 
@@ -60,17 +60,20 @@ class SnapshotWriter:
         """Write in this process, blocking (graceful shutdown: nothing else runs any more)."""
         started = time.perf_counter()
         try:
-            info = write_snapshot(
-                self.path,
-                fleet=fleet_identity(self._fleet),
-                sections=snapshot_sections(self._collect()),
-            )
+            info = self._write()
         except (SnapshotError, OSError) as exc:
             self.stats.failed += 1
             log.warning("snapshot %s not written: %s", self.path, exc)
             return False
         self._done(info.bytes_written, time.perf_counter() - started)
         return True
+
+    def _write(self) -> SnapshotInfo:
+        return write_snapshot(
+            self.path,
+            fleet=fleet_identity(self._fleet),
+            sections=snapshot_sections(self._collect()),
+        )
 
     async def write_in_child(self) -> bool:
         """Fork; the child writes the snapshot and exits; wait for it without blocking."""
@@ -89,11 +92,7 @@ class SnapshotWriter:
         if pid == 0:  # the child: no event loop, no sockets, no logging; just the file
             status = _CHILD_FAILED
             try:
-                write_snapshot(
-                    self.path,
-                    fleet=fleet_identity(self._fleet),
-                    sections=snapshot_sections(self._collect()),
-                )
+                self._write()
                 status = 0
             finally:
                 os._exit(status)
