@@ -65,8 +65,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def _consecutive_free_ports(host: str, n: int, attempts: int = 50) -> int:
-    """A base port P with P..P+n-1 all free right now (vLLM offsets DP ranks by +rank).
+def _consecutive_free_ports(host: str, n: int, attempts: int = 50, avoid: range = range(0)) -> int:
+    """A base port P with P..P+n-1 all free right now and none in `avoid` (ports picked for
+    another socket that is not bound yet; vLLM offsets DP ranks by +rank).
 
     The ports are bound later, by the engine's publisher: they are picked *below* the
     ephemeral range, where no outgoing connection or `bind(0)` of another process can take them
@@ -77,7 +78,7 @@ def _consecutive_free_ports(host: str, n: int, attempts: int = 50) -> int:
         held: list[socket.socket] = []
         try:
             base = _PICK.randrange(floor, max(floor + 1, low - n))
-            if base + n - 1 > 65535:
+            if base + n - 1 > 65535 or any(base + k in avoid for k in range(n)):
                 continue
             for k in range(n):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -160,15 +161,21 @@ class SimFleet:
             await self.close()
             raise
 
-    def _endpoint_base(self, base: int, i: int) -> int:
+    def _endpoint_base(self, base: int, i: int, avoid: range = range(0)) -> int:
         if base:
             return base + i * PORT_STRIDE
-        return _consecutive_free_ports(self.host, self.dp_ranks)
+        return _consecutive_free_ports(self.host, self.dp_ranks, avoid=avoid)
 
     def _build(self, i: int, name: str) -> _Member:
         cfg = self.config
         events = self._endpoint_base(self._events_base, i)
-        replay = self._endpoint_base(self._replay_base, i) if cfg.replay else None
+        # Both are picked before either is bound: the replay ports must not be the event ports
+        # (a bench run failed on that, EADDRINUSE on the second bind).
+        replay = (
+            self._endpoint_base(self._replay_base, i, avoid=range(events, events + self.dp_ranks))
+            if cfg.replay
+            else None
+        )
         publishers = [
             ZmqEventPublisher(
                 f"tcp://{self.host}:{events + r}",
