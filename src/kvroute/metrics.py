@@ -204,11 +204,13 @@ class _SharedStateView:
         errors: Mapping[str, int],
         dropped: Mapping[str, int],
         claims: Mapping[str, int],
+        load_updates: Mapping[str, int],
         status: Callable[[], tuple[bool, int]],
     ) -> None:
         self.errors = errors
         self.dropped = dropped
         self.claims = claims
+        self.load_updates = load_updates
         self.status = status
 
     def collect(self) -> Iterator[Metric]:
@@ -220,7 +222,7 @@ class _SharedStateView:
         )
         yield GaugeMetricFamily(
             "kvroute_shared_state_peers",
-            "Other replicas whose in-flight counts the last sync read.",
+            "Other replicas whose in-flight counts this replica holds (live keys, newer messages).",
             value=float(peers),
         )
         yield _counter(
@@ -241,6 +243,13 @@ class _SharedStateView:
             "Speculative claims shared with the other replicas, per direction (sent, received).",
             ["direction"],
             list(self.claims.items()),
+        )
+        yield _counter(
+            "kvroute_shared_load_updates",
+            "In-flight count messages exchanged with the other replicas, per direction (sent, "
+            "received newer than what this replica held).",
+            ["direction"],
+            list(self.load_updates.items()),
         )
 
 
@@ -387,11 +396,13 @@ class Metrics:
         errors: Mapping[str, int],
         dropped: Mapping[str, int],
         claims: Mapping[str, int],
+        load_updates: Mapping[str, int],
         status: Callable[[], tuple[bool, int]],
     ) -> None:
-        """Export the shared store's `kvroute_shared_state_*` metrics: `errors` (op -> count),
-        `dropped` (reason -> count), `claims` (direction -> count), `status()` (up, peers)."""
-        self._state.shared = _SharedStateView(errors, dropped, claims, status)
+        """Export the shared store's `kvroute_shared_*` metrics: `errors` (op -> count),
+        `dropped` (reason -> count), `claims` and `load_updates` (direction -> count),
+        `status()` (up, peers)."""
+        self._state.shared = _SharedStateView(errors, dropped, claims, load_updates, status)
 
     def watch_snapshots(
         self,

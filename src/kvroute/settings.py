@@ -199,10 +199,11 @@ class Settings(BaseSettings):
         "feeds `load_source`).",
     )
     load_source: LoadSource = Field(
-        LoadSource.BLENDED,
-        description="Load used for routing: `local` (requests this replica sent), `engine` (the "
-        "engines' reported running + waiting) or `blended` (the report plus what this replica "
-        'sent since; README "Several replicas").',
+        LoadSource.LOCAL,
+        description="Load used for routing: `local` (requests this replica sent, plus the other "
+        "replicas' with a shared store), `engine` (the engines' reported running + waiting) or "
+        "`blended` (the report plus what this replica sent since; for clients that bypass "
+        'kvroute; README "Several replicas").',
     )
     watch_interval_s: float = Field(
         2.0, gt=0, description="Seconds between checks of the fleet file for changes."
@@ -217,8 +218,8 @@ class Settings(BaseSettings):
     shared_state_interval_s: float = Field(
         0.05,
         gt=0,
-        description="Seconds between writes of this replica's in-flight counts to the shared "
-        "store and reads of the others'.",
+        description="Seconds between rewrites of this replica's in-flight counts in the shared "
+        "store and reads of the others' (heartbeat and repair; changes are pushed at once).",
     )
     shared_state_ttl_s: float = Field(
         2.0,

@@ -165,12 +165,13 @@ def test_a_fleet_file_and_kubernetes_discovery_exclude_each_other(tmp_path: Path
 def test_several_replicas_settings_defaults_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.scrape_interval_s <= 1.0  # engines' own load, fresh enough to route by
-    assert s.load_source is LoadSource.BLENDED
+    # Replicas that all act on the same scraped report herd (docs/design.md §15).
+    assert s.load_source is LoadSource.LOCAL
     assert s.shared_state_url is None  # sharing is opt-in
-    monkeypatch.setenv("KVROUTE_LOAD_SOURCE", "local")
+    monkeypatch.setenv("KVROUTE_LOAD_SOURCE", "blended")
     monkeypatch.setenv("KVROUTE_SHARED_STATE_URL", "redis://cache:6379/2")
     s = load_settings()
-    assert (s.load_source, s.shared_state_url) == (LoadSource.LOCAL, "redis://cache:6379/2")
+    assert (s.load_source, s.shared_state_url) == (LoadSource.BLENDED, "redis://cache:6379/2")
     with pytest.raises(ConfigError, match="load_source"):
         load_settings(load_source="gossip")
     with pytest.raises(ConfigError, match="shared_state_url: expected a redis://"):

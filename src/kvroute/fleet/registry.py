@@ -86,7 +86,7 @@ class Fleet:
         probe_timeout_s: float = 2.0,
         fleet_file: Path | None = None,
         source: FleetSource | None = None,
-        load_source: LoadSource = LoadSource.BLENDED,
+        load_source: LoadSource = LoadSource.LOCAL,
     ) -> None:
         if unhealthy_after < 1:
             raise ConfigError(f"unhealthy_after: expected >= 1, got {unhealthy_after}")
@@ -111,6 +111,9 @@ class Fleet:
         self._source = source
         self._engines: dict[str, EngineState] = {}
         self._callbacks: list[ChangeCallback] = []
+        # Called after every change of this replica's in-flight counts (the shared store
+        # pushes them to the other replicas at once: fleet/shared_state.py).
+        self._load_listeners: list[Callable[[], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._created = int(time.time())
         for spec in _unique(specs):
@@ -209,6 +212,11 @@ class Fleet:
             if s.in_flight_requests or s.outstanding_tokens
         }
 
+    def on_local_load(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (synchronously, so it must only note the change) whenever this
+        replica's in-flight counts change."""
+        self._load_listeners.append(listener)
+
     def set_shared_load(self, others: Mapping[str, tuple[int, int]] | None) -> None:
         """The other replicas' (requests, tokens) in flight per engine, summed; None while the
         shared store is off or down (routing then leaves them out)."""
@@ -226,6 +234,7 @@ class Fleet:
         if state is not None:
             state.in_flight_requests += 1
             state.outstanding_tokens += max(0, tokens)
+            self._local_load_changed()
         if tokens > 0:
             avg = self._tokens_per_request
             self._tokens_per_request = (
@@ -237,6 +246,11 @@ class Fleet:
         if state is not None:
             state.in_flight_requests = max(0, state.in_flight_requests - 1)
             state.outstanding_tokens = max(0, state.outstanding_tokens - max(0, tokens))
+            self._local_load_changed()
+
+    def _local_load_changed(self) -> None:
+        for listener in self._load_listeners:
+            listener()
 
     def mark_failure(self, engine: str, reason: str = "proxy connect failure") -> None:
         state = self._engines.get(engine)
@@ -300,6 +314,13 @@ class Fleet:
             log.debug("scrape of %s failed: %s", state.name, exc)
             return
         if self._engines.get(state.name) is state:
+            # The engine answered at some moment between the send and now: a request that
+            # started meanwhile may be in its count, and counting it again as the engine's own
+            # would double it until the next scrape. So the larger count of the two moments
+            # (a request that ended meanwhile is then missed for a scrape interval, at most).
+            local_at = max(local_at, state.in_flight_requests)
+            if shared_at is not None and state.shared_requests is not None:
+                shared_at = max(shared_at, state.shared_requests)
             state.scraped = gauges
             state.scraped_at = time.monotonic()
             state.scraped_local_requests = local_at

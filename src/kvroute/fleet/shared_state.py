@@ -49,8 +49,12 @@ class _Claims(msgspec.Struct, array_like=True):
 
 
 class _Loads(msgspec.Struct, array_like=True):
-    """One replica's key: its (requests, tokens) in flight per engine."""
+    """One replica's (requests, tokens) in flight per engine: its key's value, and the message
+    it publishes on every change. `seq` grows with every version, so an older one (a key read
+    after a newer message arrived) never overwrites a newer one."""
 
+    replica: str
+    seq: int
     engines: dict[str, tuple[int, int]]
 
 
@@ -58,13 +62,17 @@ class SharedState:
     """This replica's side of the shared store. `start()` launches three loops, `close()`
     stops them and deletes this replica's key.
 
-    - sync, every `interval_s`: write this replica's in-flight counts per engine (`loads()`)
-      under its own key with a `ttl_s` expiry, then read every other live replica's key and
-      hand the per-engine sums to `on_loads` (None while the store is down).
-    - publish: claims queued by `claim()` (the request path only appends to a bounded
-      queue) go out in one pub/sub message per batch.
-    - subscribe: other replicas' claims go to `on_claim`, which returns False for an engine
-      this replica does not know (dropped, counted).
+    - publish: after `loads_changed()` (called on every change of this replica's in-flight
+      counts) the counts (`loads()`) go out on the load channel, one message for all the
+      changes since the last; claims queued by `claim()` go out in one message per batch.
+      The request path only sets a flag or appends to a bounded queue.
+    - subscribe: other replicas' counts update the per-engine sums handed to `on_loads` as
+      they arrive; their claims go to `on_claim`, which returns False for an engine this
+      replica does not know (dropped, counted).
+    - sync, every `interval_s` (the heartbeat and the repair of lost messages): write this
+      replica's counts under its own key with a `ttl_s` expiry, then read every other live
+      replica's key; a replica whose key expired stops counting. `on_loads` gets None while
+      the store is down.
 
     Nothing raises out of a loop: every store error is counted in `errors` (by op: sync,
     publish, subscribe), the loop retries after a jittered exponential backoff in
@@ -100,6 +108,7 @@ class SharedState:
         self._replicas_key = f"{key_prefix}:replicas"
         self._key_prefix = f"{key_prefix}:load:"
         self._channel = f"{key_prefix}:speculative"
+        self._load_channel = f"{key_prefix}:loads"
         # Generous against a busy store or host (a timeout counts as an outage), short enough
         # that a hung store holds the loops back for well under the TTL.
         timeout = max(0.5, min(2.0, interval_s * 4))
@@ -112,12 +121,19 @@ class SharedState:
         )
         self._rng = random.Random()
         self._pending: collections.deque[SpeculativeClaim] = collections.deque()
+        self._loads_dirty = False
+        self._seq = 0  # of this replica's last encoded counts
+        self._peers: dict[str, _Loads] = {}  # the other replicas' latest counts
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._encoder = msgspec.msgpack.Encoder()
         self._claims_decoder = msgspec.msgpack.Decoder(_Claims)
         self._loads_decoder = msgspec.msgpack.Decoder(_Loads)
+        self._channels: dict[bytes, Callable[[bytes], None]] = {
+            self._channel.encode(): self._received,
+            self._load_channel.encode(): self._received_loads,
+        }
         self._outage_logged = False
         # Read by the metrics at scrape time (metrics.watch_shared_state).
         self.up = False
@@ -126,6 +142,7 @@ class SharedState:
         self.errors: collections.Counter[str] = collections.Counter()  # op -> failures
         self.dropped: collections.Counter[str] = collections.Counter()  # reason -> claims
         self.claims: collections.Counter[str] = collections.Counter()  # sent / received
+        self.load_updates: collections.Counter[str] = collections.Counter()  # sent / received
 
     # ---- the request path ------------------------------------------------------------------
 
@@ -139,6 +156,12 @@ class SharedState:
             return
         self._pending.append(claim)
         self._wake.set()
+
+    def loads_changed(self) -> None:
+        """This replica's in-flight counts changed: publish them soon; never blocks."""
+        if self.up:
+            self._loads_dirty = True
+            self._wake.set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -199,10 +222,14 @@ class SharedState:
             self._back()
             await asyncio.sleep(self._interval_s)
 
+    def _own_loads(self) -> bytes:
+        self._seq += 1
+        return self._encoder.encode(_Loads(self.replica_id, self._seq, dict(self._loads())))
+
     async def _sync(self) -> None:
-        """Write this replica's counts, then read and sum the other replicas'."""
+        """Write this replica's counts, then read the other replicas' and sum them."""
         now = time.time()
-        own = self._encoder.encode(_Loads(dict(self._loads())))
+        own = self._own_loads()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._key(self.replica_id), own, px=self._ttl_ms)
             pipe.zadd(self._replicas_key, {self.replica_id: now})
@@ -214,9 +241,8 @@ class SharedState:
         values: list[bytes | str | None] = (
             list(await self._redis.mget([self._key(r) for r in others])) if others else []
         )
-        sums: dict[str, tuple[int, int]] = {}
-        peers = 0
-        for raw in values:
+        peers: dict[str, _Loads] = {}
+        for replica, raw in zip(others, values, strict=True):
             if raw is None:
                 continue  # expired: that replica stopped publishing, its counts are gone
             if isinstance(raw, str):  # only with decode_responses, which this client never sets
@@ -226,17 +252,36 @@ class SharedState:
             except msgspec.DecodeError:
                 self.dropped["malformed"] += 1
                 continue
-            peers += 1
+            newer = self._peers.get(replica)  # a message that arrived after the key was read
+            peers[replica] = newer if newer is not None and newer.seq > loads.seq else loads
+        self._peers = peers
+        self._publish_sums()
+
+    def _publish_sums(self) -> None:
+        sums: dict[str, tuple[int, int]] = {}
+        for loads in self._peers.values():
             for engine, (requests, tokens) in loads.engines.items():
                 old_requests, old_tokens = sums.get(engine, (0, 0))
                 sums[engine] = (old_requests + max(0, requests), old_tokens + max(0, tokens))
-        self.peers = peers
+        self.peers = len(self._peers)
         self._on_loads(sums)
 
     async def _publish_loop(self) -> None:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            if self._loads_dirty:
+                # Every change since the last message goes out in this one.
+                self._loads_dirty = False
+                try:
+                    await self._redis.publish(self._load_channel, self._own_loads())
+                except Exception as exc:
+                    if not isinstance(exc, _STORE_ERRORS):
+                        log.exception("shared state: publish failed")
+                    self.errors["publish"] += 1  # the next sync carries the counts
+                    log.debug("shared state: publish failed: %s: %s", type(exc).__name__, exc)
+                else:
+                    self.load_updates["sent"] += 1
             batch = list(self._pending)
             self._pending.clear()
             if not batch:
@@ -261,13 +306,15 @@ class SharedState:
         while not self._closing:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self._channel)
+                await pubsub.subscribe(*self._channels)
                 while not self._closing:
                     message = await pubsub.get_message(timeout=_GET_TIMEOUT_S)
                     if message is None:
                         continue
                     if message.get("type") == "message":
-                        self._received(message["data"])
+                        handler = self._channels.get(_bytes(message["channel"]))
+                        if handler is not None:
+                            handler(message["data"])
                     elif message.get("type") == "subscribe":  # the server's confirmation
                         self.subscribed = True
                         failures = 0
@@ -302,11 +349,27 @@ class SharedState:
             if not applied:
                 self.dropped["unknown_engine"] += 1
 
+    def _received_loads(self, data: bytes) -> None:
+        try:
+            loads = self._loads_decoder.decode(data)
+        except msgspec.DecodeError:
+            self.dropped["malformed"] += 1
+            return
+        if loads.replica == self.replica_id or not self.up:
+            return  # our own; or the store is down and the others' counts are not used
+        known = self._peers.get(loads.replica)
+        if known is not None and known.seq >= loads.seq:
+            return  # older than what the last sync read
+        self.load_updates["received"] += 1
+        self._peers[loads.replica] = loads
+        self._publish_sums()
+
     # ---- outage bookkeeping ----------------------------------------------------------------
 
     def _down(self, exc: BaseException) -> None:
         self.up = False
         self.peers = 0
+        self._peers = {}
         self._on_loads(None)
         if not self._outage_logged:
             self._outage_logged = True
@@ -327,6 +390,10 @@ class SharedState:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 def _redacted(url: str) -> str:

@@ -197,8 +197,13 @@ def _shared_state(settings: Settings, gateway: Gateway, metrics: Metrics) -> Sha
         key_prefix=settings.shared_state_key_prefix,
         backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
     )
+    fleet.on_local_load(shared.loads_changed)
     metrics.watch_shared_state(
-        shared.errors, shared.dropped, shared.claims, lambda: (shared.up, shared.peers)
+        shared.errors,
+        shared.dropped,
+        shared.claims,
+        shared.load_updates,
+        lambda: (shared.up, shared.peers),
     )
     return shared
 

@@ -89,9 +89,9 @@ async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
 async def test_a_replica_sees_what_another_sent_through_the_engines_report(
     tmp_path: Path,
 ) -> None:
-    # No shared store: replica 1 learns replica 0's request from the engine's own gauges,
-    # replica 2 (load_source local, the old behaviour) does not.
-    settings = [{}, {}, {"load_source": "local"}]
+    # No shared store: replica 1 (load_source blended) learns replica 0's request from the
+    # engine's own gauges, replica 2 (local, the default) does not.
+    settings = [{}, {"load_source": "blended"}, {}]
     async with _replicas(tmp_path, settings, speed=1.0) as r:
         prompt = r.fleet.tokenizer.make_text(64, seed="long")
         body = {"model": MODEL, "prompt": prompt, "max_tokens": 400}  # ~5 s at speed 1

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from kvroute.core import LoadSource
 from kvroute.fleet import EngineSpec, Fleet, SpeculativeClaim
@@ -40,7 +42,14 @@ def _specs() -> list[EngineSpec]:
 class _Replica:
     """One replica's fleet and shared state; claims from the others land in `claims`."""
 
-    def __init__(self, url: str, client: HttpxEngineClient, prefix: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        client: HttpxEngineClient,
+        prefix: str,
+        interval_s: float = INTERVAL_S,
+        ttl_s: float = TTL_S,
+    ) -> None:
         self.fleet: Fleet = quiet_fleet(_specs(), client, load_source=LoadSource.LOCAL)
         self.claims: list[SpeculativeClaim] = []
         self.shared = SharedState(
@@ -48,11 +57,12 @@ class _Replica:
             loads=self.fleet.local_loads,
             on_loads=self.fleet.set_shared_load,
             on_claim=self._claimed,
-            interval_s=INTERVAL_S,
-            ttl_s=TTL_S,
+            interval_s=interval_s,
+            ttl_s=ttl_s,
             key_prefix=prefix,
             backoff_s=(0.05, 0.2),
         )
+        self.fleet.on_local_load(self.shared.loads_changed)
 
     def _claimed(self, claim: SpeculativeClaim) -> bool:
         if self.fleet.get(claim.engine) is None:
@@ -78,13 +88,13 @@ async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
 @pytest.fixture
 async def replicas(
     redis: RedisServer, request: pytest.FixtureRequest
-) -> AsyncIterator[Callable[[], _Replica]]:
+) -> AsyncIterator[Callable[..., _Replica]]:
     prefix = f"kvroute-test-{os.getpid()}-{request.node.name}"
     async with AsyncExitStack() as stack:
         client = await stack.enter_async_context(engine_client())
 
-        def make() -> _Replica:
-            replica = _Replica(redis.url, client, prefix)
+        def make(**kwargs: float) -> _Replica:
+            replica = _Replica(redis.url, client, prefix, **kwargs)
             stack.push_async_callback(replica.shared.close)
             return replica
 
@@ -120,6 +130,38 @@ async def test_replicas_see_each_others_in_flight_counts(
     await eventually(lambda: b.shared_on("e0") == (0, 0), "a's requests ended, for b too")
     await a.shared.close()  # a clean stop deletes a's key at once
     await eventually(lambda: b.shared.peers == 0, "b no longer counts a")
+
+
+async def test_in_flight_changes_are_pushed_without_waiting_for_the_sync(
+    redis: RedisServer, replicas: Callable[..., _Replica], request: pytest.FixtureRequest
+) -> None:
+    # A sync interval far beyond the test's deadline: only the load channel can carry these.
+    a, b = replicas(interval_s=600.0, ttl_s=1200.0), replicas(interval_s=600.0, ttl_s=1200.0)
+    for r in (a, b):
+        await r.shared.start()
+    await eventually(lambda: a.ready() and b.ready(), "both connected and subscribed")
+    a.fleet.begin_request("e0", 1000)
+    await eventually(lambda: b.shared_on("e0") == (1, 1000), "b sees a's request at once")
+    assert b.shared.peers == 1 and b.shared.load_updates["received"] >= 1
+    a.fleet.begin_request("e1", 30)
+    a.fleet.end_request("e0", 1000)
+    await eventually(
+        lambda: b.shared_on("e0") == (0, 0) and b.shared_on("e1") == (1, 30),
+        "b sees a's request end and the next start",
+    )
+    # A message older than what b holds (a replayed or reordered one) changes nothing.
+    prefix = f"kvroute-test-{os.getpid()}-{request.node.name}"
+    stale = msgspec.msgpack.encode([a.shared.replica_id, 1, {"e0": [7, 7000]}])
+    newer = msgspec.msgpack.encode(["a-third-replica", 1, {"e0": [2, 20]}])
+    raw = aioredis.Redis.from_url(redis.url)
+    try:
+        for message in (stale, b"not msgpack", newer):
+            await raw.publish(f"{prefix}:loads", message)
+    finally:
+        await raw.aclose()
+    await eventually(lambda: b.shared_on("e0") == (2, 20), "the third replica's message")
+    assert b.shared_on("e1") == (1, 30) and b.shared.dropped["malformed"] == 1
+    assert a.shared.load_updates["sent"] == 2  # the two changes made together went as one
 
 
 async def test_a_crashed_replicas_counts_expire_after_the_ttl(

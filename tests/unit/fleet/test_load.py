@@ -118,8 +118,9 @@ async def client(engine: _Engine) -> AsyncIterator[HttpxEngineClient]:
 
 
 def _fleet(client: HttpxEngineClient, **knobs: object) -> Fleet:
+    """A one-engine fleet that blends the engine's reports in (unless `load_source` says)."""
     spec = EngineSpec(name="a", model="m", url="http://a:8000", events=None)  # type: ignore[arg-type]
-    return quiet_fleet([spec], client, **knobs)
+    return quiet_fleet([spec], client, **{"load_source": LoadSource.BLENDED, **knobs})
 
 
 async def test_a_scrape_remembers_what_this_replica_had_in_flight_when_it_left(
