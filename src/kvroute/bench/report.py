@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_OUT_DIR", "print_table", "save_json", "stop_child"]
+__all__ = ["DEFAULT_OUT_DIR", "bar_chart", "print_table", "save_json", "stop_child"]
 
 DEFAULT_OUT_DIR = Path("bench-results")
 
@@ -52,6 +52,33 @@ def save_json(name: str, data: dict[str, Any], out_dir: Path = DEFAULT_OUT_DIR) 
         **data,
     }
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def bar_chart(
+    path: Path, title: str, labels: Sequence[str], panels: Sequence[tuple[str, Sequence[float]]]
+) -> Path | None:
+    """One bar per label in each (panel title, values) panel, saved as a PNG at `path`; None
+    (and a line saying so) without matplotlib (the `bench` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: matplotlib is not installed (pip install 'kvroute[bench]')")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, values) in zip(axes[0], panels, strict=True):
+        ax.bar(list(labels), list(values), color="#2a9d8f")
+        ax.set_title(panel)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
     return path
 
 

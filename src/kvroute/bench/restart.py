@@ -18,18 +18,20 @@ from typing import Any
 import httpx
 
 from kvroute.bench.replicas import _Replica
-from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.core import source_id
 from kvroute.gateway import BackgroundServer, Gateway, create_app
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import load_sources
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
+from kvroute.sim.tokenizer import SimTokenizer
 
 __all__ = ["RestartOptions", "add_arguments", "options", "run"]
 
 MODEL = "sim/restart"
 READY_TIMEOUT_S = 60.0
+FILL_PROMPT_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class RestartOptions:
     # default); an engine that has run for hours has published far more, so a cold start's
     # bootstrap sees only its recent past. A small buffer here plays that.
     buffer_steps: int = 20
+    # Blocks each engine caches before the warm-up, from long unique prompts sent straight to
+    # it (the first gateway ingests their events): how the index is made big.
+    fill_blocks: int = 0
     out_dir: Path = DEFAULT_OUT_DIR
 
 
@@ -64,6 +69,13 @@ def add_arguments(p: argparse._ActionsContainer) -> None:
         default=d.buffer_steps,
         help="batches each simulated engine keeps for replay (%(default)s)",
     )
+    p.add_argument(
+        "--fill-blocks",
+        type=int,
+        default=d.fill_blocks,
+        help="blocks each engine caches from unique prompts before the warm-up, to measure a "
+        "big index (keep below --gpu-blocks) (%(default)s)",
+    )
 
 
 def options(args: argparse.Namespace) -> RestartOptions:
@@ -72,6 +84,7 @@ def options(args: argparse.Namespace) -> RestartOptions:
         warmup_requests=args.warmup_requests,
         down_s=args.down_s,
         buffer_steps=args.buffer_steps,
+        fill_blocks=args.fill_blocks,
         out_dir=args.out_dir,
     )
 
@@ -79,6 +92,36 @@ def options(args: argparse.Namespace) -> RestartOptions:
 def _prompt(rng: random.Random, groups: int) -> str:
     g = rng.randrange(groups)
     return f"system prompt of group {g}: " + f"rule {g} " * 120 + f" question {rng.random()}"
+
+
+async def _fill(urls: list[str], blocks: int, block_size: int) -> None:
+    """Make every engine cache about `blocks` blocks of unique prompts (4 requests at a time
+    per engine, straight to it)."""
+    per_prompt = FILL_PROMPT_TOKENS // block_size
+    tokenizer = SimTokenizer()
+
+    async def engine(http: httpx.AsyncClient, i: int, url: str) -> None:
+        todo = list(range(-(-blocks // per_prompt)))
+        while todo:
+            batch, todo = todo[:4], todo[4:]
+            replies = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{url}/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": tokenizer.make_text(FILL_PROMPT_TOKENS, f"fill-{i}-{n}"),
+                            "max_tokens": 1,
+                        },
+                    )
+                    for n in batch
+                )
+            )
+            for reply in replies:
+                reply.raise_for_status()
+
+    async with httpx.AsyncClient(trust_env=False, timeout=120) as http:
+        await asyncio.gather(*(engine(http, i, url) for i, url in enumerate(urls)))
 
 
 async def _load(urls: list[str], rng: random.Random, groups: int, stop: asyncio.Event) -> int:
@@ -194,6 +237,10 @@ async def _run(opts: RestartOptions) -> dict[str, Any]:
             rng = random.Random(1)
             async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
                 await first.wait_ready(http)
+                if opts.fill_blocks:
+                    filling = time.perf_counter()
+                    await _fill([e.url for e in fleet.engines], opts.fill_blocks, config.block_size)
+                    print(f"filled in {time.perf_counter() - filling:.1f} s", flush=True)
                 for start in range(0, opts.warmup_requests, 8):
                     await asyncio.gather(
                         *(
@@ -220,7 +267,22 @@ async def _run(opts: RestartOptions) -> dict[str, Any]:
     result = {"options": {k: str(v) for k, v in vars(opts).items()}, "warm": warm, "cold": cold}
     rows = [[mode, *(str(result[mode][k]) for k in warm)] for mode in ("warm", "cold")]
     print_table("gateway restart after SIGKILL under load", ["restart", *warm], rows)
-    save_json("restart", result, opts.out_dir)
+    print(f"wrote {save_json('restart', result, opts.out_dir)}")
+    modes = ("warm", "cold")
+    bar_chart(
+        opts.out_dir / "restart.png",
+        f"gateway restart after SIGKILL under load ({opts.engines} engines, "
+        f"{warm['held_blocks']:,} blocks held)",
+        modes,
+        [
+            ("time to ready (s)", [result[m]["time_to_ready_s"] for m in modes]),
+            (
+                "held blocks recovered, mean over engines (%)",
+                [100 * result[m]["recovered_fraction_mean"] for m in modes],
+            ),
+            ("blocks claimed but not held", [result[m]["claimed_not_held"] for m in modes]),
+        ],
+    )
     return result
 
 
