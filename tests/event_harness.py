@@ -74,6 +74,7 @@ def make_stack(
     retry_backoff_s: tuple[float, float] = (0.05, 0.4),
     max_concurrent_replays: int = 4,
     tail_check_s: float = 0.0,
+    **limits: Any,
 ) -> Stack:
     """The router side as the gateway builds it. The tail check is off unless a test asks for it:
     it asks an idle source's replay buffer, which would add `ok` replays to exact counts."""
@@ -87,6 +88,7 @@ def make_stack(
         max_concurrent_replays=max_concurrent_replays,
         retry_backoff_s=retry_backoff_s,
         tail_check_s=tail_check_s,
+        **limits,  # ingest_limits, max_message_bytes
     )
     metrics.watch_sources(manager.status)
     return Stack(metrics, index, manager)

@@ -9,7 +9,7 @@ from typing import Any, Final, Literal
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kvroute.core import LoadSource, PolicyName
+from kvroute.core import IngestLimits, LoadSource, PolicyName
 from kvroute.errors import ConfigError
 from kvroute.index.limits import IndexLimits
 from kvroute.routing.types import CostWeights
@@ -28,6 +28,15 @@ LogFormat = Literal["kv", "json"]
 # The components own these defaults; the fields below read them so each number is written once.
 _LIMITS: Final = IndexLimits()
 _WEIGHTS: Final = CostWeights()
+# A simulated engine at full load publishes ~70 events/s (~1,000 blocks/s) in 0.06 MB/s; a
+# fast GPU serving many sequences at most a few thousand events/s in ~1 MB/s (README "Limits").
+_INGEST: Final = IngestLimits(
+    source_events_per_s=50_000,
+    source_bytes_per_s=4 * 1024 * 1024,
+    total_events_per_s=200_000,
+    total_bytes_per_s=64 * 1024 * 1024,
+    burst_s=2.0,
+)
 
 
 class Settings(BaseSettings):
@@ -148,6 +157,39 @@ class Settings(BaseSettings):
     )
     max_concurrent_replays: int = Field(
         4, gt=0, description="Replays running at once over all sources."
+    )
+    # Ingest budgets (events/budget.py, README "Limits").
+    source_events_per_s: float = Field(
+        _INGEST.source_events_per_s,
+        ge=0,
+        description="Events per second one source may feed the index (0: no limit); over it "
+        "the source is stale until a replay catches it up.",
+    )
+    source_bytes_per_s: float = Field(
+        _INGEST.source_bytes_per_s,
+        ge=0,
+        description="Event bytes per second one source may feed the index (0: no limit).",
+    )
+    total_events_per_s: float = Field(
+        _INGEST.total_events_per_s,
+        ge=0,
+        description="Events per second all sources together may feed the index (0: no limit).",
+    )
+    total_bytes_per_s: float = Field(
+        _INGEST.total_bytes_per_s,
+        ge=0,
+        description="Event bytes per second all sources together may feed the index (0: none).",
+    )
+    ingest_burst_s: float = Field(
+        _INGEST.burst_s,
+        gt=0,
+        description="Seconds of each ingest rate a quiet source saves up for a burst.",
+    )
+    max_event_message_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="Largest event or replay message taken (ZeroMQ MAXMSGSIZE; 0: no limit). "
+        "A larger one closes that connection: the source reconnects and starts over.",
     )
     retry_backoff_min_s: float = Field(
         0.5, gt=0, description="First delay before retrying a failed replay or connection."
@@ -315,6 +357,16 @@ class Settings(BaseSettings):
                 f"({self.retry_backoff_min_s}), got {self.retry_backoff_max_s}"
             )
         return self
+
+    @property
+    def ingest_limits(self) -> IngestLimits:
+        return IngestLimits(
+            source_events_per_s=self.source_events_per_s,
+            source_bytes_per_s=self.source_bytes_per_s,
+            total_events_per_s=self.total_events_per_s,
+            total_bytes_per_s=self.total_bytes_per_s,
+            burst_s=self.ingest_burst_s,
+        )
 
     @property
     def local_tokenizer(self) -> bool:

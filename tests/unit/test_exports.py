@@ -30,6 +30,7 @@ EXPORTS: dict[str, list[str]] = {
         "EventBatch",
         "EventCounters",
         "GPU",
+        "IngestLimits",
         "LoadSource",
         "LocalHash",
         "MatchResult",

@@ -12,6 +12,7 @@ from kvroute.core.events import (
     EventBatch,
 )
 from kvroute.core.ids import EngineHash, LocalHash, SourceId, SourceSpec, source_id
+from kvroute.core.ingest_limits import IngestLimits
 from kvroute.core.load_source import LoadSource
 from kvroute.core.match import MatchResult
 from kvroute.core.policy_name import PolicyName
@@ -29,6 +30,7 @@ __all__ = [
     "Event",
     "EventBatch",
     "EventCounters",
+    "IngestLimits",
     "LoadSource",
     "LocalHash",
     "MatchResult",

@@ -25,6 +25,8 @@ class DropReason(enum.StrEnum):
     DUPLICATE = "duplicate"
     UNKNOWN_SOURCE = "unknown_source"  # index.apply for a source never added (or removed)
     UNKNOWN_BLOCK = "unknown_block"  # BlockRemoved of a hash the source does not hold
+    # a live batch refused before decoding: its source is over its ingest budget (per batch)
+    OVER_BUDGET = "over_budget"
 
 
 class ResetCause(enum.StrEnum):
@@ -46,6 +48,7 @@ class ReplayOutcome(enum.StrEnum):
     TIMEOUT = "timeout"  # deadline passed or the end marker was lost
     NO_ENDPOINT = "no_endpoint"
     ERROR = "error"
+    OVER_BUDGET = "over_budget"  # stopped where the source's ingest budget ran out
 
 
 class EventCounters:

@@ -50,12 +50,15 @@ async def request_replay(
     start_seq: int,
     *,
     timeout_s: float = 2.0,
+    max_message_bytes: int = 0,
 ) -> ReplayResult:
     """Replay every buffered batch with seq >= `start_seq` from the ROUTER at `endpoint`.
 
     Uses a DEALER (a REQ socket would receive only the first reply). `timeout_s` bounds the
-    whole replay: on expiry the batches so far come back with `complete=False`. A malformed
-    reply raises `WireError`; a socket failure (bad endpoint) raises `EngineError`.
+    whole replay: on expiry the batches so far come back with `complete=False`. A reply larger
+    than `max_message_bytes` (0: no limit) is refused by libzmq before it is allocated, which
+    closes the connection: the replay then times out. A malformed reply raises `WireError`; a
+    socket failure (bad endpoint) raises `EngineError`.
     """
     if not 0 <= start_seq < 2**64:
         raise WireError(f"replay start_seq: expected 0 <= seq < 2**64, got {start_seq}")
@@ -69,6 +72,8 @@ async def request_replay(
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop replies on our side
+        if max_message_bytes > 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.IPV6, 1)  # dual-stack: IPv6 endpoints work, IPv4 ones still do
         sock.connect(endpoint)
         try:

@@ -14,6 +14,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from kvroute.core import (
     EventCounters,
+    IngestLimits,
     ReplayOutcome,
     ResetCause,
     SourceId,
@@ -21,6 +22,7 @@ from kvroute.core import (
     SourceStatus,
 )
 from kvroute.errors import ConfigError, KvrouteError
+from kvroute.events.budget import IngestBudget
 from kvroute.events.replay import request_replay
 from kvroute.events.tracker import RecoveryTimings, ReplayRequest, SourceTracker
 from kvroute.index import PrefixIndex
@@ -43,14 +45,20 @@ _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag
 
 
 class _Shared:
-    """What every source task of one manager uses: context, replay deadline and slots."""
+    """What every source task of one manager uses: context, replay deadline and slots, and the
+    largest message a socket takes."""
 
     def __init__(
-        self, context: zmq.asyncio.Context, replay_timeout_s: float, max_concurrent_replays: int
+        self,
+        context: zmq.asyncio.Context,
+        replay_timeout_s: float,
+        max_concurrent_replays: int,
+        max_message_bytes: int,
     ) -> None:
         self.context = context
         self.replay_timeout_s = replay_timeout_s
         self.replay_slots = asyncio.Semaphore(max_concurrent_replays)
+        self.max_message_bytes = max_message_bytes
 
 
 class _SourceTask:
@@ -90,6 +98,10 @@ class _SourceTask:
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, _SUB_RCVHWM)
+            if self.shared.max_message_bytes:
+                # Refused by libzmq before it allocates: the connection is closed, the
+                # monitor reports it, and the source starts over (events/tracker.py).
+                sub.setsockopt(zmq.MAXMSGSIZE, self.shared.max_message_bytes)
             # libzmq retries a dead endpoint every 100 ms forever; back off to 1 s so a down
             # engine is not hammered (and on loopback, fewer connects can squat its port).
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -231,8 +243,23 @@ class _SourceTask:
                 with contextlib.suppress(zmq.ZMQError):
                     while True:
                         raw.recv_multipart(_NOBLOCK)
+                self._reconnect(raw)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 await self._replays(self.tracker.on_connect())
+
+    def _reconnect(self, raw: zmq.Socket[Any]) -> None:
+        """Connect afresh. libzmq reconnects by itself after a lost connection, but not after a
+        protocol error, such as a message over MAXMSGSIZE: that endpoint would stay silent
+        for good (pinned by tests/zmq/events/test_subscriber_limits.py)."""
+        endpoint = self.spec.endpoint
+        with contextlib.suppress(zmq.ZMQError):
+            raw.disconnect(endpoint)
+        try:
+            raw.connect(endpoint)
+        except zmq.ZMQError as exc:  # it connected before: only a libzmq failure gets here
+            log.warning(
+                "subscriber %s: cannot reconnect to %s: %s", self.spec.source, endpoint, exc
+            )
 
     async def _drain(self, raw: zmq.Socket[Any]) -> bool:
         """Hand up to `_MAX_DRAIN` live messages to the tracker; False once the socket is empty.
@@ -280,6 +307,7 @@ class _SourceTask:
                         endpoint,
                         request.start,
                         timeout_s=self.shared.replay_timeout_s,
+                        max_message_bytes=self.shared.max_message_bytes,
                     )
             except KvrouteError as exc:
                 log.debug("replay from %s failed: %s", endpoint, exc)
@@ -307,6 +335,8 @@ class SubscriberManager:
         max_concurrent_replays: int,
         retry_backoff_s: tuple[float, float],
         tail_check_s: float,
+        ingest_limits: IngestLimits | None = None,
+        max_message_bytes: int = 0,
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -317,7 +347,13 @@ class SubscriberManager:
         self._timings = RecoveryTimings(retry_backoff_s[0], retry_backoff_s[1], tail_check_s)
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
-        self._shared = _Shared(self._context, replay_timeout_s, max_concurrent_replays)
+        self._shared = _Shared(
+            self._context, replay_timeout_s, max_concurrent_replays, max(0, max_message_bytes)
+        )
+        # Every source's budget shares the process-wide buckets of this one (events/budget.py).
+        self._budget = IngestBudget(
+            ingest_limits if ingest_limits is not None else IngestLimits(), time.monotonic
+        )
         self._sources: dict[SourceId, _SourceTask] = {}
         self._tasks: dict[SourceId, asyncio.Task[None]] = {}
         self._closed = False
@@ -335,7 +371,14 @@ class SubscriberManager:
         source = spec.source
         if source in self._sources:
             await self.remove_source(source)
-        tracker = SourceTracker(spec, self._index, self._counters, self._timings, time.monotonic)
+        tracker = SourceTracker(
+            spec,
+            self._index,
+            self._counters,
+            self._timings,
+            time.monotonic,
+            budget=self._budget.for_source(),
+        )
         task = _SourceTask(tracker, self._shared)
         task.open()
         self._index.add_source(source, engine=spec.engine, model=spec.model)

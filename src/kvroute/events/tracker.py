@@ -13,12 +13,14 @@ from kvroute.core import (
     DropReason,
     EventBatch,
     EventCounters,
+    IngestLimits,
     ReplayOutcome,
     ResetCause,
     SourceSpec,
     SourceStatus,
 )
 from kvroute.errors import WireError
+from kvroute.events.budget import IngestBudget
 from kvroute.events.wire import BatchDecoder
 from kvroute.index import PrefixIndex
 
@@ -80,6 +82,7 @@ class SourceTracker:
         counters: EventCounters,
         timings: RecoveryTimings,
         clock: Callable[[], float],
+        budget: IngestBudget | None = None,
     ) -> None:
         self.spec = spec
         self.source = spec.source
@@ -92,6 +95,8 @@ class SourceTracker:
         self._clock = clock
         self._has_replay = spec.replay_endpoint is not None
         self._decoder = BatchDecoder(raw_tokens=index.raw_tokens)
+        self._budget = budget if budget is not None else IngestBudget(IngestLimits(), clock)
+        self._limited = self._budget.limited  # read once per batch: a plain attribute
         self.last: int | None = None
         # The previous live seq of the engine process we are following (None: not known). A live
         # stream only rises; it survives a resync (same process), not a restart or disconnect.
@@ -182,10 +187,10 @@ class SourceTracker:
         self._backoff = self._timings.backoff_min_s
         self._update_stale()
 
-    def _mark_gap_stale(self, reason: str, *, resync: bool) -> None:
+    def _mark_gap_stale(self, reason: str, *, resync: bool, not_before: float = 0.0) -> None:
         self._gap_stale = reason
         self._resync_on_retry = resync
-        self._retry_at = self._clock() + self._backoff
+        self._retry_at = max(self._clock() + self._backoff, not_before)
         self._backoff = min(self._backoff * 2, self._timings.backoff_max_s)
         self._update_stale()
 
@@ -295,6 +300,8 @@ class SourceTracker:
         rank = batch.data_parallel_rank
         if rank is not None and rank != self._rank:
             self._counters.rank_mismatches[self._src] += 1
+        if self._limited:
+            self._budget.charge_events(len(batch.events))
         self._index.apply(self.source, batch)
         if AllBlocksCleared in map(type, batch.events):
             self._cleared()
@@ -334,6 +341,8 @@ class SourceTracker:
         batch = self._decode(payload)
         if batch is None:
             return
+        if self._limited:
+            self._budget.charge_events(len(batch.events))
         cleared_at = _last_clear(batch)
         if cleared_at is None:
             self._counters.drop(self._src, DropReason.STALE_SOURCE, max(1, len(batch.events)))
@@ -355,6 +364,9 @@ class SourceTracker:
 
     def on_live(self, seq: int, payload: bytes) -> ReplayRequest | None:
         """One live batch; the common case (`last + 1` on a consistent source) is applied here."""
+        if self._limited and not self._budget.admit(len(payload)):
+            self._over_budget()
+            return None
         last = self.last
         if last is not None and seq == last + 1 and self._gap_stale is None:
             self._last_live = seq
@@ -363,6 +375,21 @@ class SourceTracker:
             self._apply(seq, payload)
             return None
         return self._live(seq, payload, may_restart=True)
+
+    def _over_budget(self) -> None:
+        """A live batch while the source is over its ingest budget: refused before decoding and
+        counted (per batch). The source is gap-stale from its `last`, and a replay from there
+        is asked for once the budget allows (events/budget.py): the index is exact or stale,
+        never partial. Without a base, or with restored blocks not yet confirmed, the retry
+        starts over instead (a smaller index, never a larger one)."""
+        self._counters.batches[self._src] += 1
+        self._counters.drop(self._src, DropReason.OVER_BUDGET)
+        if self._gap_stale is None:
+            self._mark_gap_stale(
+                "over_budget",
+                resync=self.last is None or self.unconfirmed,
+                not_before=self._budget.ready_at(),
+            )
 
     def _live(self, seq: int, payload: bytes, *, may_restart: bool) -> ReplayRequest | None:
         """Every live batch that is not simply `last + 1` on a consistent source.
@@ -478,6 +505,9 @@ class SourceTracker:
                 if seq != last + 1:
                     outcome = ReplayOutcome.PARTIAL
                     break
+            if self._limited and not self._budget.admit(len(payload)):
+                outcome = ReplayOutcome.OVER_BUDGET
+                break
             self._apply(seq, payload)
             self._replayed[seq] = hash(payload)
             applied += 1
@@ -493,6 +523,10 @@ class SourceTracker:
 
     def _replay_done(self, request: ReplayRequest, outcome: ReplayOutcome) -> ReplayRequest | None:
         self._counters.replay(self._src, outcome)
+        if outcome is ReplayOutcome.OVER_BUDGET and not (
+            request.kind is ReplayKind.CONFIRM and self.unconfirmed
+        ):
+            return self._replay_over_budget(request)
         kind = request.kind
         if kind is ReplayKind.CONFIRM and self.unconfirmed:
             if outcome is not ReplayOutcome.OK:
@@ -534,6 +568,20 @@ class SourceTracker:
             resync=outcome in (ReplayOutcome.PARTIAL, ReplayOutcome.NO_ENDPOINT),
         )
         self._hold(seq, payload)
+        return None
+
+    def _replay_over_budget(self, request: ReplayRequest) -> ReplayRequest | None:
+        """A replay stopped where the budget ran out: what it applied is a consistent prefix of
+        the engine's history, not its present (blocks removed since are still held), so the
+        source is gap-stale and asks for the rest once the budget allows."""
+        if request.kind is ReplayKind.BOOTSTRAP:
+            self.settled = True
+        self._mark_gap_stale(
+            "replay_over_budget", resync=self.last is None, not_before=self._budget.ready_at()
+        )
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._hold(pending[0], pending[1])  # dropped unless it clears everything
         return None
 
     # --- timers -----------------------------------------------------------------------------

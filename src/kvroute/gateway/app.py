@@ -82,6 +82,8 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
             max_concurrent_replays=settings.max_concurrent_replays,
             retry_backoff_s=(settings.retry_backoff_min_s, settings.retry_backoff_max_s),
             tail_check_s=settings.tail_check_s,
+            ingest_limits=settings.ingest_limits,
+            max_message_bytes=settings.max_event_message_bytes,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)

@@ -89,6 +89,9 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
         retry_backoff_min_s=0.3,
         retry_backoff_max_s=0.3,
         replay_timeout_s=1.0,
+        # Far above what this test sends until the flood at its end.
+        source_events_per_s=2_000,
+        ingest_burst_s=1.0,
     )
     app = create_app(settings, metrics=Metrics())
     a, r = source_id("engine-a", 0), source_id("raw", 0)
@@ -205,6 +208,10 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
             # The raw engine leaves the fleet file.
             fleet_file.write_text(yaml.safe_dump({"engines": entries[:1]}))
             await until_counted(lambda: bool(resets(ResetCause.REMOVED)), "removed")
+
+            # engine-a floods: 6,000 events at once, three times its saved-up budget.
+            feed.publish(600, events=10)
+            await until_counted(lambda: bool(dropped(DropReason.OVER_BUDGET)), "over_budget")
 
             await scrape()
             missing_reasons = [reason for reason in DropReason if not dropped(reason)]

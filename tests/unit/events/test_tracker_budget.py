@@ -1,0 +1,107 @@
+"""A source over its ingest budget (events/budget.py) goes stale and recovers by replay: the
+index is exact or stale, never silently partial. On `SourceTracker` alone, injected clock."""
+
+from __future__ import annotations
+
+from kvroute.core import DropReason, IngestLimits, ReplayOutcome
+from kvroute.events import ReplayKind, ReplayRequest, SourceTracker
+from kvroute.events.budget import IngestBudget
+from tests.unit.events.test_tracker import TIMINGS, Engine, Rig
+
+
+def _rig(limits: IngestLimits) -> Rig:
+    rig = Rig()
+    budget = IngestBudget(limits, rig.clock)
+    rig.tracker = SourceTracker(
+        rig.tracker.spec, rig.index, rig.counters, TIMINGS, rig.clock, budget=budget
+    )
+    return rig
+
+
+def test_a_source_over_its_byte_budget_goes_stale_then_catches_up_by_replay() -> None:
+    engine = Engine()
+    size = len(engine.batch()[1])  # every batch of this engine has the same size
+    engine.sent.clear()
+    rig = _rig(IngestLimits(source_bytes_per_s=10 * size, burst_s=1.0))
+    rig.attach(engine)  # nothing to replay yet
+    for _ in range(11):  # 10 in the burst, the 11th is admitted too (the bucket was not in debt)
+        assert rig.live(engine, engine.batch()) is None
+    assert not rig.tracker.stale and rig.held() == engine.reference()
+    refused = [engine.batch() for _ in range(5)]  # a flood: refused before decoding
+    for item in refused:
+        assert rig.live(engine, item) is None
+    assert rig.tracker.stale and rig.tracker.stale_reason() == "over_budget"
+    rig.assert_single_owner()
+    assert rig.dropped(DropReason.OVER_BUDGET) == 5
+    assert rig.tracker.last == 10
+    # Nothing happens before the bucket is out of debt, however often the timer fires.
+    deadline = rig.tracker.next_deadline()
+    assert deadline is not None and deadline >= rig.clock.t + 0.1 - 1e-9
+    rig.clock.t = deadline
+    request = rig.tracker.tick()
+    assert request == ReplayRequest(11, ReplayKind.RETRY)
+    rig.serve(request, engine)
+    assert not rig.tracker.stale and rig.tracker.last == 15
+    assert rig.held() == engine.reference()
+    rig.assert_single_owner()
+
+
+def test_events_charged_after_decoding_hold_the_next_batch_back() -> None:
+    rig, engine = _rig(IngestLimits(source_events_per_s=2.0, burst_s=1.0)), Engine()
+    rig.attach(engine)
+    assert rig.live(engine, engine.batch()) is None  # 1 event: 1 of 2 left
+    assert rig.live(engine, engine.batch()) is None  # 0 left
+    assert rig.live(engine, engine.batch()) is None  # admitted at 0, now 1 in debt
+    assert not rig.tracker.stale
+    assert rig.live(engine, engine.batch()) is None
+    assert rig.tracker.stale and rig.dropped(DropReason.OVER_BUDGET) == 1
+    rig.clock.t += 10.0
+    rig.serve(rig.tracker.tick(), engine)
+    assert not rig.tracker.stale and rig.held() == engine.reference()
+
+
+def test_a_replay_that_runs_over_the_budget_stops_there_and_is_retried() -> None:
+    rig, engine = _rig(IngestLimits(source_events_per_s=3.0, burst_s=1.0)), Engine()
+    request = rig.gap(engine)  # 1 + 1 live applied (2 events of 3), one lost
+    for _ in range(6):  # more the replay will return
+        engine.batch()
+    rig.serve(request, engine)
+    assert rig.tracker.stale and rig.tracker.stale_reason() == "replay_over_budget"
+    assert rig.replays(ReplayOutcome.OVER_BUDGET) == 1
+    assert rig.held() < engine.reference()
+    rig.assert_single_owner()
+    for _ in range(10):  # each retry gets as far as the budget allows
+        if not rig.tracker.stale:
+            break
+        deadline = rig.tracker.next_deadline()
+        assert deadline is not None
+        rig.clock.t = deadline
+        rig.serve(rig.tracker.tick(), engine)
+    assert not rig.tracker.stale and rig.tracker.last == len(engine.sent) - 1
+    assert rig.held() == engine.reference()
+
+
+def test_a_flooding_source_spends_its_own_budget_not_the_honest_ones() -> None:
+    limits = IngestLimits(source_events_per_s=10.0, total_events_per_s=1000.0, burst_s=1.0)
+    flood, honest = _rig(limits), Rig()
+    shared = IngestBudget(limits, flood.clock)
+    flood.tracker = SourceTracker(
+        flood.tracker.spec, flood.index, flood.counters, TIMINGS, flood.clock, budget=shared
+    )
+    honest.tracker = SourceTracker(
+        honest.tracker.spec,
+        honest.index,
+        honest.counters,
+        TIMINGS,
+        flood.clock,
+        budget=shared.for_source(),
+    )
+    bad, good = Engine(), Engine()
+    flood.attach(bad)
+    honest.attach(good)
+    for _ in range(50):
+        flood.live(bad, bad.batch())
+    for _ in range(10):  # its own 10 events per second
+        assert honest.live(good, good.batch()) is None
+    assert flood.tracker.stale and flood.dropped(DropReason.OVER_BUDGET) == 39
+    assert not honest.tracker.stale and honest.held() == good.reference()
