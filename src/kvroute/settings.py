@@ -36,6 +36,8 @@ _INGEST: Final = IngestLimits(
     total_events_per_s=200_000,
     total_bytes_per_s=64 * 1024 * 1024,
     burst_s=2.0,
+    max_batch_events=65_536,
+    max_batch_blocks=65_536,
 )
 
 
@@ -184,6 +186,28 @@ class Settings(BaseSettings):
         _INGEST.burst_s,
         gt=0,
         description="Seconds of each ingest rate a quiet source saves up for a burst.",
+    )
+    max_batch_events: int = Field(
+        _INGEST.max_batch_events,
+        ge=0,
+        description="Most events one batch may carry (0: no limit); a larger batch is refused "
+        "whole and its source is stale until it clears or resyncs.",
+    )
+    max_batch_blocks: int = Field(
+        _INGEST.max_batch_blocks,
+        ge=0,
+        description="Most block hashes one batch may carry, stored and removed (0: no limit).",
+    )
+    max_replay_batches: int = Field(
+        20_000,
+        ge=0,
+        description="Most batches read from one replay reply (0: no limit); vLLM keeps "
+        "10,000 by default. The rest is asked for by the next replay.",
+    )
+    max_replay_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Most payload bytes read from one replay reply (0: no limit).",
     )
     max_event_message_bytes: int = Field(
         16 * 1024 * 1024,
@@ -366,6 +390,8 @@ class Settings(BaseSettings):
             total_events_per_s=self.total_events_per_s,
             total_bytes_per_s=self.total_bytes_per_s,
             burst_s=self.ingest_burst_s,
+            max_batch_events=self.max_batch_events,
+            max_batch_blocks=self.max_batch_blocks,
         )
 
     @property

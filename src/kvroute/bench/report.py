@@ -71,6 +71,7 @@ def bar_chart(
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (panel, values) in zip(axes[0], panels, strict=True):
         ax.bar(list(labels), list(values), color="#2a9d8f")
+        ax.set_ylim(bottom=0, top=None if any(values) else 1)  # all zeros: a plain 0..1 axis
         ax.set_title(panel)
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(title)

@@ -27,6 +27,8 @@ class DropReason(enum.StrEnum):
     UNKNOWN_BLOCK = "unknown_block"  # BlockRemoved of a hash the source does not hold
     # a live batch refused before decoding: its source is over its ingest budget (per batch)
     OVER_BUDGET = "over_budget"
+    # a decoded batch with more events or blocks than a source may send in one (per event)
+    TOO_LARGE = "too_large"
 
 
 class ResetCause(enum.StrEnum):
@@ -49,6 +51,7 @@ class ReplayOutcome(enum.StrEnum):
     NO_ENDPOINT = "no_endpoint"
     ERROR = "error"
     OVER_BUDGET = "over_budget"  # stopped where the source's ingest budget ran out
+    TRUNCATED = "truncated"  # the reply passed its batch or byte limit: the rest was not read
 
 
 class EventCounters:

@@ -22,6 +22,7 @@ class ReplayResult(msgspec.Struct, frozen=True):
 
     batches: list[tuple[int, bytes]]
     complete: bool
+    truncated: bool = False  # the reply passed `max_batches` or `max_bytes`: not read further
 
 
 def parse_replay_frames(frames: list[bytes]) -> tuple[int, bytes] | None:
@@ -51,6 +52,8 @@ async def request_replay(
     *,
     timeout_s: float = 2.0,
     max_message_bytes: int = 0,
+    max_batches: int = 0,
+    max_bytes: int = 0,
 ) -> ReplayResult:
     """Replay every buffered batch with seq >= `start_seq` from the ROUTER at `endpoint`.
 
@@ -58,7 +61,9 @@ async def request_replay(
     whole replay: on expiry the batches so far come back with `complete=False`. A reply larger
     than `max_message_bytes` (0: no limit) is refused by libzmq before it is allocated, which
     closes the connection: the replay then times out. A malformed reply raises `WireError`; a
-    socket failure (bad endpoint) raises `EngineError`.
+    socket failure (bad endpoint) raises `EngineError`. Past `max_batches` batches or
+    `max_bytes` payload bytes (0: no limit) the reply is not read further (`truncated`), so a
+    replay server that never sends its end marker costs a bounded amount.
     """
     if not 0 <= start_seq < 2**64:
         raise WireError(f"replay start_seq: expected 0 <= seq < 2**64, got {start_seq}")
@@ -69,6 +74,7 @@ async def request_replay(
     except zmq.ZMQError as exc:
         raise EngineError(f"replay {endpoint}: cannot open a DEALER socket ({exc})") from exc
     batches: list[tuple[int, bytes]] = []
+    size = 0
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)  # never drop replies on our side
@@ -94,6 +100,9 @@ async def request_replay(
             if item is None:
                 return ReplayResult(batches, complete=True)
             batches.append(item)
+            size += len(item[1])
+            if (max_batches and len(batches) >= max_batches) or (max_bytes and size >= max_bytes):
+                return ReplayResult(batches, complete=False, truncated=True)
     except zmq.ZMQError as exc:
         raise EngineError(f"replay {endpoint}: {exc}") from exc
     finally:

@@ -54,8 +54,10 @@ class _Shared:
         replay_timeout_s: float,
         max_concurrent_replays: int,
         max_message_bytes: int,
+        max_replay: tuple[int, int],
     ) -> None:
         self.context = context
+        self.max_replay_batches, self.max_replay_bytes = max_replay
         self.replay_timeout_s = replay_timeout_s
         self.replay_slots = asyncio.Semaphore(max_concurrent_replays)
         self.max_message_bytes = max_message_bytes
@@ -308,12 +310,23 @@ class _SourceTask:
                         request.start,
                         timeout_s=self.shared.replay_timeout_s,
                         max_message_bytes=self.shared.max_message_bytes,
+                        max_batches=self.shared.max_replay_batches,
+                        max_bytes=self.shared.max_replay_bytes,
                     )
             except KvrouteError as exc:
                 log.debug("replay from %s failed: %s", endpoint, exc)
                 request = self.tracker.on_replay_failed(request, ReplayOutcome.ERROR)
                 continue
-            request = self.tracker.on_replay(request, result.batches, result.complete)
+            if result.truncated:
+                log.debug(
+                    "replay from %s for %s cut at %d batches",
+                    endpoint,
+                    self.spec.source,
+                    len(result.batches),
+                )
+            request = self.tracker.on_replay(
+                request, result.batches, result.complete, result.truncated
+            )
 
 
 class SubscriberManager:
@@ -337,6 +350,7 @@ class SubscriberManager:
         tail_check_s: float,
         ingest_limits: IngestLimits | None = None,
         max_message_bytes: int = 0,
+        max_replay: tuple[int, int] = (0, 0),
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -348,7 +362,11 @@ class SubscriberManager:
         self._own_context = context is None
         self._context = context if context is not None else zmq.asyncio.Context()
         self._shared = _Shared(
-            self._context, replay_timeout_s, max_concurrent_replays, max(0, max_message_bytes)
+            self._context,
+            replay_timeout_s,
+            max_concurrent_replays,
+            max(0, max_message_bytes),
+            (max(0, max_replay[0]), max(0, max_replay[1])),
         )
         # Every source's budget shares the process-wide buckets of this one (events/budget.py).
         self._budget = IngestBudget(

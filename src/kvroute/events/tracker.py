@@ -97,6 +97,13 @@ class SourceTracker:
         self._decoder = BatchDecoder(raw_tokens=index.raw_tokens)
         self._budget = budget if budget is not None else IngestBudget(IngestLimits(), clock)
         self._limited = self._budget.limited  # read once per batch: a plain attribute
+        limits = self._budget.limits
+        self._max_events = limits.max_batch_events
+        self._max_blocks = limits.max_batch_blocks
+        # Every event and every block hash takes at least a byte: a smaller payload cannot
+        # pass either limit, so the common batch is not looked at (-1: no limit at all).
+        sizes = [n for n in (self._max_events, self._max_blocks) if n > 0]
+        self._size_floor = min(sizes) if sizes else -1
         self.last: int | None = None
         # The previous live seq of the engine process we are following (None: not known). A live
         # stream only rises; it survives a resync (same process), not a restart or disconnect.
@@ -307,17 +314,33 @@ class SourceTracker:
             self._cleared()
 
     def _decode(self, payload: bytes) -> EventBatch | None:
-        """The batch, None if it cannot be decoded; malformed batches, event kinds the decoder
-        skipped and stores it could not reproduce are counted (pinned by
+        """The batch, None if it cannot be decoded or carries more events or blocks than a
+        source may send in one (`too_large`); malformed and refused batches, event kinds the
+        decoder skipped and stores it could not reproduce are counted (pinned by
         tests/e2e/gateway/test_metric_labels.py)."""
         try:
             batch = self._decoder.decode(payload)
         except WireError:
             self._counters.drop(self._src, DropReason.MALFORMED)
             return None
+        if self._size_floor >= 0 and len(payload) > self._size_floor and self._too_large(batch):
+            self._counters.drop(self._src, DropReason.TOO_LARGE, max(1, len(batch.events)))
+            return None
         if batch.skipped_events or batch.unsupported_events:
             self._count_skipped(batch)
         return batch
+
+    def _too_large(self, batch: EventBatch) -> bool:
+        events = batch.events
+        if 0 < self._max_events < len(events):
+            return True
+        if self._max_blocks <= 0:
+            return False
+        blocks = 0
+        for event in events:
+            if not isinstance(event, AllBlocksCleared):
+                blocks += len(event.block_hashes)
+        return blocks > self._max_blocks
 
     def _count_skipped(self, batch: EventBatch) -> None:
         if batch.skipped_events:
@@ -470,14 +493,26 @@ class SourceTracker:
         return self.on_replay_failed(request, ReplayOutcome.NO_ENDPOINT)
 
     def on_replay(
-        self, request: ReplayRequest, batches: Sequence[tuple[int, bytes]], complete: bool
+        self,
+        request: ReplayRequest,
+        batches: Sequence[tuple[int, bytes]],
+        complete: bool,
+        truncated: bool = False,
     ) -> ReplayRequest | None:
-        """The replayed `(seq, payload)` pairs, oldest first; `complete` when the end marker came.
+        """The replayed `(seq, payload)` pairs, oldest first; `complete` when the end marker came,
+        `truncated` when the reply passed its limits and was not read further (it then ends
+        like a timeout: what came is applied, the rest is asked for again).
 
         Those that continue `last` are applied (dedupe by seq). PARTIAL: the buffer no longer
         reached `start` (harmless in a bootstrap: a late joiner holds a subset of the truth).
         """
-        outcome = ReplayOutcome.OK if complete else ReplayOutcome.TIMEOUT
+        outcome = (
+            ReplayOutcome.OK
+            if complete
+            else ReplayOutcome.TRUNCATED
+            if truncated
+            else ReplayOutcome.TIMEOUT
+        )
         if request.kind is ReplayKind.CONFIRM and self.unconfirmed:
             first = batches[0] if batches else None
             if (

@@ -84,6 +84,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
             tail_check_s=settings.tail_check_s,
             ingest_limits=settings.ingest_limits,
             max_message_bytes=settings.max_event_message_bytes,
+            max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)

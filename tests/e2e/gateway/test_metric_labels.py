@@ -31,6 +31,7 @@ from tests.event_streams import BLOCK_SIZE, EngineStream
 from tests.polling import eventually
 
 MAX_BLOCKS_PER_SOURCE = 64
+MAX_BATCH_BLOCKS = 1_000
 DEADLINE_S = 15.0
 
 
@@ -92,6 +93,7 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
         # Far above what this test sends until the flood at its end.
         source_events_per_s=2_000,
         ingest_burst_s=1.0,
+        max_batch_blocks=MAX_BATCH_BLOCKS,
     )
     app = create_app(settings, metrics=Metrics())
     a, r = source_id("engine-a", 0), source_id("raw", 0)
@@ -165,6 +167,13 @@ async def test_every_drop_reason_and_reset_cause_appears_on_the_gateways_metrics
             # The engine cleared its cache; then a payload no release can decode.
             feed.publish_batch(VllmEventBatch(ts=0.0, events=[VllmAllBlocksCleared()]))
             assert await applied(subscribers, a, feed.pub.publish_payload(b"\xc1garbage"))
+            # A batch with more block hashes than a source may send in one.
+            too_large = VllmBlockRemoved(
+                block_hashes=list(range(1, MAX_BATCH_BLOCKS + 2)), medium="GPU"
+            )
+            assert await applied(
+                subscribers, a, feed.publish_batch(VllmEventBatch(ts=0.0, events=[too_large]))
+            )
             # index.apply for a source the index does not know (removed meanwhile).
             gateway.index.apply(source_id("ghost", 0), normalise_batch(stream.batch(2)))
 

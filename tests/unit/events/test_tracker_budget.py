@@ -1,10 +1,11 @@
-"""A source over its ingest budget (events/budget.py) goes stale and recovers by replay: the
-index is exact or stale, never silently partial. On `SourceTracker` alone, injected clock."""
+"""A source over its ingest budget (events/budget.py) or its batch and replay limits goes stale
+and recovers: the index is exact or stale, never silently partial. On `SourceTracker` alone,
+injected clock."""
 
 from __future__ import annotations
 
 from kvroute.core import DropReason, IngestLimits, ReplayOutcome
-from kvroute.events import ReplayKind, ReplayRequest, SourceTracker
+from kvroute.events import ReplayKind, ReplayRequest, SourceTracker, VllmBlockRemoved
 from kvroute.events.budget import IngestBudget
 from tests.unit.events.test_tracker import TIMINGS, Engine, Rig
 
@@ -105,3 +106,44 @@ def test_a_flooding_source_spends_its_own_budget_not_the_honest_ones() -> None:
         assert honest.live(good, good.batch()) is None
     assert flood.tracker.stale and flood.dropped(DropReason.OVER_BUDGET) == 39
     assert not honest.tracker.stale and honest.held() == good.reference()
+
+
+def test_a_batch_with_too_many_blocks_is_refused_whole_and_the_source_is_stale() -> None:
+    rig, engine = _rig(IngestLimits(max_batch_blocks=64, max_batch_events=8)), Engine()
+    rig.attach(engine)
+    assert rig.live(engine, engine.batch()) is None
+    before = rig.held()
+    # 100 block hashes in one BlockRemoved: more than the payload floor (64 bytes) and the limit.
+    big = VllmBlockRemoved(block_hashes=list(range(10_000, 10_100)), medium="GPU")
+    assert rig.live(engine, engine.batch([big])) is None
+    assert rig.dropped(DropReason.TOO_LARGE) == 1 and rig.held() == before
+    assert rig.tracker.stale and rig.tracker.stale_reason() == "malformed"
+    rig.assert_single_owner()
+    # Many small events: over max_batch_events.
+    many = [VllmBlockRemoved(block_hashes=[h], medium="GPU") for h in range(20, 40)]
+    assert rig.live(engine, engine.batch(many)) is None
+    assert rig.dropped(DropReason.TOO_LARGE) == 1 + 20
+    # The engine clears its cache: a fresh base, exact again.
+    rig.live(engine, engine.clear())
+    assert rig.live(engine, engine.batch()) is None
+    assert not rig.tracker.stale and rig.held() == engine.reference()
+
+
+def test_a_replay_cut_at_its_limit_ends_like_a_timeout_and_the_rest_is_asked_for_again() -> None:
+    rig, engine = Rig(), Engine()
+    rig.attach(engine)
+    rig.live(engine, engine.batch())
+    lost = [engine.batch() for _ in range(3)]
+    request = rig.live(engine, engine.batch())
+    assert request == ReplayRequest(lost[0][0], ReplayKind.GAP)
+    # The reply is cut after its first batch: the live batch that asked is still ahead.
+    cut = engine.buffer(request.start)[:1]
+    assert rig.tracker.on_replay(request, cut, complete=False, truncated=True) is None
+    assert rig.replays(ReplayOutcome.TRUNCATED) == 1
+    assert rig.tracker.stale and rig.tracker.stale_reason() == "replay_truncated"
+    rig.assert_single_owner()
+    deadline = rig.tracker.next_deadline()
+    assert deadline is not None
+    rig.clock.t = deadline
+    rig.serve(rig.tracker.tick(), engine)
+    assert not rig.tracker.stale and rig.held() == engine.reference()

@@ -109,3 +109,20 @@ async def test_a_message_over_the_size_limit_is_never_taken(ctx: zmq.asyncio.Con
             assert holdings(stack, feed.source) == feed.reference()
     finally:
         await stack.manager.close()
+
+
+async def test_a_replay_reply_is_read_up_to_its_limit_and_the_rest_asked_for_again(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    stack = make_stack(ctx, retry_backoff_s=(0.05, 0.2), max_replay=(10, 0))
+    try:
+        async with feeding(ctx, "late", seed=4) as feed:
+            await feed.attach(stack, backlog=45)  # the bootstrap alone would read 45 batches
+            assert await until(
+                lambda: holdings(stack, feed.source) == feed.reference(), DEADLINE_S
+            ), stack.status(feed.source)
+            assert not stack.status(feed.source).stale
+            cut = stack.sample("kvroute_replays_total", source=feed.source, outcome="truncated")
+            assert cut >= 4  # 45 batches, 10 at a time
+    finally:
+        await stack.manager.close()
