@@ -29,10 +29,10 @@ LogFormat = Literal["kv", "json"]
 _LIMITS: Final = IndexLimits()
 _WEIGHTS: Final = CostWeights()
 # A simulated engine at full load publishes ~70 events/s (~1,000 blocks/s) in 0.06 MB/s; a
-# fast GPU serving many sequences at most a few thousand events/s in ~1 MB/s (README "Limits").
+# fast GPU a few thousand blocks/s in ~0.3 MB/s (README "Limits").
 _INGEST: Final = IngestLimits(
     source_events_per_s=50_000,
-    source_bytes_per_s=4 * 1024 * 1024,
+    source_bytes_per_s=1024 * 1024,
     total_events_per_s=200_000,
     total_bytes_per_s=64 * 1024 * 1024,
     burst_s=2.0,

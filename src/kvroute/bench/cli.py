@@ -34,11 +34,12 @@ def register(sub: Any) -> None:
     )
     bench.add_argument(
         "which",
-        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart"],
+        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart", "flood"],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
         "ingest | ingest-latency (its fixed-rate latency part alone) | all | replicas (one "
         "gateway vs several behind a round-robin client; not in all) | restart (a gateway killed "
-        "under load, restarted warm from its snapshot and cold; not in all)",
+        "under load, restarted warm from its snapshot and cold; not in all) | flood (honest "
+        "routing beside a hostile publisher, ingest limits on and off; not in all)",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -85,6 +86,11 @@ def register(sub: Any) -> None:
     restart.add_arguments(
         bench.add_argument_group("warm restarts (kvroute bench restart; README 'Persistence')")
     )
+    from kvroute.bench import flood
+
+    flood.add_arguments(
+        bench.add_argument_group("a hostile publisher (kvroute bench flood; README 'Limits')")
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -110,6 +116,16 @@ def _run_bench(args: argparse.Namespace) -> int:
         from kvroute.bench import restart
 
         restart.run(restart.options(args))
+        return 0
+    if args.which == "flood":
+        from kvroute.bench import flood
+
+        try:
+            opts = flood.options(args)
+        except ValueError as exc:
+            print(f"kvroute bench flood: {exc}", file=sys.stderr)
+            return 2
+        flood.run(opts)
         return 0
     if args.vs is not None:
         return _run_vs(args)

@@ -26,7 +26,6 @@ import importlib
 import multiprocessing
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from kvroute.bench.ingest_workload import (
     group_payloads,
     probe_event,
 )
+from kvroute.bench.processes import free_port
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 
 __all__ = [
@@ -188,13 +188,6 @@ def _loadavg() -> float:
         return float("nan")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -272,11 +265,11 @@ class _Kvroute(_System):
             "engines:\n"
             f"  - name: {ENGINE}\n"
             f"    model: {MODEL}\n"
-            f"    url: http://127.0.0.1:{_free_port()}\n"
+            f"    url: http://127.0.0.1:{free_port()}\n"
             f"    events: {endpoint}\n"
             f"    replay: {replay}\n"
         )
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "kvroute.cli", "serve", "--fleet", str(fleet)]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         super().__init__(cmd, {**os.environ, **_KVROUTE_ENV}, workdir / "kvroute.log", port)
@@ -313,7 +306,7 @@ class _Dynamo(_System):
     name = "dynamo"
 
     def __init__(self, workdir: Path, peer: DynamoPeer) -> None:
-        port = _free_port()
+        port = free_port()
         cmd = [str(peer.python), "-m", "dynamo.indexer", "--threads", "1", "--port", str(port)]
         env = {**os.environ, "NO_COLOR": "1"}
         super().__init__(cmd, env, workdir / "dynamo.log", port)

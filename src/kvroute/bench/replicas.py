@@ -7,9 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import random
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from kvroute.bench.demo import (
     _measure_capacity,
     _summarise,
 )
+from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
 from kvroute.core import LoadSource
@@ -43,7 +42,6 @@ __all__ = ["PHASES", "Phase", "ReplicasOptions", "add_arguments", "run", "run_as
 
 HIT_RATE_POINTS = 2.0  # several replicas' hit rate within this many points of one replica's
 TTFT_P90_TOLERANCE = 0.2  # and their TTFT p90 within this fraction of it
-READY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -210,75 +208,14 @@ def run(args: argparse.Namespace) -> int:
 # --- processes: gateway replicas and the store -----------------------------------------------
 
 
-def _free_port(below_ephemeral: bool = False) -> int:
-    """A free TCP port; `below_ephemeral`: one no outgoing connection can take meanwhile (a
-    store restarted on the same port)."""
-    if not below_ephemeral:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-            return port
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.SystemRandom()
-    for _ in range(100):
-        candidate = rng.randrange(10_000 if low > 12_000 else 1_024, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    raise RuntimeError("no free TCP port below the ephemeral range")
-
-
-class _Process:
-    """A child process with its log file."""
-
-    def __init__(self, name: str, log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def spawn(self, cmd: Sequence[str], env: dict[str, str] | None = None) -> None:
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                *cmd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
-            )
-
-    def tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def exited(self) -> bool:
-        return self.proc is None or self.proc.returncode is not None
-
-    async def stop(self, kill: bool = False) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 15)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-class _Store(_Process):
+class _Store(ChildProcess):
     """A redis-server of our own on a fixed port: killed (SIGKILL) and restarted mid-run."""
 
     def __init__(self, binary: str, workdir: Path) -> None:
         super().__init__("redis-server", workdir / "redis.log")
         self.binary = binary
         self.workdir = workdir
-        self.port = _free_port(below_ephemeral=True)
+        self.port = free_port(below_ephemeral=True)
 
     @property
     def url(self) -> str:
@@ -306,50 +243,19 @@ class _Store(_Process):
             await asyncio.sleep(0.05)
 
 
-class _Replica(_Process):
-    """`kvroute serve` in its own process, as a replica is deployed."""
-
-    def __init__(self, index: int, workdir: Path) -> None:
-        super().__init__(f"replica-{index}", workdir / f"replica-{index}.log")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    async def start(self, fleet_file: Path, settings: dict[str, str]) -> None:
-        env = {**os.environ, **{f"KVROUTE_{k.upper()}": v for k, v in settings.items()}}
-        env.update(
-            KVROUTE_FLEET_FILE=str(fleet_file),
-            KVROUTE_HOST="127.0.0.1",
-            KVROUTE_PORT=str(self.port),
-            KVROUTE_LOG_LEVEL="warning",
-        )
-        await self.spawn([sys.executable, "-m", "kvroute.cli", "serve"], env)
-
-    async def wait_ready(self, http: httpx.AsyncClient) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.exited():
-                raise RuntimeError(f"{self.name} exited: {self.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(f"{self.url}/readyz")).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not ready: {self.tail()}")
-            await asyncio.sleep(0.1)
-
-
 # --- one phase -----------------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def _phase_stack(
     options: ReplicasOptions, phase: Phase, workdir: Path, store_url: str | None
-) -> AsyncIterator[tuple[SimFleet, list[_Replica], httpx.AsyncClient]]:
+) -> AsyncIterator[tuple[SimFleet, list[GatewayProcess], httpx.AsyncClient]]:
     """A fresh simulated fleet (cold caches) and `phase.replicas` fresh gateways."""
     demo = options.demo
     fleet = SimFleet(
         demo.engines, MODEL, config=SimConfig(num_gpu_blocks=demo.num_gpu_blocks, speed=demo.speed)
     )
-    replicas = [_Replica(i, workdir) for i in range(phase.replicas)]
+    replicas = [GatewayProcess(i, workdir) for i in range(phase.replicas)]
     # Idle connections expire on our side before uvicorn's 5 s keep-alive (no reset races).
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000, keepalive_expiry=1)
     async with fleet, httpx.AsyncClient(timeout=300.0, trust_env=False, limits=limits) as http:
@@ -449,7 +355,7 @@ async def _drive(
 
 
 async def _store_counters(
-    http: httpx.AsyncClient, replicas: Sequence[_Replica]
+    http: httpx.AsyncClient, replicas: Sequence[GatewayProcess]
 ) -> dict[str, float]:
     """The replicas' shared-store counters, summed (and each label kept apart)."""
     totals: dict[str, float] = {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from kvroute.bench.replicas import _Replica
+from kvroute.bench.processes import GatewayProcess
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.core import source_id
 from kvroute.gateway import BackgroundServer, Gateway, create_app
@@ -230,7 +230,7 @@ async def _run(opts: RestartOptions) -> dict[str, Any]:
             fleet_file = workdir / "fleet.yaml"
             fleet.write_fleet_file(fleet_file)
             snapshot = workdir / "index.snap"
-            first = _Replica(0, workdir)
+            first = GatewayProcess(0, workdir)
             await first.start(
                 fleet_file, {"snapshot_path": str(snapshot), "snapshot_interval_s": "0.5"}
             )

@@ -35,9 +35,11 @@ SourceRestore: TypeAlias = tuple[int, bytes, SourceExport]
 
 log = logging.getLogger("kvroute.events.subscriber")
 
-# Messages handled per wake-up before yielding to the event loop, so one busy source cannot
-# starve the other sources or the gateway sharing the loop.
+# Messages handled per wake-up before yielding to the event loop, and the time they may take,
+# so one busy (or flooding) source cannot starve the other sources or the gateway sharing the
+# loop: a request needs a few turns of the loop, each costs at most one slice per source.
 _MAX_DRAIN: Final = 128
+_DRAIN_SLICE_S: Final = 0.002
 # Live messages the SUB socket may queue while we replay (ZMQ drops beyond it: a later gap).
 _SUB_RCVHWM: Final = 100_000
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -264,7 +266,8 @@ class _SourceTask:
             )
 
     async def _drain(self, raw: zmq.Socket[Any]) -> bool:
-        """Hand up to `_MAX_DRAIN` live messages to the tracker; False once the socket is empty.
+        """Hand up to `_MAX_DRAIN` live messages (or `_DRAIN_SLICE_S` of them) to the tracker;
+        False once the socket is empty.
 
         One `recv(copy=False)` per frame: the frame says whether another part follows, where
         `recv_multipart` asks the socket (a getsockopt through an enum) after every part. The
@@ -273,7 +276,11 @@ class _SourceTask:
         recv = raw.recv
         tracker = self.tracker
         on_live = tracker.on_live
+        clock = time.perf_counter
+        until = clock() + _DRAIN_SLICE_S
         for _ in range(_MAX_DRAIN):
+            if clock() > until:
+                return True  # more may be queued: the caller yields, then drains again
             try:
                 topic = recv(_NOBLOCK, copy=False)
             except zmq.Again:
