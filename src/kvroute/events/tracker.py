@@ -97,6 +97,10 @@ class SourceTracker:
         self._decoder = BatchDecoder(raw_tokens=index.raw_tokens)
         self._budget = budget if budget is not None else IngestBudget(IngestLimits(), clock)
         self._limited = self._budget.limited  # read once per batch: a plain attribute
+        # Went over its budget on the live stream: its replays are charged too until one has
+        # caught it up. An honest source's bootstrap and gap repairs are not (they are bounded
+        # by the replay limits instead), so a restart does not leave it stale for a minute.
+        self._throttled = False
         limits = self._budget.limits
         self._max_events = limits.max_batch_events
         self._max_blocks = limits.max_batch_blocks
@@ -287,8 +291,9 @@ class SourceTracker:
 
     # --- applying batches -------------------------------------------------------------------
 
-    def _apply(self, seq: int, payload: bytes) -> None:
-        """Decode and apply the batch that follows `last` (or is the new base).
+    def _apply(self, seq: int, payload: bytes, charge: bool = True) -> None:
+        """Decode and apply the batch that follows `last` (or is the new base); `charge`: its
+        events count against the source's budget (a free replay's do not).
 
         The path of every live message: the counters are plain ints (no per-batch Prometheus
         call; metrics.py reads them at scrape time).
@@ -307,7 +312,7 @@ class SourceTracker:
         rank = batch.data_parallel_rank
         if rank is not None and rank != self._rank:
             self._counters.rank_mismatches[self._src] += 1
-        if self._limited:
+        if charge and self._limited:
             self._budget.charge_events(len(batch.events))
         self._index.apply(self.source, batch)
         if AllBlocksCleared in map(type, batch.events):
@@ -407,6 +412,7 @@ class SourceTracker:
         starts over instead (a smaller index, never a larger one)."""
         self._counters.batches[self._src] += 1
         self._counters.drop(self._src, DropReason.OVER_BUDGET)
+        self._throttled = True
         if self._gap_stale is None:
             self._mark_gap_stale(
                 "over_budget",
@@ -540,10 +546,10 @@ class SourceTracker:
                 if seq != last + 1:
                     outcome = ReplayOutcome.PARTIAL
                     break
-            if self._limited and not self._budget.admit(len(payload)):
+            if self._throttled and not self._budget.admit(len(payload)):
                 outcome = ReplayOutcome.OVER_BUDGET
                 break
-            self._apply(seq, payload)
+            self._apply(seq, payload, charge=self._throttled)
             self._replayed[seq] = hash(payload)
             applied += 1
         if applied and request.kind is ReplayKind.TAIL:
@@ -573,6 +579,7 @@ class SourceTracker:
             self.settled = True
         elif kind is ReplayKind.RETRY:
             if outcome is ReplayOutcome.OK:
+                self._throttled = False  # caught up within its budget
                 self._clear_stale()
             else:
                 resync = outcome in (ReplayOutcome.PARTIAL, ReplayOutcome.NO_ENDPOINT)

@@ -61,15 +61,18 @@ def test_events_charged_after_decoding_hold_the_next_batch_back() -> None:
     assert not rig.tracker.stale and rig.held() == engine.reference()
 
 
-def test_a_replay_that_runs_over_the_budget_stops_there_and_is_retried() -> None:
+def test_a_throttled_sources_catch_up_is_charged_and_stops_where_the_budget_runs_out() -> None:
     rig, engine = _rig(IngestLimits(source_events_per_s=3.0, burst_s=1.0)), Engine()
-    request = rig.gap(engine)  # 1 + 1 live applied (2 events of 3), one lost
-    for _ in range(6):  # more the replay will return
-        engine.batch()
-    rig.serve(request, engine)
+    rig.attach(engine)
+    for _ in range(10):  # 4 admitted (the 4th into debt), then refused: over budget
+        rig.live(engine, engine.batch())
+    assert rig.tracker.stale and rig.tracker.stale_reason() == "over_budget"
+    deadline = rig.tracker.next_deadline()
+    assert deadline is not None
+    rig.clock.t = deadline
+    rig.serve(rig.tracker.tick(), engine)  # the retry applies what the budget allows, no more
     assert rig.tracker.stale and rig.tracker.stale_reason() == "replay_over_budget"
     assert rig.replays(ReplayOutcome.OVER_BUDGET) == 1
-    assert rig.held() < engine.reference()
     rig.assert_single_owner()
     for _ in range(10):  # each retry gets as far as the budget allows
         if not rig.tracker.stale:
@@ -80,6 +83,20 @@ def test_a_replay_that_runs_over_the_budget_stops_there_and_is_retried() -> None
         rig.serve(rig.tracker.tick(), engine)
     assert not rig.tracker.stale and rig.tracker.last == len(engine.sent) - 1
     assert rig.held() == engine.reference()
+
+
+def test_an_honest_sources_bootstrap_and_gap_repairs_are_not_charged() -> None:
+    # A budget of 3 events/s, and 40 batches waiting in the engine's buffer: a restarted
+    # gateway must not be stale for ten seconds while it catches up at the live rate.
+    rig, engine = _rig(IngestLimits(source_events_per_s=3.0, burst_s=1.0)), Engine()
+    for _ in range(40):
+        engine.batch()
+    rig.attach(engine)
+    assert not rig.tracker.stale and rig.held() == engine.reference()
+    request = rig.gap(engine)  # attach again is a no-op here: one live, one lost, one live
+    rig.serve(request, engine)
+    assert not rig.tracker.stale and rig.held() == engine.reference()
+    assert rig.replays(ReplayOutcome.OVER_BUDGET) == 0
 
 
 def test_a_flooding_source_spends_its_own_budget_not_the_honest_ones() -> None:
