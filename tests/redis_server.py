@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,33 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from kvroute.bench.processes import free_port
 from tests.polling import eventually
 
 START_DEADLINE_S = 20.0
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _free_port() -> int:
-    """A port free right now and outside the range the kernel hands out for outgoing
-    connections, so nothing else takes it while the server is down between kill and restart."""
-    low = _ephemeral_low()
-    floor = 10_000 if low > 12_000 else 1_024
-    rng = random.SystemRandom()
-    for _ in range(100):
-        port = rng.randrange(floor, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free TCP port below the ephemeral range")
 
 
 class RedisServer:
@@ -52,7 +27,7 @@ class RedisServer:
     def __init__(self, binary: str | None, workdir: Path, port: int | None = None) -> None:
         self.binary = binary
         self.workdir = workdir
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port(below_ephemeral=True)
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
