@@ -1,6 +1,5 @@
-"""`kvroute bench flood`: a hostile publisher floods unique blocks beside an honest simulated
-engine; `/v1/route` latency of the honest engine's prompts and the gateway's memory, without
-and with the flood, with the ingest limits on and off."""
+"""`kvroute bench flood`: honest `/v1/route` latency and gateway memory without and with a
+hostile publisher flooding unique blocks, ingest limits on and off."""
 
 from __future__ import annotations
 
