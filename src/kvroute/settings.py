@@ -154,6 +154,19 @@ class Settings(BaseSettings):
         ),
         description="Subscribe to engines' KV events; false: no index, kv_aware → least_loaded.",
     )
+    # --- client requests (README "Limits")
+    max_request_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        gt=0,
+        description="Largest request body taken: refused with 413 as soon as the declared "
+        "length or the bytes read pass it, before the rest is read.",
+    )
+    max_prompt_tokens: int = Field(
+        1_048_576,
+        ge=0,
+        description="Longest prompt in tokens (0: no limit): a longer one gets a 400; token-id "
+        "prompts are refused before they are matched.",
+    )
     replay_timeout_s: float = Field(
         2.0, gt=0, description="Deadline of one replay request to an engine's ROUTER."
     )

@@ -114,6 +114,8 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         index=index,
         subscribers=subscribers,
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
+        max_body_bytes=settings.max_request_body_bytes,
+        max_prompt_tokens=settings.max_prompt_tokens,
     )
     gateway.shared = _shared_state(settings, gateway, metrics)
     if settings.snapshot_path is not None and subscribers is not None:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvroute.errors import ClientGone, GatewayHTTPError
-from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.openai_body import RequestKind, parse_request, read_body
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.proxy import proxy_request
 from kvroute.gateway.service import Gateway
@@ -38,7 +38,12 @@ def _gateway(request: Request) -> Gateway:
 
 async def _proxy(request: Request, kind: RequestKind) -> Response:
     gateway = _gateway(request)
-    req = parse_request(kind, await request.body())
+    try:
+        raw = await read_body(request, gateway.max_body_bytes)
+    except ClientGone:
+        log.debug("client went away while sending its request")
+        return Response(status_code=499)
+    req = parse_request(kind, raw, gateway.max_body_bytes)
     outcome = await gateway.route(req)
     try:
         return await proxy_request(gateway, request, req, outcome)
@@ -58,14 +63,18 @@ async def chat_completions(request: Request) -> Response:
 async def route(request: Request) -> Response:
     """The decision and every engine's score, without proxying or speculative entries."""
     gateway = _gateway(request)
-    raw = await request.body()
+    try:
+        raw = await read_body(request, gateway.max_body_bytes)
+    except ClientGone:
+        log.debug("client went away while sending its request")
+        return Response(status_code=499)
     kind = RequestKind.COMPLETION
     try:
         if isinstance(body := json.loads(raw), dict) and "messages" in body:
             kind = RequestKind.CHAT
     except (ValueError, RecursionError):
         pass  # parse_request reports it
-    req = parse_request(kind, raw)
+    req = parse_request(kind, raw, gateway.max_body_bytes)
     outcome = await gateway.route(req)
     return JSONResponse(outcome.route_json())
 

@@ -9,9 +9,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvroute.errors import GatewayHTTPError
+from starlette.requests import ClientDisconnect, Request
 
-__all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request"]
+from kvroute.errors import ClientGone, GatewayHTTPError
+
+__all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request", "read_body"]
 
 # Outstanding-token estimate when a request sets no max_tokens (OpenAI's completion default is
 # 16; chat has none, so assume a typical answer length).
@@ -62,10 +64,36 @@ class RoutingRequest:
         return total
 
 
-def parse_request(kind: RequestKind, raw: bytes) -> RoutingRequest:
+async def read_body(request: Request, limit: int = _MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as its declared length or the bytes read so
+    far pass `limit` (the rest is never read); a client that leaves mid-upload: ClientGone."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise GatewayHTTPError(400, f"Content-Length: expected an integer, got {declared!r}")
+        if int(declared) > limit:
+            raise GatewayHTTPError(
+                413, f"request body: expected at most {limit} bytes, got {int(declared)}"
+            )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise GatewayHTTPError(413, f"request body: expected at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ClientGone() from exc
+    return b"".join(chunks)
+
+
+def parse_request(
+    kind: RequestKind, raw: bytes, max_body_bytes: int = _MAX_BODY_BYTES
+) -> RoutingRequest:
     """Validate a body; a GatewayHTTPError(400) says which field is wrong and what arrived."""
-    if len(raw) > _MAX_BODY_BYTES:
-        raise GatewayHTTPError(413, f"request body: expected at most {_MAX_BODY_BYTES} bytes")
+    if len(raw) > max_body_bytes:
+        raise GatewayHTTPError(413, f"request body: expected at most {max_body_bytes} bytes")
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:

@@ -49,6 +49,8 @@ class Gateway:
     index: PrefixIndex | None
     subscribers: SubscriberManager | None
     ready_bootstrap_deadline_s: float
+    max_body_bytes: int = 32 * 1024 * 1024  # settings.max_request_body_bytes
+    max_prompt_tokens: int = 0  # 0: no limit (settings.max_prompt_tokens)
     shared: SharedState | None = None  # the store replicas share load through (optional)
     # Warm restarts (persist/): the writer, and the sources a snapshot loaded at start holds,
     # handed to their sources once as they are added (only to the same identity).
@@ -157,9 +159,12 @@ class Gateway:
         if not any(e.healthy for e in engines):
             raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
         token_ids: list[int] | None = None
+        if isinstance(req.prompt, list):
+            self._check_prompt_length(len(req.prompt))  # before any work on it
         if self.index is not None:
             token_ids = await self.tokenize(req)
         prompt_tokens = len(token_ids) if token_ids is not None else req.estimated_prompt_tokens()
+        self._check_prompt_length(prompt_tokens)
         started = time.perf_counter()
         matches: dict[str, MatchResult] = {}
         if self.index is not None and token_ids:
@@ -176,6 +181,15 @@ class Gateway:
                 scores=[replace(s, stale=s.name in stale) for s in decision.scores],
             )
         return RouteOutcome(base, lora, token_ids, prompt_tokens, matches, decision)
+
+    def _check_prompt_length(self, tokens: int) -> None:
+        limit = self.max_prompt_tokens
+        if limit and tokens > limit:
+            raise GatewayHTTPError(
+                400,
+                f"prompt: expected at most {limit} tokens, got {tokens}",
+                code="context_length_exceeded",
+            )
 
     def _candidate(self, engine: EngineState) -> Candidate:
         current = self.fleet.get(engine.spec.name) or engine
