@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from kvroute.errors import WireError
 from kvroute.events.budget import IngestBudget
 from kvroute.events.wire import BatchDecoder
 from kvroute.index import PrefixIndex
+
+log = logging.getLogger("kvroute.events.tracker")
+
+_WARN_EVERY_S = 60.0  # one line per source and kind of refusal per minute; counters count all
 
 __all__ = ["RecoveryTimings", "ReplayKind", "ReplayRequest", "SourceTracker", "payload_digest"]
 
@@ -101,6 +106,7 @@ class SourceTracker:
         # caught it up. An honest source's bootstrap and gap repairs are not (they are bounded
         # by the replay limits instead), so a restart does not leave it stale for a minute.
         self._throttled = False
+        self._warned: dict[str, float] = {}  # refusal kind -> when last logged (clock time)
         limits = self._budget.limits
         self._max_events = limits.max_batch_events
         self._max_blocks = limits.max_batch_blocks
@@ -330,10 +336,24 @@ class SourceTracker:
             return None
         if self._size_floor >= 0 and len(payload) > self._size_floor and self._too_large(batch):
             self._counters.drop(self._src, DropReason.TOO_LARGE, max(1, len(batch.events)))
+            self._warn(
+                DropReason.TOO_LARGE,
+                "source %s sent a batch over max_batch_events or max_batch_blocks: refused "
+                "whole, the source is stale until it clears or resyncs",
+            )
             return None
         if batch.skipped_events or batch.unsupported_events:
             self._count_skipped(batch)
         return batch
+
+    def _warn(self, kind: str, message: str) -> None:
+        """`message` (with the source for its %s) at warning level, at most once a minute per
+        kind of refusal: a flood is counted in full, not logged in full."""
+        now = self._clock()
+        last = self._warned.get(kind)
+        if last is None or now - last >= _WARN_EVERY_S:
+            self._warned[kind] = now
+            log.warning(message, self._src)
 
     def _too_large(self, batch: EventBatch) -> bool:
         events = batch.events
@@ -412,6 +432,11 @@ class SourceTracker:
         starts over instead (a smaller index, never a larger one)."""
         self._counters.batches[self._src] += 1
         self._counters.drop(self._src, DropReason.OVER_BUDGET)
+        self._warn(
+            DropReason.OVER_BUDGET,
+            "source %s is over its ingest budget (source_events_per_s, source_bytes_per_s or "
+            "the totals): batches refused, stale until a replay catches it up",
+        )
         self._throttled = True
         if self._gap_stale is None:
             self._mark_gap_stale(

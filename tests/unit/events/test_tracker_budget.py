@@ -4,6 +4,10 @@ injected clock."""
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from kvroute.core import DropReason, IngestLimits, ReplayOutcome
 from kvroute.events import ReplayKind, ReplayRequest, SourceTracker, VllmBlockRemoved
 from kvroute.events.budget import IngestBudget
@@ -164,3 +168,21 @@ def test_a_replay_cut_at_its_limit_ends_like_a_timeout_and_the_rest_is_asked_for
     rig.clock.t = deadline
     rig.serve(rig.tracker.tick(), engine)
     assert not rig.tracker.stale and rig.held() == engine.reference()
+
+
+def test_refusals_are_logged_once_a_minute_per_source_and_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="kvroute.events.tracker")
+    rig, engine = _rig(IngestLimits(source_events_per_s=1.0, burst_s=1.0)), Engine()
+    rig.attach(engine)
+    for _ in range(50):
+        rig.live(engine, engine.batch())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "e/0 is over its ingest budget" in lines[0], lines
+    assert rig.dropped(DropReason.OVER_BUDGET) == 48  # counted in full
+    rig.clock.t += 61.0
+    rig.live(engine, engine.batch())  # a retry is due too, but the budget is in debt again
+    for _ in range(60):
+        rig.live(engine, engine.batch())
+    assert len(caplog.records) == 2
