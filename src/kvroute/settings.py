@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         description='Port of the Envoy ext_proc endpoint picker (gRPC; README "Behind Envoy"); '
         "unset: off.",
     )
+    admin_token_file: Path | None = Field(
+        None,
+        description="File holding a bearer token that `/v1/route` and `/debug/*` then require "
+        "(`Authorization: Bearer <token>`; `/metrics` too with `metrics_require_token`); "
+        "unset: open.",
+    )
+    metrics_require_token: bool = Field(
+        False, description="`/metrics` also requires the admin token (needs `admin_token_file`)."
+    )
     fleet_file: Path | None = Field(
         None,
         description="Fleet YAML (engines, URLs, event endpoints); reloaded when it changes.",

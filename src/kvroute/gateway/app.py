@@ -21,6 +21,7 @@ from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.events import SubscriberManager
 from kvroute.fleet import Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
+from kvroute.gateway.auth import Handler, load_token, require_bearer
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex, create_index
@@ -310,15 +311,28 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
                     await picker.stop(grace=1.0)
                 await gateway.close()
 
+    # The operator endpoints: `/v1/route` tells anyone which engine holds a prompt (another
+    # tenant's, say), `/debug/*` the fleet's state.
+    route: Handler = handlers.route
+    debug_engines: Handler = handlers.debug_engines
+    metrics_page: Handler = handlers.metrics
+    if settings.admin_token_file is not None:
+        token = load_token(settings.admin_token_file)
+        route = require_bearer(route, token)
+        debug_engines = require_bearer(debug_engines, token)
+        if settings.metrics_require_token:
+            metrics_page = require_bearer(metrics_page, token)
+    elif settings.metrics_require_token:
+        raise ConfigError("metrics_require_token: needs admin_token_file")
     routes = [
         Route("/v1/completions", handlers.completions, methods=["POST"]),
         Route("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
-        Route("/v1/route", handlers.route, methods=["POST"]),
+        Route("/v1/route", route, methods=["POST"]),
         Route("/v1/models", handlers.list_models, methods=["GET"]),
-        Route("/metrics", handlers.metrics, methods=["GET"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
         Route("/healthz", handlers.healthz, methods=["GET"]),
         Route("/readyz", handlers.readyz, methods=["GET"]),
-        Route("/debug/engines", handlers.debug_engines, methods=["GET"]),
+        Route("/debug/engines", debug_engines, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
