@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     metrics_require_token: bool = Field(
         False, description="`/metrics` also requires the admin token (needs `admin_token_file`)."
     )
+    engine_api_key_file: Path | None = Field(
+        None,
+        description="File holding the engines' API key (vLLM `--api-key`): sent as "
+        "`Authorization: Bearer <key>` instead of the client's; unset: the client's is "
+        "forwarded.",
+    )
+    strip_client_headers: str = Field(
+        "cookie",
+        description="Comma-separated client headers never forwarded to engines.",
+    )
     fleet_file: Path | None = Field(
         None,
         description="Fleet YAML (engines, URLs, event endpoints); reloaded when it changes.",

@@ -23,6 +23,7 @@ from kvroute.fleet import Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.auth import Handler, load_token, require_bearer
 from kvroute.gateway.openai_errors import http_error_response
+from kvroute.gateway.proxy import HeaderRules
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex, create_index
 from kvroute.metrics import Metrics
@@ -117,11 +118,26 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
         max_body_bytes=settings.max_request_body_bytes,
         max_prompt_tokens=settings.max_prompt_tokens,
+        header_rules=_header_rules(settings),
     )
     gateway.shared = _shared_state(settings, gateway, metrics)
     if settings.snapshot_path is not None and subscribers is not None:
         _warm_restart(settings.snapshot_path, settings, gateway, subscribers, metrics)
     return gateway
+
+
+def _header_rules(settings: Settings) -> HeaderRules:
+    key = None
+    if settings.engine_api_key_file is not None:
+        raw = load_token(settings.engine_api_key_file, "engine_api_key_file")
+        try:
+            key = "Bearer " + raw.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise ConfigError("engine_api_key_file: expected an ASCII key") from exc
+    strip = frozenset(
+        name.strip().lower() for name in settings.strip_client_headers.split(",") if name.strip()
+    )
+    return HeaderRules(strip=strip, authorization=key)
 
 
 def _warm_restart(
@@ -313,6 +329,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
 
     # The operator endpoints: `/v1/route` tells anyone which engine holds a prompt (another
     # tenant's, say), `/debug/*` the fleet's state.
+    _header_rules(settings)  # an unreadable engine key fails here, before serving
     route: Handler = handlers.route
     debug_engines: Handler = handlers.debug_engines
     metrics_page: Handler = handlers.metrics

@@ -17,15 +17,16 @@ __all__ = ["Handler", "load_token", "require_bearer"]
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def load_token(path: Path) -> bytes:
+def load_token(path: Path, setting: str = "admin_token_file") -> bytes:
     """The token in `path` (surrounding whitespace dropped, as a Kubernetes secret mounted as a
-    file often ends in a newline); a missing, unreadable or empty file is a ConfigError."""
+    file often ends in a newline); a missing, unreadable or empty file is a ConfigError naming
+    `setting`."""
     try:
         token = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"admin_token_file: cannot read {str(path)!r} ({exc})") from exc
+        raise ConfigError(f"{setting}: cannot read {str(path)!r} ({exc})") from exc
     if not token:
-        raise ConfigError(f"admin_token_file: {str(path)!r} is empty")
+        raise ConfigError(f"{setting}: {str(path)!r} is empty")
     return token
 
 

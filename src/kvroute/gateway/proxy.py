@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 import anyio
@@ -22,7 +23,7 @@ from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
 from kvroute.metrics import Metrics
 
-__all__ = ["ENGINE_HEADER", "ProxyContext", "proxy_request"]
+__all__ = ["ENGINE_HEADER", "HeaderRules", "ProxyContext", "proxy_request"]
 
 log = logging.getLogger("kvroute.gateway.proxy")
 
@@ -47,11 +48,24 @@ _HOP_BY_HOP: Final = frozenset(
 _SERVER_OWN: Final = frozenset({"date", "server"})
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Which client headers reach the engines: `strip` (lower-case names) never do, and
+    `authorization`, when set, replaces the client's `Authorization` (the engines' own API
+    key, so a client's credentials for the gateway never reach whichever engine wins)."""
+
+    strip: frozenset[str] = frozenset({"cookie"})
+    authorization: str | None = None
+
+
 class ProxyContext(Protocol):
     """What the proxy needs from the running gateway (gateway/service.py's Gateway has it)."""
 
     @property
     def client(self) -> EngineClient: ...
+
+    @property
+    def header_rules(self) -> HeaderRules: ...
 
     @property
     def metrics(self) -> Metrics: ...
@@ -108,9 +122,18 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-def _forward_headers(request: Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+def _forward_headers(request: Request, rules: HeaderRules) -> dict[str, str]:
+    strip = rules.strip
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if (name := k.lower()) not in _HOP_BY_HOP and name not in strip
+    }
     headers["content-type"] = "application/json"
+    if rules.authorization is not None:
+        for name in [k for k in headers if k.lower() == "authorization"]:
+            del headers[name]
+        headers["authorization"] = rules.authorization
     return headers
 
 
@@ -120,7 +143,7 @@ async def proxy_request(
     """Send `req` to the chosen engine (retrying once on a connect failure) and relay the answer."""
     policy = outcome.decision.policy
     ranked = outcome.decision.ranked
-    headers = _forward_headers(request)
+    headers = _forward_headers(request, ctx.header_rules)
     tokens = outcome.prompt_tokens + req.max_tokens
     engine: str | None = outcome.decision.engine
     tried: set[str] = set()

@@ -19,6 +19,7 @@ from kvroute.fleet import EngineSpec, EngineState, Fleet, SpeculativeClaim
 from kvroute.gateway.openai_body import RequestKind, RoutingRequest
 from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
+from kvroute.gateway.proxy import HeaderRules
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import RestoredSource
@@ -51,6 +52,7 @@ class Gateway:
     ready_bootstrap_deadline_s: float
     max_body_bytes: int = 32 * 1024 * 1024  # settings.max_request_body_bytes
     max_prompt_tokens: int = 0  # 0: no limit (settings.max_prompt_tokens)
+    header_rules: HeaderRules = field(default_factory=HeaderRules)  # client headers upstream
     shared: SharedState | None = None  # the store replicas share load through (optional)
     # Warm restarts (persist/): the writer, and the sources a snapshot loaded at start holds,
     # handed to their sources once as they are added (only to the same identity).
