@@ -63,6 +63,21 @@ class Settings(BaseSettings):
         description='Port of the Envoy ext_proc endpoint picker (gRPC; README "Behind Envoy"); '
         "unset: off.",
     )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain: serve HTTPS (with `tls_key_file`); unset: HTTP."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of `tls_cert_file`.")
+    max_connections: int = Field(
+        4096,
+        gt=0,
+        description="Open client connections (and requests in progress) served at once; more "
+        "get a 503 at once instead of queueing.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds an idle kept-alive client connection stays open.",
+    )
     admin_token_file: Path | None = Field(
         None,
         description="File holding a bearer token that `/v1/route` and `/debug/*` then require "
@@ -388,6 +403,12 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(
         1000, gt=0, description="Pooled HTTP connections to engines, over all engines."
     )
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: expected both or neither")
+        return self
 
     @model_validator(mode="after")
     def _check_backoff(self) -> Settings:

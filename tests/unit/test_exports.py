@@ -104,6 +104,7 @@ EXPORTS: dict[str, list[str]] = {
         "ENGINE_HEADER",
         "Gateway",
         "RouteOutcome",
+        "ServerOptions",
         "create_app",
         "serve_forever",
     ],

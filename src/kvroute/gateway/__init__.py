@@ -4,7 +4,7 @@
 from kvroute.gateway.app import create_app
 from kvroute.gateway.outcome import RouteOutcome
 from kvroute.gateway.proxy import ENGINE_HEADER
-from kvroute.gateway.server import BackgroundServer, serve_forever
+from kvroute.gateway.server import BackgroundServer, ServerOptions, serve_forever
 from kvroute.gateway.service import Gateway
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "BackgroundServer",
     "Gateway",
     "RouteOutcome",
+    "ServerOptions",
     "create_app",
     "serve_forever",
 ]

@@ -62,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvroute.fleet import load_fleet_file
     from kvroute.gateway.app import create_app
     from kvroute.gateway.log_format import configure_logging
-    from kvroute.gateway.server import serve_forever
+    from kvroute.gateway.server import ServerOptions, serve_forever
     from kvroute.settings import load_settings
 
     overrides = {
@@ -94,4 +94,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    return serve_forever(create_app(settings), settings.host, settings.port, settings.log_level)
+    options = ServerOptions(
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+        max_connections=settings.max_connections,
+        keep_alive_timeout_s=settings.keep_alive_timeout_s,
+    )
+    if options.tls_cert_file is not None:
+        for path in (options.tls_cert_file, options.tls_key_file):
+            if path is None or not path.is_file():
+                print(f"kvroute serve: TLS file {path} is not a readable file", file=sys.stderr)
+                return 2
+    return serve_forever(
+        create_app(settings), settings.host, settings.port, settings.log_level, options
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import uvicorn
@@ -13,10 +15,22 @@ from starlette.types import ASGIApp
 
 from kvroute.errors import ConfigError
 
-__all__ = ["BackgroundServer", "serve_forever"]
+__all__ = ["BackgroundServer", "ServerOptions", "serve_forever"]
 
 
-def _config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """The HTTP server's own limits and TLS (README "Limits"; settings of the same names)."""
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    max_connections: int | None = None  # beyond it, new connections get a 503 (None: none)
+    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after it
+
+
+def _config(
+    app: ASGIApp, host: str, port: int, log_level: str, options: ServerOptions
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
@@ -26,12 +40,22 @@ def _config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Confi
         log_config=None,  # kvroute.gateway.log_format configures logging
         log_level=log_level,
         timeout_graceful_shutdown=5,
+        limit_concurrency=options.max_connections,
+        timeout_keep_alive=max(1, round(options.keep_alive_timeout_s)),
+        ssl_certfile=None if options.tls_cert_file is None else str(options.tls_cert_file),
+        ssl_keyfile=None if options.tls_key_file is None else str(options.tls_key_file),
     )
 
 
-def serve_forever(app: ASGIApp, host: str, port: int, log_level: str = "info") -> int:
+def serve_forever(
+    app: ASGIApp,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    options: ServerOptions | None = None,
+) -> int:
     """Serve until interrupted; returns the process exit code."""
-    server = uvicorn.Server(_config(app, host, port, log_level))
+    server = uvicorn.Server(_config(app, host, port, log_level, options or ServerOptions()))
     server.run()
     return 0 if server.started else 1
 
@@ -55,9 +79,12 @@ class BackgroundServer:
         port: int = 0,
         log_level: str = "warning",
         startup_timeout_s: float = 30.0,
+        options: ServerOptions | None = None,
     ) -> None:
-        self._server = _InProcessServer(_config(app, host, port, log_level))
+        options = options or ServerOptions()
+        self._server = _InProcessServer(_config(app, host, port, log_level, options))
         self._host = host
+        self._scheme = "https" if options.tls_cert_file is not None else "http"
         self._startup_timeout_s = startup_timeout_s
         self._task: asyncio.Task[None] | None = None
         self.url = ""
@@ -76,7 +103,7 @@ class BackgroundServer:
             await asyncio.sleep(0.01)
         sockets = [s for srv in self._server.servers for s in (srv.sockets or ())]
         port = sockets[0].getsockname()[1]
-        self.url = f"http://{self._host}:{port}"
+        self.url = f"{self._scheme}://{self._host}:{port}"
         return self.url
 
     async def _serve(self) -> None:
