@@ -10,7 +10,7 @@ SHARED ?= $(or $(KVROUTE_SHARED),../shared)
 # The real vLLM CPU install (~2.5 GB) is cached here between runs.
 VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
-.PHONY: venv demo test lint bench test-kv-sync test-zmq test-kv-sync-e2e \
+.PHONY: venv demo test fuzz lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
         test-index-python test-native-asan bench-peers
 
@@ -38,6 +38,11 @@ test-index-python: $(STAMP)
 # The index tests against the native core built with ASan + UBSan (tests/native_asan.sh).
 test-native-asan: $(STAMP)
 	bash tests/native_asan.sh
+
+# 10^6 generated and mutated payloads through decode -> tracker -> both indexes, invariants
+# checked after each (make test runs 20,000 of them; tests/fuzz/test_ingest_fuzz.py).
+fuzz: $(STAMP)
+	KVROUTE_INGEST_FUZZ_PAYLOADS=1000000 $(call RUN_TESTS,tests/fuzz -q -s -p no:cacheprovider)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -18,4 +18,5 @@ cp "$TMP/asan.so" "$SO"
 export LD_PRELOAD="$($CC -print-file-name=libasan.so) $($CC -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export KVROUTE_INDEX_IMPL=native KVROUTE_DIFFERENTIAL_SEEDS=200 KVROUTE_TOKEN_FUZZ_EXAMPLES=5000
-$PY -m pytest tests/unit/index -q -p no:cacheprovider
+export KVROUTE_INGEST_FUZZ_PAYLOADS=50000
+$PY -m pytest tests/unit/index tests/fuzz -q -p no:cacheprovider
