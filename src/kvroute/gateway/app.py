@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvroute.core import EngineClient, PolicyName
@@ -23,6 +23,7 @@ from kvroute.fleet import Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.auth import Handler, load_token, require_bearer
 from kvroute.gateway.openai_errors import http_error_response
+from kvroute.gateway.openapi import openapi_document
 from kvroute.gateway.proxy import HeaderRules
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex, create_index
@@ -124,6 +125,10 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
     if settings.snapshot_path is not None and subscribers is not None:
         _warm_restart(settings.snapshot_path, settings, gateway, subscribers, metrics)
     return gateway
+
+
+async def _openapi(_request: Request) -> Response:
+    return JSONResponse(openapi_document())
 
 
 def _header_rules(settings: Settings) -> HeaderRules:
@@ -350,6 +355,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
         Route("/healthz", handlers.healthz, methods=["GET"]),
         Route("/readyz", handlers.readyz, methods=["GET"]),
         Route("/debug/engines", debug_engines, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
