@@ -62,6 +62,10 @@ class _Shared:
         self.max_replay_batches, self.max_replay_bytes = max_replay
         self.replay_timeout_s = replay_timeout_s
         self.replay_slots = asyncio.Semaphore(max_concurrent_replays)
+        # Sources whose last replay did not end (silent, slow, endless or broken servers)
+        # share one slot of their own, so they cannot hold every slot and keep the honest
+        # sources' gap repairs waiting (docs/design.md §16).
+        self.slow_slots = asyncio.Semaphore(1)
         self.max_message_bytes = max_message_bytes
 
 
@@ -94,6 +98,7 @@ class _SourceTask:
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when `_timer` fires, on the tracker's (monotonic) clock
+        self.slow = False  # its last replay did not end: it waits for the slow slot
 
     def open(self) -> None:
         """Create and connect the SUB socket and its monitor; a bad endpoint raises ConfigError."""
@@ -309,8 +314,9 @@ class _SourceTask:
         while request is not None:
             # The tracker settles a source's replays itself when it has no endpoint.
             assert endpoint is not None, f"{self.spec.source}: a replay without an endpoint"
+            slots = self.shared.slow_slots if self.slow else self.shared.replay_slots
             try:
-                async with self.shared.replay_slots:
+                async with slots:
                     result = await request_replay(
                         self.shared.context,
                         endpoint,
@@ -322,8 +328,10 @@ class _SourceTask:
                     )
             except KvrouteError as exc:
                 log.debug("replay from %s failed: %s", endpoint, exc)
+                self.slow = True
                 request = self.tracker.on_replay_failed(request, ReplayOutcome.ERROR)
                 continue
+            self.slow = not result.complete
             if result.truncated:
                 log.debug(
                     "replay from %s for %s cut at %d batches",

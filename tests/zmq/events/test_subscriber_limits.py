@@ -9,10 +9,18 @@ from collections.abc import AsyncIterator
 import pytest
 import zmq.asyncio
 
-from kvroute.core import IngestLimits
-from kvroute.events import VllmAllBlocksCleared, VllmBlockStored, VllmEventBatch
-from tests.event_harness import MODEL, Stack, feeding, holdings, make_stack, until
-from tests.event_streams import BLOCK_SIZE
+from kvroute.core import IngestLimits, SourceSpec, source_id
+from kvroute.events import VllmAllBlocksCleared, VllmBlockStored, VllmEventBatch, encode_batch
+from tests.event_harness import (
+    MODEL,
+    ScriptedReplay,
+    Stack,
+    feeding,
+    holdings,
+    make_stack,
+    until,
+)
+from tests.event_streams import BLOCK_SIZE, EngineStream
 
 DEADLINE_S = 30.0
 
@@ -126,3 +134,65 @@ async def test_a_replay_reply_is_read_up_to_its_limit_and_the_rest_asked_for_aga
             assert cut >= 4  # 45 batches, 10 at a time
     finally:
         await stack.manager.close()
+
+
+async def test_silent_replay_servers_share_one_slot_and_cannot_delay_an_honest_repair(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    # Two replay slots and two sources whose replay servers never answer (each replay runs
+    # into the 2 s deadline). Once known as slow, they wait for one slot of their own.
+    stack = make_stack(
+        ctx, replay_timeout_s=2.0, max_concurrent_replays=2, retry_backoff_s=(0.05, 0.2)
+    )
+    pubs: list[zmq.asyncio.Socket] = []
+    replays: list[ScriptedReplay] = []
+    try:
+        for i in range(2):
+            pub = ctx.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.bind("tcp://127.0.0.1:*")
+            replay = ScriptedReplay(ctx)
+            replay.silent = True
+            pubs.append(pub)
+            replays.append(replay)
+            await stack.manager.add_source(
+                SourceSpec(
+                    engine=f"slow-{i}",
+                    model=MODEL,
+                    endpoint=pub.getsockopt_string(zmq.LAST_ENDPOINT),
+                    replay_endpoint=replay.endpoint,
+                    topic="kv",
+                )
+            )
+        slow = [source_id(f"slow-{i}", 0) for i in range(2)]
+        assert await until(
+            lambda: all(
+                stack.sample("kvroute_replays_total", source=s, outcome="timeout") >= 1
+                for s in slow
+            ),
+            DEADLINE_S,
+        ), "the silent servers' first replays never timed out"
+        async with feeding(ctx, "honest", seed=5) as feed:
+            await feed.attach(stack)
+            # The slow sources ask again (a live batch without a base asks for a bootstrap),
+            # and hold their lane while the honest source loses a batch.
+            asked = [len(r.starts) for r in replays]
+            payload = encode_batch(EngineStream(9).batch(1), "0.33.0")
+            for pub in pubs:
+                await pub.send_multipart([b"kv", (7).to_bytes(8, "big"), payload])
+            assert await until(
+                lambda: all(len(r.starts) > n for r, n in zip(replays, asked, strict=True)),
+                DEADLINE_S,
+            ), "the slow sources did not ask again"
+            feed.pub.drop_next(1)
+            feed.publish(1)
+            seq = feed.publish(1)
+            # Well inside the slow replays' 2 s deadline: the honest repair did not wait.
+            assert await stack.applied(feed.source, seq, timeout_s=1.0), stack.status(feed.source)
+            assert holdings(stack, feed.source) == feed.reference()
+    finally:
+        await stack.manager.close()
+        for r in replays:
+            await r.close()
+        for pub in pubs:
+            pub.close(linger=0)
