@@ -389,6 +389,12 @@ class Settings(BaseSettings):
     tokenizer_cache_size: int = Field(
         4096, ge=0, description="Tokenized prompts kept in the LRU cache (0 disables it)."
     )
+    tokenizer_cache_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Bound on the tokenizer cache's memory, estimated on the high side (0: "
+        "entries only); a prompt larger than it is not cached.",
+    )
     tokenizer_timeout_s: float = Field(
         2.0, gt=0, description="Deadline of one remote `/tokenize` call."
     )

@@ -279,7 +279,12 @@ def _tokenizer(
             client, fleet.url_for_model, timeout_s=settings.tokenizer_timeout_s, observe=observe
         )
     if settings.tokenizer_cache_size > 0:
-        return CachingTokenizer(inner, max_entries=settings.tokenizer_cache_size, observe=observe)
+        return CachingTokenizer(
+            inner,
+            max_entries=settings.tokenizer_cache_size,
+            max_bytes=settings.tokenizer_cache_bytes,
+            observe=observe,
+        )
     return inner
 
 

@@ -17,10 +17,21 @@ from kvroute.tokenize.timing import Observe, observe_since
 __all__ = ["CachingTokenizer"]
 
 _Key = tuple[Any, ...]
+# What an entry costs, roughly and on the high side: its key's text, and per id a tuple slot and
+# an int object (CPython shares only ints below 257), plus the dict's and tuple's own overhead.
+_BYTES_PER_ID = 36
+_BYTES_PER_ENTRY = 256
+
+
+def _entry_bytes(key: _Key, ids: tuple[int, ...]) -> int:
+    text = sum(len(part) for part in key if isinstance(part, str))
+    return _BYTES_PER_ENTRY + text + _BYTES_PER_ID * len(ids)
 
 
 class CachingTokenizer:
-    """Remembers the ids of the last `max_entries` distinct requests (least recently used goes).
+    """Remembers the ids of the last `max_entries` distinct requests, in at most `max_bytes`
+    (0: no byte bound); the least recently used go first, and one entry larger than the whole
+    bound is not kept (it would push every other out).
 
     Concurrent misses on one key share a single inner call (a burst of identical requests
     tokenizes once); a caller cancelled meanwhile does not cancel it for the others. Failures
@@ -30,12 +41,19 @@ class CachingTokenizer:
     """
 
     def __init__(
-        self, inner: Tokenizer, *, max_entries: int, observe: Observe | None = None
+        self,
+        inner: Tokenizer,
+        *,
+        max_entries: int,
+        max_bytes: int = 0,
+        observe: Observe | None = None,
     ) -> None:
         if max_entries < 1:
             raise ConfigError(f"max_entries: expected >= 1, got {max_entries}")
         self._inner = inner
         self._max = max_entries
+        self._max_bytes = max(0, max_bytes)
+        self.bytes = 0  # the estimated size of what is kept (_entry_bytes)
         self._observe = observe
         self._entries: OrderedDict[_Key, tuple[int, ...]] = OrderedDict()
         self._pending: dict[_Key, asyncio.Task[tuple[int, ...]]] = {}
@@ -118,7 +136,14 @@ class CachingTokenizer:
         return list(entry)
 
     def _store(self, key: _Key, ids: tuple[int, ...]) -> None:
+        size = _entry_bytes(key, ids)
+        if self._max_bytes and size > self._max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= _entry_bytes(key, old)
         self._entries[key] = ids
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self.bytes += size
+        while len(self._entries) > self._max or (self._max_bytes and self.bytes > self._max_bytes):
+            gone_key, gone = self._entries.popitem(last=False)
+            self.bytes -= _entry_bytes(gone_key, gone)

@@ -220,3 +220,26 @@ async def test_a_shared_failure_reaches_every_waiter_and_is_not_cached(
     recording.fail = False
     await cache.tokenize_prompt("m", "one")
     assert len(recording.calls) == 2
+
+
+async def test_the_cache_holds_at_most_its_byte_bound_and_never_one_prompt_larger_than_it(
+    recording: _Recording,
+) -> None:
+    words = "one two three four five six"
+    # Each entry: 256 + its text + 36 per id; 6 ids of a 27-character prompt: ~500 bytes.
+    cache = _cache(recording, max_bytes=1_500)
+    prompts = [f"{words} {'one ' * i}".strip() for i in range(4)]
+    for prompt in prompts:
+        await cache.tokenize_prompt("m", prompt)
+    assert len(cache) == 2 and cache.bytes <= 1_500  # the two most recent
+    await cache.tokenize_prompt("m", prompts[-1])
+    assert cache.hits == 1
+    calls = len(recording.calls)
+    await cache.tokenize_prompt("m", prompts[0])  # evicted: tokenized again
+    assert len(recording.calls) == calls + 1
+    huge = " ".join(["one"] * 200)  # 7,000+ bytes estimated: larger than the bound
+    before = cache.bytes
+    assert len(await cache.tokenize_prompt("m", huge)) == 200
+    assert cache.bytes == before  # not kept, and nothing pushed out for it
+    await cache.tokenize_prompt("m", huge)
+    assert len(recording.calls) == calls + 3
