@@ -27,7 +27,14 @@ from kvroute.gateway.log_format import configure_logging
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
 
-__all__ = ["DemoOptions", "PolicyResult", "add_demo_arguments", "run_demo", "run_demo_async"]
+__all__ = [
+    "DemoOptions",
+    "PolicyResult",
+    "add_demo_arguments",
+    "request_record",
+    "run_demo",
+    "run_demo_async",
+]
 
 POLICIES: tuple[PolicyName, ...] = (
     PolicyName.KV_AWARE,
@@ -65,6 +72,31 @@ class RequestRecord:
     ttft_ms: float | None
     sent_s: float  # wall offsets from the run's start
     done_s: float
+
+
+def request_record(
+    turn: ChatTurn,
+    response: httpx.Response | None,
+    status: int,
+    data: dict[str, Any],
+    sent_s: float,
+    done_s: float,
+) -> RequestRecord:
+    """The record of one chat turn sent through a gateway: the engine that served it (the
+    gateway's header), the usage it reported and the simulator's TTFT header."""
+    usage = data.get("usage") or {}
+    ttft = response.headers.get("x-sim-ttft-ms") if response is not None else None
+    return RequestRecord(
+        turn=turn,
+        engine=response.headers.get(ENGINE_HEADER, "?") if response is not None else "?",
+        status=status,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        ttft_ms=float(ttft) if ttft is not None else None,
+        sent_s=sent_s,
+        done_s=done_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -261,7 +293,6 @@ async def _drive(
                 data = response.json() if status == 200 else {}
             except (httpx.HTTPError, ValueError):
                 status, data, response = 0, {}, None
-            usage = data.get("usage") or {}
             answer = ""
             if status == 200:
                 try:
@@ -274,22 +305,7 @@ async def _drive(
                     {"role": "assistant", "content": answer},
                 ]
             )
-            ttft = response.headers.get("x-sim-ttft-ms") if response is not None else None
-            records.append(
-                RequestRecord(
-                    turn=turn,
-                    engine=response.headers.get(ENGINE_HEADER, "?") if response else "?",
-                    status=status,
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    cached_tokens=int(
-                        (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                    ),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                    ttft_ms=float(ttft) if ttft is not None else None,
-                    sent_s=sent,
-                    done_s=loop.time() - start,
-                )
-            )
+            records.append(request_record(turn, response, status, data, sent, loop.time() - start))
             answered[(turn.user, turn.turn)].set()
             on_done()
 

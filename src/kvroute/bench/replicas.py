@@ -28,13 +28,13 @@ from kvroute.bench.demo import (
     RequestRecord,
     _measure_capacity,
     _summarise,
+    request_record,
 )
 from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
 from kvroute.core import LoadSource
 from kvroute.errors import ConfigError
-from kvroute.gateway import ENGINE_HEADER
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
 
@@ -331,23 +331,7 @@ async def _drive(
         history.setdefault(turn.user, []).extend(
             [{"role": "user", "content": turn.question}, {"role": "assistant", "content": answer}]
         )
-        usage = data.get("usage") or {}
-        ttft = response.headers.get("x-sim-ttft-ms") if response is not None else None
-        records.append(
-            RequestRecord(
-                turn=turn,
-                engine=response.headers.get(ENGINE_HEADER, "?") if response is not None else "?",
-                status=status,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                cached_tokens=int(
-                    (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                ),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                ttft_ms=float(ttft) if ttft is not None else None,
-                sent_s=sent_s,
-                done_s=loop.time() - start,
-            )
-        )
+        records.append(request_record(turn, response, status, data, sent_s, loop.time() - start))
         answered[(turn.user, turn.turn)].set()
 
     await asyncio.gather(*(one(t, at) for t, at in zip(turns, arrivals_wall, strict=True)))

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from kvroute.bench.processes import GatewayProcess
+from kvroute.bench.processes import READY_TIMEOUT_S, GatewayProcess
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.core import source_id
 from kvroute.gateway import BackgroundServer, Gateway, create_app
@@ -30,7 +30,6 @@ from kvroute.sim.tokenizer import SimTokenizer
 __all__ = ["RestartOptions", "add_arguments", "options", "run"]
 
 MODEL = "sim/restart"
-READY_TIMEOUT_S = 60.0
 FILL_PROMPT_TOKENS = 8192
 
 

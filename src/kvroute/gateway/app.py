@@ -45,10 +45,16 @@ __all__ = ["build_gateway", "create_app"]
 log = logging.getLogger("kvroute.gateway")
 
 
-def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) -> Gateway:
+def build_gateway(
+    settings: Settings,
+    client: EngineClient,
+    metrics: Metrics,
+    header_rules: HeaderRules | None = None,
+) -> Gateway:
     """The gateway's parts, each built once from `settings` and passed in explicitly; the state
     they keep (fleet health and reloads, index blocks, sources) is attached to `metrics`, which
-    reads it at scrape time. Reads the fleet file; not started yet."""
+    reads it at scrape time. Reads the fleet file (and, without `header_rules`, the engine key
+    file); not started yet."""
     specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
     fleet = Fleet(
         specs,
@@ -119,7 +125,7 @@ def build_gateway(settings: Settings, client: EngineClient, metrics: Metrics) ->
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
         max_body_bytes=settings.max_request_body_bytes,
         max_prompt_tokens=settings.max_prompt_tokens,
-        header_rules=_header_rules(settings),
+        header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
     gateway.shared = _shared_state(settings, gateway, metrics)
     if settings.snapshot_path is not None and subscribers is not None:
@@ -315,7 +321,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             read_timeout_s=settings.upstream_read_timeout_s,
             max_connections=settings.upstream_max_connections,
         ) as client:
-            gateway = build_gateway(settings, client, metrics if metrics is not None else Metrics())
+            gateway = build_gateway(
+                settings, client, metrics if metrics is not None else Metrics(), header_rules
+            )
             picker = None
             try:
                 await gateway.start()
@@ -339,7 +347,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
 
     # The operator endpoints: `/v1/route` tells anyone which engine holds a prompt (another
     # tenant's, say), `/debug/*` the fleet's state.
-    _header_rules(settings)  # an unreadable engine key fails here, before serving
+    header_rules = _header_rules(settings)  # an unreadable engine key fails here, not at start
     route: Handler = handlers.route
     debug_engines: Handler = handlers.debug_engines
     metrics_page: Handler = handlers.metrics
