@@ -350,6 +350,18 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.prompts_offloaded = Counter(
+            "kvroute_prompts_offloaded",
+            "Request bodies parsed (and tokenized, locally) by a prompt worker, off the loop.",
+            registry=r,
+        )
+        self.http_timeouts = Counter(
+            "kvroute_http_timeouts",
+            "Clients too slow to send a request, per phase: header (connection closed after "
+            "header_timeout_s), body (408 after body_timeout_s).",
+            ["phase"],
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, and its content type (for `GET /metrics`)."""

@@ -78,6 +78,24 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds an idle kept-alive client connection stays open.",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers, from its connection "
+        "(or its first byte after a response); then the connection is closed (slowloris).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's body once its headers arrived; "
+        "then it gets a 408.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Largest request line plus headers; a larger one gets a 400 and the "
+        "connection is closed.",
+    )
     admin_token_file: Path | None = Field(
         None,
         description="File holding a bearer token that `/v1/route` and `/debug/*` then require "
@@ -200,6 +218,23 @@ class Settings(BaseSettings):
         ge=0,
         description="Longest prompt in tokens (0: no limit): a longer one gets a 400; token-id "
         "prompts are refused before they are matched.",
+    )
+    max_json_depth: int = Field(
+        128,
+        ge=2,
+        description="Deepest nesting of arrays and objects in a request body; deeper gets a 400.",
+    )
+    prompt_workers: int = Field(
+        1,
+        ge=0,
+        description="Worker processes that parse (and, with a local tokenizer, tokenize) large "
+        "request bodies off the event loop; 0: every body on the loop.",
+    )
+    prompt_offload_bytes: int = Field(
+        64 * 1024,
+        gt=0,
+        description="Request bodies of at least this size go to a prompt worker (with "
+        "`prompt_workers` > 0); smaller ones are parsed on the loop in well under a millisecond.",
     )
     replay_timeout_s: float = Field(
         2.0, gt=0, description="Deadline of one replay request to an engine's ROUTER."

@@ -24,6 +24,7 @@ from kvroute.gateway import handlers
 from kvroute.gateway.auth import Handler, load_token, require_bearer
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.openapi import openapi_document
+from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers
 from kvroute.gateway.proxy import HeaderRules
 from kvroute.gateway.service import Gateway
 from kvroute.index import IndexLimits, PrefixIndex, create_index
@@ -125,6 +126,10 @@ def build_gateway(
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
         max_body_bytes=settings.max_request_body_bytes,
         max_prompt_tokens=settings.max_prompt_tokens,
+        max_json_depth=settings.max_json_depth,
+        body_timeout_s=settings.body_timeout_s,
+        prompt_workers=_prompt_workers(settings),
+        prompt_offload_bytes=settings.prompt_offload_bytes,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
     gateway.shared = _shared_state(settings, gateway, metrics)
@@ -269,6 +274,23 @@ def _kubernetes_source(settings: Settings, metrics: Metrics) -> FleetSource | No
     )
     metrics.watch_discovery(source.errors)
     return source
+
+
+def _prompt_workers(settings: Settings) -> PromptWorkers | None:
+    """Workers for large bodies; they tokenize too when the gateway tokenizes locally."""
+    if settings.prompt_workers == 0:
+        return None
+    local = settings.local_tokenizer and settings.tokenizer_path is not None
+    return PromptWorkers(
+        settings.prompt_workers,
+        PromptLimits(
+            settings.max_request_body_bytes, settings.max_json_depth, settings.max_prompt_tokens
+        ),
+        tokenizer_json=settings.tokenizer_path if local else None,
+        chat_template=settings.chat_template_path.read_text()
+        if local and settings.chat_template_path
+        else None,
+    )
 
 
 def _tokenizer(

@@ -63,6 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvroute.gateway.app import create_app
     from kvroute.gateway.log_format import configure_logging
     from kvroute.gateway.server import ServerOptions, serve_forever
+    from kvroute.metrics import Metrics
     from kvroute.settings import load_settings
 
     overrides = {
@@ -94,11 +95,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    metrics = Metrics()
     options = ServerOptions(
         tls_cert_file=settings.tls_cert_file,
         tls_key_file=settings.tls_key_file,
         max_connections=settings.max_connections,
         keep_alive_timeout_s=settings.keep_alive_timeout_s,
+        header_timeout_s=settings.header_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        on_header_timeout=metrics.http_timeouts.labels(phase="header").inc,
     )
     if options.tls_cert_file is not None:
         for path in (options.tls_cert_file, options.tls_key_file):
@@ -106,5 +111,9 @@ def _serve(args: argparse.Namespace) -> int:
                 print(f"kvroute serve: TLS file {path} is not a readable file", file=sys.stderr)
                 return 2
     return serve_forever(
-        create_app(settings), settings.host, settings.port, settings.log_level, options
+        create_app(settings, metrics=metrics),
+        settings.host,
+        settings.port,
+        settings.log_level,
+        options,
     )

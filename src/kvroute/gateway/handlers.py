@@ -3,7 +3,6 @@ health and readiness, `/debug/engines`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -12,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvroute.errors import ClientGone, GatewayHTTPError
-from kvroute.gateway.openai_body import RequestKind, parse_request, read_body
+from kvroute.gateway.openai_body import RequestKind, read_body
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.proxy import proxy_request
 from kvroute.gateway.service import Gateway
@@ -36,15 +35,25 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
+async def _read_body(request: Request, gateway: Gateway) -> bytes:
+    try:
+        return await read_body(request, gateway.max_body_bytes, gateway.body_timeout_s)
+    except GatewayHTTPError as exc:
+        if exc.status == 408:
+            gateway.metrics.http_timeouts.labels(phase="body").inc()
+        raise
+
+
 async def _proxy(request: Request, kind: RequestKind) -> Response:
     gateway = _gateway(request)
     try:
-        raw = await read_body(request, gateway.max_body_bytes)
+        raw = await _read_body(request, gateway)
     except ClientGone:
         log.debug("client went away while sending its request")
         return Response(status_code=499)
-    req = parse_request(kind, raw, gateway.max_body_bytes)
-    outcome = await gateway.route(req)
+    prepared = await gateway.prepare(kind, raw)
+    req = prepared.request
+    outcome = await gateway.route(req, prepared.token_ids)
     try:
         return await proxy_request(gateway, request, req, outcome)
     except ClientGone:
@@ -64,18 +73,12 @@ async def route(request: Request) -> Response:
     """The decision and every engine's score, without proxying or speculative entries."""
     gateway = _gateway(request)
     try:
-        raw = await read_body(request, gateway.max_body_bytes)
+        raw = await _read_body(request, gateway)
     except ClientGone:
         log.debug("client went away while sending its request")
         return Response(status_code=499)
-    kind = RequestKind.COMPLETION
-    try:
-        if isinstance(body := json.loads(raw), dict) and "messages" in body:
-            kind = RequestKind.CHAT
-    except (ValueError, RecursionError):
-        pass  # parse_request reports it
-    req = parse_request(kind, raw, gateway.max_body_bytes)
-    outcome = await gateway.route(req)
+    prepared = await gateway.prepare(None, raw)  # chat when the body has `messages`
+    outcome = await gateway.route(prepared.request, prepared.token_ids)
     return JSONResponse(outcome.route_json())
 
 

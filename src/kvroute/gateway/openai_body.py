@@ -3,27 +3,41 @@ The raw bytes are kept and forwarded unchanged; only the routing inputs are read
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from kvroute.errors import ClientGone, GatewayHTTPError
 
-__all__ = ["DEFAULT_MAX_TOKENS", "RequestKind", "RoutingRequest", "parse_request", "read_body"]
+__all__ = [
+    "DEFAULT_MAX_JSON_DEPTH",
+    "DEFAULT_MAX_TOKENS",
+    "RequestKind",
+    "RoutingRequest",
+    "parse_request",
+    "read_body",
+]
 
 # Outstanding-token estimate when a request sets no max_tokens (OpenAI's completion default is
 # 16; chat has none, so assume a typical answer length).
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 _MAX_BODY_BYTES = 32 * 1024 * 1024
+# OpenAI bodies nest a few levels (messages, content parts, tool schemas); far below the
+# interpreter's recursion limit, which a deeper body would otherwise reach.
+DEFAULT_MAX_JSON_DEPTH = 128
+_JSON = msgspec.json.Decoder()
 # Above any engine's context; a larger value would overflow the float load cost of every
 # request routed while it is in flight. Pinned by `test_huge_max_tokens_is_a_400`.
 _MAX_TOKENS_LIMIT = (1 << 31) - 1
 _TOKEN_ID_LIMIT = 1 << 32  # the index packs token ids as 4-byte unsigned ints
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff: paired or lone
+_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
 class RequestKind(enum.StrEnum):
@@ -64,9 +78,12 @@ class RoutingRequest:
         return total
 
 
-async def read_body(request: Request, limit: int = _MAX_BODY_BYTES) -> bytes:
+async def read_body(
+    request: Request, limit: int = _MAX_BODY_BYTES, timeout_s: float | None = None
+) -> bytes:
     """The request body, refused with 413 as soon as its declared length or the bytes read so
-    far pass `limit` (the rest is never read); a client that leaves mid-upload: ClientGone."""
+    far pass `limit` (the rest is never read), with 408 when it takes longer than `timeout_s`;
+    a client that leaves mid-upload: ClientGone."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -78,32 +95,38 @@ async def read_body(request: Request, limit: int = _MAX_BODY_BYTES) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayHTTPError(413, f"request body: expected at most {limit} bytes")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise GatewayHTTPError(413, f"request body: expected at most {limit} bytes")
+                chunks.append(chunk)
     except ClientDisconnect as exc:
         raise ClientGone() from exc
+    except TimeoutError as exc:
+        raise GatewayHTTPError(
+            408,
+            f"request body: expected it within {timeout_s:g} s, got {size} bytes",
+            code="request_timeout",
+        ) from exc
     return b"".join(chunks)
 
 
 def parse_request(
-    kind: RequestKind, raw: bytes, max_body_bytes: int = _MAX_BODY_BYTES
+    kind: RequestKind | None,
+    raw: bytes,
+    max_body_bytes: int = _MAX_BODY_BYTES,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> RoutingRequest:
-    """Validate a body; a GatewayHTTPError(400) says which field is wrong and what arrived."""
+    """Validate a body; a GatewayHTTPError(400) says which field is wrong and what arrived.
+    `kind` None (`/v1/route`): a chat request when the body has `messages`."""
     if len(raw) > max_body_bytes:
         raise GatewayHTTPError(413, f"request body: expected at most {max_body_bytes} bytes")
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise GatewayHTTPError(
-            400, f"request body: expected a JSON object, got invalid JSON ({exc})"
-        ) from exc
+    body = _decode(raw, max_json_depth)
     if not isinstance(body, dict):
         raise GatewayHTTPError(400, f"request body: expected a JSON object, got {_type_name(body)}")
-    if _SURROGATE_ESCAPE.search(raw):
-        _check_unicode(body)
+    if kind is None:
+        kind = RequestKind.CHAT if "messages" in body else RequestKind.COMPLETION
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise GatewayHTTPError(
@@ -158,7 +181,30 @@ def parse_request(
     )
 
 
-def _check_unicode(body: dict[str, Any]) -> None:
+def _decode(raw: bytes, max_depth: int) -> Any:
+    """The body as Python values (msgspec: several times faster than `json`, so a large body
+    holds the loop or a worker for less); 400 for invalid JSON or nesting past `max_depth`."""
+    if raw.count(b"[") + raw.count(b"{") > max_depth:
+        _check_depth(raw, max_depth)
+    try:
+        return _JSON.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    # Strict JSON failed. Python's parser also takes NaN, Infinity and lone surrogate escapes,
+    # as the engines' own parser does: such a body is forwarded, unless a field routing reads
+    # is wrong (a lone surrogate can be neither tokenized nor encoded, so it is a 400).
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise GatewayHTTPError(
+            400, f"request body: expected a JSON object, got invalid JSON ({exc})"
+        ) from exc
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_unicode(body)
+    return body
+
+
+def _check_unicode(body: Any) -> None:
     """A lone surrogate escape (``"\\ud800"``) parses, but no tokenizer or engine can encode it."""
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -166,6 +212,22 @@ def _check_unicode(body: dict[str, Any]) -> None:
         raise GatewayHTTPError(
             400, f"request body: expected valid Unicode text, got a lone surrogate ({exc.reason})"
         ) from exc
+
+
+def _check_depth(raw: bytes, max_depth: int) -> None:
+    """400 when arrays and objects nest deeper than `max_depth`, brackets inside strings aside.
+    Only bodies with more brackets than the limit get here; the regex skips strings whole."""
+    depth = 0
+    for m in _STRING_OR_BRACKET.finditer(raw):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise GatewayHTTPError(
+                    400, f"request body: expected JSON nested at most {max_depth} deep"
+                )
+        elif token in (b"]", b"}"):
+            depth -= 1
 
 
 def _token_ids(value: list[Any]) -> list[int] | None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvroute.errors import ConfigError
 
@@ -26,6 +29,57 @@ class ServerOptions:
     tls_key_file: Path | None = None
     max_connections: int | None = None  # beyond it, new connections get a 503 (None: none)
     keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after it
+    header_timeout_s: float | None = None  # to send a request's headers (None: no deadline)
+    max_header_bytes: int = 16 * 1024  # request line plus headers
+    on_header_timeout: Callable[[], None] | None = None  # counts each close (Metrics)
+
+
+def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, plus a deadline for each request's headers: it starts when the
+    connection opens or when a byte of the next request arrives, and is not pushed back by
+    more bytes, so a client trickling headers (slowloris) or sending nothing is closed."""
+    timeout_s = options.header_timeout_s
+    on_timeout = options.on_header_timeout
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm()  # between requests: the next one's headers have a deadline
+            else:
+                self._disarm()  # headers in: the body has body_timeout_s (gateway/handlers.py)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_deadline is None and timeout_s is not None:
+                self._header_deadline = self.loop.call_later(timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
+
+        def _expired(self) -> None:
+            self._header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if on_timeout is not None:
+                    on_timeout()
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()  # idle now: the keep-alive timeout runs until a byte arrives
+
+    return GuardedH11Protocol
 
 
 def _config(
@@ -42,6 +96,8 @@ def _config(
         timeout_graceful_shutdown=5,
         limit_concurrency=options.max_connections,
         timeout_keep_alive=max(1, round(options.keep_alive_timeout_s)),
+        http=_guarded_h11(options),
+        h11_max_incomplete_event_size=options.max_header_bytes,
         ssl_certfile=None if options.tls_cert_file is None else str(options.tls_cert_file),
         ssl_keyfile=None if options.tls_key_file is None else str(options.tls_key_file),
     )

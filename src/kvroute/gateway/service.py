@@ -16,9 +16,15 @@ from kvroute.core import EngineClient, MatchResult, SourceId
 from kvroute.errors import GatewayHTTPError, TokenizeError
 from kvroute.events import SubscriberManager
 from kvroute.fleet import EngineSpec, EngineState, Fleet, SpeculativeClaim
-from kvroute.gateway.openai_body import RequestKind, RoutingRequest
+from kvroute.gateway.openai_body import (
+    DEFAULT_MAX_JSON_DEPTH,
+    RequestKind,
+    RoutingRequest,
+    parse_request,
+)
 from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
+from kvroute.gateway.prompt_worker import PreparedRequest, PromptWorkers, check_prompt_length
 from kvroute.gateway.proxy import HeaderRules
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
@@ -52,6 +58,12 @@ class Gateway:
     ready_bootstrap_deadline_s: float
     max_body_bytes: int = 32 * 1024 * 1024  # settings.max_request_body_bytes
     max_prompt_tokens: int = 0  # 0: no limit (settings.max_prompt_tokens)
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # settings.max_json_depth
+    body_timeout_s: float | None = None  # settings.body_timeout_s (None: no deadline)
+    # Bodies of at least `prompt_offload_bytes` are parsed (and tokenized, with a local
+    # tokenizer) by `prompt_workers`, off the loop; None: every body on the loop.
+    prompt_workers: PromptWorkers | None = None
+    prompt_offload_bytes: int = 64 * 1024
     header_rules: HeaderRules = field(default_factory=HeaderRules)  # client headers upstream
     shared: SharedState | None = None  # the store replicas share load through (optional)
     # Warm restarts (persist/): the writer, and the sources a snapshot loaded at start holds,
@@ -95,6 +107,8 @@ class Gateway:
             await self.shared.close()
         if self.subscribers is not None:
             await self.subscribers.close()
+        if self.prompt_workers is not None:
+            await self.prompt_workers.close()
         await self.fleet.close()
 
     async def _add_engine(self, spec: EngineSpec) -> None:
@@ -155,15 +169,32 @@ class Gateway:
             log.debug("tokenization failed; routing by load", extra={"error": str(exc)})
             return None
 
-    async def route(self, req: RoutingRequest) -> RouteOutcome:
-        """Resolve, tokenize, match and choose; 404 unknown model, 503 no healthy engine."""
+    async def prepare(self, kind: RequestKind | None, raw: bytes) -> PreparedRequest:
+        """The body parsed and checked: on the loop when small, by a prompt worker (which also
+        tokenizes, with a local tokenizer) from `prompt_offload_bytes` on."""
+        if self.prompt_workers is not None and len(raw) >= self.prompt_offload_bytes:
+            prepared = await self.prompt_workers.prepare(kind, raw)
+            self.metrics.prompts_offloaded.inc()
+            if prepared.tokenize_error is not None:
+                self.metrics.tokenize_failures.inc()
+                log.debug(
+                    "tokenization failed; routing by load",
+                    extra={"error": prepared.tokenize_error},
+                )
+            return prepared
+        return PreparedRequest(parse_request(kind, raw, self.max_body_bytes, self.max_json_depth))
+
+    async def route(self, req: RoutingRequest, token_ids: list[int] | None = None) -> RouteOutcome:
+        """Resolve, tokenize (unless `token_ids` are given), match and choose; 404 unknown model,
+        503 no healthy engine."""
         base, lora, engines = self.resolve_model(req.model)
         if not any(e.healthy for e in engines):
             raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
-        token_ids: list[int] | None = None
         if isinstance(req.prompt, list):
             self._check_prompt_length(len(req.prompt))  # before any work on it
-        if self.index is not None:
+        if self.index is None:
+            token_ids = None
+        elif token_ids is None:
             token_ids = await self.tokenize(req)
         prompt_tokens = len(token_ids) if token_ids is not None else req.estimated_prompt_tokens()
         self._check_prompt_length(prompt_tokens)
@@ -185,13 +216,7 @@ class Gateway:
         return RouteOutcome(base, lora, token_ids, prompt_tokens, matches, decision)
 
     def _check_prompt_length(self, tokens: int) -> None:
-        limit = self.max_prompt_tokens
-        if limit and tokens > limit:
-            raise GatewayHTTPError(
-                400,
-                f"prompt: expected at most {limit} tokens, got {tokens}",
-                code="context_length_exceeded",
-            )
+        check_prompt_length(tokens, self.max_prompt_tokens)
 
     def _candidate(self, engine: EngineState) -> Candidate:
         current = self.fleet.get(engine.spec.name) or engine

@@ -111,12 +111,7 @@ class LocalTokenizer:
             ) from exc
 
     async def tokenize_prompt(self, model: str, prompt: str | list[int]) -> list[int]:
-        if not isinstance(prompt, str):
-            return list(require_token_ids(prompt, "prompt"))
-        started = time.perf_counter()
-        ids = self._encode(prompt, add_special_tokens=True)
-        observe_since(self._observe, "local", started)
-        return ids
+        return self.encode_prompt(prompt)
 
     async def tokenize_chat(
         self,
@@ -128,6 +123,32 @@ class LocalTokenizer:
     ) -> list[int]:
         if self._template is None:
             raise TokenizeError(f"tokenize chat for {model!r}: no chat template configured")
+        return self.encode_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """`tokenize_prompt` without the coroutine: the prompt workers call it
+        (gateway/prompt_worker.py)."""
+        if not isinstance(prompt, str):
+            return list(require_token_ids(prompt, "prompt"))
+        started = time.perf_counter()
+        ids = self._encode(prompt, add_special_tokens=True)
+        observe_since(self._observe, "local", started)
+        return ids
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """`tokenize_chat` without the coroutine (see `encode_prompt`)."""
+        if self._template is None:
+            raise TokenizeError("tokenize chat: no chat template configured")
         started = time.perf_counter()
         context: dict[str, Any] = dict(chat_template_kwargs or {})
         context.update(

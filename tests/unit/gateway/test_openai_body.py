@@ -78,7 +78,7 @@ def test_max_tokens_defaults_per_kind() -> None:
     [
         (RequestKind.CHAT, b"{oops", None, "invalid JSON"),
         (RequestKind.CHAT, b"\xff", None, "invalid JSON"),
-        (RequestKind.CHAT, b"[" * 100_000, None, "invalid JSON"),
+        (RequestKind.CHAT, b"[" * 100_000, None, "nested at most 128 deep"),
         (RequestKind.CHAT, b"42", None, "got number"),
         (RequestKind.CHAT, _raw({"model": 3, "messages": []}), "model", "got number"),
         (RequestKind.CHAT, _raw({"model": "m"}), "messages", "got null"),
@@ -182,3 +182,21 @@ def test_upper_case_surrogate_escapes_are_found_too() -> None:
     assert "surrogate" in info.value.message
     pair = parse_request(RequestKind.COMPLETION, b'{"model": "m", "prompt": "\\uD83D\\uDE00"}')
     assert pair.prompt == "\U0001f600"
+
+
+def test_json_depth_limit_is_exact_and_a_400() -> None:
+    # {"messages": [{"extra": [[...]]}]}: object, array, object, then the arrays.
+    ok = b'{"model": "m", "messages": [{"role": "user", "content": "x", "x": ' + b"[" * 125
+    ok += b"]" * 125 + b"}]}"
+    parse_request(RequestKind.CHAT, ok, max_json_depth=128)
+    deeper = ok.replace(b"[" * 125, b"[" * 126).replace(b"]" * 125, b"]" * 126)
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(RequestKind.CHAT, deeper, max_json_depth=128)
+    assert info.value.status == 400 and "nested at most 128 deep" in info.value.message
+
+
+def test_brackets_inside_strings_do_not_count_towards_depth() -> None:
+    text = '[[{"\\"]' * 200 + '\\"'  # brackets, quotes and escapes, all inside one string
+    raw = json.dumps({"model": "m", "prompt": text}).encode()
+    assert raw.count(b"[") > 128
+    assert parse_request(RequestKind.COMPLETION, raw, max_json_depth=2).prompt == text
