@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,26 +35,64 @@ class ServerOptions:
     on_header_timeout: Callable[[], None] | None = None  # counts each close (Metrics)
 
 
+def _too_large(limit: int) -> bytes:
+    """A complete 431 with an OpenAI-shaped body, written raw: h11 has seen no request yet."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"request headers: expected at most {limit} bytes",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
 def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
     """uvicorn's h11 protocol, plus a deadline for each request's headers: it starts when the
     connection opens or when a byte of the next request arrives, and is not pushed back by
-    more bytes, so a client trickling headers (slowloris) or sending nothing is closed."""
+    more bytes, so a client trickling headers (slowloris) or sending nothing is closed. And a
+    size limit on them: h11's own applies only to headers split over several reads."""
     timeout_s = options.header_timeout_s
     on_timeout = options.on_header_timeout
+    max_header_bytes = options.max_header_bytes
 
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
+        _header_bytes = 0  # of the request whose headers are arriving
+        _header_tail = b""  # the last bytes read, for a blank line split over two reads
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and not self._headers_fit(data):
+                self.transport.write(_too_large(max_header_bytes))
+                self.transport.close()
+                return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE:
                 self._arm()  # between requests: the next one's headers have a deadline
             else:
                 self._disarm()  # headers in: the body has body_timeout_s (gateway/handlers.py)
+                self._header_bytes, self._header_tail = 0, b""
+
+        def _headers_fit(self, data: bytes) -> bool:
+            seen = self._header_tail + data
+            end = seen.find(b"\r\n\r\n")
+            if end >= 0:
+                size = self._header_bytes - len(self._header_tail) + end + 4
+            else:
+                size = self._header_bytes + len(data)
+            self._header_bytes += len(data)
+            self._header_tail = seen[-3:]
+            return size <= max_header_bytes
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

@@ -173,8 +173,8 @@ class Gateway:
         """The body parsed and checked: on the loop when small, by a prompt worker (which also
         tokenizes, with a local tokenizer) from `prompt_offload_bytes` on."""
         if self.prompt_workers is not None and len(raw) >= self.prompt_offload_bytes:
-            prepared = await self.prompt_workers.prepare(kind, raw)
             self.metrics.prompts_offloaded.inc()
+            prepared = await self.prompt_workers.prepare(kind, raw)
             if prepared.tokenize_error is not None:
                 self.metrics.tokenize_failures.inc()
                 log.debug(

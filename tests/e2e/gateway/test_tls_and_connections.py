@@ -75,3 +75,75 @@ async def test_connections_past_the_limit_get_a_503(tmp_path: Path) -> None:
                 return (await http.get(f"{srv.url}/healthz")).status_code == 200
 
             await eventually(served, "served again once the idle connections closed")
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection (bounded, not a sleep)."""
+    async with asyncio.timeout(30):
+        return await reader.read()
+
+
+async def test_idle_and_slowloris_connections_are_closed_after_the_header_timeout() -> None:
+    settings = load_settings(port=0, log_level="warning")
+    closed: list[int] = []
+    options = ServerOptions(header_timeout_s=0.3, on_header_timeout=lambda: closed.append(1))
+    async with BackgroundServer(create_app(settings, metrics=Metrics()), options=options) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        idle_reader, idle_writer = await asyncio.open_connection(host, int(port))
+        slow_reader, slow_writer = await asyncio.open_connection(host, int(port))
+        slow_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        await slow_writer.drain()
+        assert await _closed_by_server(idle_reader) == b""
+        assert await _closed_by_server(slow_reader) == b""
+        assert len(closed) == 2
+        for writer in (idle_writer, slow_writer):
+            writer.close()
+        # A client that sends its request in time is served, twice on one connection: the
+        # deadline is per request, and stops once the headers are in.
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            for _ in range(2):
+                assert (await http.get(f"{srv.url}/healthz")).status_code == 200
+        assert len(closed) == 2
+
+
+async def test_headers_past_max_header_bytes_get_a_431() -> None:
+    settings = load_settings(port=0, log_level="warning")
+    options = ServerOptions(max_header_bytes=4096)
+    async with (
+        BackgroundServer(create_app(settings, metrics=Metrics()), options=options) as srv,
+        httpx.AsyncClient(trust_env=False, timeout=30) as http,
+    ):
+        refused = await http.get(f"{srv.url}/healthz", headers={"x-big": "a" * 8192})
+        assert refused.status_code == 431
+        assert "at most 4096 bytes" in refused.json()["error"]["message"]
+        fits = await http.get(f"{srv.url}/healthz", headers={"x-big": "a" * 3500})
+        assert fits.status_code == 200
+        host, port = srv.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(10):  # in small writes: counted across reads
+            writer.write(b"x-pad: " + b"b" * 500 + b"\r\n")
+            await writer.drain()
+        writer.write(b"\r\n")
+        await writer.drain()
+        assert (await _closed_by_server(reader)).startswith(b"HTTP/1.1 4")
+        writer.close()
+
+
+async def test_a_body_slower_than_body_timeout_gets_a_408() -> None:
+    settings = load_settings(port=0, log_level="warning", body_timeout_s=0.3)
+    metrics = Metrics()
+    async with BackgroundServer(create_app(settings, metrics=metrics)) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"model": '
+        )
+        await writer.drain()
+        answer = await _closed_by_server(reader)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"got 10 bytes" in body and b"request_timeout" in body
+        assert metrics.http_timeouts.labels(phase="body")._value.get() == 1
