@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     log_format: LogFormat = Field(
         "kv", description="Log line format: `kv` (key=value) or `json` (one object per line)."
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="`kvroute serve`'s event loop: `auto` is uvloop where it is installed (a "
+        "dependency on Linux and macOS), else asyncio's own.",
+    )
 
     # --- routing
     policy: PolicyName = Field(

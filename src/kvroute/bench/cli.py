@@ -34,12 +34,14 @@ def register(sub: Any) -> None:
     )
     bench.add_argument(
         "which",
-        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart", "flood"],
+        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart", "flood", "hostile-client"],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
         "ingest | ingest-latency (its fixed-rate latency part alone) | all | replicas (one "
         "gateway vs several behind a round-robin client; not in all) | restart (a gateway killed "
         "under load, restarted warm from its snapshot and cold; not in all) | flood (honest "
-        "routing beside a hostile publisher, ingest limits on and off; not in all)",
+        "routing beside a hostile publisher, ingest limits on and off; not in all) | "
+        "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
+        "connections; not in all)",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -91,6 +93,11 @@ def register(sub: Any) -> None:
     flood.add_arguments(
         bench.add_argument_group("a hostile publisher (kvroute bench flood; README 'Limits')")
     )
+    from kvroute.bench import hostile_client
+
+    hostile_client.add_arguments(
+        bench.add_argument_group("hostile clients (kvroute bench hostile-client; README 'Limits')")
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -126,6 +133,16 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"kvroute bench flood: {exc}", file=sys.stderr)
             return 2
         flood.run(opts)
+        return 0
+    if args.which == "hostile-client":
+        from kvroute.bench import hostile_client
+
+        try:
+            hostile = hostile_client.options(args)
+        except ValueError as exc:
+            print(f"kvroute bench hostile-client: {exc}", file=sys.stderr)
+            return 2
+        hostile_client.run(hostile)
         return 0
     if args.vs is not None:
         return _run_vs(args)

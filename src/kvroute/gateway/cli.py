@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         header_timeout_s=settings.header_timeout_s,
         max_header_bytes=settings.max_header_bytes,
         on_header_timeout=metrics.http_timeouts.labels(phase="header").inc,
+        event_loop=settings.event_loop,
     )
     if options.tls_cert_file is not None:
         for path in (options.tls_cert_file, options.tls_key_file):

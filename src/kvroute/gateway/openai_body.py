@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS",
     "RequestKind",
     "RoutingRequest",
+    "check_prompt_length",
     "parse_request",
     "read_body",
 ]
@@ -117,9 +118,11 @@ def parse_request(
     raw: bytes,
     max_body_bytes: int = _MAX_BODY_BYTES,
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    max_prompt_tokens: int = 0,
 ) -> RoutingRequest:
     """Validate a body; a GatewayHTTPError(400) says which field is wrong and what arrived.
-    `kind` None (`/v1/route`): a chat request when the body has `messages`."""
+    `kind` None (`/v1/route`): a chat request when the body has `messages`. A prompt of more
+    than `max_prompt_tokens` token ids (0: no limit) is refused before its ids are checked."""
     if len(raw) > max_body_bytes:
         raise GatewayHTTPError(413, f"request body: expected at most {max_body_bytes} bytes")
     body = _decode(raw, max_json_depth)
@@ -148,7 +151,7 @@ def parse_request(
             kind=kind,
             model=model,
             raw=raw,
-            prompt=_prompt(body.get("prompt")),
+            prompt=_prompt(body.get("prompt"), max_prompt_tokens),
             max_tokens=max_tokens,
             stream=bool(stream),
             cache_salt=cache_salt,
@@ -204,6 +207,16 @@ def _decode(raw: bytes, max_depth: int) -> Any:
     return body
 
 
+def check_prompt_length(tokens: int, limit: int) -> None:
+    """400 `context_length_exceeded` when a prompt has more than `limit` tokens (0: no limit)."""
+    if limit and tokens > limit:
+        raise GatewayHTTPError(
+            400,
+            f"prompt: expected at most {limit} tokens, got {tokens}",
+            code="context_length_exceeded",
+        )
+
+
 def _check_unicode(body: Any) -> None:
     """A lone surrogate escape (``"\\ud800"``) parses, but no tokenizer or engine can encode it."""
     try:
@@ -244,10 +257,12 @@ def _token_ids(value: list[Any]) -> list[int] | None:
     return list(value)
 
 
-def _prompt(value: Any) -> str | list[int]:
+def _prompt(value: Any, max_tokens: int) -> str | list[int]:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        one = value[0] if len(value) == 1 and isinstance(value[0], list) else value
+        check_prompt_length(len(one), max_tokens)  # before any work on each id
         # One prompt given as a list: token ids, or a single-element batch of one text.
         if value and (ids := _token_ids(value)) is not None:
             return ids

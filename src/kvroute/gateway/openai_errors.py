@@ -16,9 +16,16 @@ def error_body(exc: GatewayHTTPError) -> dict[str, object]:
     }
 
 
+# A body too slow to arrive: the connection is closed after the answer instead of waiting for
+# the rest. (After a 413 the server reads the rest and throws it away: closing with unread data
+# would reset the connection, and the client would see that instead of the 413.)
+_UNREAD_BODY = frozenset({408})
+
+
 def http_error_response(exc: GatewayHTTPError) -> JSONResponse:
     """The answer a GatewayHTTPError stands for, from the gateway's own HTTP server."""
-    return JSONResponse(error_body(exc), status_code=exc.status)
+    headers = {"connection": "close"} if exc.status in _UNREAD_BODY else None
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
 
 
 def no_healthy_engine(model: str | None, detail: str = "") -> GatewayHTTPError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
 import struct
 import sys
@@ -15,15 +16,21 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kvroute.errors import GatewayHTTPError, TokenizeError
-from kvroute.gateway.openai_body import RequestKind, RoutingRequest, parse_request
+from kvroute.gateway.openai_body import (
+    RequestKind,
+    RoutingRequest,
+    check_prompt_length,
+    parse_request,
+)
 
-__all__ = ["PreparedRequest", "PromptLimits", "PromptWorkers", "check_prompt_length"]
+__all__ = ["PreparedRequest", "PromptLimits", "PromptWorkers"]
 
 log = logging.getLogger("kvroute.gateway")
 
 # Frames on the worker's stdin/stdout: a 4-byte big-endian length, then that many bytes. A job is
 # two frames (a pickled header, then the raw body, never pickled or copied), a result is one.
 _LENGTH = struct.Struct(">I")
+_NICE = 10  # the workers' scheduling priority, relative to the gateway's
 _MAX_RESULT_BYTES = 1 << 31  # a result holds at most max_prompt_tokens ids twice: far below
 
 
@@ -46,16 +53,6 @@ class PreparedRequest:
     tokenize_error: str | None = None
 
 
-def check_prompt_length(tokens: int, limit: int) -> None:
-    """400 `context_length_exceeded` when a prompt has more than `limit` tokens (0: no limit)."""
-    if limit and tokens > limit:
-        raise GatewayHTTPError(
-            400,
-            f"prompt: expected at most {limit} tokens, got {tokens}",
-            code="context_length_exceeded",
-        )
-
-
 # --- the worker process ----------------------------------------------------------------------
 
 
@@ -74,9 +71,9 @@ def _prepare(
     """One job: ("ok", request without its body, ids or None, tokenize error or None) or
     ("error", status, message, param, code) for an answer the client gets as is."""
     try:
-        req = parse_request(kind, raw, limits.max_body_bytes, limits.max_json_depth)
-        if isinstance(req.prompt, list):
-            check_prompt_length(len(req.prompt), limits.max_prompt_tokens)
+        req = parse_request(
+            kind, raw, limits.max_body_bytes, limits.max_json_depth, limits.max_prompt_tokens
+        )
         ids: list[int] | None = None
         error: str | None = None
         if isinstance(req.prompt, list):
@@ -105,6 +102,9 @@ def _prepare(
 def worker_main() -> int:
     """The worker's loop: a config frame, then jobs until stdin closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # Below the gateway's event loop: when cores are short, bulk parsing waits, routing not.
+    with contextlib.suppress(OSError):
+        os.nice(_NICE)
     config = _read_frame(stdin)
     if config is None:
         return 0

@@ -20,11 +20,12 @@ from kvroute.gateway.openai_body import (
     DEFAULT_MAX_JSON_DEPTH,
     RequestKind,
     RoutingRequest,
+    check_prompt_length,
     parse_request,
 )
 from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
-from kvroute.gateway.prompt_worker import PreparedRequest, PromptWorkers, check_prompt_length
+from kvroute.gateway.prompt_worker import PreparedRequest, PromptWorkers
 from kvroute.gateway.proxy import HeaderRules
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
@@ -182,7 +183,11 @@ class Gateway:
                     extra={"error": prepared.tokenize_error},
                 )
             return prepared
-        return PreparedRequest(parse_request(kind, raw, self.max_body_bytes, self.max_json_depth))
+        return PreparedRequest(
+            parse_request(
+                kind, raw, self.max_body_bytes, self.max_json_depth, self.max_prompt_tokens
+            )
+        )
 
     async def route(self, req: RoutingRequest, token_ids: list[int] | None = None) -> RouteOutcome:
         """Resolve, tokenize (unless `token_ids` are given), match and choose; 404 unknown model,

@@ -13,7 +13,7 @@ import pytest
 from kvroute.errors import GatewayHTTPError
 from kvroute.gateway import BackgroundServer, create_app
 from kvroute.gateway.openai_body import RequestKind, parse_request
-from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers, check_prompt_length
+from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers
 from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
@@ -50,10 +50,9 @@ BODIES: list[tuple[RequestKind | None, bytes]] = [
 def _inline(kind: RequestKind | None, raw: bytes) -> object:
     """What the loop answers for `raw`: the parsed request, or the error's fields."""
     try:
-        req = parse_request(kind, raw, LIMITS.max_body_bytes, LIMITS.max_json_depth)
-        if isinstance(req.prompt, list):
-            check_prompt_length(len(req.prompt), LIMITS.max_prompt_tokens)
-        return req
+        return parse_request(
+            kind, raw, LIMITS.max_body_bytes, LIMITS.max_json_depth, LIMITS.max_prompt_tokens
+        )
     except GatewayHTTPError as exc:
         return (exc.status, exc.message, exc.param, exc.code)
 

@@ -107,3 +107,27 @@ async def test_a_client_that_leaves_mid_upload_costs_no_traceback(
         )
         assert ok.status_code == 200, ok.text
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+async def test_the_rest_of_a_refused_body_is_read_only_up_to_a_bound(gateway_url: str) -> None:
+    host, port = gateway_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    declared = 64 << 20
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % declared
+    )
+    await writer.drain()
+    async with asyncio.timeout(30):
+        status = await reader.readline()
+    assert status.startswith(b"HTTP/1.1 413"), status
+    sent = 0
+    chunk = b" " * (64 << 10)
+    with pytest.raises(ConnectionError):  # reset once the gateway stops reading and closes
+        async with asyncio.timeout(30):
+            while sent < declared:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+    writer.close()
+    assert sent < declared  # the gateway closed long before 64 MiB

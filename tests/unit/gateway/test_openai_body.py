@@ -200,3 +200,13 @@ def test_brackets_inside_strings_do_not_count_towards_depth() -> None:
     raw = json.dumps({"model": "m", "prompt": text}).encode()
     assert raw.count(b"[") > 128
     assert parse_request(RequestKind.COMPLETION, raw, max_json_depth=2).prompt == text
+
+
+@pytest.mark.parametrize("prompt", [[-1] * 1001, [[7] * 1001]], ids=["ids", "nested"])
+def test_a_prompt_over_the_token_limit_is_refused_before_its_ids_are_read(prompt: object) -> None:
+    raw = json.dumps({"model": "m", "prompt": prompt}).encode()
+    with pytest.raises(GatewayHTTPError) as info:
+        parse_request(RequestKind.COMPLETION, raw, max_prompt_tokens=1000)
+    assert info.value.code == "context_length_exceeded"
+    assert "at most 1000 tokens, got 1001" in info.value.message
+    assert parse_request(RequestKind.COMPLETION, b'{"model": "m", "prompt": [1]}').prompt == [1]
