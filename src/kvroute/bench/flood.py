@@ -46,6 +46,12 @@ class FloodOptions:
     # What the hostile publisher offers: the issue's probe offered 10.7 M blocks in 20 s.
     blocks_per_s: float = 535_000.0
     modes: tuple[str, ...] = ("limits", "no-limits")
+    hostile_sources: int = 1  # hostile publishers, each its own engine and process
+    # "blocks": batches of unique BlockStored; "giant": valid batches of `giant_bytes` each, past
+    # max_event_message_bytes, at `giant_per_s`
+    frames: str = "blocks"
+    giant_bytes: int = 17 << 20
+    giant_per_s: float = 10.0
     out_dir: Path = DEFAULT_OUT_DIR
 
 
@@ -75,6 +81,20 @@ def add_arguments(p: argparse._ActionsContainer) -> None:
         help="gateways to flood, of: limits (the defaults), no-limits (ingest budgets off) "
         "(%(default)s)",
     )
+    p.add_argument(
+        "--hostile-sources",
+        type=int,
+        default=d.hostile_sources,
+        help="hostile publishers, each an engine of its own (%(default)s)",
+    )
+    p.add_argument(
+        "--flood-frames",
+        choices=["blocks", "giant"],
+        default=d.frames,
+        help="what they publish: blocks (unique BlockStored at --flood-blocks-per-s each) or "
+        f"giant ({d.giant_bytes >> 20} MiB batches, past max_event_message_bytes, "
+        f"{d.giant_per_s:g}/s each) (%(default)s)",
+    )
 
 
 def options(args: argparse.Namespace) -> FloodOptions:
@@ -84,7 +104,11 @@ def options(args: argparse.Namespace) -> FloodOptions:
         raise ValueError(f"--flood-modes: expected some of limits, no-limits, got {unknown}")
     if args.flood_seconds <= 0 or args.route_rate <= 0 or args.flood_blocks_per_s <= 0:
         raise ValueError("--flood-seconds, --route-rate, --flood-blocks-per-s: expected > 0")
+    if args.hostile_sources < 1:
+        raise ValueError("--hostile-sources: expected >= 1")
     return FloodOptions(
+        hostile_sources=args.hostile_sources,
+        frames=args.flood_frames,
         seconds=args.flood_seconds,
         route_rate=args.route_rate,
         blocks_per_s=args.flood_blocks_per_s,
@@ -97,10 +121,16 @@ def options(args: argparse.Namespace) -> FloodOptions:
 
 
 def _flood(
-    port: int, blocks_per_event: int, events_per_batch: int, blocks_per_s: float, conn: Connection
+    port: int,
+    blocks_per_event: int,
+    events_per_batch: int,
+    blocks_per_s: float,
+    giant: tuple[int, float] | None,
+    conn: Connection,
 ) -> None:
     """Bind a PUB on `port`; on "go", publish batches of unique BlockStored events at
-    `blocks_per_s` until "stop"; send back the blocks offered."""
+    `blocks_per_s` (or, given `giant` (bytes, per second), batches of one store whose
+    token_ids make them that large) until "stop"; send back the blocks offered."""
     import msgspec
     import zmq
 
@@ -118,11 +148,21 @@ def _flood(
         next_hash = 1
         tokens = list(range(blocks_per_event * 16))
         per_batch = blocks_per_event * events_per_batch
+        if giant is not None:  # one store of n blocks whose ids are 4-byte ints: size bytes
+            n = giant[0] // (5 * 16) + 1
+            stored = ["BlockStored", list(range(1, n + 1)), None, [1 << 20] * (n * 16), 16, None]
+            giant_payload = encoder.encode([time.time(), [stored], 0])
+            per_batch, blocks_per_s = n, giant[1] * n
         started = time.monotonic()
         while not conn.poll():
             ahead = offered / blocks_per_s - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(min(ahead, 0.01))  # the publisher's own pace
+                continue
+            if giant is not None:
+                pub.send_multipart([b"kv", seq.to_bytes(8, "big"), giant_payload])
+                seq += 1
+                offered += per_batch
                 continue
             events = []
             for _ in range(events_per_batch):
@@ -191,12 +231,13 @@ async def _route_for(
 
 
 async def _counters(http: httpx.AsyncClient, url: str) -> dict[str, float]:
-    """The hostile source's drops, replays, stale time and index blocks."""
+    """The hostile sources' drops, replays, resets, stale time and index blocks, summed."""
     text = (await http.get(f"{url}/metrics")).text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("source") != "hostile/0" or sample.name.endswith("_created"):
+            source = sample.labels.get("source", "")
+            if not source.startswith("hostile") or sample.name.endswith("_created"):
                 continue
             extra = [v for k, v in sample.labels.items() if k != "source"]
             key = sample.name + (f"{{{','.join(extra)}}}" if extra else "")
@@ -211,7 +252,7 @@ async def _one(opts: FloodOptions, mode: str, workdir: Path) -> dict[str, Any]:
         httpx.AsyncClient(trust_env=False, timeout=60) as http,
     ):
         engine = fleet.engines[0]
-        port = free_port(below_ephemeral=True)
+        ports = [free_port(below_ephemeral=True) for _ in range(opts.hostile_sources)]
         fleet_file = workdir / f"fleet-{mode}.yaml"
         entries = [
             {
@@ -221,28 +262,44 @@ async def _one(opts: FloodOptions, mode: str, workdir: Path) -> dict[str, Any]:
                 "events": engine.events_endpoints[0],
                 "replay": engine.replay_endpoints[0],
             },
-            # Its HTTP side is the honest engine's, so it passes health checks: only its events
-            # are hostile.
+        ]
+        # Their HTTP side is the honest engine's, so they pass health checks: only their events
+        # are hostile.
+        entries += [
             {
-                "name": "hostile",
+                "name": f"hostile{i}" if i else "hostile",
                 "model": MODEL,
                 "url": engine.url,
                 "events": f"tcp://127.0.0.1:{port}",
-            },
+            }
+            for i, port in enumerate(ports)
         ]
         fleet_file.write_text(yaml.safe_dump({"engines": entries}))
         ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_flood,
-            args=(port, opts.blocks_per_event, opts.events_per_batch, opts.blocks_per_s, child),
-            daemon=True,
-        )
-        proc.start()
+        giant = (opts.giant_bytes, opts.giant_per_s) if opts.frames == "giant" else None
+        pipes = [ctx.Pipe() for _ in ports]
+        procs = [
+            ctx.Process(
+                target=_flood,
+                args=(
+                    port,
+                    opts.blocks_per_event,
+                    opts.events_per_batch,
+                    opts.blocks_per_s,
+                    giant,
+                    child,
+                ),
+                daemon=True,
+            )
+            for port, (_parent, child) in zip(ports, pipes, strict=True)
+        ]
+        for proc in procs:
+            proc.start()
         gateway = GatewayProcess(0, workdir)
         try:
-            if not parent.poll(30) or parent.recv() != "bound":
-                raise RuntimeError("the hostile publisher did not start")
+            for parent, _child in pipes:
+                if not parent.poll(30) or parent.recv() != "bound":
+                    raise RuntimeError("a hostile publisher did not start")
             await gateway.start(fleet_file, {} if mode == "limits" else dict(NO_LIMITS))
             await gateway.wait_ready(http)
             assert gateway.proc is not None
@@ -257,15 +314,20 @@ async def _one(opts: FloodOptions, mode: str, workdir: Path) -> dict[str, Any]:
                 reply.raise_for_status()
             rss_before = _rss_mb(pid)
             quiet = await _route_for(http, gateway.url, prompts, opts.seconds, opts.route_rate, pid)
-            parent.send("go")
+            for parent, _child in pipes:
+                parent.send("go")
             flood = await _route_for(http, gateway.url, prompts, opts.seconds, opts.route_rate, pid)
-            parent.send("stop")
-            offered = parent.recv() if parent.poll(30) else -1
+            offered = 0
+            for parent, _child in pipes:
+                parent.send("stop")
+            for parent, _child in pipes:
+                offered += parent.recv() if parent.poll(30) else 0
             counters = await _counters(http, gateway.url)
             after = await _route_for(http, gateway.url, prompts, 2.0, opts.route_rate, pid)
         finally:
             await gateway.stop()
-            stop_child(parent, proc)
+            for (parent, _child), proc in zip(pipes, procs, strict=True):
+                stop_child(parent, proc)
     return {
         "mode": mode,
         "rss_before_mb": round(rss_before, 1),
@@ -297,13 +359,20 @@ def run(opts: FloodOptions) -> dict[str, Any]:
                 f"{r['blocks_offered']:,}",
                 int(h.get("kvroute_events_applied_total{BlockStored}", 0)),
                 int(h.get("kvroute_events_dropped_total{over_budget}", 0)),
+                int(h.get("kvroute_source_resets_total{disconnect}", 0)),
                 r["rss_before_mb"],
                 r["flood"]["rss_peak_mb"],
             ]
         )
     print_table(
         f"kvroute bench flood: /v1/route of an honest engine's prompts ({opts.route_rate:g}/s), "
-        f"{opts.seconds:g} s quiet then {opts.seconds:g} s beside a hostile publisher",
+        f"{opts.seconds:g} s quiet then {opts.seconds:g} s beside {opts.hostile_sources} hostile "
+        f"publisher(s) of {opts.frames}"
+        + (
+            f" ({opts.giant_bytes >> 20} MiB, {opts.giant_per_s:g}/s each)"
+            if opts.frames == "giant"
+            else f" ({opts.blocks_per_s:,.0f} blocks/s each)"
+        ),
         [
             "gateway",
             "quiet p50 ms",
@@ -315,6 +384,7 @@ def run(opts: FloodOptions) -> dict[str, Any]:
             "blocks offered",
             "hostile events applied",
             "hostile batches refused",
+            "hostile disconnects",
             "RSS before MB",
             "RSS peak MB",
         ],

@@ -15,6 +15,7 @@ from kvroute.cli import main
         (["--flood-seconds", "0"], "expected > 0"),
         (["--route-rate", "-1"], "expected > 0"),
         (["--flood-blocks-per-s", "0"], "expected > 0"),
+        (["--hostile-sources", "0"], "--hostile-sources: expected >= 1"),
     ],
 )
 def test_bad_flags_exit_2_before_anything_starts(
