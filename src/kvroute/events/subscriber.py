@@ -99,6 +99,10 @@ class _SourceTask:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when `_timer` fires, on the tracker's (monotonic) clock
         self.slow = False  # its last replay did not end: it waits for the slow slot
+        # Disconnected: what is still queued came from the engine just lost; `_drain` throws it
+        # away (a slice a turn, not all at once: a flooding source queues 100,000 messages),
+        # then connects afresh.
+        self._discarding = False
 
     def open(self) -> None:
         """Create and connect the SUB socket and its monitor; a bad endpoint raises ConfigError."""
@@ -154,7 +158,7 @@ class _SourceTask:
                 try:
                     if self._monitor_ready:
                         self._monitor_ready = False
-                        await self._drain_monitor(raw_monitor, raw)
+                        await self._drain_monitor(raw_monitor)
                     if self._sub_ready:
                         self._sub_ready = await self._drain(raw)
                     await self._replays(tracker.tick())
@@ -239,7 +243,7 @@ class _SourceTask:
 
     # --- draining ---------------------------------------------------------------------------
 
-    async def _drain_monitor(self, monitor: zmq.Socket[Any], raw: zmq.Socket[Any]) -> None:
+    async def _drain_monitor(self, monitor: zmq.Socket[Any]) -> None:
         while True:
             try:
                 frames = monitor.recv_multipart(_NOBLOCK)
@@ -248,11 +252,7 @@ class _SourceTask:
             event = parse_monitor_message(frames)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.tracker.on_disconnect()
-                # Whatever is still queued came from the engine we just lost.
-                with contextlib.suppress(zmq.ZMQError):
-                    while True:
-                        raw.recv_multipart(_NOBLOCK)
-                self._reconnect(raw)
+                self._discarding = self._sub_ready = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 await self._replays(self.tracker.on_connect())
 
@@ -283,6 +283,8 @@ class _SourceTask:
         on_live = tracker.on_live
         clock = time.perf_counter
         until = clock() + _DRAIN_SLICE_S
+        if self._discarding:
+            return self._discard(raw, until)
         for _ in range(_MAX_DRAIN):
             if clock() > until:
                 return True  # more may be queued: the caller yields, then drains again
@@ -307,6 +309,17 @@ class _SourceTask:
             if request is not None:
                 await self._replays(request)
         return True
+
+    def _discard(self, raw: zmq.Socket[Any], until: float) -> bool:
+        """Throw away what the lost connection left queued, until `until`; then connect
+        afresh. True while more may be queued."""
+        with contextlib.suppress(zmq.ZMQError):  # Again: empty
+            while time.perf_counter() <= until:
+                raw.recv(_NOBLOCK, copy=False)
+            return True
+        self._discarding = False
+        self._reconnect(raw)
+        return False
 
     async def _replays(self, request: ReplayRequest | None) -> None:
         """Run the tracker's replay requests until it asks for no more."""
