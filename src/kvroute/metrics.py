@@ -76,6 +76,13 @@ class _EventCountersCollector(Collector):
             ["source"],
             list(c.rank_mismatches.items()),
         )
+        yield _counter(
+            "kvroute_handshake_failures",
+            "ZeroMQ handshakes with a source that failed (CURVE: a key mismatch, or a "
+            "publisher without the server key); the source stays disconnected.",
+            ["source"],
+            list(c.handshake_failures.items()),
+        )
 
 
 class _StateCollector(Collector):
