@@ -141,6 +141,14 @@ EXPORTS: dict[str, list[str]] = {
     "kvroute.metrics": [
         "Metrics",
     ],
+    "kvroute.relay": [
+        "AllowList",
+        "HandshakeOutcome",
+        "Relay",
+        "RelayConfig",
+        "RelayCounters",
+        "RelayReplayOutcome",
+    ],
     "kvroute.routing": [
         "Candidate",
         "CostWeights",

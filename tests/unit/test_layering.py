@@ -46,6 +46,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     # The simulator shares only the wire with the router (it plays the engine).
     "sim": frozenset({"core", "errors", "events"}),
+    # The relay sidecar forwards the wire (events' CURVE keys) and exports its own counters.
+    "relay": frozenset({"core", "errors", "events", "metrics"}),
 }
 # Drivers from outside the service: they may use anything, and nothing above may import them.
 UNCHECKED = frozenset({"bench", "cli", "__init__"})
@@ -115,7 +117,7 @@ def test_importing_the_index_and_routing_loads_no_io_library() -> None:
 # Each outside system is reached through one package (its seam); sim and bench play engines and
 # clients from outside the service, so they may use these libraries too.
 SEAMS = {
-    "zmq": {"events"},
+    "zmq": {"events", "relay"},
     "httpx": {"upstream"},
     "prometheus_client": {"metrics"},
     "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
