@@ -56,6 +56,9 @@ class RelayTransport:
         )
         await relay.start()
         self.relays.append(relay)
+        # As a direct subscriber would, the relay must be connected before the engine publishes:
+        # else its SUB queues a backlog the gateway then gets live instead of by replay.
+        assert await until(lambda: relay.engine_connected), "relay never reached its engine"
         return relay
 
     async def close(self) -> None:

@@ -140,6 +140,7 @@ EXPORTS: dict[str, list[str]] = {
     ],
     "kvroute.metrics": [
         "Metrics",
+        "RelayMetrics",
     ],
     "kvroute.relay": [
         "AllowList",

@@ -277,7 +277,9 @@ class _SourceTask:
                 # DISCONNECTED that follows reconnects later, not at once.
                 self._handshake_failures += 1
                 self.shared.counters.handshake_failures[self.spec.source] += 1
-                log.warning(
+                # The first of a run is a warning; its retries (every backoff) only debug.
+                log.log(
+                    logging.WARNING if self._handshake_failures == 1 else logging.DEBUG,
                     "subscriber %s: handshake with %s failed (%s); a CURVE key mismatch?",
                     self.spec.source,
                     self.spec.endpoint,

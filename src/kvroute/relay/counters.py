@@ -16,6 +16,9 @@ class HandshakeOutcome(enum.StrEnum):
     NO_KEY = "no_key"  # the client speaks plain ZeroMQ (a mechanism mismatch)
     UNKNOWN_KEY = "unknown_key"  # the client's public key is not in the allow-list (ZAP: 400)
     WRONG_SERVER_KEY = "wrong_server_key"  # the client holds another server key (crypto error)
+    # the client hung up before its handshake ended: typically one without a key that saw the
+    # mechanism mismatch before the relay did (which of the two sees it first is a race)
+    ABORTED = "aborted"
     OTHER = "other"  # any other handshake failure (protocol error, ZAP unavailable)
 
 
@@ -57,9 +60,11 @@ class RelayCounters:
         self.allow_list_reloads: collections.Counter[str] = collections.Counter()  # outcome
 
     def denied(self, socket: str | None = None) -> int:
-        """Failed handshakes, on one socket or both."""
+        """Handshakes the relay refused, on one socket or both (`aborted` ones not included:
+        a client that hangs up early is not told from one the relay refused)."""
         return sum(
             n
             for (sock, outcome), n in self.handshakes.items()
-            if outcome != HandshakeOutcome.OK and (socket is None or sock == socket)
+            if outcome not in (HandshakeOutcome.OK, HandshakeOutcome.ABORTED)
+            and (socket is None or sock == socket)
         )

@@ -71,10 +71,10 @@ class Relay:
     def __init__(self, config: RelayConfig, *, context: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.counters = RelayCounters()
+        self.allow_list = AllowList(config.allow_dir, self.counters)
         # The ZAP handler answers for every socket of its context: the relay owns one.
         self._context = zmq.asyncio.Context() if context is None else context
         self._own_context = context is None
-        self.allow_list = AllowList(config.allow_dir, self.counters)
         self._auth: AsyncioAuthenticator | None = None
         self._sockets: list[zmq.Socket[Any]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -86,6 +86,7 @@ class Relay:
         self._pub_monitor: zmq.asyncio.Socket | None = None
         self._pub_watch: asyncio.Task[None] | None = None
         self._pub_address = config.bind_events  # pinned to the port it got on the first bind
+        self.engine_connected = False  # the engine's PUB is connected (its handshake done)
         self._closed = False
 
     async def start(self) -> None:
@@ -227,6 +228,7 @@ class Relay:
         where = {"engine": self.config.engine_events}
         while True:
             message = parse_monitor_message(await monitor.recv_multipart())
+            self.engine_connected = message["event"] != zmq.EVENT_DISCONNECTED
             if message["event"] == zmq.EVENT_DISCONNECTED:
                 self.counters.engine_disconnects += 1
                 log.warning("relay: engine events disconnected; PUB closed", extra=where)
