@@ -40,7 +40,7 @@ from kvroute.upstream import HttpxEngineClient
 if TYPE_CHECKING:
     from kvroute.fleet.shared_state import SharedState
 
-__all__ = ["build_gateway", "create_app"]
+__all__ = ["build_gateway", "create_app", "curve_keys"]
 
 log = logging.getLogger("kvroute.gateway")
 
@@ -56,7 +56,7 @@ def build_gateway(
     reads it at scrape time. Reads the fleet file (and, without `header_rules`, the engine key
     file); not started yet."""
     specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
-    curve_keys = _curve_keys(settings, specs)
+    gateway_pair = curve_keys(settings, specs)
     fleet = Fleet(
         specs,
         client,
@@ -95,7 +95,7 @@ def build_gateway(
             ingest_limits=settings.ingest_limits,
             max_message_bytes=settings.max_event_message_bytes,
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
-            curve_keys=curve_keys,
+            curve_keys=gateway_pair,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
@@ -139,7 +139,7 @@ async def _openapi(_request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
-def _curve_keys(settings: Settings, specs: list[EngineSpec]) -> CurveKeyPair | None:
+def curve_keys(settings: Settings, specs: list[EngineSpec]) -> CurveKeyPair | None:
     """The gateway's CURVE key pair from its files; a ConfigError when the fleet names a server
     key but no pair is set, or a file does not hold a valid pair."""
     secret, public = settings.curve_secret_key_file, settings.curve_public_key_file

@@ -145,6 +145,7 @@ async def test_a_fleet_naming_a_server_key_needs_the_gateways_key_pair(
     fleet.write_text(yaml.safe_dump({"engines": [_engine(curve_server_key=KEY)]}))
     with pytest.raises(ConfigError, match=r"\['e'\] have a curve_server_key.*no CURVE key pair"):
         build_gateway(load_settings(fleet_file=fleet), client, Metrics())
+    assert main(["serve", "--fleet", str(fleet), "--port", "0"]) == 2  # before binding a port
     public, secret = write_curve_key_pair(tmp_path, "gateway")
     other, _ = write_curve_key_pair(tmp_path, "other")
     with pytest.raises(ConfigError, match="curve_secret_key_file"):
