@@ -186,3 +186,11 @@ def test_relay_cli_refuses_a_bad_key_file_and_half_a_replay_pair(
     _, secret = write_curve_key_pair(tmp_path, "relay")
     assert main([*base, "--secret-key-file", str(secret), "--bind-replay", "tcp://*:1"]) == 2
     assert "both or neither" in capsys.readouterr().err
+
+
+def test_sim_refuses_a_curve_key_file_that_is_not_a_key_pair(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    public, _ = write_curve_key_pair(tmp_path, "relay")
+    assert main(["sim", "--curve-secret-key-file", str(public)]) == 2
+    assert "--curve-secret-key-file" in capsys.readouterr().err
