@@ -235,8 +235,14 @@ class Relay:
                 await self._close_pub()
             else:
                 log.info("relay: engine events connected", extra=where)
-                if self._pub is None:
-                    await self._open_pub()
+                while self._pub is None:
+                    try:
+                        await self._open_pub()
+                    except ConfigError as exc:  # the port was taken meanwhile: keep trying
+                        log.error(
+                            "relay: cannot rebind events; retrying", extra={"error": str(exc)}
+                        )
+                        await asyncio.sleep(1.0)  # a retry backoff, not a synchronisation
 
     async def _reload_allow_list(self) -> None:
         while True:
