@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
 from kvroute.core import SourceId, SourceSpec, SourceStatus, source_id
 from kvroute.events import (
+    CurveKeyPair,
     SubscriberManager,
     VllmEventBatch,
     ZmqEventPublisher,
@@ -21,12 +23,52 @@ from kvroute.events import (
 )
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
+from kvroute.relay import Relay, RelayConfig
 from kvroute.sim.fleet import _consecutive_free_ports
 from tests.event_streams import EngineStream
 from tests.index_impl import new_index
 
 MODEL = "test/model"
 RELEASES = ("0.9.0", "0.22.0", "0.26.0", "0.33.0")
+
+
+@dataclass
+class RelayTransport:
+    """While set (`TRANSPORT`), every feed is published through a `kvroute relay` of its own and
+    every stack subscribes as a CURVE client: tests/zmq/relay reruns the subscriber scenarios so."""
+
+    server: CurveKeyPair
+    client: CurveKeyPair
+    allow_dir: Path
+    relays: list[Relay] = field(default_factory=list)
+
+    async def front(self, pub: ZmqEventPublisher) -> Relay:
+        relay = Relay(
+            RelayConfig(
+                engine_events=pub.endpoint,
+                bind_events="tcp://127.0.0.1:*",
+                keys=self.server,
+                allow_dir=self.allow_dir,
+                engine_replay=pub.replay_endpoint,
+                bind_replay=None if pub.replay_endpoint is None else "tcp://127.0.0.1:*",
+                replay_timeout_s=2.0,
+            )
+        )
+        await relay.start()
+        self.relays.append(relay)
+        # As a direct subscriber would, the relay must be connected before the engine publishes:
+        # else its SUB queues a backlog the gateway then gets live instead of by replay.
+        assert await until(lambda: relay.engine_connected), "relay never reached its engine"
+        return relay
+
+    async def close(self) -> None:
+        for relay in self.relays:
+            await relay.close()
+        self.relays.clear()
+
+
+# The relay transport in force (one test at a time), or None: plain sockets, as engines bind them.
+TRANSPORT: list[RelayTransport] = []
 
 
 @dataclass
@@ -80,6 +122,8 @@ def make_stack(
     it asks an idle source's replay buffer, which would add `ok` replays to exact counts."""
     metrics = Metrics()
     index = new_index(counters=metrics.event_counters)
+    if TRANSPORT and "curve_keys" not in limits:
+        limits["curve_keys"] = TRANSPORT[0].client
     manager = SubscriberManager(
         index,
         metrics.event_counters,
@@ -104,6 +148,7 @@ class Feed:
     stream: EngineStream
     published: list[VllmEventBatch] = field(default_factory=list)
     paused: bool = False
+    relay: Relay | None = None  # in front of `pub` under a RelayTransport
 
     def pause(self) -> None:
         self.pub.pause()
@@ -118,6 +163,16 @@ class Feed:
         return source_id(self.engine, self.rank)
 
     def spec(self) -> SourceSpec:
+        if self.relay is not None:
+            return SourceSpec(
+                engine=self.engine,
+                model=MODEL,
+                endpoint=self.relay.events_endpoint,
+                replay_endpoint=self.relay.replay_endpoint,
+                topic=self.pub.topic,
+                rank=self.rank,
+                curve_server_key=self.relay.config.keys.public.decode(),
+            )
         return SourceSpec(
             engine=self.engine,
             model=MODEL,
@@ -202,7 +257,9 @@ async def start_feed(
         context=context,
     )
     await pub.start()
-    return Feed(pub, engine, rank, EngineStream(seed, rank=rank, hash_base=seed * 1_000_000))
+    relay = await TRANSPORT[0].front(pub) if TRANSPORT else None
+    stream = EngineStream(seed, rank=rank, hash_base=seed * 1_000_000)
+    return Feed(pub, engine, rank, stream, relay=relay)
 
 
 @contextlib.asynccontextmanager
@@ -215,6 +272,8 @@ async def feeding(
         yield feed
     finally:
         await feed.pub.close()
+        if feed.relay is not None:
+            await feed.relay.close()
 
 
 def holdings(stack: Stack, source: SourceId) -> set[tuple[int, str]]:

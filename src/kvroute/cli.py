@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "kvroute.sim.cli",
     "kvroute.gateway.cli",
     "kvroute.bench.cli",
+    "kvroute.relay.cli",
 )
 
 

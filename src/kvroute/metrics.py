@@ -4,6 +4,7 @@ elsewhere (event counters, sources, index, fleet) is read by collectors at scrap
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from kvroute.core import EventCounters, SourceStatus
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "RelayMetrics"]
 
 
 def _counter(
@@ -75,6 +76,13 @@ class _EventCountersCollector(Collector):
             "(applied to the socket's source).",
             ["source"],
             list(c.rank_mismatches.items()),
+        )
+        yield _counter(
+            "kvroute_handshake_failures",
+            "ZeroMQ handshakes with a source that failed (CURVE: a key mismatch, or a "
+            "publisher without the server key); the source stays disconnected.",
+            ["source"],
+            list(c.handshake_failures.items()),
         )
 
 
@@ -429,3 +437,88 @@ class Metrics:
     def observe_tokenize(self, mode: str, seconds: float) -> None:
         """One tokenization of `mode` (cache, local, remote) took `seconds`."""
         self.tokenize_seconds.labels(mode=mode).observe(seconds)
+
+
+class _RelayCounters(Protocol):
+    """What `RelayMetrics` reads (relay/counters.py `RelayCounters`; metrics does not import
+    the relay)."""
+
+    @property
+    def forwarded_messages(self) -> int: ...
+    @property
+    def forwarded_bytes(self) -> int: ...
+    @property
+    def unforwarded_messages(self) -> int: ...
+    @property
+    def engine_disconnects(self) -> int: ...
+    @property
+    def handshakes(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def replays(self) -> Mapping[str, int]: ...
+    @property
+    def replay_batches(self) -> int: ...
+    @property
+    def allow_list_keys(self) -> int: ...
+    @property
+    def allow_list_reloads(self) -> Mapping[str, int]: ...
+
+
+class _RelayCollector(Collector):
+    def __init__(self, counters: _RelayCounters) -> None:
+        self._c = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._c
+        plain = (
+            ("kvroute_relay_forwarded_messages", "Live messages forwarded to gateways.",
+             c.forwarded_messages),
+            ("kvroute_relay_forwarded_bytes", "Bytes of the live messages forwarded.",
+             c.forwarded_bytes),
+            ("kvroute_relay_unforwarded_messages",
+             "Live messages that arrived while the relay's PUB was closed (engine away).",
+             c.unforwarded_messages),
+            ("kvroute_relay_engine_disconnects", "Times the engine's PUB went away.",
+             c.engine_disconnects),
+            ("kvroute_relay_replay_messages",
+             "Replay reply messages passed to gateways (end markers included).",
+             c.replay_batches),
+        )  # fmt: skip
+        for name, doc, value in plain:
+            yield _counter(name, doc, [], [((), float(value))])
+        yield _counter(
+            "kvroute_relay_handshakes",
+            "CURVE handshakes with gateways, per socket and outcome (ok, no_key, unknown_key, "
+            "wrong_server_key, aborted, other).",
+            ["socket", "outcome"],
+            list(c.handshakes.items()),
+        )
+        yield _counter(
+            "kvroute_relay_replays",
+            "Replay requests through the relay, per outcome.",
+            ["outcome"],
+            list(c.replays.items()),
+        )
+        yield _counter(
+            "kvroute_relay_allow_list_reloads",
+            "Reloads of the allow-list directory, per outcome (error: a file or the directory "
+            "could not be read).",
+            ["outcome"],
+            list(c.allow_list_reloads.items()),
+        )
+        yield GaugeMetricFamily(
+            "kvroute_relay_allow_list_keys",
+            "Gateway public keys in the allow-list.",
+            value=float(c.allow_list_keys),
+        )
+
+
+class RelayMetrics:
+    """The metrics of `kvroute relay` on a registry of their own, read from its counters at
+    scrape time."""
+
+    def __init__(self, counters: _RelayCounters) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_RelayCollector(counters))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

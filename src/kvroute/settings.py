@@ -247,6 +247,16 @@ class Settings(BaseSettings):
     max_concurrent_replays: int = Field(
         4, gt=0, description="Replays running at once over all sources."
     )
+    curve_secret_key_file: Path | None = Field(
+        None,
+        description="The gateway's CURVE key pair (`kvroute keys generate`: the `.key_secret` "
+        "file) for engines with a `curve_server_key` (a `kvroute relay`); unset: plain ZeroMQ "
+        "only.",
+    )
+    curve_public_key_file: Path | None = Field(
+        None,
+        description="The public half (`.key`) of `curve_secret_key_file`, checked against it.",
+    )
     # Ingest budgets (events/budget.py, README "Limits").
     source_events_per_s: float = Field(
         _INGEST.source_events_per_s,
@@ -454,6 +464,14 @@ class Settings(BaseSettings):
     def _check_tls(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file: expected both or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _check_curve(self) -> Settings:
+        if (self.curve_secret_key_file is None) != (self.curve_public_key_file is None):
+            raise ValueError(
+                "curve_secret_key_file and curve_public_key_file: expected both or neither"
+            )
         return self
 
     @model_validator(mode="after")

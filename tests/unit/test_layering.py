@@ -46,6 +46,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     # The simulator shares only the wire with the router (it plays the engine).
     "sim": frozenset({"core", "errors", "events"}),
+    # The relay sidecar forwards the wire (events' CURVE keys) and exports its own counters.
+    "relay": frozenset({"core", "errors", "events", "metrics"}),
 }
 # Drivers from outside the service: they may use anything, and nothing above may import them.
 UNCHECKED = frozenset({"bench", "cli", "__init__"})
@@ -115,7 +117,7 @@ def test_importing_the_index_and_routing_loads_no_io_library() -> None:
 # Each outside system is reached through one package (its seam); sim and bench play engines and
 # clients from outside the service, so they may use these libraries too.
 SEAMS = {
-    "zmq": {"events"},
+    "zmq": {"events", "relay"},
     "httpx": {"upstream"},
     "prometheus_client": {"metrics"},
     "kubernetes_asyncio": {"fleet"},  # fleet/kubernetes.py, pod discovery
@@ -142,7 +144,8 @@ def test_each_io_library_is_imported_by_its_seam_only(library: str) -> None:
 def test_the_simulator_shares_only_the_wire_with_the_router() -> None:
     # It plays the engine: vLLM's events and publisher, nothing of the router's code paths.
     allowed = ("kvroute.sim", "kvroute.core", "kvroute.errors")
-    wire = {"kvroute.events.publisher", "kvroute.events.vllm_events"}
+    # CURVE keys are the wire's too: the simulator can publish encrypted (events/curve.py).
+    wire = {"kvroute.events.publisher", "kvroute.events.vllm_events", "kvroute.events.curve"}
     for path in sorted((SRC / "sim").rglob("*.py")):
         for name in _imports(path):
             if name.startswith("kvroute"):

@@ -26,6 +26,8 @@ _ALIASES = {
     "stalls": ("kvroute.bench.index_bench", "run_stalls"),
     "ingest-latency": ("kvroute.bench.ingest_bench", "run_latency"),
 }
+# Not in `bench all`: benches that start other processes.
+_SEPARATE = {"relay": ("kvroute.bench.relay_bench", "run")}
 
 
 def register(sub: Any) -> None:
@@ -34,14 +36,24 @@ def register(sub: Any) -> None:
     )
     bench.add_argument(
         "which",
-        choices=[*_BENCHES, *_ALIASES, "all", "replicas", "restart", "flood", "hostile-client"],
+        choices=[
+            *_BENCHES,
+            *_ALIASES,
+            "all",
+            "replicas",
+            "restart",
+            "flood",
+            "hostile-client",
+            *_SEPARATE,
+        ],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
         "ingest | ingest-latency (its fixed-rate latency part alone) | all | replicas (one "
         "gateway vs several behind a round-robin client; not in all) | restart (a gateway killed "
         "under load, restarted warm from its snapshot and cold; not in all) | flood (honest "
         "routing beside a hostile publisher, ingest limits on and off; not in all) | "
         "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
-        "connections; not in all)",
+        "connections; not in all) | relay (event latency and throughput direct vs through "
+        "kvroute relay with CURVE; not in all)",
     )
     bench.add_argument("--size", choices=["smoke", "full"], default="full")
     bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
@@ -157,6 +169,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         targets = [(module, "run") for module in _BENCHES.values()]
     elif args.which in _ALIASES:
         targets = [_ALIASES[args.which]]
+    elif args.which in _SEPARATE:
+        targets = [_SEPARATE[args.which]]
     else:
         targets = [(_BENCHES[args.which], "run")]
     for module_name, func_name in targets:

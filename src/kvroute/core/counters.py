@@ -60,13 +60,15 @@ class EventCounters:
     Incrementing a dict entry costs a fraction of a prometheus Counter; `kvroute.metrics`
     exports them at scrape time as `kvroute_event_batches_total`, `kvroute_events_applied_total`,
     `kvroute_events_dropped_total`, `kvroute_seq_gaps_total`, `kvroute_replays_total`,
-    `kvroute_source_resets_total` and `kvroute_rank_mismatches_total`.
+    `kvroute_source_resets_total`, `kvroute_rank_mismatches_total` and
+    `kvroute_handshake_failures_total`.
     """
 
     __slots__ = (
         "applied",
         "batches",
         "dropped",
+        "handshake_failures",
         "rank_mismatches",
         "replays",
         "resets",
@@ -83,6 +85,8 @@ class EventCounters:
         )  # source, outcome
         self.resets: collections.Counter[tuple[str, str]] = collections.Counter()  # source, cause
         self.rank_mismatches: collections.Counter[str] = collections.Counter()  # source
+        # source: ZeroMQ handshakes that failed (CURVE: a key mismatch, or no key on one side)
+        self.handshake_failures: collections.Counter[str] = collections.Counter()
 
     def drop(self, source: str, reason: DropReason, n: int = 1) -> None:
         self.dropped[(source, reason.value)] += n

@@ -34,6 +34,9 @@ class SourceSpec:
     replay_endpoint: str | None = None
     topic: str = ""
     rank: int = 0
+    # The Z85 public key of a CURVE server (a `kvroute relay`, or a publisher holding the
+    # secret): the subscriber then connects as a CURVE client. None: plain ZeroMQ.
+    curve_server_key: str | None = None
 
     @property
     def source(self) -> SourceId:

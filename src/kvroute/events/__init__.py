@@ -1,6 +1,16 @@
 """The wire: decode vLLM KV-event batches, track and subscribe to engine sources, publish like
 vLLM (for the simulator and tests)."""
 
+from kvroute.events.curve import (
+    CurveClientKeys,
+    CurveKeyPair,
+    check_curve_key,
+    curve_client,
+    curve_server,
+    load_curve_key_pair,
+    load_curve_public_key,
+    write_curve_key_pair,
+)
 from kvroute.events.normalise import normalise_batch
 from kvroute.events.publisher import (
     SUPPORTED_RELEASES,
@@ -24,6 +34,8 @@ __all__ = [
     "END_SEQ",
     "SUPPORTED_RELEASES",
     "BatchDecoder",
+    "CurveClientKeys",
+    "CurveKeyPair",
     "RecoveryTimings",
     "ReplayKind",
     "ReplayRequest",
@@ -36,12 +48,18 @@ __all__ = [
     "VllmEvent",
     "VllmEventBatch",
     "ZmqEventPublisher",
+    "check_curve_key",
+    "curve_client",
+    "curve_server",
     "decode_batch",
     "decode_vllm",
     "encode_batch",
+    "load_curve_key_pair",
+    "load_curve_public_key",
     "normalise_batch",
     "parse_live_frames",
     "parse_replay_frames",
     "release_layout",
     "request_replay",
+    "write_curve_key_pair",
 ]

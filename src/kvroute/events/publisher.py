@@ -15,6 +15,7 @@ from typing import Any, Final
 import msgspec
 import zmq.asyncio
 
+from kvroute.events.curve import CurveKeyPair, curve_server
 from kvroute.events.vllm_events import (
     VllmAllBlocksCleared,
     VllmBlockRemoved,
@@ -264,6 +265,8 @@ class ZmqEventPublisher:
     Binds both sockets (as vLLM does for `tcp://*:P`); `endpoint` and `replay_endpoint` are the
     connect addresses after `start()`. Fault switches (`drop_next`, `pause`, `restart`,
     `stop_replay`) let the simulator and chaos tests reproduce what consumers must survive.
+    With `curve` both sockets are CURVE servers holding that key pair (subscribers need its
+    public key; without a ZAP handler in the context any client key is accepted).
     """
 
     def __init__(
@@ -276,8 +279,10 @@ class ZmqEventPublisher:
         buffer_steps: int = 10_000,
         hwm: int = 100_000,
         context: zmq.asyncio.Context | None = None,
+        curve: CurveKeyPair | None = None,
     ) -> None:
         self._layout = _layout(release)
+        self._curve = curve
         self._bind_pub = _bind_address(endpoint)
         self._bind_replay = None if replay_endpoint is None else _bind_address(replay_endpoint)
         if buffer_steps < 1:
@@ -317,6 +322,8 @@ class ZmqEventPublisher:
         pub: zmq.Socket[Any] = zmq.Socket(self._context, zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.set_hwm(self._hwm)
+        if self._curve is not None:
+            curve_server(pub, self._curve)
         self.endpoint, self._bind_pub = await _bind(pub, self._bind_pub)
         self._pub = pub
 
@@ -325,6 +332,8 @@ class ZmqEventPublisher:
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.SNDHWM, self._layout.replay_sndhwm(self._buffer_steps))
+        if self._curve is not None:
+            curve_server(router, self._curve)
         self.replay_endpoint, self._bind_replay = await _bind(router, self._bind_replay)
         self._router = router
         self._router_task = asyncio.create_task(self._serve_replay(router))

@@ -10,6 +10,7 @@ import msgspec
 import zmq.asyncio
 
 from kvroute.errors import EngineError, WireError
+from kvroute.events.curve import CurveClientKeys, curve_client
 
 __all__ = ["END_SEQ", "ReplayResult", "parse_replay_frames", "request_replay"]
 
@@ -54,6 +55,7 @@ async def request_replay(
     max_message_bytes: int = 0,
     max_batches: int = 0,
     max_bytes: int = 0,
+    curve: CurveClientKeys | None = None,
 ) -> ReplayResult:
     """Replay every buffered batch with seq >= `start_seq` from the ROUTER at `endpoint`.
 
@@ -63,7 +65,8 @@ async def request_replay(
     closes the connection: the replay then times out. A malformed reply raises `WireError`; a
     socket failure (bad endpoint) raises `EngineError`. Past `max_batches` batches or
     `max_bytes` payload bytes (0: no limit) the reply is not read further (`truncated`), so a
-    replay server that never sends its end marker costs a bounded amount.
+    replay server that never sends its end marker costs a bounded amount. With `curve` the
+    DEALER is a CURVE client of that server (a failed handshake looks like a silent server).
     """
     if not 0 <= start_seq < 2**64:
         raise WireError(f"replay start_seq: expected 0 <= seq < 2**64, got {start_seq}")
@@ -81,6 +84,8 @@ async def request_replay(
         if max_message_bytes > 0:
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.IPV6, 1)  # dual-stack: IPv6 endpoints work, IPv4 ones still do
+        if curve is not None:
+            curve_client(sock, curve)
         sock.connect(endpoint)
         try:
             await asyncio.wait_for(

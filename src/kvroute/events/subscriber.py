@@ -23,6 +23,7 @@ from kvroute.core import (
 )
 from kvroute.errors import ConfigError, KvrouteError
 from kvroute.events.budget import IngestBudget
+from kvroute.events.curve import CurveClientKeys, CurveKeyPair, check_curve_key, curve_client
 from kvroute.events.replay import request_replay
 from kvroute.events.tracker import RecoveryTimings, ReplayRequest, SourceTracker
 from kvroute.index import PrefixIndex
@@ -42,7 +43,14 @@ _MAX_DRAIN: Final = 128
 _DRAIN_SLICE_S: Final = 0.002
 # Live messages the SUB socket may queue while we replay (ZMQ drops beyond it: a later gap).
 _SUB_RCVHWM: Final = 100_000
-_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# A failed handshake (CURVE: no key, a wrong key, a server without the secret) is counted and
+# retried after a backoff: libzmq gives up on some (a mechanism mismatch), retries others at once.
+_HANDSHAKE_FAILED: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
 _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag per call
 
 
@@ -57,8 +65,12 @@ class _Shared:
         max_concurrent_replays: int,
         max_message_bytes: int,
         max_replay: tuple[int, int],
+        counters: EventCounters,
+        retry_backoff_s: tuple[float, float],
     ) -> None:
         self.context = context
+        self.counters = counters
+        self.retry_backoff_s = retry_backoff_s
         self.max_replay_batches, self.max_replay_bytes = max_replay
         self.replay_timeout_s = replay_timeout_s
         self.replay_slots = asyncio.Semaphore(max_concurrent_replays)
@@ -84,10 +96,16 @@ class _SourceTask:
     the next wait, so the loop does not spin on it.
     """
 
-    def __init__(self, tracker: SourceTracker, shared: _Shared) -> None:
+    def __init__(
+        self, tracker: SourceTracker, shared: _Shared, curve: CurveClientKeys | None = None
+    ) -> None:
         self.tracker = tracker
         self.spec = tracker.spec
         self.shared = shared
+        self.curve = curve  # CURVE client keys of this source (its server key), or None
+        self._handshake_failures = 0  # in a row: the reconnect backoff grows with it
+        self._reconnect_due = False
+        self._reconnect_timer: asyncio.TimerHandle | None = None
         self.sockets: tuple[zmq.asyncio.Socket, zmq.asyncio.Socket] | None = None
         self.added_at = time.monotonic()
         # Set by the descriptor callbacks, cleared once drained to EAGAIN.
@@ -119,6 +137,8 @@ class _SourceTask:
             # engine is not hammered (and on loopback, fewer connects can squat its port).
             sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             sub.setsockopt(zmq.SUBSCRIBE, self.spec.topic.encode())
+            if self.curve is not None:
+                curve_client(sub, self.curve)
             monitor = sub.get_monitor_socket(_MONITOR_EVENTS)
         except zmq.ZMQError as exc:
             sub.close(linger=0)
@@ -158,7 +178,10 @@ class _SourceTask:
                 try:
                     if self._monitor_ready:
                         self._monitor_ready = False
-                        await self._drain_monitor(raw_monitor)
+                        await self._drain_monitor(raw_monitor, raw)
+                    if self._reconnect_due:
+                        self._reconnect_due = False
+                        self._reconnect(raw)
                     if self._sub_ready:
                         self._sub_ready = await self._drain(raw)
                     await self._replays(tracker.tick())
@@ -183,6 +206,9 @@ class _SourceTask:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._reconnect_timer is not None:
+                self._reconnect_timer.cancel()
+                self._reconnect_timer = None
             self.sockets = None
             self._close(sub, monitor)
 
@@ -243,18 +269,54 @@ class _SourceTask:
 
     # --- draining ---------------------------------------------------------------------------
 
-    async def _drain_monitor(self, monitor: zmq.Socket[Any]) -> None:
+    async def _drain_monitor(self, monitor: zmq.Socket[Any], raw: zmq.Socket[Any]) -> None:
         while True:
             try:
                 frames = monitor.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             event = parse_monitor_message(frames)["event"]
-            if event == zmq.EVENT_DISCONNECTED:
+            if event & _HANDSHAKE_FAILED:
+                # The connection never came up: the source stays disconnected, and the
+                # DISCONNECTED that follows reconnects later, not at once.
+                self._handshake_failures += 1
+                self.shared.counters.handshake_failures[self.spec.source] += 1
+                # The first of a run is a warning; its retries (every backoff) only debug.
+                log.log(
+                    logging.WARNING if self._handshake_failures == 1 else logging.DEBUG,
+                    "subscriber %s: handshake with %s failed (%s); a CURVE key mismatch?",
+                    self.spec.source,
+                    self.spec.endpoint,
+                    zmq.Event(event).name,
+                )
+            elif event == zmq.EVENT_DISCONNECTED and self._handshake_failures:
+                with contextlib.suppress(zmq.ZMQError):
+                    raw.disconnect(self.spec.endpoint)  # libzmq would retry every 100 ms
+                self._reconnect_later()
+            elif event == zmq.EVENT_DISCONNECTED:
                 self.tracker.on_disconnect()
                 self._discarding = self._sub_ready = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failures = 0
                 await self._replays(self.tracker.on_connect())
+
+    def _reconnect_later(self) -> None:
+        """Reconnect after the retry backoff (grown with each failed handshake in a row)."""
+        if self._reconnect_timer is not None or self._loop is None:
+            return
+        low, high = self.shared.retry_backoff_s
+        delay = min(high, low * 2 ** min(self._handshake_failures - 1, 30))
+        self._reconnect_timer = self._loop.call_later(delay, self._on_reconnect_timer)
+
+    def _on_reconnect_timer(self) -> None:
+        self._reconnect_timer = None
+        self._reconnect_due = True
+        self._on_timer_wake()
+
+    def _on_timer_wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _reconnect(self, raw: zmq.Socket[Any]) -> None:
         """Connect afresh. libzmq reconnects by itself after a lost connection, but not after a
@@ -334,6 +396,7 @@ class _SourceTask:
                         self.shared.context,
                         endpoint,
                         request.start,
+                        curve=self.curve,
                         timeout_s=self.shared.replay_timeout_s,
                         max_message_bytes=self.shared.max_message_bytes,
                         max_batches=self.shared.max_replay_batches,
@@ -379,6 +442,7 @@ class SubscriberManager:
         ingest_limits: IngestLimits | None = None,
         max_message_bytes: int = 0,
         max_replay: tuple[int, int] = (0, 0),
+        curve_keys: CurveKeyPair | None = None,
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -395,7 +459,11 @@ class SubscriberManager:
             max_concurrent_replays,
             max(0, max_message_bytes),
             (max(0, max_replay[0]), max(0, max_replay[1])),
+            counters,
+            retry_backoff_s,
         )
+        # This gateway's CURVE key pair: sources with a `curve_server_key` connect with it.
+        self._curve_keys = curve_keys
         # Every source's budget shares the process-wide buckets of this one (events/budget.py).
         self._budget = IngestBudget(
             ingest_limits if ingest_limits is not None else IngestLimits(), time.monotonic
@@ -415,6 +483,7 @@ class SubscriberManager:
         if self._closed:
             raise RuntimeError("SubscriberManager is closed")
         source = spec.source
+        curve = self._curve_for(spec)
         if source in self._sources:
             await self.remove_source(source)
         tracker = SourceTracker(
@@ -425,7 +494,7 @@ class SubscriberManager:
             time.monotonic,
             budget=self._budget.for_source(),
         )
-        task = _SourceTask(tracker, self._shared)
+        task = _SourceTask(tracker, self._shared, curve)
         task.open()
         self._index.add_source(source, engine=spec.engine, model=spec.model)
         if restore is not None and spec.replay_endpoint is not None:
@@ -434,6 +503,21 @@ class SubscriberManager:
             tracker.restore(last, digest)
         self._sources[source] = task
         self._tasks[source] = asyncio.create_task(task.run(), name=f"kvroute-subscriber-{source}")
+
+    def _curve_for(self, spec: SourceSpec) -> CurveClientKeys | None:
+        """The CURVE client keys of `spec`, or None (plain); ConfigError when it names a server
+        key but this gateway has no key pair, or the key is malformed."""
+        if spec.curve_server_key is None:
+            return None
+        if self._curve_keys is None:
+            raise ConfigError(
+                f"source {spec.source}: curve_server_key is set, but the gateway has no CURVE "
+                "key pair (set curve_secret_key_file and curve_public_key_file)"
+            )
+        server_key = check_curve_key(
+            spec.curve_server_key, f"source {spec.source}: curve_server_key"
+        )
+        return CurveClientKeys(self._curve_keys, server_key)
 
     async def remove_source(self, source: SourceId) -> None:
         """Stop the source's task and drop it, with what it held, from the index."""

@@ -116,6 +116,8 @@ def engine_from_pod(pod: Mapping[str, Any], *, default_port: int | None = None) 
             "topic": _annotation(meta, "topic") or "",
             "dp_ranks": ranks,
             "lora": _list(meta, "lora"),
+            # The relay's (or publisher's) CURVE public key: subscribe encrypted.
+            "curve_server_key": _annotation(meta, "curve-server-key") or None,
         }
         # The fleet file's validation, field by field, so both sources accept the same engines.
         (spec,) = parse_fleet({"engines": [entry]}, origin=where)

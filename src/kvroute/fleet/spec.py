@@ -16,8 +16,20 @@ from kvroute.errors import ConfigError
 
 __all__ = ["EngineSpec", "load_fleet_file", "offset_endpoint", "parse_fleet"]
 
-_ENGINE_KEYS = ("name", "model", "url", "events", "replay", "topic", "dp_ranks", "lora")
+_ENGINE_KEYS = (
+    "name",
+    "model",
+    "url",
+    "events",
+    "replay",
+    "topic",
+    "dp_ranks",
+    "lora",
+    "curve_server_key",
+)
 _REQUIRED = ("name", "model", "url")
+# A CURVE public key in Z85 (ZeroMQ RFC 32): 40 characters of its alphabet, 32 bytes.
+_Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _TCP = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]*]+):(?P<port>\d{1,5})$")
 
 
@@ -48,6 +60,7 @@ class EngineSpec:
     topic: str = ""
     dp_ranks: tuple[int, ...] = (0,)
     lora: tuple[str, ...] = ()
+    curve_server_key: str | None = None  # Z85: subscribe as a CURVE client of this server
 
     def sources(self) -> list[SourceSpec]:
         """One subscriber source per DP rank (none when the engine publishes no events)."""
@@ -63,6 +76,7 @@ class EngineSpec:
                 ),
                 topic=self.topic,
                 rank=rank,
+                curve_server_key=self.curve_server_key,
             )
             for rank in self.dp_ranks
         ]
@@ -189,6 +203,16 @@ class _EngineFields:
             return value
         raise self.fail(field, "a connect address tcp://host:port (no '*')", value)
 
+    def curve_key(self) -> str | None:
+        value = self.entry.get("curve_server_key")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _Z85_KEY.match(value.strip()):
+            raise self.fail(
+                "curve_server_key", "a 40-character Z85 CURVE public key (kvroute keys)", value
+            )
+        return value.strip()
+
     def ranks(self) -> tuple[int, ...]:
         value = self.entry.get("dp_ranks", [0])
         if not isinstance(value, list) or not value:
@@ -245,4 +269,5 @@ def _parse_engine(entry: Any, origin: str, index: int) -> EngineSpec:
         topic=topic if topic is not None else "",
         dp_ranks=ranks,
         lora=lora,
+        curve_server_key=fields.curve_key(),
     )

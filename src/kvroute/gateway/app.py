@@ -18,8 +18,8 @@ from starlette.routing import Route
 
 from kvroute.core import EngineClient, PolicyName
 from kvroute.errors import ConfigError, GatewayHTTPError
-from kvroute.events import SubscriberManager
-from kvroute.fleet import Fleet, FleetSource, load_fleet_file
+from kvroute.events import CurveKeyPair, SubscriberManager, load_curve_key_pair
+from kvroute.fleet import EngineSpec, Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.auth import Handler, load_token, require_bearer
 from kvroute.gateway.openai_errors import http_error_response
@@ -41,7 +41,7 @@ from kvroute.upstream import HttpxEngineClient
 if TYPE_CHECKING:
     from kvroute.fleet.shared_state import SharedState
 
-__all__ = ["build_gateway", "create_app"]
+__all__ = ["build_gateway", "create_app", "curve_keys"]
 
 log = logging.getLogger("kvroute.gateway")
 
@@ -57,6 +57,7 @@ def build_gateway(
     reads it at scrape time. Reads the fleet file (and, without `header_rules`, the engine key
     file); not started yet."""
     specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
+    gateway_pair = curve_keys(settings, specs)
     fleet = Fleet(
         specs,
         client,
@@ -95,6 +96,7 @@ def build_gateway(
             ingest_limits=settings.ingest_limits,
             max_message_bytes=settings.max_event_message_bytes,
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
+            curve_keys=gateway_pair,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
@@ -140,6 +142,21 @@ def build_gateway(
 
 async def _openapi(_request: Request) -> Response:
     return JSONResponse(openapi_document())
+
+
+def curve_keys(settings: Settings, specs: list[EngineSpec]) -> CurveKeyPair | None:
+    """The gateway's CURVE key pair from its files; a ConfigError when the fleet names a server
+    key but no pair is set, or a file does not hold a valid pair."""
+    secret, public = settings.curve_secret_key_file, settings.curve_public_key_file
+    if secret is None or public is None:
+        keyed = [s.name for s in specs if s.curve_server_key is not None]
+        if keyed:
+            raise ConfigError(
+                f"fleet: engine(s) {keyed} have a curve_server_key, but the gateway has no "
+                "CURVE key pair: set curve_secret_key_file and curve_public_key_file"
+            )
+        return None
+    return load_curve_key_pair(secret, public, what="curve_secret_key_file")
 
 
 def _header_rules(settings: Settings) -> HeaderRules:

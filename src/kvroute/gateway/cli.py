@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from kvroute.fleet import load_fleet_file
-    from kvroute.gateway.app import create_app
+    from kvroute.gateway.app import create_app, curve_keys
     from kvroute.gateway.log_format import configure_logging
     from kvroute.gateway.server import ServerOptions, serve_forever
     from kvroute.metrics import Metrics
@@ -90,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "(KVROUTE_K8S_NAMESPACE), got neither"
             )
         if settings.fleet_file is not None:
-            load_fleet_file(settings.fleet_file)  # report a bad file before binding the port
+            # A bad file, or CURVE keys it needs and the gateway lacks: before binding the port.
+            curve_keys(settings, load_fleet_file(settings.fleet_file))
     except ConfigError as exc:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvroute.errors import ConfigError
+from kvroute.events.curve import load_curve_key_pair
 from kvroute.sim.engine import SimConfig
 from kvroute.sim.fleet import PORT_STRIDE, SimFleet
 from kvroute.sim.server import apply_faults
@@ -50,6 +52,13 @@ def register(sub: Any) -> None:
     p.add_argument("--buffer-steps", type=int, default=d.buffer_steps)
     p.add_argument("--lora", nargs="*", default=[], metavar="NAME", help="LoRA adapters served")
     p.add_argument("--fleet-out", type=Path, help="write the fleet YAML here")
+    p.add_argument(
+        "--curve-secret-key-file",
+        type=Path,
+        metavar="FILE",
+        help="publish (PUB and replay ROUTER) as a CURVE server with this key pair (kvroute keys "
+        "generate: the .key_secret file); the fleet YAML then carries its curve_server_key",
+    )
     # fault switches applied to every engine right after start-up
     p.add_argument("--drop-next", type=int, default=0, help="fault: drop the next N batches")
     p.add_argument("--duplicate-stores", action="store_true", help="fault: send stores twice")
@@ -59,7 +68,14 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
+    curve = None
+    if args.curve_secret_key_file is not None:
+        try:
+            curve = load_curve_key_pair(args.curve_secret_key_file, what="--curve-secret-key-file")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
     return SimConfig(
+        curve=curve,
         block_size=args.block_size,
         num_gpu_blocks=args.num_gpu_blocks,
         max_num_seqs=args.max_num_seqs,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvroute.errors import EngineError
+from kvroute.events.curve import CurveKeyPair
 from kvroute.events.publisher import ZmqEventPublisher
 from kvroute.events.vllm_events import VllmBlockStored, VllmEvent, VllmEventBatch
 from kvroute.sim.scheduler import SchedulerConfig, SimRequest, SimScheduler
@@ -35,6 +36,8 @@ class SimConfig:
     topic: str = "kv"
     buffer_steps: int = 10_000
     replay: bool = True
+    # A CURVE key pair (events.curve): publish as a CURVE server, as a `kvroute relay` would.
+    curve: CurveKeyPair | None = None
     max_model_len: int = 32_768
     default_max_tokens: int = 16
     vocab_size: int = 32_000

@@ -183,6 +183,7 @@ class SimFleet:
                 topic=cfg.topic,
                 release=cfg.release,
                 buffer_steps=cfg.buffer_steps,
+                curve=cfg.curve,
             )
             for r in range(self.dp_ranks)
         ]
@@ -283,6 +284,8 @@ class SimFleet:
             entry["dp_ranks"] = list(e.ranks)
             if e.lora:
                 entry["lora"] = list(e.lora)
+            if self.config.curve is not None:
+                entry["curve_server_key"] = self.config.curve.public.decode()
             out.append(entry)
         return out
 
