@@ -268,9 +268,14 @@ class Gateway:
                 engine, outcome.model, outcome.lora, outcome.token_ids, cache_salt=cache_salt
             )
             if self.shared is not None:  # queued for the other replicas; no I/O here
+                head = self.index.speculative_head(outcome.model, outcome.lora, outcome.token_ids)
                 self.shared.claim(
                     SpeculativeClaim(
-                        engine, outcome.model, outcome.lora, outcome.token_ids, cache_salt
+                        engine,
+                        outcome.model,
+                        outcome.lora,
+                        head if isinstance(head, list) else list(head),
+                        cache_salt,
                     )
                 )
 

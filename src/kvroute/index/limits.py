@@ -21,4 +21,8 @@ class IndexLimits:
     indexed_group: int = 0  # the KV-cache group indexed; events of group None count as it
     speculative_ttl_s: float = 2.0
     max_speculative_per_engine: int = 65_536
+    # Blocks of one prompt entered speculatively: a burst sharing a new prefix is steered by its
+    # first 2,048 blocks (32k tokens of 16) as well as by all of them, and a 10^6-token prompt
+    # cost the loop ~100 ms to enter whole (62,500 blocks, ~1.6 us each).
+    max_speculative_per_request: int = 2_048
     default_block_size: int = 16  # speculative hashing before any event names the block size

@@ -685,6 +685,15 @@ class PrefixIndex:
 
     # --- speculative entries ------------------------------------------------------------------
 
+    def speculative_head(
+        self, model: str, lora: str | None, token_ids: Sequence[int]
+    ) -> Sequence[int]:
+        """The leading tokens `add_speculative` enters (limits.max_speculative_per_request
+        blocks of the largest size in use): all another replica needs of a claim."""
+        sizes = self._parts.get((model, lora)) or self._fallback_sizes(model)
+        cap = self.limits.max_speculative_per_request * max(sizes)
+        return token_ids if len(token_ids) <= cap else token_ids[:cap]
+
     def add_speculative(
         self,
         engine: str,
@@ -699,7 +708,7 @@ class PrefixIndex:
         Hashed for each block size in use for (model, lora), or `_fallback_sizes`."""
         sizes = self._parts.get((model, lora)) or self._fallback_sizes(model)
         seed = LocalHash(self._seed(model, lora, cache_salt))
-        limit = self._spec.max_per_engine
+        limit = min(self._spec.max_per_engine, self.limits.max_speculative_per_request)
         chains = []
         for size in sizes:
             # At most `limit` leading blocks, so evicting older entries never takes this

@@ -567,6 +567,17 @@ def test_speculative_entries_are_bounded_per_engine() -> None:
     assert "b" not in index.match(MODEL, None, [0] * 64)
 
 
+def test_one_prompt_enters_at_most_max_speculative_per_request_blocks() -> None:
+    index = make_index(A0, max_speculative_per_request=3)
+    index.apply(A0, batch(stored(TOKENS, 16, 0, 1)))
+    long_prompt = list(range(10 * 16))
+    index.add_speculative("b", MODEL, None, long_prompt)
+    assert index.match(MODEL, None, long_prompt)["b"].speculative_blocks == 3
+    assert index.speculative_head(MODEL, None, long_prompt) == long_prompt[: 3 * 16]
+    short = TOKENS[:32]
+    assert index.speculative_head(MODEL, None, short) is short  # within the cap: as it is
+
+
 def test_speculative_before_any_event_uses_the_default_block_size() -> None:
     index = make_index(A0, default_block_size=16)
     index.add_speculative("a", MODEL, None, TOKENS)
