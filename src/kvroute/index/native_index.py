@@ -330,6 +330,10 @@ class NativePrefixIndex(PrefixIndex):
     ) -> None:
         # matching.py match_size's speculative part, over hashes from the C chain: per engine
         # with entries, the leading blocks confirmed or routed there within the TTL.
+        # No prompt enters a speculative entry past its first max_speculative_per_request
+        # blocks (prefix_index.add_speculative), so none can extend a match past them: hashing
+        # the rest of a long prompt (10^6 tokens: ~16 ms) finds nothing.
+        n = min(n, self.limits.max_speculative_per_request, self._spec.max_per_engine)
         hashes = _native.chain_hashes(seed, token_ids[: n * size], size)
         for engine, j in _spec_extend(hashes, n, self._spec_by_engine, out, now).items():
             confirmed = out.get(engine)

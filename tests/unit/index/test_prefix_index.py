@@ -576,6 +576,12 @@ def test_one_prompt_enters_at_most_max_speculative_per_request_blocks() -> None:
     assert index.speculative_head(MODEL, None, long_prompt) == long_prompt[: 3 * 16]
     short = TOKENS[:32]
     assert index.speculative_head(MODEL, None, short) is short  # within the cap: as it is
+    # Confirmed blocks past the cap still count in full next to speculative ones.
+    index.apply(A0, batch(stored(long_prompt[: 5 * 16], 16)))
+    result = index.match(MODEL, None, long_prompt)
+    assert (result["a"].blocks, result["b"].speculative_blocks) == (5, 3)
+    index.add_speculative("a", MODEL, None, long_prompt)
+    assert index.match(MODEL, None, long_prompt)["a"].speculative_blocks == 5
 
 
 def test_speculative_before_any_event_uses_the_default_block_size() -> None:
