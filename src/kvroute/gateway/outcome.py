@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvroute.core import MatchResult
@@ -17,7 +18,7 @@ class RouteOutcome:
 
     model: str
     lora: str | None
-    token_ids: list[int] | None
+    token_ids: Sequence[int] | None
     prompt_tokens: int
     matches: dict[str, MatchResult]
     decision: Decision

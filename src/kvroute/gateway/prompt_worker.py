@@ -10,7 +10,9 @@ import os
 import pickle
 import struct
 import sys
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,11 +47,13 @@ class PromptLimits:
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
-    """A parsed body, with the prompt's ids when a worker tokenized it (local tokenizer only);
-    `tokenize_error` says why a worker's tokenization failed (the request routes by load)."""
+    """A parsed body, with the prompt's ids when a worker read or tokenized them (ids given,
+    or a local tokenizer); `tokenize_error` says why a worker's tokenization failed (the
+    request routes by load). From a worker the ids are an array('I'), and a prompt given as
+    ids is not repeated in `request`: 10^6 Python ints cost the loop ~40 ms to unpickle."""
 
     request: RoutingRequest
-    token_ids: list[int] | None = None
+    token_ids: Sequence[int] | None = None
     tokenize_error: str | None = None
 
 
@@ -74,7 +78,7 @@ def _prepare(
         req = parse_request(
             kind, raw, limits.max_body_bytes, limits.max_json_depth, limits.max_prompt_tokens
         )
-        ids: list[int] | None = None
+        ids: Sequence[int] | None = None
         error: str | None = None
         if isinstance(req.prompt, list):
             ids = req.prompt  # the same list: pickled once
@@ -94,7 +98,9 @@ def _prepare(
                 error = str(exc)
             if ids is not None:
                 check_prompt_length(len(ids), limits.max_prompt_tokens)
-        return ("ok", replace(req, raw=b""), ids, error)
+        packed = None if ids is None else array("I", ids)
+        prompt = None if isinstance(req.prompt, list) else req.prompt
+        return ("ok", replace(req, raw=b"", prompt=prompt), packed, error)
     except GatewayHTTPError as exc:
         return ("error", exc.status, exc.message, exc.param, exc.code)
 

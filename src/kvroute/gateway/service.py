@@ -189,7 +189,9 @@ class Gateway:
             )
         )
 
-    async def route(self, req: RoutingRequest, token_ids: list[int] | None = None) -> RouteOutcome:
+    async def route(
+        self, req: RoutingRequest, token_ids: Sequence[int] | None = None
+    ) -> RouteOutcome:
         """Resolve, tokenize (unless `token_ids` are given), match and choose; 404 unknown model,
         503 no healthy engine."""
         base, lora, engines = self.resolve_model(req.model)
@@ -197,11 +199,15 @@ class Gateway:
             raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
         if isinstance(req.prompt, list):
             self._check_prompt_length(len(req.prompt))  # before any work on it
+        given = token_ids
         if self.index is None:
             token_ids = None
         elif token_ids is None:
             token_ids = await self.tokenize(req)
-        prompt_tokens = len(token_ids) if token_ids is not None else req.estimated_prompt_tokens()
+        if token_ids is not None:
+            prompt_tokens = len(token_ids)
+        else:  # a worker's ids count even when the index is off (a prompt given as ids)
+            prompt_tokens = len(given) if given is not None else req.estimated_prompt_tokens()
         self._check_prompt_length(prompt_tokens)
         started = time.perf_counter()
         matches: dict[str, MatchResult] = {}

@@ -2166,23 +2166,64 @@ static PyObject *py_evict_oldest(PyObject *mod, PyObject *const *args, Py_ssize_
 
 /* The walk of a prompt's blocks over GPU holders: blocks[pos] = the leading blocks held by the
  * source of bit `pos` (for the bits in `alive`). 0 ok, -1 with an exception set. */
-static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py_ssize_t size,
-                      u64 seed, u64 alive, Py_ssize_t *blocks) {
-    PyObject *seq = PySequence_Fast(tokens_obj, "token_ids: expected a sequence");
+/* The first `count` token ids of `obj` packed big-endian into `*out` (from `sc`): `obj` is a
+ * sequence of ints, or an array('I') of native u32, as gateway/prompt_worker.py hands a long
+ * prompt over (no Python int per token). 0 ok, -1 with an exception set. */
+static int pack_prompt(PyObject *obj, Py_ssize_t count, scratch_t *sc, u8 **out) {
+    if (PyObject_CheckBuffer(obj) && !PyBytes_Check(obj) && !PyByteArray_Check(obj)) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(obj, &v, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return -1;
+        const char *f = v.format;
+        int u32s = v.itemsize == 4 && f != NULL &&
+                   (strcmp(f, "I") == 0 || strcmp(f, "=I") == 0 || strcmp(f, "@I") == 0);
+        if (!u32s || v.len / 4 < count) {
+            PyBuffer_Release(&v);
+            PyErr_SetString(PyExc_ValueError,
+                            u32s ? "match: fewer tokens than n * size"
+                                 : "token_ids: expected a sequence of ints or an array('I')");
+            return -1;
+        }
+        u8 *buf = scratch_get(sc, count);
+        if (buf == NULL) {
+            PyBuffer_Release(&v);
+            return -1;
+        }
+        const u8 *src = (const u8 *)v.buf;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            u32 t;
+            memcpy(&t, src + 4 * i, 4);
+#if !HOST_BIG_ENDIAN
+            t = __builtin_bswap32(t);
+#endif
+            memcpy(buf + 4 * i, &t, 4);
+        }
+        PyBuffer_Release(&v);
+        *out = buf;
+        return 0;
+    }
+    PyObject *seq = PySequence_Fast(obj, "token_ids: expected a sequence");
     if (seq == NULL) return -1;
-    if (PySequence_Fast_GET_SIZE(seq) < n * size) {
+    if (PySequence_Fast_GET_SIZE(seq) < count) {
         Py_DECREF(seq);
         PyErr_SetString(PyExc_ValueError, "match: fewer tokens than n * size");
         return -1;
     }
-    scratch_t sc;
-    u8 *buf = scratch_get(&sc, n * size);
-    if (buf == NULL || pack_tokens_be(PySequence_Fast_ITEMS(seq), n * size, buf, 1) < 0) {
-        if (buf) scratch_free(&sc);
+    u8 *buf = scratch_get(sc, count);
+    if (buf == NULL || pack_tokens_be(PySequence_Fast_ITEMS(seq), count, buf, 1) < 0) {
+        if (buf) scratch_free(sc);
         Py_DECREF(seq);
         return -1;
     }
     Py_DECREF(seq);
+    *out = buf;
+    return 0;
+}
+
+static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py_ssize_t size,
+                      u64 seed, u64 alive, Py_ssize_t *blocks) {
+    scratch_t sc;
+    u8 *buf;
+    if (pack_prompt(tokens_obj, n * size, &sc, &buf) < 0) return -1;
     /* All hashes first (the chain is sequential, the lookups need not be): then each lookup
      * has its slot asked for 8 blocks ahead and its entry 4 ahead, so cache misses overlap. */
     u64 stack_hashes[512], *hashes = n <= 512 ? stack_hashes : PyMem_Malloc((size_t)n * 8);

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from kvroute.errors import GatewayHTTPError
 from kvroute.gateway import BackgroundServer, create_app
-from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.openai_body import RequestKind, RoutingRequest, parse_request
 from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers
 from kvroute.metrics import Metrics
 from kvroute.settings import load_settings
@@ -68,11 +70,18 @@ async def workers(tmp_path: Path) -> AsyncIterator[PromptWorkers]:
 
 async def test_a_worker_answers_as_the_loop_does(workers: PromptWorkers) -> None:
     for kind, raw in BODIES:
+        expected = _inline(kind, raw)
         try:
-            got: object = (await workers.prepare(kind, raw)).request
+            prepared = await workers.prepare(kind, raw)
         except GatewayHTTPError as exc:
-            got = (exc.status, exc.message, exc.param, exc.code)
-        assert got == _inline(kind, raw), raw[:80]
+            assert (exc.status, exc.message, exc.param, exc.code) == expected, raw[:80]
+            continue
+        assert isinstance(expected, RoutingRequest)
+        if isinstance(expected.prompt, list):  # ids come back packed, once, not in the request
+            assert isinstance(prepared.token_ids, array) and prepared.token_ids.typecode == "I"
+            assert list(prepared.token_ids) == expected.prompt
+            expected = replace(expected, prompt=None)
+        assert prepared.request == expected, raw[:80]
     assert workers.jobs == len(BODIES) and workers.restarts == 0
 
 
@@ -87,8 +96,8 @@ async def test_a_worker_tokenizes_as_the_gateways_tokenizer(
             continue
         req = prepared.request
         if req.kind is RequestKind.COMPLETION:
-            assert req.prompt is not None
-            expected = await local.tokenize_prompt(req.model, req.prompt)
+            prompt = req.prompt if req.prompt is not None else list(prepared.token_ids or ())
+            expected = await local.tokenize_prompt(req.model, prompt)
         else:
             assert req.messages is not None
             expected = await local.tokenize_chat(
@@ -97,7 +106,8 @@ async def test_a_worker_tokenizes_as_the_gateways_tokenizer(
                 add_generation_prompt=req.add_generation_prompt,
                 chat_template_kwargs=req.chat_template_kwargs,
             )
-        assert prepared.token_ids == expected and prepared.tokenize_error is None, raw[:80]
+        assert prepared.token_ids is not None and prepared.tokenize_error is None, raw[:80]
+        assert list(prepared.token_ids) == expected, raw[:80]
 
 
 async def test_a_tokenized_prompt_over_the_limit_is_refused_in_the_worker(
@@ -120,7 +130,7 @@ async def test_a_dead_worker_costs_one_503_and_is_replaced(workers: PromptWorker
         await workers.prepare(kind, raw)
     assert info.value.status == 503
     assert workers.restarts == 1
-    assert (await workers.prepare(kind, raw)).request == _inline(kind, raw)
+    assert (await workers.prepare(kind, raw)).request == _inline(kind, raw)  # a text prompt
 
 
 async def test_a_gateway_routes_large_bodies_through_a_worker(tmp_path: Path) -> None:

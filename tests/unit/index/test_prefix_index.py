@@ -6,6 +6,7 @@ The index consumes core events; which vLLM extra keys it can reproduce is the de
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pytest
@@ -582,6 +583,16 @@ def test_one_prompt_enters_at_most_max_speculative_per_request_blocks() -> None:
     assert (result["a"].blocks, result["b"].speculative_blocks) == (5, 3)
     index.add_speculative("a", MODEL, None, long_prompt)
     assert index.match(MODEL, None, long_prompt)["a"].speculative_blocks == 5
+
+
+def test_a_prompt_as_an_array_of_u32_matches_as_the_list_does() -> None:
+    # gateway/prompt_worker.py hands long prompts over as array("I"): no Python int per token.
+    index = make_index(A0, B0)
+    index.apply(A0, batch(stored(TOKENS, 16)))
+    index.apply(B0, batch(stored(TOKENS[:32], 16)))
+    index.add_speculative("b", MODEL, None, array("I", TOKENS))
+    for prompt in (TOKENS, TOKENS + [5] * 20, TOKENS[:40], [1] * 64):
+        assert index.match(MODEL, None, array("I", prompt)) == index.match(MODEL, None, prompt)
 
 
 def test_speculative_before_any_event_uses_the_default_block_size() -> None:
