@@ -108,6 +108,7 @@ def _prepare(
 def worker_main() -> int:
     """The worker's loop: a config frame, then jobs until stdin closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print (a library's) must not break the result frames
     # Below the gateway's event loop: when cores are short, bulk parsing waits, routing not.
     with contextlib.suppress(OSError):
         os.nice(_NICE)
