@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvroute.errors import GatewayHTTPError
-from kvroute.gateway.openai_body import RequestKind, parse_request
+from kvroute.gateway.openai_body import RequestKind
 from kvroute.gateway.openai_errors import error_body, no_healthy_engine
 from kvroute.gateway.proxy import ENGINE_HEADER
 from kvroute.gateway.service import Gateway
@@ -116,8 +116,9 @@ class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                             raise GatewayHTTPError(
                                 404, f"{path}: not routed by the picker", code="not_found"
                             )
-                        req = parse_request(kind, message.request_body.body)
-                        outcome = await gateway.route(req)
+                        prepared = await gateway.prepare(kind, message.request_body.body)
+                        req = prepared.request
+                        outcome = await gateway.route(req, prepared.token_ids)
                     except GatewayHTTPError as exc:
                         yield _error(exc)
                         return
