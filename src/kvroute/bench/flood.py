@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvroute.bench.processes import GatewayProcess, free_port
+from kvroute.bench.processes import GatewayProcess, free_port, rss_bytes
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json, stop_child
 from kvroute.sim import SimConfig, SimFleet
 
@@ -184,11 +183,7 @@ def _flood(
 
 
 def _rss_mb(pid: int) -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_bytes(pid) / 2**20
 
 
 async def _route_for(

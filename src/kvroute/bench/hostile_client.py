@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from kvroute.bench.processes import GatewayProcess
+from kvroute.bench.processes import GatewayProcess, rss_bytes
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json, stop_child
 from kvroute.sim import SimConfig, SimFleet
 
@@ -221,18 +221,7 @@ def _hostile(url: str, opts: HostileClientOptions, conn: Connection) -> None:
 
 
 def _rss_mb(pid: int) -> float:
-    """RSS of `pid` and its children (the gateway and its prompt workers)."""
-    total = 0
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            pids.append(int(child))
-    for p in pids:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total / 1024
+    return rss_bytes(pid, children=True) / 2**20
 
 
 async def _normal(

@@ -47,7 +47,7 @@ from kvroute.bench.ingest_workload import (
     group_payloads,
     probe_event,
 )
-from kvroute.bench.processes import free_port
+from kvroute.bench.processes import free_port, rss_bytes
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 
 __all__ = [
@@ -151,17 +151,6 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of process `pid`, from /proc (0 when unknown)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _cpu_model() -> str:

@@ -15,9 +15,26 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["READY_TIMEOUT_S", "ChildProcess", "GatewayProcess", "free_port"]
+__all__ = ["READY_TIMEOUT_S", "ChildProcess", "GatewayProcess", "free_port", "rss_bytes"]
 
 READY_TIMEOUT_S = 60.0
+
+
+def rss_bytes(pid: int, *, children: bool = False) -> int:
+    """Resident set size of process `pid` (with `children`, plus its direct children's: a
+    gateway and its prompt workers), from /proc; 0 when unknown."""
+    pids = [pid]
+    if children:
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
 
 
 def free_port(below_ephemeral: bool = False) -> int:
