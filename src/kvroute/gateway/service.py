@@ -197,17 +197,14 @@ class Gateway:
         base, lora, engines = self.resolve_model(req.model)
         if not any(e.healthy for e in engines):
             raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
-        if isinstance(req.prompt, list):
-            self._check_prompt_length(len(req.prompt))  # before any work on it
+        # A prompt given as ids was held to max_prompt_tokens by parse_request (prepare).
         given = token_ids
         if self.index is None:
             token_ids = None
         elif token_ids is None:
             token_ids = await self.tokenize(req)
-        if token_ids is not None:
-            prompt_tokens = len(token_ids)
-        else:  # a worker's ids count even when the index is off (a prompt given as ids)
-            prompt_tokens = len(given) if given is not None else req.estimated_prompt_tokens()
+        counted = token_ids if token_ids is not None else given  # a worker's ids, index off
+        prompt_tokens = len(counted) if counted is not None else req.estimated_prompt_tokens()
         self._check_prompt_length(prompt_tokens)
         started = time.perf_counter()
         matches: dict[str, MatchResult] = {}
