@@ -17,7 +17,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from kvroute.errors import ConfigError
+from kvroute.errors import ConfigError, GatewayHTTPError
+from kvroute.gateway.openai_errors import error_body
 
 __all__ = ["BackgroundServer", "ServerOptions", "serve_forever"]
 
@@ -46,16 +47,8 @@ _MAX_DISCARD_BYTES = 1 << 20
 
 def _too_large(limit: int) -> bytes:
     """A complete 431 with an OpenAI-shaped body, written raw: h11 has seen no request yet."""
-    body = json.dumps(
-        {
-            "error": {
-                "message": f"request headers: expected at most {limit} bytes",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-    ).encode()
+    error = GatewayHTTPError(431, f"request headers: expected at most {limit} bytes")
+    body = json.dumps(error_body(error)).encode()
     return (
         b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
         b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
