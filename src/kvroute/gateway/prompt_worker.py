@@ -182,12 +182,11 @@ class PromptWorkers:
         self._config = pickle.dumps(
             (None if tokenizer_json is None else str(tokenizer_json), chat_template)
         )
-        self.tokenizes = tokenizer_json is not None
         self._idle: deque[_Worker] = deque()
         self._started = 0
         self._free = asyncio.Condition()
         self._closed = False
-        self.jobs = 0  # counted for tests and /metrics
+        self.jobs = 0  # jobs answered, and workers replaced (read by the tests)
         self.restarts = 0
 
     async def prepare(self, kind: RequestKind | None, raw: bytes) -> PreparedRequest:
