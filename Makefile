@@ -16,7 +16,7 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
-$(STAMP): pyproject.toml setup.py src/kvroute/index/_native.c
+$(STAMP): pyproject.toml setup.py src/kvroute/index/_native.c src/kvroute/events/_recv.c
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
@@ -28,12 +28,12 @@ demo: $(STAMP)
 	$(VENV)/bin/kvroute demo
 
 test: $(STAMP)
-	KVROUTE_INDEX_IMPL=native $(call RUN_TESTS,tests -q -p no:cacheprovider)
+	KVROUTE_INDEX_IMPL=native KVROUTE_RECEIVE_IMPL=native $(call RUN_TESTS,tests -q -p no:cacheprovider)
 
-# The index and event-path tests again on the pure-Python reference index (`make test` runs
-# everything on the native core).
+# The index and event-path tests again on the pure-Python reference index and pyzmq's receive
+# calls (`make test` runs everything on the native core and receive loop).
 test-index-python: $(STAMP)
-	KVROUTE_INDEX_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
+	KVROUTE_INDEX_IMPL=python KVROUTE_RECEIVE_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
 
 # The index tests against the native core built with ASan + UBSan (tests/native_asan.sh).
 test-native-asan: $(STAMP)
@@ -87,4 +87,4 @@ test-vllm: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
-	rm -f src/kvroute/index/_native*.so
+	rm -f src/kvroute/index/_native*.so src/kvroute/events/_recv*.so

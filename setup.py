@@ -1,4 +1,5 @@
-"""The compiled index core (src/kvroute/index/_native.c), built with the system C compiler.
+"""The compiled index core (src/kvroute/index/_native.c) and receive loop (src/kvroute/events/
+_recv.c), built with the system C compiler.
 
 Metadata lives in pyproject.toml; this file only adds the extension (docs/design.md §12). A
 machine without a working compiler still installs kvroute: the build prints why the core is
@@ -15,10 +16,14 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+_CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"]
 NATIVE = Extension(
-    "kvroute.index._native",
-    sources=["src/kvroute/index/_native.c"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter"],
+    "kvroute.index._native", sources=["src/kvroute/index/_native.c"], extra_compile_args=_CFLAGS
+)
+# The subscriber's receive loop (events/native_receive.py); it calls the libzmq pyzmq loaded,
+# looked up at run time, so it needs no libzmq headers or library to build.
+RECEIVE = Extension(
+    "kvroute.events._recv", sources=["src/kvroute/events/_recv.c"], extra_compile_args=_CFLAGS
 )
 
 
@@ -50,4 +55,4 @@ class OptionalBuildExt(build_ext):
         )
 
 
-setup(ext_modules=[NATIVE], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[NATIVE, RECEIVE], cmdclass={"build_ext": OptionalBuildExt})

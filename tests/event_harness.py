@@ -26,7 +26,7 @@ from kvroute.metrics import Metrics
 from kvroute.relay import Relay, RelayConfig
 from kvroute.sim.fleet import _consecutive_free_ports
 from tests.event_streams import EngineStream
-from tests.index_impl import new_index
+from tests.index_impl import RECEIVE_IMPL, new_index
 
 MODEL = "test/model"
 RELEASES = ("0.9.0", "0.22.0", "0.26.0", "0.33.0")
@@ -132,6 +132,7 @@ def make_stack(
         max_concurrent_replays=max_concurrent_replays,
         retry_backoff_s=retry_backoff_s,
         tail_check_s=tail_check_s,
+        receive_impl=RECEIVE_IMPL,
         **limits,  # ingest_limits, max_message_bytes
     )
     metrics.watch_sources(manager.status)

@@ -211,6 +211,11 @@ class Settings(BaseSettings):
         ),
         description="Subscribe to engines' KV events; false: no index, kv_aware → least_loaded.",
     )
+    receive_impl: Literal["auto", "native", "python"] = Field(
+        "auto",
+        description="Event receive loop: native (compiled, over pyzmq's libzmq), python "
+        "(pyzmq's calls), auto.",
+    )
     # --- client requests (README "Limits")
     max_request_body_bytes: int = Field(
         32 * 1024 * 1024,

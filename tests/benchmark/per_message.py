@@ -50,7 +50,7 @@ from kvroute.core import EventBatch, EventCounters, SourceId, SourceSpec, source
 from kvroute.events import SubscriberManager, VllmEventBatch, encode_batch
 from kvroute.index import PrefixIndex, create_index
 from tests.event_streams import EngineStream
-from tests.index_impl import IMPL
+from tests.index_impl import IMPL, RECEIVE_IMPL
 
 MODEL = "bench/model"
 ENGINE = "bench"
@@ -108,6 +108,7 @@ def _make(index_kind: str, context: zmq.asyncio.Context) -> tuple[SubscriberMana
         max_concurrent_replays=1,
         retry_backoff_s=(0.5, 10.0),
         tail_check_s=0.0,
+        receive_impl=RECEIVE_IMPL,
     )
     return manager, index
 

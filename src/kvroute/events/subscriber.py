@@ -24,6 +24,7 @@ from kvroute.core import (
 from kvroute.errors import ConfigError, KvrouteError
 from kvroute.events.budget import IngestBudget
 from kvroute.events.curve import CurveClientKeys, CurveKeyPair, check_curve_key, curve_client
+from kvroute.events.native_receive import Drain, ReceiveImpl, native_drain
 from kvroute.events.replay import request_replay
 from kvroute.events.tracker import RecoveryTimings, ReplayRequest, SourceTracker
 from kvroute.index import PrefixIndex
@@ -40,6 +41,9 @@ log = logging.getLogger("kvroute.events.subscriber")
 # so one busy (or flooding) source cannot starve the other sources or the gateway sharing the
 # loop: a request needs a few turns of the loop, each costs at most one slice per source.
 _MAX_DRAIN: Final = 128
+# Messages the native receive loop reads per call (events/_recv.c): fewer calls, yet a small
+# backlog to hold when a slice ends mid-batch.
+_NATIVE_BATCH: Final = 32
 _DRAIN_SLICE_S: Final = 0.002
 # Live messages the SUB socket may queue while we replay (ZMQ drops beyond it: a later gap).
 _SUB_RCVHWM: Final = 100_000
@@ -67,8 +71,10 @@ class _Shared:
         max_replay: tuple[int, int],
         counters: EventCounters,
         retry_backoff_s: tuple[float, float],
+        drain: Drain | None,
     ) -> None:
         self.context = context
+        self.drain = drain  # the native receive loop (events/_recv.c), or None: pyzmq's calls
         self.counters = counters
         self.retry_backoff_s = retry_backoff_s
         self.max_replay_batches, self.max_replay_bytes = max_replay
@@ -121,6 +127,10 @@ class _SourceTask:
         # away (a slice a turn, not all at once: a flooding source queues 100,000 messages),
         # then connects afresh.
         self._discarding = False
+        # Received by the native loop but not yet handed over (a slice ended mid-batch): the
+        # messages, and the position of the next one.
+        self._received: list[tuple[int, bytes] | None] = []
+        self._received_at = 0
 
     def open(self) -> None:
         """Create and connect the SUB socket and its monitor; a bad endpoint raises ConfigError."""
@@ -183,7 +193,11 @@ class _SourceTask:
                         self._reconnect_due = False
                         self._reconnect(raw)
                     if self._sub_ready:
-                        self._sub_ready = await self._drain(raw)
+                        self._sub_ready = await (
+                            self._drain(raw)
+                            if self.shared.drain is None
+                            else self._drain_native(self.shared.drain, raw)
+                        )
                     await self._replays(tracker.tick())
                 except Exception:
                     # A bug or an input we did not foresee must not end this source's task
@@ -372,9 +386,53 @@ class _SourceTask:
                 await self._replays(request)
         return True
 
+    async def _drain_native(self, drain: Drain, raw: zmq.Socket[Any]) -> bool:
+        """`_drain` over the native receive loop: the same messages, boundaries and counts
+        (tests/zmq/events/test_subscriber_receive.py runs both), read `_NATIVE_BATCH` at a
+        time; what a slice leaves unhandled is handed over first next time."""
+        tracker = self.tracker
+        on_live = tracker.on_live
+        clock = time.perf_counter
+        until = clock() + _DRAIN_SLICE_S
+        if self._discarding:
+            return self._discard(raw, until)
+        handle = raw.underlying
+        received = self._received
+        at = self._received_at
+        taken = 0
+        while True:
+            if at >= len(received):
+                if taken >= _MAX_DRAIN:
+                    self._received_at = at
+                    return True
+                received.clear()
+                at = 0
+                status = drain(handle, _NATIVE_BATCH, received)
+                if status < 0:
+                    self._received_at = 0
+                    raise zmq.ZMQError(-status)
+                if not received:
+                    self._received_at = 0
+                    return False
+                taken += len(received)
+            item = received[at]
+            at += 1
+            if item is None:
+                tracker.on_bad_frames()
+            else:
+                request = on_live(item[0], item[1])
+                if request is not None:
+                    self._received_at = at
+                    await self._replays(request)
+            if clock() > until:
+                self._received_at = at
+                return True
+
     def _discard(self, raw: zmq.Socket[Any], until: float) -> bool:
         """Throw away what the lost connection left queued, until `until`; then connect
         afresh. True while more may be queued."""
+        self._received.clear()  # received from that connection, not handed over yet
+        self._received_at = 0
         with contextlib.suppress(zmq.ZMQError):  # Again: empty
             while time.perf_counter() <= until:
                 raw.recv(_NOBLOCK, copy=False)
@@ -443,6 +501,7 @@ class SubscriberManager:
         max_message_bytes: int = 0,
         max_replay: tuple[int, int] = (0, 0),
         curve_keys: CurveKeyPair | None = None,
+        receive_impl: ReceiveImpl = "auto",
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -461,6 +520,7 @@ class SubscriberManager:
             (max(0, max_replay[0]), max(0, max_replay[1])),
             counters,
             retry_backoff_s,
+            native_drain(receive_impl),
         )
         # This gateway's CURVE key pair: sources with a `curve_server_key` connect with it.
         self._curve_keys = curve_keys

@@ -97,6 +97,7 @@ def build_gateway(
             max_message_bytes=settings.max_event_message_bytes,
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
             curve_keys=gateway_pair,
+            receive_impl=settings.receive_impl,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)

@@ -19,7 +19,7 @@ from kvroute.events import (
     encode_batch,
 )
 from tests.event_harness import ScriptedReplay
-from tests.index_impl import new_index
+from tests.index_impl import RECEIVE_IMPL, new_index
 from tests.polling import eventually
 
 MODEL = "m"
@@ -47,6 +47,7 @@ class Rig:
             max_concurrent_replays=4,
             retry_backoff_s=(0.05, 0.2),
             tail_check_s=tail_check_s,
+            receive_impl=RECEIVE_IMPL,
         )
 
     def last_seq(self) -> int | None:

@@ -1,0 +1,179 @@
+/* kvroute.events._recv: a subscriber's receive loop over libzmq's C API (docs/design.md §8).
+ *
+ * pyzmq builds a Frame object per frame, or asks the socket for RCVMORE through a getsockopt
+ * per frame; either costs ~1.5 us, three times per message. This loop reads a batch of
+ * `[topic, seq, payload]` messages with zmq_msg_recv and hands up `(seq, payload)` pairs.
+ *
+ * It calls the libzmq that pyzmq itself loaded: events/native_receive.py looks the functions up
+ * through pyzmq's backend module and passes their addresses to `bind`, so the socket handle
+ * (`Socket.underlying`) always belongs to the library that is called. Nothing is parsed here:
+ * the frames' bytes are copied out as they are; the seq frame is taken only when it is exactly
+ * eight bytes. The message boundary rules are those of `_SourceTask._drain` in
+ * events/subscriber.py, which tests/zmq/events/test_subscriber_receive.py runs over both.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+
+/* libzmq's message: 64 opaque bytes, pointer-aligned (zmq.h since 4.0). */
+typedef struct {
+    unsigned char bytes[64];
+} __attribute__((aligned(sizeof(void *)))) zmsg;
+
+typedef int (*msg_init_fn)(zmsg *);
+typedef int (*msg_recv_fn)(zmsg *, void *, int);
+typedef int (*msg_close_fn)(zmsg *);
+typedef void *(*msg_data_fn)(zmsg *);
+typedef size_t (*msg_size_fn)(const zmsg *);
+typedef int (*msg_more_fn)(const zmsg *);
+typedef int (*errno_fn)(void);
+
+#define DONTWAIT 1 /* ZMQ_DONTWAIT */
+
+static struct {
+    msg_init_fn init;
+    msg_recv_fn recv;
+    msg_close_fn close;
+    msg_data_fn data;
+    msg_size_fn size;
+    msg_more_fn more;
+    errno_fn err;
+} z;
+
+static PyObject *bind(PyObject *self, PyObject *args) {
+    unsigned long long a[7];
+    if (!PyArg_ParseTuple(args, "KKKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6]))
+        return NULL;
+    for (int i = 0; i < 7; i++) {
+        if (a[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a libzmq function address is 0");
+            return NULL;
+        }
+    }
+    z.init = (msg_init_fn)(uintptr_t)a[0];
+    z.recv = (msg_recv_fn)(uintptr_t)a[1];
+    z.close = (msg_close_fn)(uintptr_t)a[2];
+    z.data = (msg_data_fn)(uintptr_t)a[3];
+    z.size = (msg_size_fn)(uintptr_t)a[4];
+    z.more = (msg_more_fn)(uintptr_t)a[5];
+    z.err = (errno_fn)(uintptr_t)a[6];
+    Py_RETURN_NONE;
+}
+
+/* One frame into *m; 0, or libzmq's errno. */
+static inline int next_frame(zmsg *m, void *sock) {
+    z.init(m);
+    if (z.recv(m, sock, DONTWAIT) < 0) {
+        int e = z.err();
+        z.close(m);
+        return e ? e : EIO;
+    }
+    return 0;
+}
+
+/* Skip the rest of a message whose last frame read (*m, still open) says more follow. */
+static int skip_rest(zmsg *m, void *sock) {
+    while (z.more(m)) {
+        z.close(m);
+        int e = next_frame(m, sock);
+        if (e)
+            return e;
+    }
+    z.close(m);
+    return 0;
+}
+
+static inline uint64_t be64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* drain(handle, limit, out) -> int
+ *
+ * Appends to `out` up to `limit` messages, each `(seq, payload)` or None for a message of
+ * another shape (not three frames, or a seq of another length than eight bytes), which is
+ * skipped whole. Returns 0 when the socket had no more (EAGAIN on a message's first frame),
+ * 1 when `limit` was reached, or -errno when libzmq failed otherwise. */
+static PyObject *drain(PyObject *self, PyObject *args) {
+    PyObject *handle, *out;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OnO!", &handle, &limit, &PyList_Type, &out))
+        return NULL;
+    if (z.recv == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_recv.bind was not called");
+        return NULL;
+    }
+    void *sock = PyLong_AsVoidPtr(handle);
+    if (sock == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "a null socket handle");
+        return NULL;
+    }
+    zmsg m;
+    for (Py_ssize_t n = 0; n < limit; n++) {
+        int e = next_frame(&m, sock); /* topic: not looked at */
+        if (e)
+            return PyLong_FromLong(e == EAGAIN ? 0 : -e);
+        int more = z.more(&m);
+        z.close(&m);
+        PyObject *item = NULL;
+        if (more) {
+            if ((e = next_frame(&m, sock)))
+                return PyLong_FromLong(-e);
+            int seq_ok = z.size(&m) == 8;
+            uint64_t seq = seq_ok ? be64((const unsigned char *)z.data(&m)) : 0;
+            more = z.more(&m);
+            z.close(&m);
+            if (more) {
+                if ((e = next_frame(&m, sock)))
+                    return PyLong_FromLong(-e);
+                if (z.more(&m) || !seq_ok) {
+                    if ((e = skip_rest(&m, sock)))
+                        return PyLong_FromLong(-e);
+                } else {
+                    PyObject *payload =
+                        PyBytes_FromStringAndSize((const char *)z.data(&m), (Py_ssize_t)z.size(&m));
+                    z.close(&m);
+                    if (payload == NULL)
+                        return NULL;
+                    PyObject *seq_obj = PyLong_FromUnsignedLongLong(seq);
+                    if (seq_obj == NULL) {
+                        Py_DECREF(payload);
+                        return NULL;
+                    }
+                    item = PyTuple_Pack(2, seq_obj, payload);
+                    Py_DECREF(seq_obj);
+                    Py_DECREF(payload);
+                    if (item == NULL)
+                        return NULL;
+                }
+            }
+        }
+        int rc = PyList_Append(out, item != NULL ? item : Py_None);
+        Py_XDECREF(item);
+        if (rc < 0)
+            return NULL;
+    }
+    return PyLong_FromLong(1);
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS,
+     "bind(init, recv, close, data, size, more, errno): the addresses of zmq_msg_init, "
+     "zmq_msg_recv, zmq_msg_close, zmq_msg_data, zmq_msg_size, zmq_msg_more and zmq_errno."},
+    {"drain", drain, METH_VARARGS,
+     "drain(handle, limit, out) -> 0 (socket empty), 1 (limit reached) or -errno: appends "
+     "(seq, payload), or None for a malformed message, per message received."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvroute.events._recv",
+    "A subscriber's receive loop over libzmq's C API.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__recv(void) { return PyModule_Create(&module); }
