@@ -1,11 +1,12 @@
-"""Shared pytest set-up: a ZeroMQ context fixture; tests import `tests.shared_fixtures`;
-real-vLLM tests only on request."""
+"""Shared pytest set-up: a ZeroMQ context fixture, loggers restored after each test; tests import
+`tests.shared_fixtures`; real-vLLM tests only on request."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,23 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
     context = zmq.asyncio.Context()
     yield context
     context.destroy(linger=0)
+
+
+_CLI_LOGGERS = ("kvroute", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers() -> Iterator[None]:
+    """A CLI entry point run in-process (`configure_logging`) gives kvroute's loggers their own
+    stderr handler and stops them propagating, which would hide every later test's records from
+    `caplog`: put them back as they were."""
+    saved = []
+    for name in _CLI_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.level, logger.propagate, logger.disabled))
+    yield
+    for logger, handlers, level, propagate, disabled in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.disabled = disabled
