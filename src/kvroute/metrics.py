@@ -4,6 +4,7 @@ elsewhere (event counters, sources, index, fleet) is read by collectors at scrap
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 from prometheus_client import (
@@ -16,7 +17,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvroute.core import EventCounters, SourceStatus
+from kvroute.core import EventCounters, SourceId, SourceStatus
 
 __all__ = ["Metrics", "RelayMetrics"]
 
@@ -92,6 +93,7 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self.sources: Callable[[], Iterable[SourceStatus]] | None = None
+        self.silent: Callable[[], AbstractSet[SourceId]] | None = None
         self.index_blocks: Callable[[], Mapping[str, int]] | None = None
         self.index_memory: Callable[[], Mapping[str, int]] | None = None
         self.index_impl = ""
@@ -115,14 +117,30 @@ class _StateCollector(Collector):
             last_seq = GaugeMetricFamily(
                 "kvroute_source_last_seq", "Last applied sequence number.", labels=["source"]
             )
+            quiet = GaugeMetricFamily(
+                "kvroute_source_quiet_seconds",
+                "Time since the source's socket last received a message (or connected).",
+                labels=["source"],
+            )
+            silent = GaugeMetricFamily(
+                "kvroute_source_silent",
+                "1 while a source receives nothing although its engine answers requests "
+                "(silent_source_s): a topic, endpoint or engine setting keeps its events away.",
+                labels=["source"],
+            )
+            flagged = self.silent() if self.silent is not None else frozenset()
             for s in self.sources():
                 stale.add_metric([s.source], 1.0 if s.stale else 0.0)
                 stale_s.add_metric([s.source], s.stale_seconds)
                 if s.last_seq is not None:
                     last_seq.add_metric([s.source], float(s.last_seq))
+                quiet.add_metric([s.source], s.quiet_s)
+                silent.add_metric([s.source], 1.0 if s.source in flagged else 0.0)
             yield stale
             yield stale_s
             yield last_seq
+            yield quiet
+            yield silent
         if self.index_blocks is not None:
             blocks = GaugeMetricFamily(
                 "kvroute_index_blocks", "Distinct blocks held in the index, per model.",
@@ -380,6 +398,10 @@ class Metrics:
     def watch_sources(self, sources: Callable[[], Iterable[SourceStatus]]) -> None:
         """Export each source's staleness, stale time and last seq from `sources()`."""
         self._state.sources = sources
+
+    def watch_silence(self, silent: Callable[[], AbstractSet[SourceId]]) -> None:
+        """Export `kvroute_source_silent{source}` from `silent()` (gateway/silence.py)."""
+        self._state.silent = silent
 
     def watch_index(
         self,

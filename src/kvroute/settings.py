@@ -211,6 +211,12 @@ class Settings(BaseSettings):
         ),
         description="Subscribe to engines' KV events; false: no index, kv_aware → least_loaded.",
     )
+    silent_source_s: float = Field(
+        30.0,
+        ge=0,
+        description="A source that receives nothing this long while its engine answers "
+        "requests is flagged silent (log, /metrics, /debug/engines); 0: never.",
+    )
     receive_impl: Literal["auto", "native", "python"] = Field(
         "auto",
         description="Event receive loop: native (compiled, over pyzmq's libzmq), python "

@@ -11,7 +11,9 @@ __all__ = ["SourceStatus"]
 
 @dataclass(frozen=True)
 class SourceStatus:
-    """One source as its tracker sees it now. `stale_seconds` is the total time spent stale."""
+    """One source as its tracker sees it now. `stale_seconds` is the total time spent stale;
+    `quiet_s` the time since its SUB socket last received anything, or since it connected (or
+    was added) when nothing came after (gateway/silence.py judges it)."""
 
     source: SourceId
     engine: str
@@ -24,3 +26,4 @@ class SourceStatus:
     last_batch_age_s: float | None
     blocks: int
     stale_seconds: float = 0.0
+    quiet_s: float = 0.0

@@ -361,6 +361,7 @@ class _SourceTask:
         until = clock() + _DRAIN_SLICE_S
         if self._discarding:
             return self._discard(raw, until)
+        heard = False
         for _ in range(_MAX_DRAIN):
             if clock() > until:
                 return True  # more may be queued: the caller yields, then drains again
@@ -368,6 +369,9 @@ class _SourceTask:
                 topic = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return False
+            if not heard:
+                heard = True
+                tracker.heard()
             if not topic.more:
                 tracker.on_bad_frames()  # one frame
                 continue
@@ -414,6 +418,8 @@ class _SourceTask:
                 if not received:
                     self._received_at = 0
                     return False
+                if not taken:
+                    tracker.heard()
                 taken += len(received)
             item = received[at]
             at += 1

@@ -131,6 +131,9 @@ class SourceTracker:
         self.connected = False
         self._last_batch_t: float | None = None
         self._quiet_since = clock()  # connect or tail check (applied batches: _last_batch_t)
+        # When the SUB socket last received a message (of any kind), or connected: a source
+        # that stays quiet while its engine serves requests is misconfigured (gateway/silence.py).
+        self._heard_at = self._quiet_since
         self._gap_stale: str | None = None  # why a gap could not be closed
         self._malformed_stale = False
         self._stale_since: float | None = None
@@ -172,7 +175,12 @@ class SourceTracker:
             last_batch_age_s=None if self._last_batch_t is None else now - self._last_batch_t,
             blocks=self._index.source_block_count(self.source),
             stale_seconds=stale_s,
+            quiet_s=now - self._heard_at,
         )
+
+    def heard(self) -> None:
+        """The SUB socket received something (called once per drain, not per message)."""
+        self._heard_at = self._clock()
 
     def idle(self) -> bool:
         """The socket is drained: let the index do deferred upkeep (a bounded slice; table
@@ -261,7 +269,7 @@ class SourceTracker:
         """The SUB socket connected (ZMQ handshake): bootstrap if this is a new base, or ask a
         restored source's engine to confirm it."""
         self.connected = True
-        self._quiet_since = self._clock()
+        self._heard_at = self._quiet_since = self._clock()
         if self.unconfirmed and self.last is not None:
             return ReplayRequest(self.last, ReplayKind.CONFIRM)
         if self._need_bootstrap:

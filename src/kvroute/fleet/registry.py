@@ -41,6 +41,7 @@ class EngineState:
     healthy: bool = True  # optimistic until `unhealthy_after` consecutive failures
     in_flight_requests: int = 0
     outstanding_tokens: int = 0  # prompt + max output tokens of requests in flight
+    served_requests: int = 0  # answered with a status below 400 (gateway/silence.py reads it)
     scraped: dict[str, float] = field(default_factory=dict)  # vllm: gauges of the last scrape
     consecutive_failures: int = 0
     last_error: str | None = None
@@ -240,6 +241,17 @@ class Fleet:
             self._tokens_per_request = (
                 float(tokens) if avg is None else avg + _TOKENS_EWMA * (tokens - avg)
             )
+
+    def served_requests(self, engine: str) -> int:
+        """Requests `engine` answered with a status below 400 (0 for an unknown engine)."""
+        state = self._engines.get(engine)
+        return 0 if state is None else state.served_requests
+
+    def note_served(self, engine: str) -> None:
+        """The engine answered a request routed to it (a status below 400)."""
+        state = self._engines.get(engine)
+        if state is not None:
+            state.served_requests += 1
 
     def end_request(self, engine: str, tokens: int) -> None:
         state = self._engines.get(engine)

@@ -27,6 +27,7 @@ from kvroute.gateway.openapi import openapi_document
 from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers
 from kvroute.gateway.proxy import HeaderRules
 from kvroute.gateway.service import Gateway
+from kvroute.gateway.silence import SilentSources
 from kvroute.index import IndexLimits, PrefixIndex, create_index
 from kvroute.metrics import Metrics
 from kvroute.persist import RefuseReason, SnapshotRefused, remove_stale_temp_files
@@ -136,6 +137,11 @@ def build_gateway(
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
     gateway.shared = _shared_state(settings, gateway, metrics)
+    if subscribers is not None and settings.silent_source_s > 0:
+        gateway.silence = SilentSources(
+            settings.silent_source_s, subscribers.status, fleet.served_requests
+        )
+        metrics.watch_silence(gateway.silence.silent)
     if settings.snapshot_path is not None and subscribers is not None:
         _warm_restart(settings.snapshot_path, settings, gateway, subscribers, metrics)
     return gateway

@@ -117,6 +117,7 @@ async def debug_engines(request: Request) -> Response:
     gateway = _gateway(request)
     now = time.monotonic()
     statuses = gateway.subscribers.status() if gateway.subscribers is not None else []
+    silent = gateway.silence.silent() if gateway.silence is not None else frozenset()
     by_engine: dict[str, list[dict[str, object]]] = {}
     for s in statuses:
         by_engine.setdefault(s.engine, []).append(
@@ -130,6 +131,10 @@ async def debug_engines(request: Request) -> Response:
                 "stale": s.stale,
                 "stale_reason": s.stale_reason,
                 "blocks": s.blocks,
+                # Nothing received for quiet_s; silent: so while the engine answered requests
+                # (gateway/silence.py: a topic, endpoint or engine setting is wrong).
+                "quiet_s": s.quiet_s,
+                "silent": s.source in silent,
             }
         )
     engines = [
@@ -139,6 +144,7 @@ async def debug_engines(request: Request) -> Response:
             "url": e.spec.url,
             "healthy": e.healthy,
             "in_flight_requests": e.in_flight_requests,
+            "served_requests": e.served_requests,
             "outstanding_tokens": e.outstanding_tokens,
             # What routing counts (load_source): the report, this replica's, the others'.
             "load": {

@@ -51,6 +51,15 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def _status(headers: ext_proc.HttpHeaders) -> int:
+    """The `:status` of response headers; 0 when absent or not a number."""
+    for h in headers.headers.headers:
+        if h.key == ":status":
+            value = (h.raw_value or h.value.encode()).decode("ascii", "replace")
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 def _endpoint(url: str) -> str:
     """`host:port` of an engine's base URL, as an ORIGINAL_DST cluster connects to it."""
     parts = urlsplit(url)
@@ -128,6 +137,8 @@ class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
                     gateway.add_speculative(engine, outcome, req.cache_salt)
                     yield self._destination(engine, headers_phase=False)
                 elif phase == "response_headers":
+                    if engine is not None and 0 < _status(message.response_headers) < 400:
+                        gateway.note_served(engine)
                     mutation = ext_proc.HeaderMutation(
                         set_headers=[_header(ENGINE_HEADER, engine)] if engine else []
                     )

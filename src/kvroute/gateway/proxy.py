@@ -82,6 +82,10 @@ class ProxyContext(Protocol):
 
     def end_request(self, engine: str, tokens: int) -> None: ...
 
+    def note_served(self, engine: str) -> None:
+        """`engine` answered a request with a status below 400."""
+        ...
+
     def mark_failure(self, engine: str) -> None:
         """`engine` refused a connection: one step toward ejecting it."""
         ...
@@ -192,6 +196,8 @@ async def proxy_request(
             ctx.end_request(engine, tokens)
             ctx.metrics.requests.labels(engine, policy, "cancelled").inc()
             raise
+        if upstream.status_code < 400:
+            ctx.note_served(engine)
         if match is not None and match.tokens:
             ctx.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
         if _is_sse(upstream):

@@ -27,6 +27,7 @@ from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
 from kvroute.gateway.prompt_worker import PreparedRequest, PromptWorkers
 from kvroute.gateway.proxy import HeaderRules
+from kvroute.gateway.silence import SilentSources
 from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import RestoredSource
@@ -71,7 +72,10 @@ class Gateway:
     # handed to their sources once as they are added (only to the same identity).
     snapshots: SnapshotWriter | None = None
     restores: dict[SourceId, RestoredSource] = field(default_factory=dict)
+    # Sources silent while their engine serves requests (gateway/silence.py); None: not watched.
+    silence: SilentSources | None = None
     _snapshot_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _silence_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fleet.on_change(self._on_fleet_change)
@@ -86,6 +90,8 @@ class Gateway:
             await self.shared.start()
         if self.snapshots is not None:
             self._snapshot_task = asyncio.create_task(self.snapshots.run(), name="kvroute-snapshot")
+        if self.silence is not None:
+            self._silence_task = asyncio.create_task(self.silence.run(), name="kvroute-silence")
         log.info(
             "gateway started",
             extra={
@@ -98,10 +104,11 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._snapshot_task
+        for task in (self._snapshot_task, self._silence_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.snapshots is not None and self.subscribers is not None:
             self.snapshots.write_now()  # graceful shutdown: the freshest state, in-process
         if self.shared is not None:
@@ -261,6 +268,9 @@ class Gateway:
 
     def end_request(self, engine: str, tokens: int) -> None:
         self.fleet.end_request(engine, tokens)
+
+    def note_served(self, engine: str) -> None:
+        self.fleet.note_served(engine)
 
     def mark_failure(self, engine: str) -> None:
         self.fleet.mark_failure(engine)
