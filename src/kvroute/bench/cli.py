@@ -55,15 +55,23 @@ def register(sub: Any) -> None:
         "connections; not in all) | relay (event latency and throughput direct vs through "
         "kvroute relay with CURVE; not in all)",
     )
-    bench.add_argument("--size", choices=["smoke", "full"], default="full")
-    bench.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    bench.add_argument(
+        "--size",
+        choices=["smoke", "full"],
+        default="full",
+        help="workload of decode, index, ingest and relay: smoke (a quick check) or full",
+    )
+    bench.add_argument(
+        "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON results go"
+    )
     peers = bench.add_argument_group(
         "ingest side by side (kvroute bench ingest --vs dynamo; install the peer: make bench-peers)"
     )
     peers.add_argument(
         "--vs",
         choices=["dynamo"],
-        help="also run NVIDIA Dynamo's standalone indexer on the same stream and compare",
+        help="also run NVIDIA Dynamo's standalone indexer on the same stream and compare "
+        "(default: kvroute alone)",
     )
     peers.add_argument(
         "--events",

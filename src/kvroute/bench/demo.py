@@ -128,28 +128,47 @@ class PolicyResult:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help="directory for the JSON results and the chart",
+    )
     parser.add_argument(
         "--speed",
         type=float,
         default=DemoOptions.speed,
-        help="simulated seconds per wall second (default %(default)s)",
+        help="simulated seconds per wall second",
     )
     parser.add_argument(
         "--load",
         type=float,
         default=DemoOptions.load,
-        help="arrival rate as a fraction of round-robin capacity (default %(default)s)",
+        help="arrival rate as a fraction of round-robin capacity",
     )
     parser.add_argument(
         "--policies",
         default=",".join(POLICIES),
-        help="comma-separated policies to compare (default %(default)s)",
+        help="comma-separated policies to compare",
     )
-    parser.add_argument("--groups", type=int, default=ChatWorkloadSpec.groups)
-    parser.add_argument("--users-per-group", type=int, default=ChatWorkloadSpec.users_per_group)
-    parser.add_argument("--turns", type=int, default=ChatWorkloadSpec.turns)
-    parser.add_argument("--seed", type=int, default=ChatWorkloadSpec.seed)
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=ChatWorkloadSpec.groups,
+        help="system prompts shared by the users (fewer: hotter prefixes)",
+    )
+    parser.add_argument(
+        "--users-per-group",
+        type=int,
+        default=ChatWorkloadSpec.users_per_group,
+        help="chat users per system prompt",
+    )
+    parser.add_argument(
+        "--turns", type=int, default=ChatWorkloadSpec.turns, help="turns of each user's chat"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=ChatWorkloadSpec.seed, help="seed of the random workload"
+    )
     parser.add_argument(
         "--no-check", action="store_true", help="always exit 0 (do not enforce the thresholds)"
     )
@@ -159,7 +178,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="override a gateway setting for every policy run (repeatable), e.g. w_load=0.5",
+        help="override a gateway setting for every policy run (repeatable), e.g. w_load=0.5 "
+        "(default: none)",
     )
 
 

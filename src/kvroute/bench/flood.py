@@ -60,31 +60,31 @@ def add_arguments(p: argparse._ActionsContainer) -> None:
         "--flood-seconds",
         type=float,
         default=d.seconds,
-        help="seconds of honest routing without the flood, then as many with it (%(default)s)",
+        help="seconds of honest routing without the flood, then as many with it",
     )
     p.add_argument(
         "--route-rate",
         type=float,
         default=d.route_rate,
-        help="honest /v1/route requests per second (%(default)s)",
+        help="honest /v1/route requests per second",
     )
     p.add_argument(
         "--flood-blocks-per-s",
         type=float,
         default=d.blocks_per_s,
-        help="blocks per second the hostile publisher offers (%(default)s)",
+        help="blocks per second the hostile publisher offers",
     )
     p.add_argument(
         "--flood-modes",
         default=",".join(d.modes),
-        help="gateways to flood, of: limits (the defaults), no-limits (ingest budgets off) "
-        "(%(default)s)",
+        help="gateways to flood, comma-separated, of: limits (ingest budgets on, as shipped), "
+        "no-limits (ingest budgets off)",
     )
     p.add_argument(
         "--hostile-sources",
         type=int,
         default=d.hostile_sources,
-        help="hostile publishers, each an engine of its own (%(default)s)",
+        help="hostile publishers, each an engine of its own",
     )
     p.add_argument(
         "--flood-frames",
@@ -92,7 +92,7 @@ def add_arguments(p: argparse._ActionsContainer) -> None:
         default=d.frames,
         help="what they publish: blocks (unique BlockStored at --flood-blocks-per-s each) or "
         f"giant ({d.giant_bytes >> 20} MiB batches, past max_event_message_bytes, "
-        f"{d.giant_per_s:g}/s each) (%(default)s)",
+        f"{d.giant_per_s:g}/s each)",
     )
 
 

@@ -50,29 +50,26 @@ def add_arguments(p: argparse._ActionsContainer) -> None:
         "--hostile-seconds",
         type=float,
         default=d.seconds,
-        help="seconds of normal traffic alone, then as many beside the hostile clients "
-        "(%(default)s)",
+        help="seconds of normal traffic alone, then as many beside the hostile clients",
     )
     p.add_argument(
         "--normal-rate",
         type=float,
         default=d.rate,
-        help="normal completions per second (%(default)s)",
+        help="normal completions per second",
     )
-    p.add_argument(
-        "--idle-connections", type=int, default=d.idle, help="idle connections (%(default)s)"
-    )
+    p.add_argument("--idle-connections", type=int, default=d.idle, help="idle connections")
     p.add_argument(
         "--slow-connections",
         type=int,
         default=d.slow,
-        help="slowloris connections, a header byte a second (%(default)s)",
+        help="slowloris connections, a header byte a second",
     )
     p.add_argument(
         "--hostile-kinds",
         default=",".join(d.kinds),
-        help="hostile clients to run, of: prompts (huge token-id prompts), bodies (100 MB "
-        "uploads), idle, slow (%(default)s)",
+        help="hostile clients to run, comma-separated, of: prompts (huge token-id prompts), "
+        "bodies (100 MB uploads), idle, slow",
     )
 
 

@@ -114,13 +114,12 @@ class PhaseResult:
 def add_arguments(parser: Any) -> None:
     """`kvroute bench replicas` flags on `parser` (an argparse parser or argument group)."""
     parser.add_argument(
-        "--replicas", type=int, default=3, help="replicas in the several-replica runs (default 3)"
+        "--replicas", type=int, default=3, help="replicas in the several-replica runs"
     )
     parser.add_argument(
         "--phases",
         default=",".join(DEFAULT_PHASES),
-        help="comma-separated runs, of: " + ", ".join(p.key for p in PHASES) + " (default "
-        "%(default)s)",
+        help="comma-separated runs, of: " + ", ".join(p.key for p in PHASES),
     )
     parser.add_argument(
         "--shared-state-url",
@@ -130,26 +129,31 @@ def add_arguments(parser: Any) -> None:
         "--speed",
         type=float,
         default=DemoOptions.speed,
-        help=f"simulated seconds per wall second (default {DemoOptions.speed:g})",
+        help="simulated seconds per wall second",
     )
     parser.add_argument(
         "--load",
         type=float,
         default=DemoOptions.load,
-        help=f"arrivals as a fraction of round-robin capacity (default {DemoOptions.load:g})",
+        help="arrivals as a fraction of round-robin capacity",
     )
     parser.add_argument(
         "--groups",
         type=int,
         default=ChatWorkloadSpec.groups,
-        help="system prompts shared by the users (default %(default)s; fewer: hotter prefixes)",
+        help="system prompts shared by the users (fewer: hotter prefixes)",
     )
-    parser.add_argument("--users-per-group", type=int, default=ChatWorkloadSpec.users_per_group)
+    parser.add_argument(
+        "--users-per-group",
+        type=int,
+        default=ChatWorkloadSpec.users_per_group,
+        help="chat users per system prompt",
+    )
     parser.add_argument(
         "--repeat",
         type=int,
         default=1,
-        help="runs of each phase, interleaved; hit rate and TTFT pooled over them (default 1)",
+        help="runs of each phase, interleaved; hit rate and TTFT pooled over them",
     )
     parser.add_argument(
         "--replica-setting",
@@ -157,7 +161,7 @@ def add_arguments(parser: Any) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="a gateway setting for every replica of every run (repeatable), e.g. "
-        "scrape_interval_s=0.25",
+        "scrape_interval_s=0.25 (default: none)",
     )
     parser.add_argument(
         "--no-check", action="store_true", help="exit 0 even when the thresholds are missed"

@@ -52,28 +52,26 @@ class RestartOptions:
 
 def add_arguments(p: argparse._ActionsContainer) -> None:
     d = RestartOptions()
-    p.add_argument(
-        "--gpu-blocks", type=int, default=d.gpu_blocks, help="KV blocks per engine (%(default)s)"
-    )
+    p.add_argument("--gpu-blocks", type=int, default=d.gpu_blocks, help="KV blocks per engine")
     p.add_argument(
         "--warmup-requests",
         type=int,
         default=d.warmup_requests,
-        help="requests through the first gateway before it is killed (%(default)s)",
+        help="requests through the first gateway before it is killed",
     )
-    p.add_argument("--down-s", type=float, default=d.down_s, help="downtime, s (%(default)s)")
+    p.add_argument("--down-s", type=float, default=d.down_s, help="seconds with no gateway running")
     p.add_argument(
         "--buffer-steps",
         type=int,
         default=d.buffer_steps,
-        help="batches each simulated engine keeps for replay (%(default)s)",
+        help="batches each simulated engine keeps for replay",
     )
     p.add_argument(
         "--fill-blocks",
         type=int,
         default=d.fill_blocks,
         help="blocks each engine caches from unique prompts before the warm-up, to measure a "
-        "big index (keep below --gpu-blocks) (%(default)s)",
+        "big index (keep below --gpu-blocks)",
     )
 
 

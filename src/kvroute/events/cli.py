@@ -76,26 +76,40 @@ def batch_to_json(batch: VllmEventBatch) -> dict[str, Any]:
 def register(sub: Any) -> None:
     """Add `kvroute events decode|listen` to the top-level subparsers."""
     events = sub.add_parser("events", help="decode vLLM KV-event payloads or listen to an engine")
-    actions = events.add_subparsers(dest="events_command", required=True, metavar="ACTION")
+    actions = events.add_subparsers(
+        dest="events_command", required=True, metavar="ACTION", help="what to do"
+    )
 
     decode = actions.add_parser(
         "decode", help="print each payload file (one KVEventBatch) as normalised JSON"
     )
-    decode.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    decode.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="a payload file: one KVEventBatch as vLLM publishes it (msgpack)",
+    )
     decode.set_defaults(func=_quiet_on_broken_pipe(_run_decode))
 
     listen = actions.add_parser(
         "listen", help="subscribe to a PUB endpoint and print one JSON line per batch"
     )
     listen.add_argument("--endpoint", required=True, help="PUB endpoint, e.g. tcp://host:5557")
-    listen.add_argument("--replay-endpoint", help="replay ROUTER endpoint, e.g. tcp://host:5558")
-    listen.add_argument("--topic", default="", help='topic prefix to subscribe to (default "")')
+    listen.add_argument(
+        "--replay-endpoint",
+        help="replay ROUTER endpoint, e.g. tcp://host:5558 (default: none, no replay)",
+    )
+    listen.add_argument(
+        "--topic", default="", help='topic prefix to subscribe to (default: "", every topic)'
+    )
     listen.add_argument(
         "--from-seq",
         type=_seq,
         default=None,
         metavar="N",
-        help="replay buffered batches from seq N first (needs --replay-endpoint), then go live",
+        help="replay buffered batches from seq N first (needs --replay-endpoint), then go live "
+        "(default: live batches only)",
     )
     listen.add_argument(
         "--replay-timeout", type=float, default=5.0, help="seconds allowed for the replay"

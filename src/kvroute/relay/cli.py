@@ -42,23 +42,23 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--engine-events",
         default="tcp://127.0.0.1:5557",
-        help="the engine's event PUB to connect to (default tcp://127.0.0.1:5557)",
+        help="the engine's event PUB to connect to",
     )
     p.add_argument(
         "--engine-replay",
         default=None,
-        help="the engine's replay ROUTER, e.g. tcp://127.0.0.1:5558 (default: none)",
+        help="the engine's replay ROUTER, e.g. tcp://127.0.0.1:5558 (default: none, no replay)",
     )
     p.add_argument(
         "--bind-events",
         default="tcp://*:15557",
-        help="where gateways subscribe (CURVE PUB; default tcp://*:15557)",
+        help="where gateways subscribe (CURVE PUB)",
     )
     p.add_argument(
         "--bind-replay",
         default=None,
         help="where gateways ask for replay (CURVE ROUTER), e.g. tcp://*:15558; "
-        "needs --engine-replay",
+        "needs --engine-replay (default: none, no replay)",
     )
     p.add_argument(
         "--secret-key-file",
@@ -76,25 +76,25 @@ def register(sub: Any) -> None:
         "--allow-reload-s",
         type=float,
         default=d.allow_reload_s,
-        help=f"seconds between checks of --allow-dir (default {d.allow_reload_s})",
+        help="seconds between checks of --allow-dir",
     )
     p.add_argument(
         "--max-replays",
         type=int,
         default=d.max_replays,
-        help=f"replays in flight at once; more are refused (default {d.max_replays})",
+        help="replays in flight at once; more are refused",
     )
     p.add_argument(
         "--replay-timeout-s",
         type=float,
         default=d.replay_timeout_s,
-        help=f"longest replay through the relay (default {d.replay_timeout_s})",
+        help="longest replay through the relay, seconds",
     )
     p.add_argument(
         "--hwm",
         type=int,
         default=d.hwm,
-        help=f"messages queued per socket before dropping (default {d.hwm})",
+        help="messages queued per socket before dropping",
     )
     p.add_argument(
         "--metrics-port",
@@ -103,12 +103,24 @@ def register(sub: Any) -> None:
         help="serve /metrics and /healthz on this port (default: off)",
     )
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of --metrics-port")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="kv", choices=["kv", "json"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log records written to stderr",
+    )
+    p.add_argument(
+        "--log-format",
+        default="kv",
+        choices=["kv", "json"],
+        help="log lines as key=value pairs (kv) or JSON objects (json)",
+    )
     p.set_defaults(func=run)  # fmt: skip
 
     keys = sub.add_parser("keys", help="CURVE key pairs for the relay and gateways")
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    keys_sub = keys.add_subparsers(
+        dest="keys_command", metavar="ACTION", required=True, help="what to do"
+    )
     gen = keys_sub.add_parser(
         "generate",
         help="write a key pair: NAME.key (public) and NAME.key_secret (mode 0600)",
@@ -117,7 +129,7 @@ def register(sub: Any) -> None:
         "secret, e.g. in a Kubernetes secret). Prints the public key.",
     )
     gen.add_argument("--out", type=Path, required=True, help="directory to write into")
-    gen.add_argument("--name", default="kvroute", help="file name stem (default kvroute)")
+    gen.add_argument("--name", default="kvroute", help="file name stem: NAME.key, NAME.key_secret")
     gen.set_defaults(func=run_keys_generate)
 
 

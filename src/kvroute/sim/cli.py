@@ -32,35 +32,89 @@ def register(sub: Any) -> None:
             "a base of 0 lets the system pick free ports. Runs until SIGINT/SIGTERM."
         ),
     )
-    p.add_argument("--engines", type=int, default=2, help="number of engines (default 2)")
+    p.add_argument("--engines", type=int, default=2, help="number of engines")
     p.add_argument("--model", default="sim/llama-3.1-8b", help="served model name")
-    p.add_argument("--dp-ranks", type=int, default=1, help="DP ranks per engine (default 1)")
+    p.add_argument("--dp-ranks", type=int, default=1, help="data-parallel ranks per engine")
     p.add_argument("--vllm-version", default=d.release, help="wire layout of this vLLM release")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-base-port", type=int, default=0)
-    p.add_argument("--events-base-port", type=int, default=0)
-    p.add_argument("--replay-base-port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address the engines listen on")
+    p.add_argument(
+        "--http-base-port",
+        type=int,
+        default=0,
+        metavar="BASE",
+        help="HTTP port of engine 0; 0 picks free ports",
+    )
+    p.add_argument(
+        "--events-base-port",
+        type=int,
+        default=0,
+        metavar="BASE",
+        help="KV-event PUB port of engine 0, rank 0; 0 picks free ports",
+    )
+    p.add_argument(
+        "--replay-base-port",
+        type=int,
+        default=0,
+        metavar="BASE",
+        help="replay ROUTER port of engine 0, rank 0; 0 picks free ports",
+    )
     p.add_argument("--no-replay", action="store_true", help="no replay ROUTER sockets")
-    p.add_argument("--topic", default=d.topic, help=f"event topic (default {d.topic!r})")
-    p.add_argument("--speed", type=float, default=d.speed, help="simulated s per wall s")
-    p.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks)
-    p.add_argument("--block-size", type=int, default=d.block_size)
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    p.add_argument("--prefill-tok-per-s", type=float, default=d.prefill_tok_per_s)
-    p.add_argument("--decode-step-ms", type=float, default=d.decode_step_s * 1000)
+    p.add_argument("--topic", default=d.topic, help="topic the events are published with")
+    p.add_argument("--speed", type=float, default=d.speed, help="simulated seconds per wall second")
+    p.add_argument(
+        "--num-gpu-blocks", type=int, default=d.num_gpu_blocks, help="KV-cache blocks per DP rank"
+    )
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV block")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="requests a DP rank runs at once; more wait in its queue",
+    )
+    p.add_argument(
+        "--prefill-tok-per-s",
+        type=float,
+        default=d.prefill_tok_per_s,
+        help="prefill speed, prompt tokens per simulated second",
+    )
+    p.add_argument(
+        "--decode-step-ms",
+        type=float,
+        default=d.decode_step_s * 1000,
+        help="simulated milliseconds per decode step (one token for each running request)",
+    )
     p.add_argument("--bytes-hashes", action="store_true", help="32-byte hashes, not uint64")
-    p.add_argument("--buffer-steps", type=int, default=d.buffer_steps)
-    p.add_argument("--lora", nargs="*", default=[], metavar="NAME", help="LoRA adapters served")
-    p.add_argument("--fleet-out", type=Path, help="write the fleet YAML here")
+    p.add_argument(
+        "--buffer-steps",
+        type=int,
+        default=d.buffer_steps,
+        help="batches each DP rank keeps for replay",
+    )
+    p.add_argument(
+        "--lora",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="LoRA adapters served (default: none)",
+    )
+    p.add_argument(
+        "--fleet-out",
+        type=Path,
+        metavar="FILE",
+        help="write the fleet YAML here (default: print it on stdout)",
+    )
     p.add_argument(
         "--curve-secret-key-file",
         type=Path,
         metavar="FILE",
         help="publish (PUB and replay ROUTER) as a CURVE server with this key pair (kvroute keys "
-        "generate: the .key_secret file); the fleet YAML then carries its curve_server_key",
+        "generate: the .key_secret file); the fleet YAML then carries its curve_server_key "
+        "(default: no CURVE, plain ZeroMQ)",
     )
     # fault switches applied to every engine right after start-up
-    p.add_argument("--drop-next", type=int, default=0, help="fault: drop the next N batches")
+    p.add_argument(
+        "--drop-next", type=int, default=0, metavar="N", help="fault: drop the next N batches"
+    )
     p.add_argument("--duplicate-stores", action="store_true", help="fault: send stores twice")
     p.add_argument("--no-replay-server", action="store_true", help="fault: replay ROUTER off")
     p.add_argument("--pause-events", action="store_true", help="fault: queue, do not publish")
