@@ -3,23 +3,37 @@ elsewhere (event counters, sources, index, fleet) is read by collectors at scrap
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Protocol
+from typing import Final, Protocol, TypeAlias
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvroute import __version__
 from kvroute.core import EventCounters, SourceId, SourceStatus
 
 __all__ = ["Metrics", "RelayMetrics"]
+
+# Counters and histograms get no `_created` series: they doubled every counter on /metrics and
+# no query here uses them (process-wide in prometheus_client).
+disable_created_metrics()  # type: ignore[no-untyped-call]
+# Seconds, from a cached-prefix completion (~10 ms) to a long generation (minutes).
+_LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
+)  # fmt: skip
 
 
 def _counter(
@@ -101,6 +115,7 @@ class _StateCollector(Collector):
         self.fleet_reloads: Mapping[str, int] | None = None
         self.discovery_errors: Mapping[str, int] | None = None
         self.engine_loads: Callable[[], Iterable[tuple[str, int, int]]] | None = None
+        self.engine_states: Callable[[], Iterable[EngineGauges]] | None = None
         self.shared: _SharedStateView | None = None
         self.snapshots: _SnapshotView | None = None
 
@@ -216,10 +231,42 @@ class _StateCollector(Collector):
                 tokens.add_metric([name], float(n_tokens))
             yield requests
             yield tokens
+        if self.engine_states is not None:
+            yield from _engine_gauges(self.engine_states())
         if self.shared is not None:
             yield from self.shared.collect()
         if self.snapshots is not None:
             yield from self.snapshots.collect()
+
+
+# (engine, requests this replica has in flight there, the engine's last scraped `vllm:` gauges)
+EngineGauges: TypeAlias = tuple[str, int, Mapping[str, float]]
+# The scraped gauges re-exported per engine: kvroute name, help, the engine's gauge.
+_SCRAPED: Final = (
+    ("kvroute_engine_running_requests", "Requests the engine runs (its last scrape).",
+     "vllm:num_requests_running"),
+    ("kvroute_engine_waiting_requests", "Requests queued at the engine (its last scrape).",
+     "vllm:num_requests_waiting"),
+    ("kvroute_engine_kv_cache_usage", "The engine's KV-cache usage, 0 to 1 (its last scrape).",
+     "vllm:kv_cache_usage_perc"),
+)  # fmt: skip
+
+
+def _engine_gauges(engines: Iterable[EngineGauges]) -> Iterator[Metric]:
+    in_flight = GaugeMetricFamily(
+        "kvroute_engine_in_flight_requests",
+        "Requests this gateway has in flight at each engine.",
+        labels=["engine"],
+    )
+    scraped = [GaugeMetricFamily(name, doc, labels=["engine"]) for name, doc, _ in _SCRAPED]
+    for name, n, gauges in engines:
+        in_flight.add_metric([name], float(n))
+        for family, (_, _, key) in zip(scraped, _SCRAPED, strict=True):
+            value = gauges.get(key)
+            if value is not None:
+                family.add_metric([name], value)
+    yield in_flight
+    yield from scraped
 
 
 class _SharedStateView:
@@ -348,10 +395,42 @@ class Metrics:
         )
         self.route_decision_seconds = Histogram(
             "kvroute_route_decision_seconds",
-            "Time to choose an engine (match + score).",
+            "Time to choose an engine (match + score), per policy.",
+            ["policy"],
             buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2),
             registry=r,
         )
+        # A proxied request's latency as the client sees it, to its last byte (gateway/exchange.py).
+        self.request_duration = Histogram(
+            "kvroute_request_duration_seconds",
+            "Proxied requests from arrival to the last byte sent, per engine and policy.",
+            ["engine", "policy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_byte = Histogram(
+            "kvroute_time_to_first_byte_seconds",
+            "Streamed requests from arrival to the first chunk sent, per engine and policy.",
+            ["engine", "policy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "kvroute_upstream_duration_seconds",
+            "Time an engine took, from sending it the request to its answer's last byte.",
+            ["engine"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        build = Gauge(
+            "kvroute_build_info",
+            "Always 1; the labels say which kvroute and Python run.",
+            ["version", "python"],
+            registry=r,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes...
+        PlatformCollector(registry=r)  # python_info
         self.tokenize_seconds = Histogram(
             "kvroute_tokenize_seconds",
             "Time to tokenize a request, per mode (cache, local, remote).",
@@ -432,6 +511,12 @@ class Metrics:
         """Export `kvroute_engine_load_requests` and `_tokens{engine}` from `loads()`
         ((engine, requests, tokens) as routing counts them)."""
         self._state.engine_loads = loads
+
+    def watch_engines(self, engines: Callable[[], Iterable[EngineGauges]]) -> None:
+        """Export `kvroute_engine_in_flight_requests{engine}` and the engines' scraped queue
+        and KV-usage gauges (`kvroute_engine_running_requests`, `_waiting_requests`,
+        `_kv_cache_usage`) from `engines()`."""
+        self._state.engine_states = engines
 
     def watch_shared_state(
         self,

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of kvroute's loggers."
     )
+    access_log: bool = Field(
+        True,
+        description="One info line per proxied request on logger `kvroute.access` (method, "
+        "path, model, engine, status, prompt and matched tokens, latency, request id).",
+    )
     log_format: LogFormat = Field(
         "kv", description="Log line format: `kv` (key=value) or `json` (one object per line)."
     )

@@ -72,6 +72,9 @@ def build_gateway(
     )
     metrics.watch_fleet(lambda: [(e.name, e.healthy) for e in fleet.engines()], fleet.reloads)
     metrics.watch_load(lambda: [(e.name, *fleet.load(e).pair()) for e in fleet.engines()])
+    metrics.watch_engines(
+        lambda: [(e.name, e.in_flight_requests, e.scraped) for e in fleet.engines()]
+    )
     index: PrefixIndex | None = None
     subscribers: SubscriberManager | None = None
     policy_name = settings.policy
@@ -134,6 +137,7 @@ def build_gateway(
         body_timeout_s=settings.body_timeout_s,
         prompt_workers=_prompt_workers(settings),
         prompt_offload_bytes=settings.prompt_offload_bytes,
+        access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
     gateway.shared = _shared_state(settings, gateway, metrics)

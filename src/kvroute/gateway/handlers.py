@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kvroute.errors import ClientGone, GatewayHTTPError
+from kvroute.gateway.exchange import REQUEST_ID_HEADER, Exchange, request_id
 from kvroute.gateway.openai_body import RequestKind, read_body
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.proxy import proxy_request
@@ -46,19 +47,35 @@ async def _read_body(request: Request, gateway: Gateway) -> bytes:
 
 async def _proxy(request: Request, kind: RequestKind) -> Response:
     gateway = _gateway(request)
+    exchange = Exchange(
+        gateway.metrics,
+        request.method,
+        request.url.path,
+        request_id(request),
+        log_access=gateway.access_log,
+    )
     try:
-        raw = await _read_body(request, gateway)
-    except ClientGone:
-        log.debug("client went away while sending its request")
-        return Response(status_code=499)
-    prepared = await gateway.prepare(kind, raw)
-    req = prepared.request
-    outcome = await gateway.route(req, prepared.token_ids)
-    try:
-        return await proxy_request(gateway, request, req, outcome)
-    except ClientGone:
-        log.debug("client went away before the engine answered")
-        return Response(status_code=499)
+        try:
+            raw = await _read_body(request, gateway)
+        except ClientGone:
+            log.debug("client went away while sending its request")
+            exchange.finish(499, "cancelled")
+            return Response(status_code=499)
+        prepared = await gateway.prepare(kind, raw)
+        req = prepared.request
+        exchange.model = req.model
+        outcome = await gateway.route(req, prepared.token_ids)
+        exchange.policy = outcome.decision.policy
+        exchange.prompt_tokens = outcome.prompt_tokens
+        try:
+            return await proxy_request(gateway, request, req, outcome, exchange)
+        except ClientGone:
+            log.debug("client went away before the engine answered")
+            exchange.finish(499, "cancelled")
+            return Response(status_code=499)
+    except GatewayHTTPError as exc:  # refused or failed before an answer: still one access line
+        exchange.finish(exc.status, "refused")
+        raise
 
 
 async def completions(request: Request) -> Response:
@@ -176,4 +193,8 @@ async def debug_engines(request: Request) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayHTTPError)
-    return http_error_response(exc)
+    response = http_error_response(exc)
+    rid = getattr(request.state, "request_id", None)
+    if rid is not None:  # a proxied request's refusal carries its id like its answer would
+        response.headers[REQUEST_ID_HEADER] = rid
+    return response

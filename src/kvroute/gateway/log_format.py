@@ -63,5 +63,5 @@ def configure_logging(level: str = "info", fmt: str = "kv") -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
         logger.propagate = False
-    # Per-request access lines are noise at fleet scale; kvroute logs requests at debug level.
+    # uvicorn's access lines say less than kvroute's own (`kvroute.access`, gateway/exchange.py).
     logging.getLogger("uvicorn.access").disabled = True

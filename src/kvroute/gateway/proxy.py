@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from kvroute.core import EngineClient, EngineResponse
 from kvroute.errors import ClientGone, EngineConnectError, EngineError, GatewayHTTPError
+from kvroute.gateway.exchange import REQUEST_ID_HEADER, Exchange
 from kvroute.gateway.openai_body import RoutingRequest
 from kvroute.gateway.openai_errors import no_healthy_engine
 from kvroute.gateway.outcome import RouteOutcome
@@ -142,12 +143,17 @@ def _forward_headers(request: Request, rules: HeaderRules) -> dict[str, str]:
 
 
 async def proxy_request(
-    ctx: ProxyContext, request: Request, req: RoutingRequest, outcome: RouteOutcome
+    ctx: ProxyContext,
+    request: Request,
+    req: RoutingRequest,
+    outcome: RouteOutcome,
+    exchange: Exchange,
 ) -> Response:
     """Send `req` to the chosen engine (retrying once on a connect failure) and relay the answer."""
     policy = outcome.decision.policy
     ranked = outcome.decision.ranked
     headers = _forward_headers(request, ctx.header_rules)
+    headers[REQUEST_ID_HEADER] = exchange.request_id  # the client's, or the one made for it
     tokens = outcome.prompt_tokens + req.max_tokens
     engine: str | None = outcome.decision.engine
     tried: set[str] = set()
@@ -160,6 +166,7 @@ async def proxy_request(
         ctx.begin_request(engine, tokens)
         ctx.add_speculative(engine, outcome, req.cache_salt)
         match = outcome.matches.get(engine)
+        exchange.sent_upstream(engine, match.tokens if match is not None else 0)
         try:
             upstream = await _send_until_disconnect(
                 request,
@@ -171,6 +178,7 @@ async def proxy_request(
             ctx.metrics.requests.labels(engine, policy, "connect_error").inc()
             failed, engine = engine, ctx.next_engine(ranked, tried)
             if engine is None or len(tried) >= 2:
+                exchange.finish(502, "connect_error")
                 raise GatewayHTTPError(
                     502,
                     f"engine {failed!r} unreachable: {exc}",
@@ -186,6 +194,7 @@ async def proxy_request(
         except EngineError as exc:
             ctx.end_request(engine, tokens)
             ctx.metrics.requests.labels(engine, policy, "upstream_error").inc()
+            exchange.finish(502, "upstream_error")
             raise GatewayHTTPError(
                 502,
                 f"engine {engine!r} failed before answering: {exc}",
@@ -195,14 +204,15 @@ async def proxy_request(
         except BaseException:  # ClientGone, cancellation
             ctx.end_request(engine, tokens)
             ctx.metrics.requests.labels(engine, policy, "cancelled").inc()
+            exchange.finish(499, "cancelled")
             raise
         if upstream.status_code < 400:
             ctx.note_served(engine)
         if match is not None and match.tokens:
             ctx.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
         if _is_sse(upstream):
-            return _relay(ctx, upstream, engine, policy, tokens)
-        return await _buffered(ctx, upstream, engine, policy, tokens)
+            return _relay(ctx, upstream, engine, policy, tokens, exchange)
+        return await _buffered(ctx, upstream, engine, policy, tokens, exchange)
     raise no_healthy_engine(req.model)
 
 
@@ -210,18 +220,26 @@ def _is_sse(upstream: EngineResponse) -> bool:
     return upstream.headers.get("content-type", "").startswith("text/event-stream")
 
 
-def _response_headers(upstream: EngineResponse, engine: str) -> dict[str, str]:
+def _response_headers(upstream: EngineResponse, engine: str, request_id: str) -> dict[str, str]:
     headers = {
         k: v
         for k, v in upstream.headers.items()
-        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
+        if (name := k.lower()) not in _HOP_BY_HOP
+        and name not in _SERVER_OWN
+        and name != REQUEST_ID_HEADER
     }
     headers[ENGINE_HEADER] = engine
+    headers[REQUEST_ID_HEADER] = request_id
     return headers
 
 
 async def _buffered(
-    ctx: ProxyContext, upstream: EngineResponse, engine: str, policy: str, tokens: int
+    ctx: ProxyContext,
+    upstream: EngineResponse,
+    engine: str,
+    policy: str,
+    tokens: int,
+    exchange: Exchange,
 ) -> Response:
     """A non-streamed answer, read whole before it is relayed (the engine sends it complete), so
     an engine that breaks off mid-body gets the client a 502, not a cut 200."""
@@ -240,15 +258,24 @@ async def _buffered(
     finally:
         ctx.end_request(engine, tokens)
         ctx.metrics.requests.labels(engine, policy, label).inc()
+        status = {"cancelled": 499, "upstream_error": 502}.get(label, upstream.status_code)
+        exchange.finish(status, label)
         with anyio.CancelScope(shield=True):
             await upstream.aclose()
     return Response(
-        content, status_code=upstream.status_code, headers=_response_headers(upstream, engine)
+        content,
+        status_code=upstream.status_code,
+        headers=_response_headers(upstream, engine, exchange.request_id),
     )
 
 
 def _relay(
-    ctx: ProxyContext, upstream: EngineResponse, engine: str, policy: str, tokens: int
+    ctx: ProxyContext,
+    upstream: EngineResponse,
+    engine: str,
+    policy: str,
+    tokens: int,
+    exchange: Exchange,
 ) -> StreamingResponse:
     """A streamed (SSE) answer, relayed chunk by chunk as the engine sends it."""
     label = str(upstream.status_code)
@@ -258,6 +285,7 @@ def _relay(
         nonlocal label, completed
         try:
             async for chunk in upstream.aiter_raw():
+                exchange.first_byte()  # after the first, a None check
                 yield chunk
             completed = True
         except EngineError as exc:
@@ -276,11 +304,16 @@ def _relay(
             label = "cancelled"  # the client went away mid-answer
         ctx.end_request(engine, tokens)
         ctx.metrics.requests.labels(engine, policy, label).inc()
+        # The status line went out with the engine's status; the outcome says how it ended.
+        exchange.finish(upstream.status_code, label)
         await stream.aclose()
         await upstream.aclose()
 
     return _RelayResponse(
-        stream, close, status_code=upstream.status_code, headers=_response_headers(upstream, engine)
+        stream,
+        close,
+        status_code=upstream.status_code,
+        headers=_response_headers(upstream, engine, exchange.request_id),
     )
 
 

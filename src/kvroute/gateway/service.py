@@ -66,6 +66,7 @@ class Gateway:
     # tokenizer) by `prompt_workers`, off the loop; None: every body on the loop.
     prompt_workers: PromptWorkers | None = None
     prompt_offload_bytes: int = 64 * 1024
+    access_log: bool = True  # settings.access_log: a `kvroute.access` line per proxied request
     header_rules: HeaderRules = field(default_factory=HeaderRules)  # client headers upstream
     shared: SharedState | None = None  # the store replicas share load through (optional)
     # Warm restarts (persist/): the writer, and the sources a snapshot loaded at start holds,
@@ -222,7 +223,9 @@ class Gateway:
         if not any(c.healthy for c in candidates):
             raise no_healthy_engine(req.model)
         decision = self.policy.choose(candidates, matches, prompt_tokens)
-        self.metrics.route_decision_seconds.observe(time.perf_counter() - started)
+        self.metrics.route_decision_seconds.labels(self.policy.name).observe(
+            time.perf_counter() - started
+        )
         if self.index is not None and (stale := self.index.stale_engines()):
             decision = replace(
                 decision,
