@@ -12,7 +12,7 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test fuzz lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
-        test-index-python test-native-asan bench-peers
+        test-index-python test-native-asan bench-peers test-dashboard
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
@@ -34,6 +34,13 @@ test: $(STAMP)
 # calls (`make test` runs everything on the native core and receive loop).
 test-index-python: $(STAMP)
 	KVROUTE_INDEX_IMPL=python KVROUTE_RECEIVE_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
+
+# The Grafana dashboard's every panel query against a real Prometheus (Debian's package,
+# installed here when missing) scraping a gateway under load (tests/e2e/dashboard).
+test-dashboard: $(STAMP)
+	@command -v prometheus >/dev/null || { apt-get install -y -q prometheus >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; }
+	KVROUTE_REQUIRE_PROMETHEUS=1 $(call RUN_TESTS,tests/e2e/dashboard tests/e2e/gateway/test_observability.py -q -p no:cacheprovider)
 
 # The index tests against the native core built with ASan + UBSan (tests/native_asan.sh).
 test-native-asan: $(STAMP)

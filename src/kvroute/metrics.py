@@ -449,6 +449,12 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "kvroute_prompt_tokens",
+            "Prompt tokens of proxied requests, per engine (prefix_hit_tokens' denominator).",
+            ["engine"],
+            registry=r,
+        )
         self.upstream_retries = Counter(
             "kvroute_upstream_retries",
             "Requests retried on the next-best engine.",

@@ -208,6 +208,7 @@ async def proxy_request(
             raise
         if upstream.status_code < 400:
             ctx.note_served(engine)
+        ctx.metrics.prompt_tokens.labels(engine).inc(outcome.prompt_tokens)
         if match is not None and match.tokens:
             ctx.metrics.prefix_hit_tokens.labels(engine).inc(match.tokens)
         if _is_sse(upstream):
