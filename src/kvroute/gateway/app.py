@@ -22,6 +22,7 @@ from kvroute.events import CurveKeyPair, SubscriberManager, load_curve_key_pair
 from kvroute.fleet import EngineSpec, Fleet, FleetSource, load_fleet_file
 from kvroute.gateway import handlers
 from kvroute.gateway.auth import Handler, load_token, require_bearer
+from kvroute.gateway.openai_body import PASSTHROUGH_PATHS
 from kvroute.gateway.openai_errors import http_error_response
 from kvroute.gateway.openapi import openapi_document
 from kvroute.gateway.prompt_worker import PromptLimits, PromptWorkers
@@ -413,6 +414,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
         Route("/v1/completions", handlers.completions, methods=["POST"]),
         Route("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
         Route("/v1/route", route, methods=["POST"]),
+        *(Route(path, handlers.passthrough, methods=["POST"]) for path in PASSTHROUGH_PATHS),
         Route("/v1/models", handlers.list_models, methods=["GET"]),
         Route("/metrics", metrics_page, methods=["GET"]),
         Route("/healthz", handlers.healthz, methods=["GET"]),

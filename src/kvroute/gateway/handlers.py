@@ -45,7 +45,8 @@ async def _read_body(request: Request, gateway: Gateway) -> bytes:
         raise
 
 
-async def _proxy(request: Request, kind: RequestKind) -> Response:
+async def _proxy(request: Request, kind: RequestKind | None) -> Response:
+    """`kind` None: a passed-through endpoint (openai_body.PASSTHROUGH_PATHS), by its path."""
     gateway = _gateway(request)
     exchange = Exchange(
         gateway.metrics,
@@ -61,7 +62,11 @@ async def _proxy(request: Request, kind: RequestKind) -> Response:
             log.debug("client went away while sending its request")
             exchange.finish(499, "cancelled")
             return Response(status_code=499)
-        prepared = await gateway.prepare(kind, raw)
+        prepared = (
+            await gateway.prepare(kind, raw)
+            if kind is not None
+            else gateway.prepare_passthrough(request.url.path, raw)
+        )
         req = prepared.request
         exchange.model = req.model
         outcome = await gateway.route(req, prepared.token_ids)
@@ -76,6 +81,11 @@ async def _proxy(request: Request, kind: RequestKind) -> Response:
     except GatewayHTTPError as exc:  # refused or failed before an answer: still one access line
         exchange.finish(exc.status, "refused")
         raise
+
+
+async def passthrough(request: Request) -> Response:
+    """Embeddings, responses, tokenize and the engines' other JSON endpoints."""
+    return await _proxy(request, None)
 
 
 async def completions(request: Request) -> Response:

@@ -8,7 +8,7 @@ import enum
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -18,12 +18,30 @@ from kvroute.errors import ClientGone, GatewayHTTPError
 __all__ = [
     "DEFAULT_MAX_JSON_DEPTH",
     "DEFAULT_MAX_TOKENS",
+    "PASSTHROUGH_PATHS",
     "RequestKind",
     "RoutingRequest",
     "check_prompt_length",
+    "parse_passthrough",
     "parse_request",
     "read_body",
 ]
+
+# The engines' other JSON endpoints (vLLM's OpenAI server), passed through to an engine of the
+# body's model: by prefix when the body carries a prompt, by load otherwise.
+PASSTHROUGH_PATHS: Final = (
+    "/v1/embeddings",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/v1/score",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+)
 
 # Outstanding-token estimate when a request sets no max_tokens (OpenAI's completion default is
 # 16; chat has none, so assume a typical answer length).
@@ -64,6 +82,11 @@ class RoutingRequest:
     cache_salt: str | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = field(default=None)
+    path: str = ""  # the engine path when not the kind's own (a passed-through endpoint)
+
+    @property
+    def upstream_path(self) -> str:
+        return self.path or self.kind.path
 
     def estimated_prompt_tokens(self) -> int:
         """A rough size (4 characters a token) used only when tokenization is skipped or fails."""
@@ -181,6 +204,79 @@ def parse_request(
         if isinstance(add_generation_prompt, bool)
         else True,
         chat_template_kwargs=kwargs if isinstance(kwargs, dict) else None,
+    )
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str | None = None
+
+
+def parse_passthrough(
+    path: str,
+    raw: bytes,
+    *,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    max_prompt_tokens: int = 0,
+    whole: bool = True,
+) -> RoutingRequest:
+    """A body for one of `PASSTHROUGH_PATHS`: its model (400 when missing: kvroute must know
+    whose engines may take it) and the prompt routing can match, when it has one: `input` of
+    embeddings and responses (text or ids; responses' `instructions` as a system message),
+    `prompt` or `messages` of tokenize. `whole` False (a large body): only `model` is read,
+    without building the rest, and the request is routed by load."""
+    if not whole:
+        try:
+            model = msgspec.json.decode(raw, type=_ModelOnly).model
+        except msgspec.DecodeError:
+            model = _passthrough_model(_decode(raw, max_json_depth))
+        return RoutingRequest(RequestKind.COMPLETION, _require_model(model), raw, path=path)
+    body = _decode(raw, max_json_depth)
+    model = _require_model(_passthrough_model(body))
+    stream = body.get("stream") is True
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    source = body.get("prompt") if path == "/tokenize" else body.get("input")
+    if path in ("/v1/embeddings", "/v1/responses", "/tokenize", "/pooling", "/classify"):
+        if isinstance(source, str) or (isinstance(source, list) and _token_ids(source)):
+            prompt = _prompt(source, max_prompt_tokens)
+        elif _is_messages(source):
+            messages = source
+        elif path == "/tokenize" and _is_messages(body.get("messages")):
+            messages = body["messages"]
+    instructions = body.get("instructions") if path == "/v1/responses" else None
+    if isinstance(instructions, str) and (prompt is None or isinstance(prompt, str)):
+        messages = [{"role": "system", "content": instructions}, *(messages or [])]
+        if isinstance(prompt, str):
+            messages.append({"role": "user", "content": prompt})
+        prompt = None
+    if messages is not None:
+        return RoutingRequest(
+            RequestKind.CHAT, model, raw, messages=messages, max_tokens=0, stream=stream, path=path
+        )
+    return RoutingRequest(
+        RequestKind.COMPLETION, model, raw, prompt=prompt, max_tokens=0, stream=stream, path=path
+    )
+
+
+def _passthrough_model(body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise GatewayHTTPError(400, f"request body: expected a JSON object, got {_type_name(body)}")
+    return body.get("model")
+
+
+def _require_model(model: Any) -> str:
+    if not isinstance(model, str) or not model:
+        raise GatewayHTTPError(
+            400, f"model: expected a non-empty string, got {_type_name(model)}", param="model"
+        )
+    return model
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from kvroute import __version__
+from kvroute.gateway.openai_body import PASSTHROUGH_PATHS
 
 __all__ = ["openapi_document"]
 
@@ -88,6 +89,14 @@ def _errors(*statuses: int) -> dict[str, Any]:
     }
 
 
+# A passed-through body: the engine checks the rest; kvroute needs the model.
+_PASSTHROUGH: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {"model": {"type": "string", "minLength": 1}},
+}
+
+
 def _post(summary: str, body: dict[str, Any], ok: dict[str, Any]) -> dict[str, Any]:
     return {
         "post": {
@@ -134,5 +143,13 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": _get("Readiness", json_object, 503),
             "/debug/engines": _get("Sources and engines as kvroute sees them", json_object, 401),
             "/openapi.json": _get("This document", json_object),
+            **{
+                path: _post(
+                    "Passed through to an engine of the body's model (by prefix with a prompt)",
+                    _PASSTHROUGH,
+                    proxied,
+                )
+                for path in PASSTHROUGH_PATHS
+            },
         },
     }

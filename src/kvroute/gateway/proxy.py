@@ -170,7 +170,7 @@ async def proxy_request(
         try:
             upstream = await _send_until_disconnect(
                 request,
-                ctx.client.post_stream(base_url, req.kind.path, body=req.raw, headers=headers),
+                ctx.client.post_stream(base_url, req.upstream_path, body=req.raw, headers=headers),
             )
         except EngineConnectError as exc:  # the engine never saw it: retrying elsewhere is safe
             ctx.end_request(engine, tokens)

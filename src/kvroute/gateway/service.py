@@ -21,6 +21,7 @@ from kvroute.gateway.openai_body import (
     RequestKind,
     RoutingRequest,
     check_prompt_length,
+    parse_passthrough,
     parse_request,
 )
 from kvroute.gateway.openai_errors import no_healthy_engine
@@ -197,6 +198,19 @@ class Gateway:
             )
         )
 
+    def prepare_passthrough(self, path: str, raw: bytes) -> PreparedRequest:
+        """A body for another engine endpoint (openai_body.PASSTHROUGH_PATHS): parsed on the
+        loop when small; from `prompt_offload_bytes` on only its model is read (by load)."""
+        return PreparedRequest(
+            parse_passthrough(
+                path,
+                raw,
+                max_json_depth=self.max_json_depth,
+                max_prompt_tokens=self.max_prompt_tokens,
+                whole=len(raw) < self.prompt_offload_bytes,
+            )
+        )
+
     async def route(
         self, req: RoutingRequest, token_ids: Sequence[int] | None = None
     ) -> RouteOutcome:
@@ -209,8 +223,8 @@ class Gateway:
         given = token_ids
         if self.index is None:
             token_ids = None
-        elif token_ids is None:
-            token_ids = await self.tokenize(req)
+        elif token_ids is None and (req.prompt is not None or req.messages is not None):
+            token_ids = await self.tokenize(req)  # (a passed-through body may have no prompt)
         counted = token_ids if token_ids is not None else given  # a worker's ids, index off
         prompt_tokens = len(counted) if counted is not None else req.estimated_prompt_tokens()
         self._check_prompt_length(prompt_tokens)

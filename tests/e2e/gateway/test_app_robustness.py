@@ -122,7 +122,8 @@ async def test_unknown_paths_and_wrong_methods_get_openai_shaped_errors(gateway_
         for method, path, status in [
             ("GET", "/v1/completions", 405),
             ("POST", "/v1/models", 405),
-            ("GET", "/v1/embeddings", 404),
+            ("GET", "/v1/embeddings", 405),  # passed through, but POST only
+            ("GET", "/v1/nowhere", 404),
             ("POST", "/nowhere", 404),
         ]:
             response = await http.request(method, path)
