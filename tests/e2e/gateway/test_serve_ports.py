@@ -1,5 +1,6 @@
-"""`kvroute serve` binds its port before anything starts (issue 15): a port in use is one line
-on stderr and exit 2, and no engine ever hears from it; a free port serves as before."""
+"""`kvroute serve` binds its ports (HTTP, the endpoint picker's) before anything starts (issue
+15): a port in use is one line on stderr and exit 2, and no engine ever hears from it; a free
+port serves as before."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ import httpx
 import pytest
 import yaml
 
+from kvroute.bench.processes import free_port
+from kvroute.errors import ConfigError
+from kvroute.gateway import BackgroundServer, create_app
+from kvroute.gateway.picker import PickerServer
+from kvroute.gateway.server import listen
+from kvroute.metrics import Metrics
+from kvroute.settings import load_settings
 from tests.e2e.gateway.test_tls_and_connections import _self_signed
 
 DEADLINE_S = 60.0  # a loaded 2-core machine imports kvroute in a few seconds
@@ -122,6 +130,46 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_any_engine_hears_from_it(
     assert f"127.0.0.1:{port}" in err and "in use" in err, err
     assert "--port / KVROUTE_PORT" in err and "Traceback" not in err, err
     assert engine.contacted() == {"http": 0, "events": 0, "replay": 0}, err
+
+
+async def test_the_app_binds_the_picker_port_before_it_starts_the_gateway(engine: Engine) -> None:
+    # Taken after `kvroute serve` checked it (or an app served another way): the start-up fails
+    # on it before the gateway subscribes or probes an engine.
+    with _listener() as taken:
+        settings = load_settings(
+            fleet_file=engine.fleet_file,
+            host="127.0.0.1",
+            port=0,
+            picker_port=_port(taken),
+            log_level="warning",
+        )
+        with pytest.raises(ConfigError, match="failed to start"):
+            await BackgroundServer(create_app(settings, metrics=Metrics())).start()
+    assert engine.contacted() == {"http": 0, "events": 0, "replay": 0}
+
+
+async def test_a_start_up_that_fails_after_binding_the_picker_port_frees_it(
+    engine: Engine,
+) -> None:
+    port = free_port(below_ephemeral=True)
+    settings = load_settings(
+        fleet_file=engine.fleet_file, host="127.0.0.1", port=0, picker_port=port
+    )
+    app = create_app(settings, metrics=Metrics())
+    engine.fleet_file.unlink()  # the gateway is built at start-up, after the picker's port
+    with pytest.raises(ConfigError, match="failed to start"):
+        await BackgroundServer(app).start()
+    for sock in listen("127.0.0.1", port):  # an unstarted gRPC server would still hold it
+        sock.close()
+
+
+async def test_a_second_picker_on_the_port_of_the_first_fails_instead_of_sharing_it() -> None:
+    first = PickerServer("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            PickerServer("127.0.0.1", first.port)
+    finally:
+        await first.stop(grace=0)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
