@@ -121,14 +121,26 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(_cannot_listen(exc, "--port / KVROUTE_PORT"), file=sys.stderr)
         return 2
+    if settings.picker_port:  # not None (off) nor 0 (a free port)
+        # gRPC takes no socket: it binds the picker's port first thing in the app's start-up.
+        # Trying it here reports a taken port the way the HTTP port's is.
+        try:
+            for probe in listen(settings.host, settings.picker_port):
+                probe.close()
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            setting = "--picker-port / KVROUTE_PICKER_PORT"
+            print(_cannot_listen(exc, setting, "endpoint picker: "), file=sys.stderr)
+            return 2
     return serve_forever(
         app, settings.host, settings.port, settings.log_level, options, sockets=sockets
     )
 
 
-def _cannot_listen(exc: OSError, setting: str) -> str:
+def _cannot_listen(exc: OSError, setting: str, what: str = "") -> str:
     """One line for a port that cannot be bound: `listen`'s message names the address."""
-    message = f"kvroute serve: {exc.strerror or exc}"
+    message = f"kvroute serve: {what}{exc.strerror or exc}"
     if exc.errno == errno.EADDRINUSE:
         message += f" (another kvroute or engine there? set {setting})"
     return message

@@ -132,6 +132,20 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_any_engine_hears_from_it(
     assert engine.contacted() == {"http": 0, "events": 0, "replay": 0}, err
 
 
+def test_a_picker_port_in_use_is_one_line_and_exit_2_before_any_engine_hears_from_it(
+    engine: Engine,
+) -> None:
+    with _listener() as taken:
+        port = _port(taken)
+        result = _serve(engine.fleet_file, "--port", "0", "--picker-port", str(port))
+    err = result.stderr
+    assert result.returncode == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "endpoint picker" in err and f"127.0.0.1:{port}" in err and "in use" in err, err
+    assert "--picker-port / KVROUTE_PICKER_PORT" in err and "Traceback" not in err, err
+    assert engine.contacted() == {"http": 0, "events": 0, "replay": 0}, err
+
+
 async def test_the_app_binds_the_picker_port_before_it_starts_the_gateway(engine: Engine) -> None:
     # Taken after `kvroute serve` checked it (or an app served another way): the start-up fails
     # on it before the gateway subscribes or probes an engine.
