@@ -96,7 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
     metrics = Metrics()
     options = ServerOptions(
         tls_cert_file=settings.tls_cert_file,
@@ -113,7 +112,12 @@ def _serve(args: argparse.Namespace) -> int:
             if path is None or not path.is_file():
                 print(f"kvroute serve: TLS file {path} is not a readable file", file=sys.stderr)
                 return 2
-    app = create_app(settings, metrics=metrics)
+    try:
+        app = create_app(settings, metrics=metrics)  # reads the token files; starts nothing
+    except ConfigError as exc:
+        print(f"kvroute serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
     # The port before anything starts (subscribers, snapshot, discovery): uvicorn would bind it
     # only after the app's start-up, and report a port in use then.
     try:
