@@ -55,13 +55,21 @@ class Settings(BaseSettings):
 
     # --- HTTP service
     host: str = Field("0.0.0.0", description="Address `kvroute serve` listens on.")
-    port: int = Field(8080, ge=0, le=65535, description="Port `kvroute serve` listens on.")
+    port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="Port `kvroute serve` listens on. It listens before anything starts, so a "
+        "port in use is one line on stderr and exit 2; connections made during start-up wait "
+        "for it to finish.",
+    )
     picker_port: int | None = Field(
         None,
         ge=0,
         le=65535,
         description='Port of the Envoy ext_proc endpoint picker (gRPC; README "Behind Envoy"); '
-        "unset: off.",
+        "unset: off. Checked and bound before anything starts, like `port`, and not shared "
+        "with another process (no `SO_REUSEPORT`).",
     )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate chain: serve HTTPS (with `tls_key_file`); unset: HTTP."

@@ -42,6 +42,7 @@ from kvroute.upstream import HttpxEngineClient
 
 if TYPE_CHECKING:
     from kvroute.fleet.shared_state import SharedState
+    from kvroute.gateway.picker import PickerServer
 
 __all__ = ["build_gateway", "create_app", "curve_keys"]
 
@@ -305,6 +306,21 @@ def _kubernetes_source(settings: Settings, metrics: Metrics) -> FleetSource | No
     return source
 
 
+def _picker(settings: Settings) -> PickerServer | None:
+    """The endpoint picker's gRPC server, its port bound, when `picker_port` is set (needs the
+    `picker` extra)."""
+    if settings.picker_port is None:
+        return None
+    try:
+        from kvroute.gateway.picker import PickerServer
+    except ImportError as exc:
+        raise ConfigError(
+            "picker_port: the endpoint picker needs the picker extra: "
+            f"pip install 'kvroute[picker]' ({exc})"
+        ) from exc
+    return PickerServer(settings.host, settings.picker_port)
+
+
 def _prompt_workers(settings: Settings) -> PromptWorkers | None:
     """Workers for large bodies; they tokenize too when the gateway tokenizes locally."""
     if settings.prompt_workers == 0:
@@ -372,29 +388,23 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             read_timeout_s=settings.upstream_read_timeout_s,
             max_connections=settings.upstream_max_connections,
         ) as client:
-            gateway = build_gateway(
-                settings, client, metrics if metrics is not None else Metrics(), header_rules
-            )
-            picker = None
+            picker = _picker(settings)  # its port first: a taken one fails before anything starts
+            gateway: Gateway | None = None
             try:
+                gateway = build_gateway(
+                    settings, client, metrics if metrics is not None else Metrics(), header_rules
+                )
                 await gateway.start()
                 app.state.gateway = gateway
-                if settings.picker_port is not None:
-                    try:
-                        from kvroute.gateway.picker import start_picker
-                    except ImportError as exc:
-                        raise ConfigError(
-                            "picker_port: the endpoint picker needs the picker extra: "
-                            f"pip install 'kvroute[picker]' ({exc})"
-                        ) from exc
-                    picker, app.state.picker_port = await start_picker(
-                        gateway, settings.host, settings.picker_port
-                    )
+                if picker is not None:
+                    await picker.start(gateway)
+                    app.state.picker_port = picker.port
                 yield
             finally:
                 if picker is not None:
                     await picker.stop(grace=1.0)
-                await gateway.close()
+                if gateway is not None:
+                    await gateway.close()
 
     # The operator endpoints: `/v1/route` tells anyone which engine holds a prompt (another
     # tenant's, say), `/debug/*` the fleet's state.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvroute.fleet import load_fleet_file
     from kvroute.gateway.app import create_app, curve_keys
     from kvroute.gateway.log_format import configure_logging
-    from kvroute.gateway.server import ServerOptions, serve_forever
+    from kvroute.gateway.server import ServerOptions, listen, serve_forever
     from kvroute.metrics import Metrics
     from kvroute.settings import load_settings
 
@@ -95,7 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvroute serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
     metrics = Metrics()
     options = ServerOptions(
         tls_cert_file=settings.tls_cert_file,
@@ -112,10 +112,39 @@ def _serve(args: argparse.Namespace) -> int:
             if path is None or not path.is_file():
                 print(f"kvroute serve: TLS file {path} is not a readable file", file=sys.stderr)
                 return 2
+    try:
+        app = create_app(settings, metrics=metrics)  # reads the token files; starts nothing
+    except ConfigError as exc:
+        print(f"kvroute serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    # The port before anything starts (subscribers, snapshot, discovery): uvicorn would bind it
+    # only after the app's start-up, and report a port in use then.
+    try:
+        sockets = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(_cannot_listen(exc, "--port / KVROUTE_PORT"), file=sys.stderr)
+        return 2
+    if settings.picker_port:  # not None (off) nor 0 (a free port)
+        # gRPC takes no socket: it binds the picker's port first thing in the app's start-up.
+        # Trying it here reports a taken port the way the HTTP port's is.
+        try:
+            for probe in listen(settings.host, settings.picker_port):
+                probe.close()
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            setting = "--picker-port / KVROUTE_PICKER_PORT"
+            print(_cannot_listen(exc, setting, "endpoint picker: "), file=sys.stderr)
+            return 2
     return serve_forever(
-        create_app(settings, metrics=metrics),
-        settings.host,
-        settings.port,
-        settings.log_level,
-        options,
+        app, settings.host, settings.port, settings.log_level, options, sockets=sockets
     )
+
+
+def _cannot_listen(exc: OSError, setting: str, what: str = "") -> str:
+    """One line for a port that cannot be bound: `listen`'s message names the address."""
+    message = f"kvroute serve: {what}{exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        message += f" (another kvroute or engine there? set {setting})"
+    return message

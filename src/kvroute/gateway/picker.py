@@ -28,7 +28,7 @@ __all__ = [
     "HEALTH_SERVICES",
     "METADATA_NAMESPACE",
     "EndpointPicker",
-    "start_picker",
+    "PickerServer",
 ]
 
 log = logging.getLogger("kvroute.gateway.picker")
@@ -181,18 +181,33 @@ class EndpointPicker(ext_proc_grpc.ExternalProcessorServicer):  # type: ignore[m
 HEALTH_SERVICES: Final = ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
-async def start_picker(gateway: Gateway, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve the picker on `host:port` (0: a free port), with the gRPC health protocol; returns
-    the server and its port."""
-    server = grpc.aio.server()
-    ext_proc_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gateway), server)
-    checks = health.aio.HealthServicer()
-    for service in ("", *HEALTH_SERVICES):
-        await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"picker: cannot listen on {host}:{port}")
-    await server.start()
-    log.info("endpoint picker listening", extra={"port": bound})
-    return server, bound
+class PickerServer:
+    """The picker's gRPC server: its port is bound when it is made (0: a free port), before the
+    gateway starts anything, and served from `start`, with the gRPC health protocol."""
+
+    def __init__(self, host: str, port: int) -> None:
+        # Without SO_REUSEPORT (gRPC's default on Linux), a second kvroute on this port fails to
+        # bind instead of silently sharing its connections (measured).
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        try:
+            self.port: int = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address"
+            raise OSError(f"endpoint picker: cannot listen on {host}:{port}: {exc}") from None
+        self._started = False
+
+    async def start(self, gateway: Gateway) -> None:
+        ext_proc_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gateway), self._server)
+        checks = health.aio.HealthServicer()
+        for service in ("", *HEALTH_SERVICES):
+            await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(checks, self._server)
+        await self._server.start()
+        self._started = True
+        log.info("endpoint picker listening", extra={"port": self.port})
+
+    async def stop(self, grace: float) -> None:
+        if not self._started:
+            # A gRPC server that never started keeps its port until started and stopped.
+            await self._server.start()
+            self._started = True
+        await self._server.stop(grace)

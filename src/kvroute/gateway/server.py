@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
-from collections.abc import Callable, Iterator
+import logging
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -20,7 +23,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.gateway.openai_errors import error_body
 
-__all__ = ["BackgroundServer", "ServerOptions", "serve_forever"]
+__all__ = ["BackgroundServer", "ServerOptions", "listen", "serve_forever"]
+
+log = logging.getLogger("kvroute.gateway")
+
+_BACKLOG = 2048  # uvicorn's default (Config.backlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,16 +170,82 @@ def _config(
     )
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(host: str, port: int, backlog: int = _BACKLOG) -> list[socket.socket]:
+    """TCP sockets bound and listening on every address `host` resolves to, made as asyncio's
+    `create_server(host, port)` (what uvicorn calls) makes them: SO_REUSEADDR, and IPv6 sockets
+    IPv6 only. An OSError (errno kept) names the address it could not bind."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot listen on {_address(host, port)}: {exc.strerror}"
+        ) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # a family this host lacks (IPv6 off), as asyncio skips it
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                where = _address(str(address[0]), int(address[1]))
+                raise OSError(exc.errno, f"cannot listen on {where}: {reason}") from None
+            sock.listen(backlog)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        where = _address(host, port)
+        raise OSError(errno.EAFNOSUPPORT, f"cannot listen on {where}: no usable address family")
+    return sockets
+
+
+class _Server(uvicorn.Server):
+    """uvicorn on sockets bound before it starts; says where it serves once started (uvicorn
+    says so only for the sockets it binds itself)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            scheme = "https" if self.config.is_ssl else "http"
+            for sock in sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("serving", extra={"url": f"{scheme}://{_address(host, port)}"})
+
+
 def serve_forever(
     app: ASGIApp,
     host: str,
     port: int,
     log_level: str = "info",
     options: ServerOptions | None = None,
+    sockets: Sequence[socket.socket] | None = None,
 ) -> int:
-    """Serve until interrupted; returns the process exit code."""
-    server = uvicorn.Server(_config(app, host, port, log_level, options or ServerOptions()))
-    server.run()
+    """Serve until interrupted; returns the process exit code. The port is bound before the
+    app's lifespan starts anything, by `listen(host, port)` unless `sockets` (its result) are
+    given, so a port in use is an OSError here instead of an exit after a full start-up."""
+    config = _config(app, host, port, log_level, options or ServerOptions())
+    bound = list(sockets) if sockets is not None else listen(host, port, config.backlog)
+    server = _Server(config)
+    try:
+        server.run(sockets=bound)
+    finally:
+        for sock in bound:
+            sock.close()
     return 0 if server.started else 1
 
 

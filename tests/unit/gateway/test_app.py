@@ -157,6 +157,22 @@ async def test_kubernetes_discovery_with_a_missing_kubeconfig_fails_at_build(
         build_gateway(settings, client, Metrics())
 
 
+def test_serve_with_an_unreadable_admin_token_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kvroute.cli import main
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        yaml.safe_dump({"engines": [{"name": "e0", "url": "http://127.0.0.1:1", "model": "m"}]})
+    )
+    monkeypatch.setenv("KVROUTE_ADMIN_TOKEN_FILE", str(tmp_path / "absent"))
+    assert main(["serve", "--fleet", str(fleet), "--port", "0"]) == 2  # before binding a port
+    err = capsys.readouterr().err
+    assert err.startswith("kvroute serve: admin_token_file: cannot read"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
 def test_serve_without_a_fleet_source_says_both_ways_to_give_one(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
