@@ -20,15 +20,21 @@ def register(sub: Any) -> None:
         help="run the OpenAI-compatible KV-aware gateway in front of a fleet",
         description="Settings come from KVROUTE_* environment variables; flags override them.",
     )
-    serve.add_argument("--fleet", type=Path, help="fleet YAML file (KVROUTE_FLEET_FILE)")
+    serve.add_argument(
+        "--fleet",
+        type=Path,
+        help="fleet YAML file (KVROUTE_FLEET_FILE; default: none, then --k8s-namespace is needed)",
+    )
     serve.add_argument(
         "--picker-port",
         type=int,
-        help="also serve the Envoy ext_proc endpoint picker on this port (KVROUTE_PICKER_PORT)",
+        help="also serve the Envoy ext_proc endpoint picker on this port (KVROUTE_PICKER_PORT; "
+        "default: none, no picker)",
     )
     serve.add_argument(
         "--k8s-namespace",
-        help="discover engines as the Ready pods of this namespace (KVROUTE_K8S_NAMESPACE)",
+        help="discover engines as the Ready pods of this namespace (KVROUTE_K8S_NAMESPACE; "
+        "default: none, the fleet file only)",
     )
     serve.add_argument(
         "--policy",
@@ -42,12 +48,14 @@ def register(sub: Any) -> None:
     )
     serve.add_argument(
         "--shared-state-url",
-        help="Redis or Valkey URL shared by several replicas (KVROUTE_SHARED_STATE_URL)",
+        help="Redis or Valkey URL shared by several replicas (KVROUTE_SHARED_STATE_URL; "
+        "default: none, one replica's own view)",
     )
     serve.add_argument(
         "--snapshot-path",
         type=Path,
-        help="write the index here periodically and load it at start (KVROUTE_SNAPSHOT_PATH)",
+        help="write the index here periodically and load it at start (KVROUTE_SNAPSHOT_PATH; "
+        "default: none, every start is cold)",
     )
     serve.add_argument("--host", help="listen address (KVROUTE_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="listen port (KVROUTE_PORT, default 8080)")
