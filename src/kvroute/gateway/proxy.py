@@ -206,7 +206,7 @@ async def proxy_request(
             ctx.metrics.requests.labels(engine, policy, "cancelled").inc()
             exchange.finish(499, "cancelled")
             raise
-        if upstream.status_code < 400:
+        if upstream.status_code < 400 and not req.path:  # a generation: it stores blocks
             ctx.note_served(engine)
         ctx.metrics.prompt_tokens.labels(engine).inc(outcome.prompt_tokens)
         if match is not None and match.tokens:
