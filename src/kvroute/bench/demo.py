@@ -31,6 +31,7 @@ __all__ = [
     "DemoOptions",
     "PolicyResult",
     "add_demo_arguments",
+    "add_population_arguments",
     "request_record",
     "run_demo",
     "run_demo_async",
@@ -127,6 +128,22 @@ class PolicyResult:
         }
 
 
+def add_population_arguments(parser: Any) -> None:
+    """--groups and --users-per-group: the chat workload's users (demo and replicas)."""
+    parser.add_argument(
+        "--groups",
+        type=int,
+        default=ChatWorkloadSpec.groups,
+        help="system prompts shared by the users (fewer: hotter prefixes)",
+    )
+    parser.add_argument(
+        "--users-per-group",
+        type=int,
+        default=ChatWorkloadSpec.users_per_group,
+        help="chat users per system prompt",
+    )
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out-dir",
@@ -151,18 +168,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(POLICIES),
         help="comma-separated policies to compare",
     )
-    parser.add_argument(
-        "--groups",
-        type=int,
-        default=ChatWorkloadSpec.groups,
-        help="system prompts shared by the users (fewer: hotter prefixes)",
-    )
-    parser.add_argument(
-        "--users-per-group",
-        type=int,
-        default=ChatWorkloadSpec.users_per_group,
-        help="chat users per system prompt",
-    )
+    add_population_arguments(parser)
     parser.add_argument(
         "--turns", type=int, default=ChatWorkloadSpec.turns, help="turns of each user's chat"
     )

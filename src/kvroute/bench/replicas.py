@@ -28,6 +28,7 @@ from kvroute.bench.demo import (
     RequestRecord,
     _measure_capacity,
     _summarise,
+    add_population_arguments,
     request_record,
 )
 from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
@@ -137,18 +138,7 @@ def add_arguments(parser: Any) -> None:
         default=DemoOptions.load,
         help="arrivals as a fraction of round-robin capacity",
     )
-    parser.add_argument(
-        "--groups",
-        type=int,
-        default=ChatWorkloadSpec.groups,
-        help="system prompts shared by the users (fewer: hotter prefixes)",
-    )
-    parser.add_argument(
-        "--users-per-group",
-        type=int,
-        default=ChatWorkloadSpec.users_per_group,
-        help="chat users per system prompt",
-    )
+    add_population_arguments(parser)
     parser.add_argument(
         "--repeat",
         type=int,

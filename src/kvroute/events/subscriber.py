@@ -192,7 +192,9 @@ class _SourceTask:
                     if self._reconnect_due:
                         self._reconnect_due = False
                         self._reconnect(raw)
-                    if self._sub_ready:
+                    if self._sub_ready and self._discarding:
+                        self._sub_ready = self._discard(raw, time.perf_counter() + _DRAIN_SLICE_S)
+                    elif self._sub_ready:
                         self._sub_ready = await (
                             self._drain(raw)
                             if self.shared.drain is None
@@ -359,8 +361,6 @@ class _SourceTask:
         on_live = tracker.on_live
         clock = time.perf_counter
         until = clock() + _DRAIN_SLICE_S
-        if self._discarding:
-            return self._discard(raw, until)
         heard = False
         for _ in range(_MAX_DRAIN):
             if clock() > until:
@@ -398,8 +398,6 @@ class _SourceTask:
         on_live = tracker.on_live
         clock = time.perf_counter
         until = clock() + _DRAIN_SLICE_S
-        if self._discarding:
-            return self._discard(raw, until)
         handle = raw.underlying
         received = self._received
         at = self._received_at

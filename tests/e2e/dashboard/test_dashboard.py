@@ -22,14 +22,11 @@ import pytest
 import yaml
 
 from kvroute.bench.processes import free_port
-from kvroute.gateway import BackgroundServer, create_app
-from kvroute.metrics import Metrics
-from kvroute.settings import load_settings
-from kvroute.sim import SimConfig, SimFleet
+from kvroute.sim import SimFleet
 from tests.polling import eventually
+from tests.sim_gateway import MODEL, sim_gateway
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "kvroute-dashboard.json"
-MODEL = "sim-model"
 PROMETHEUS = shutil.which("prometheus")
 # What Grafana would put for the dashboard's variables: every job, a window holding several
 # of this test's one-second scrapes.
@@ -105,23 +102,10 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[str, SimFleet]]:
-    fleet = SimFleet(2, MODEL, config=SimConfig(num_gpu_blocks=256, speed=20.0))
-    await fleet.start()
-    fleet.write_fleet_file(tmp_path / "fleet.yaml")
-    settings = load_settings(
-        fleet_file=tmp_path / "fleet.yaml",
-        host="127.0.0.1",
-        port=0,
-        scrape_interval_s=0.2,
-        log_level="warning",
-    )
-    server = BackgroundServer(create_app(settings, metrics=Metrics()))
-    url = await server.start()
-    try:
-        yield url, fleet
-    finally:
-        await server.stop()
-        await fleet.close()
+    async with sim_gateway(
+        tmp_path, num_gpu_blocks=256, host="127.0.0.1", scrape_interval_s=0.2, log_level="warning"
+    ) as stack:
+        yield stack.url, stack.fleet
 
 
 async def _load(url: str, fleet: SimFleet) -> None:

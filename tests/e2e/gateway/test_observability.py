@@ -18,33 +18,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvroute import __version__
-from kvroute.gateway import BackgroundServer, create_app
-from kvroute.metrics import Metrics
-from kvroute.settings import load_settings
-from kvroute.sim import SimConfig, SimFleet
+from kvroute.sim import SimFleet
 from tests.polling import eventually
-
-MODEL = "sim-model"
+from tests.sim_gateway import MODEL, sim_gateway
 
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, SimFleet]]:
-    fleet = SimFleet(2, MODEL, config=SimConfig(num_gpu_blocks=512, speed=20.0))
-    await fleet.start()
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet.write_fleet_file(fleet_file)
-    settings = load_settings(
-        fleet_file=fleet_file, port=0, health_interval_s=0.2, scrape_interval_s=0.1
-    )
-    server = BackgroundServer(create_app(settings, metrics=Metrics()))
-    url = await server.start()
-    http = httpx.AsyncClient(base_url=url, timeout=30.0, trust_env=False)
-    try:
-        yield http, fleet
-    finally:
-        await http.aclose()
-        await server.stop()
-        await fleet.close()
+    async with sim_gateway(tmp_path, health_interval_s=0.2, scrape_interval_s=0.1) as stack:
+        yield stack.http, stack.fleet
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -159,21 +141,9 @@ async def test_one_access_line_per_request_with_its_id(
 async def test_the_access_log_can_be_silenced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fleet = SimFleet(1, MODEL, config=SimConfig(num_gpu_blocks=128, speed=20.0))
-    await fleet.start()
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet.write_fleet_file(fleet_file)
-    settings = load_settings(fleet_file=fleet_file, port=0, access_log=False)
-    server = BackgroundServer(create_app(settings, metrics=Metrics()))
-    url = await server.start()
     caplog.set_level(logging.INFO, logger="kvroute.access")
-    try:
-        async with httpx.AsyncClient(base_url=url, timeout=30.0, trust_env=False) as http:
-            ok = await http.post(
-                "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}
-            )
-            assert ok.status_code == 200 and ok.headers["x-request-id"]
-        assert not [r for r in caplog.records if r.name == "kvroute.access"]
-    finally:
-        await server.stop()
-        await fleet.close()
+    async with sim_gateway(tmp_path, 1, num_gpu_blocks=128, access_log=False) as stack:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        ok = await stack.http.post("/v1/completions", json=body)
+        assert ok.status_code == 200 and ok.headers["x-request-id"]
+    assert not [r for r in caplog.records if r.name == "kvroute.access"]

@@ -11,33 +11,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvroute.gateway import ENGINE_HEADER, BackgroundServer, create_app
+from kvroute.gateway import ENGINE_HEADER
 from kvroute.gateway.openai_body import PASSTHROUGH_PATHS
-from kvroute.metrics import Metrics
-from kvroute.settings import load_settings
-from kvroute.sim import SimConfig, SimFleet
+from kvroute.sim import SimFleet
 from tests.polling import eventually
-
-MODEL = "sim-model"
+from tests.sim_gateway import MODEL, sim_gateway
 
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, SimFleet]]:
-    fleet = SimFleet(3, MODEL, config=SimConfig(num_gpu_blocks=1024, speed=20.0))
-    await fleet.start()
-    fleet.write_fleet_file(tmp_path / "fleet.yaml")
-    settings = load_settings(
-        fleet_file=tmp_path / "fleet.yaml", port=0, log_level="warning", prompt_offload_bytes=4096
-    )
-    server = BackgroundServer(create_app(settings, metrics=Metrics()))
-    url = await server.start()
-    http = httpx.AsyncClient(base_url=url, timeout=30.0, trust_env=False)
-    try:
-        yield http, fleet
-    finally:
-        await http.aclose()
-        await server.stop()
-        await fleet.close()
+    async with sim_gateway(
+        tmp_path, 3, num_gpu_blocks=1024, log_level="warning", prompt_offload_bytes=4096
+    ) as gateway:
+        yield gateway.http, gateway.fleet
 
 
 async def test_tokenize_goes_to_the_engine_holding_its_prompt_and_answers_as_the_engine(

@@ -8,61 +8,46 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
 
-from kvroute.gateway import BackgroundServer, create_app
-from kvroute.metrics import Metrics
-from kvroute.settings import load_settings
-from kvroute.sim import SimConfig, SimFleet
 from tests.polling import eventually
+from tests.sim_gateway import MODEL, sim_gateway
 
-MODEL = "sim-model"
+
+def _wrong_topic(entries: list[dict[str, Any]]) -> None:
+    entries[0]["topic"] = "not-the-engines-topic"
 
 
 async def test_a_source_with_the_wrong_topic_is_flagged_silent_once_its_engine_serves(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fleet = SimFleet(2, MODEL, config=SimConfig(num_gpu_blocks=512, speed=20.0))
-    await fleet.start()
-    entries = fleet.fleet_entries()
-    entries[0]["topic"] = "not-the-engines-topic"
-    fleet_file = tmp_path / "fleet.yaml"
-    fleet_file.write_text(yaml.safe_dump({"engines": entries}))
-    settings = load_settings(
-        fleet_file=fleet_file,
-        port=0,
+    async with sim_gateway(
+        tmp_path,
+        edit_fleet=_wrong_topic,
         policy="round_robin",  # both engines serve
         silent_source_s=1.0,
         health_interval_s=0.2,
         scrape_interval_s=1.0,
         log_level="warning",
-    )
-    server = BackgroundServer(create_app(settings, metrics=Metrics()))
-    url = await server.start()
-    http = httpx.AsyncClient(base_url=url, timeout=30.0, trust_env=False)
-    wrong, right = entries[0]["name"], entries[1]["name"]
+    ) as gateway:
+        http, fleet = gateway.http, gateway.fleet
+        wrong, right = "engine-0", "engine-1"
 
-    async def sources() -> dict[str, dict[str, Any]]:
-        engines = (await http.get("/debug/engines")).json()["engines"]
-        return {e["name"]: e["sources"][0] for e in engines}
+        async def sources() -> dict[str, dict[str, Any]]:
+            engines = (await http.get("/debug/engines")).json()["engines"]
+            return {e["name"]: e["sources"][0] for e in engines}
 
-    async def complete(seed: int) -> None:
-        prompt = fleet.tokenizer.make_text(64, seed=f"silent-{seed}")
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
-        response = await http.post("/v1/completions", json=body)
-        assert response.status_code == 200, response.text
+        seed = 0
 
-    seed = 0
+        async def flagged() -> bool:
+            nonlocal seed
+            seed += 1  # keep both engines serving until the verdict
+            prompt = fleet.tokenizer.make_text(64, seed=f"silent-{seed}")
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return bool((await sources())[wrong]["silent"])
 
-    async def flagged() -> bool:
-        nonlocal seed
-        seed += 1
-        await complete(seed)  # keep both engines serving until the verdict
-        return bool((await sources())[wrong]["silent"])
-
-    try:
         with caplog.at_level(logging.WARNING, logger="kvroute.gateway.silence"):
             await eventually(flagged, f"{wrong} flagged silent", timeout_s=30.0, interval_s=0.1)
         status = await sources()
@@ -75,7 +60,3 @@ async def test_a_source_with_the_wrong_topic_is_flagged_silent_once_its_engine_s
         messages = [r.getMessage() for r in caplog.records if r.name == "kvroute.gateway.silence"]
         assert len(messages) == 1 and "topic" in messages[0], messages
         assert wrong in messages[0]
-    finally:
-        await http.aclose()
-        await server.stop()
-        await fleet.close()

@@ -49,6 +49,16 @@ def _watch(world: World) -> SilentSources:
     return SilentSources(10.0, world.statuses, lambda engine: world.served, lambda: world.now)
 
 
+def _flag(world: World, watch: SilentSources, served: int = 1) -> None:
+    """Quiet for after_s, `served` requests answered, and time for their events to come."""
+    world.advance(10.0)
+    watch.check()
+    world.served += served
+    watch.check()
+    world.advance(5.0)
+    watch.check()
+
+
 def test_an_idle_engine_is_never_flagged() -> None:
     world = World()
     watch = _watch(world)
@@ -84,12 +94,7 @@ def test_requests_answered_while_quiet_flag_the_source_once_they_had_time(
 def test_hearing_anything_clears_the_flag_and_the_base() -> None:
     world = World()
     watch = _watch(world)
-    world.advance(10.0)
-    watch.check()
-    world.served += 1
-    watch.check()
-    world.advance(6.0)
-    watch.check()
+    _flag(world, watch)
     assert watch.silent() == {SOURCE}
     world.advance(0.1, heard=True)
     watch.check()
@@ -107,13 +112,8 @@ def test_an_unconnected_source_names_the_endpoint_causes(
     world = World()
     world.connected = False
     watch = _watch(world)
-    world.advance(10.0)
-    watch.check()
-    world.served += 2
-    watch.check()
     with caplog.at_level(logging.WARNING, logger="kvroute.gateway.silence"):
-        world.advance(5.0)
-        watch.check()
+        _flag(world, watch, served=2)
     assert watch.silent() == {SOURCE}
     assert "must bind" in caplog.records[0].getMessage()
 
@@ -121,12 +121,7 @@ def test_an_unconnected_source_names_the_endpoint_causes(
 def test_a_removed_source_is_forgotten() -> None:
     world = World()
     watch = _watch(world)
-    world.advance(10.0)
-    watch.check()
-    world.served += 1
-    watch.check()
-    world.advance(5.0)
-    watch.check()
+    _flag(world, watch)
     assert watch.silent() == {SOURCE}
     world.present = False
     watch.check()
