@@ -20,6 +20,7 @@ __all__ = [
     "arrival_offsets",
     "load_trace",
     "parse_trace_line",
+    "prefix_reuse",
     "trace_rate",
 ]
 
@@ -231,3 +232,18 @@ def trace_rate(requests: Sequence[TraceRequest]) -> float | None:
     times = [r.timestamp_ms for r in requests]
     span_s = (max(times) - min(times)) / 1000.0
     return (len(requests) - 1) / span_s if span_s > 0 else None
+
+
+def prefix_reuse(requests: Sequence[TraceRequest]) -> float:
+    """The share of the requests' prompt tokens in leading blocks an earlier request already
+    sent: the hit rate of one unbounded cache that holds every earlier prompt at once."""
+    seen: set[tuple[int, ...]] = set()
+    reused = total = 0
+    for r in requests:
+        k = 0
+        while k < len(r.hash_ids) and r.hash_ids[: k + 1] in seen:
+            k += 1
+        reused += min(k * TRACE_BLOCK_TOKENS, r.input_length)
+        total += r.input_length
+        seen.update(r.hash_ids[: j + 1] for j in range(len(r.hash_ids)))
+    return reused / total if total else 0.0

@@ -18,6 +18,7 @@ from kvroute.bench.trace_workload import (
     TraceScaling,
     arrival_offsets,
     load_trace,
+    prefix_reuse,
     trace_rate,
 )
 
@@ -184,3 +185,14 @@ def test_arrivals_are_scaled_by_the_time_factor() -> None:
     assert trace_rate(burst) is None
     with pytest.raises(ValueError, match="time_factor"):
         arrival_offsets(requests, 0.0)
+
+
+def test_prefix_reuse_counts_leading_blocks_seen_before() -> None:
+    requests = [
+        TraceRequest(0, 1, 0.0, 1024, 1, (1, 2)),
+        TraceRequest(1, 2, 0.0, 1536, 1, (1, 2, 3)),  # 1024 of 1536 tokens seen
+        TraceRequest(2, 3, 0.0, 1024, 1, (9, 2)),  # block 2 after another first block: new
+        TraceRequest(3, 4, 0.0, 300, 1, (1,)),  # all 300 tokens seen
+    ]
+    assert prefix_reuse(requests) == pytest.approx((1024 + 300) / (1024 + 1536 + 1024 + 300))
+    assert prefix_reuse(requests[:1]) == 0.0
