@@ -3,6 +3,7 @@ records, and the flags (bad values exit 2 before anything starts)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -131,3 +132,21 @@ def test_other_benches_take_no_file_and_no_vllm_router(capsys: pytest.CaptureFix
     assert "takes no FILE" in capsys.readouterr().err
     assert main(["bench", "ingest", "--vs", "vllm-router"]) == 2
     assert "goes with trace" in capsys.readouterr().err
+
+
+def test_a_request_larger_than_an_engine_exits_2_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    row = {
+        "timestamp": 0,
+        "input_length": 10 * 512,
+        "output_length": 1,
+        "hash_ids": list(range(10)),
+    }
+    trace.write_text(json.dumps(row) + "\n")
+    # 10 hash ids at the default scale: 10 blocks of 16 tokens; 4,096 trace tokens: 8 blocks
+    assert main(["bench", "trace", str(trace), "--kv-tokens", "4096"]) == 2
+    assert (
+        "line 1 needs 11 KV blocks, an engine has 8: raise --kv-tokens" in capsys.readouterr().err
+    )
