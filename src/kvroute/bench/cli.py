@@ -44,6 +44,7 @@ def register(sub: Any) -> None:
             "restart",
             "flood",
             "hostile-client",
+            "trace",
             *_SEPARATE,
         ],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
@@ -53,7 +54,15 @@ def register(sub: Any) -> None:
         "routing beside a hostile publisher, ingest limits on and off; not in all) | "
         "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
         "connections; not in all) | relay (event latency and throughput direct vs through "
-        "kvroute relay with CURVE; not in all)",
+        "kvroute relay with CURVE; not in all) | trace FILE (a Mooncake-format request trace "
+        "replayed once per policy on simulated fleets; not in all)",
+    )
+    bench.add_argument(
+        "file",
+        nargs="?",
+        type=Path,
+        metavar="FILE",
+        help="the trace of `kvroute bench trace` (default: none; the other benchmarks take none)",
     )
     bench.add_argument(
         "--size",
@@ -69,9 +78,9 @@ def register(sub: Any) -> None:
     )
     peers.add_argument(
         "--vs",
-        choices=["dynamo"],
-        help="also run NVIDIA Dynamo's standalone indexer on the same stream and compare "
-        "(default: kvroute alone)",
+        choices=["dynamo", "vllm-router"],
+        help="ingest: also run NVIDIA Dynamo's standalone indexer on the same stream and compare; "
+        "trace: vllm-router (not available yet) (default: kvroute alone)",
     )
     peers.add_argument(
         "--events",
@@ -118,6 +127,13 @@ def register(sub: Any) -> None:
     hostile_client.add_arguments(
         bench.add_argument_group("hostile clients (kvroute bench hostile-client; README 'Limits')")
     )
+    from kvroute.bench import trace
+
+    trace.add_arguments(
+        bench.add_argument_group(
+            "production traces (kvroute bench trace FILE; README 'Trace replay')"
+        )
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -134,11 +150,19 @@ def register(sub: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.which == "trace":
+        from kvroute.bench import trace
+
+        code: int = trace.run(args)
+        return code
+    if args.file is not None:
+        print(f"kvroute bench {args.which}: takes no FILE (only trace does)", file=sys.stderr)
+        return 2
     if args.which == "replicas":
         from kvroute.bench import replicas
 
-        code: int = replicas.run(args)
-        return code
+        replicas_code: int = replicas.run(args)
+        return replicas_code
     if args.which == "restart":
         from kvroute.bench import restart
 
@@ -211,6 +235,9 @@ def _run_vs(args: argparse.Namespace) -> int:
     from kvroute.bench import ingest_vs
 
     prog = f"kvroute bench {args.which} --vs {args.vs}"
+    if args.vs == "vllm-router":
+        print(f"{prog}: --vs vllm-router goes with trace (not available yet)", file=sys.stderr)
+        return 2
     if args.which != "ingest":
         print(f"{prog}: --vs compares ingest only (kvroute bench ingest --vs ...)", file=sys.stderr)
         return 2

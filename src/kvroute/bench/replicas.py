@@ -33,6 +33,7 @@ from kvroute.bench.demo import (
 )
 from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
+from kvroute.bench.trace import TRACE_SPEED
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
 from kvroute.core import LoadSource
 from kvroute.errors import ConfigError
@@ -129,8 +130,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--speed",
         type=float,
-        default=DemoOptions.speed,
-        help="simulated seconds per wall second",
+        help="simulated seconds per wall second (default: "
+        f"{DemoOptions.speed:g} for replicas, {TRACE_SPEED:g} for trace)",
     )
     parser.add_argument(
         "--load",
@@ -176,7 +177,8 @@ def _options(args: argparse.Namespace) -> ReplicasOptions:
         settings.append((name, value))
     load_settings(**dict(settings))  # a bad name or value is reported before anything starts
     spec = ChatWorkloadSpec(groups=args.groups, users_per_group=args.users_per_group)
-    demo = DemoOptions(speed=args.speed, load=args.load, out_dir=args.out_dir, workload=spec)
+    speed = DemoOptions.speed if args.speed is None else args.speed
+    demo = DemoOptions(speed=speed, load=args.load, out_dir=args.out_dir, workload=spec)
     return ReplicasOptions(
         replicas=args.replicas,
         phases=keys,
