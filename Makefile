@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make demo` installs only what the demo needs (the `demo` extra); the full install above is a
+# superset, so it satisfies the demo too (it touches this stamp).
+DEMO_STAMP := $(VENV)/.installed-demo
+NATIVE_SOURCES := src/kvroute/index/_native.c src/kvroute/events/_recv.c
 PYTEST := $(PY) -m pytest
 # pytest exits 5 when a folder holds no tests yet; that is not a failure of the target.
 RUN_TESTS = $(PYTEST) $(1) || [ $$? -eq 5 ]
@@ -16,15 +20,21 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
-$(STAMP): pyproject.toml setup.py src/kvroute/index/_native.c src/kvroute/events/_recv.c
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[demo]'
+	@touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/kvroute demo
 
 test: $(STAMP)
