@@ -16,7 +16,7 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test fuzz lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
-        test-index-python test-native-asan bench-peers
+        test-index-python test-native-asan bench-peers image
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
@@ -94,6 +94,22 @@ test-vllm: $(STAMP)
 	ROOT=$(VLLM_ROOT) INSTALL_ONLY=1 bash $(SHARED)/vllm-cpu/vllm_cpu_e2e.sh
 	KVROUTE_REAL_VLLM=1 KVROUTE_VLLM_ROOT=$(VLLM_ROOT) KVROUTE_VLLM_LOGS=$(VLLM_ROOT)/logs \
 		$(PYTEST) tests/e2e/real_vllm -q -s -p no:cacheprovider
+
+# The container image (deploy/container/Containerfile) with podman or docker, whichever is
+# installed and running; not part of `make test`, which checks the Containerfile without building
+# it (tests/deploy). EXTRAS: the runtime extras, e.g. EXTRAS=kubernetes,picker.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= kvroute:$(VERSION)
+EXTRAS ?= kubernetes
+CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
+image:
+	@[ -n "$(CONTAINER_ENGINE)" ] || { echo "make image: needs podman or docker"; exit 2; }
+	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || \
+		{ echo "make image: $(CONTAINER_ENGINE) cannot reach its engine (daemon not running?)"; exit 2; }
+	$(CONTAINER_ENGINE) build -f deploy/container/Containerfile --build-arg EXTRAS=$(EXTRAS) \
+		-t $(IMAGE) .
+	$(CONTAINER_ENGINE) run --rm $(IMAGE) --help >/dev/null
+	@echo "built $(IMAGE) (extras: $(EXTRAS))"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
