@@ -1,9 +1,8 @@
-"""Local tokenization: a Hugging Face `tokenizer.json` plus an optional jinja2 chat template.
+"""Local tokenization: a Hugging Face `tokenizer.json` plus an optional jinja2 chat template."""
 
-tokenizers and jinja2 come with the `local-tokenizer` extra and are imported when a
-`LocalTokenizer` is built, not with this module: the gateway imports it whether or not a local
-tokenizer is configured, and `pip install kvroute` alone must still run `kvroute serve`.
-"""
+# tokenizers and jinja2 come with the `local-tokenizer` extra and are imported when a
+# `LocalTokenizer` is built, not with this module: the gateway imports it whether or not a local
+# tokenizer is configured, and `pip install kvroute` alone must still run `kvroute serve`.
 
 from __future__ import annotations
 
