@@ -97,7 +97,8 @@ test-vllm: $(STAMP)
 
 # The container image (deploy/container/Containerfile) with podman or docker, whichever is
 # installed and running; not part of `make test`, which checks the Containerfile without building
-# it (tests/deploy). EXTRAS: the runtime extras, e.g. EXTRAS=kubernetes,picker.
+# it (tests/deploy). EXTRAS: the runtime extras, e.g. EXTRAS=kubernetes,picker; PYTHON_IMAGE:
+# another base image (a mirror's copy of python:3.11-slim-bookworm, say).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= kvroute:$(VERSION)
 EXTRAS ?= kubernetes
@@ -107,7 +108,7 @@ image:
 	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || \
 		{ echo "make image: $(CONTAINER_ENGINE) cannot reach its engine (daemon not running?)"; exit 2; }
 	$(CONTAINER_ENGINE) build -f deploy/container/Containerfile --build-arg EXTRAS=$(EXTRAS) \
-		-t $(IMAGE) .
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) -t $(IMAGE) .
 	$(CONTAINER_ENGINE) run --rm $(IMAGE) --help >/dev/null
 	@echo "built $(IMAGE) (extras: $(EXTRAS))"
 
