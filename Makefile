@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `make demo` installs only what the demo needs (the `demo` extra); the full install above is a
+# superset, so it satisfies the demo too (it touches this stamp).
+DEMO_STAMP := $(VENV)/.installed-demo
+NATIVE_SOURCES := src/kvroute/index/_native.c src/kvroute/events/_recv.c
 PYTEST := $(PY) -m pytest
 # pytest exits 5 when a folder holds no tests yet; that is not a failure of the target.
 RUN_TESTS = $(PYTEST) $(1) || [ $$? -eq 5 ]
@@ -12,19 +16,25 @@ VLLM_ROOT ?= $(HOME)/.cache/kvroute/vllm-cpu
 
 .PHONY: venv demo test fuzz lint bench test-kv-sync test-zmq test-kv-sync-e2e \
         test-kv-sync-benchmark test-kv-sync-chaos test-kv-sync-all test-vllm clean \
-        test-index-python test-native-asan bench-peers test-dashboard
+        test-index-python test-native-asan bench-peers test-dashboard image
 
 # The native index core (src/kvroute/index/_native.c) is built by this install; make insists
 # on it (KVROUTE_REQUIRE_NATIVE=1) so broken C fails here instead of falling back quietly.
-$(STAMP): pyproject.toml setup.py src/kvroute/index/_native.c src/kvroute/events/_recv.c
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[test,local-tokenizer,bench]'
-	@touch $(STAMP)
+	@touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	KVROUTE_REQUIRE_NATIVE=1 $(PY) -m pip install -q -e '.[demo]'
+	@touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/kvroute demo
 
 test: $(STAMP)
@@ -91,6 +101,23 @@ test-vllm: $(STAMP)
 	ROOT=$(VLLM_ROOT) INSTALL_ONLY=1 bash $(SHARED)/vllm-cpu/vllm_cpu_e2e.sh
 	KVROUTE_REAL_VLLM=1 KVROUTE_VLLM_ROOT=$(VLLM_ROOT) KVROUTE_VLLM_LOGS=$(VLLM_ROOT)/logs \
 		$(PYTEST) tests/e2e/real_vllm -q -s -p no:cacheprovider
+
+# The container image (deploy/container/Containerfile) with podman or docker, whichever is
+# installed and running; not part of `make test`, which checks the Containerfile without building
+# it (tests/deploy). EXTRAS: the runtime extras, e.g. EXTRAS=kubernetes,picker; PYTHON_IMAGE:
+# another base image (a mirror's copy of python:3.11-slim-bookworm, say).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= kvroute:$(VERSION)
+EXTRAS ?= kubernetes
+CONTAINER_ENGINE ?= $(shell command -v podman || command -v docker)
+image:
+	@[ -n "$(CONTAINER_ENGINE)" ] || { echo "make image: needs podman or docker"; exit 2; }
+	@$(CONTAINER_ENGINE) info >/dev/null 2>&1 || \
+		{ echo "make image: $(CONTAINER_ENGINE) cannot reach its engine (daemon not running?)"; exit 2; }
+	$(CONTAINER_ENGINE) build -f deploy/container/Containerfile --build-arg EXTRAS=$(EXTRAS) \
+		$(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) -t $(IMAGE) .
+	$(CONTAINER_ENGINE) run --rm $(IMAGE) --help >/dev/null
+	@echo "built $(IMAGE) (extras: $(EXTRAS))"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -419,7 +419,7 @@ class _Progress:
                 TextColumn,
                 TimeElapsedColumn,
             )
-        except ImportError:  # pragma: no cover - rich is in the bench extra
+        except ImportError:  # pragma: no cover - rich is in the demo and bench extras
             self._progress: Any = None
             return
         self._progress = Progress(
@@ -540,7 +540,8 @@ async def run_demo_async(options: DemoOptions) -> int:
     print(f"wrote {path}")
     if options.chart:
         png = _chart(results, options.out_dir / "demo.png", rate)
-        print(f"wrote {png}")
+        if png is not None:
+            print(f"wrote {png}")
     print(f"demo finished in {elapsed:.0f} s")
     errors = sum(r.errors for r in results)
     if errors:
@@ -569,8 +570,14 @@ def _check(results: Sequence[PolicyResult]) -> tuple[str, bool]:
     return "\n".join(lines), hit_ok and ttft_ok
 
 
-def _chart(results: Sequence[PolicyResult], path: Path, rate: float) -> Path:
-    import matplotlib
+def _chart(results: Sequence[PolicyResult], path: Path, rate: float) -> Path | None:
+    """The PNG of the three panels at `path`; None (and a line saying so) without matplotlib,
+    which comes with the `demo` extra (`make demo` installs it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no chart: matplotlib is not installed (pip install 'kvroute[demo]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

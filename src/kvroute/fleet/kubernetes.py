@@ -217,8 +217,8 @@ class KubernetesFleetSource:
                     reason = "forbidden" if exc.status == 403 else "api"
                     self.errors[reason] += 1
                     hint = (
-                        " (the service account needs get, list and watch on pods, and get on "
-                        'inferencepools; README "Run on Kubernetes")'
+                        " (the service account needs list and watch on pods, and get on "
+                        'inferencepools with an InferencePool; README "Run on Kubernetes")'
                         if exc.status == 403
                         else ""
                     )

@@ -1,21 +1,26 @@
 """Local tokenization: a Hugging Face `tokenizer.json` plus an optional jinja2 chat template."""
 
+# tokenizers and jinja2 come with the `local-tokenizer` extra and are imported when a
+# `LocalTokenizer` is built, not with this module: the gateway imports it whether or not a local
+# tokenizer is configured, and `pip install kvroute` alone must still run `kvroute serve`.
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, NoReturn
-
-import jinja2
-import jinja2.sandbox
-from tokenizers import Tokenizer as HfTokenizer
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvroute.errors import ConfigError, TokenizeError
 from kvroute.tokenize.ids import require_token_ids
 from kvroute.tokenize.timing import Observe, observe_since
 
+if TYPE_CHECKING:
+    import jinja2
+
 __all__ = ["LocalTokenizer"]
+
+_EXTRA_HINT = "pip install 'kvroute[local-tokenizer]'"
 
 
 def _raise_exception(message: str) -> NoReturn:
@@ -57,6 +62,14 @@ class LocalTokenizer:
         eos_token: str | None = None,
         observe: Observe | None = None,
     ) -> None:
+        try:
+            import jinja2.sandbox
+            from tokenizers import Tokenizer as HfTokenizer
+        except ImportError as exc:
+            raise ConfigError(
+                f"tokenizer_path: a local tokenizer needs the local-tokenizer extra: "
+                f"{_EXTRA_HINT} ({exc})"
+            ) from exc
         tokenizer_json = Path(tokenizer_json)
         try:
             self._tokenizer = HfTokenizer.from_file(str(tokenizer_json))
