@@ -9,6 +9,8 @@ import errno
 import json
 import logging
 import socket
+import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.gateway.openai_errors import error_body
+
+if sys.platform != "win32":  # FIONREAD: the bytes a socket holds unread
+    from fcntl import ioctl
+    from termios import FIONREAD
 
 __all__ = ["BackgroundServer", "ServerOptions", "listen", "serve_forever"]
 
@@ -52,6 +58,20 @@ class ServerOptions:
 _MAX_DISCARD_BYTES = 1 << 20
 
 
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes of the connection that arrived but the loop has not read yet (0 when unknown)."""
+    if sys.platform == "win32":
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        count: int = struct.unpack("i", ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
+    return count
+
+
 def _too_large(limit: int) -> bytes:
     """A complete 431 with an OpenAI-shaped body, written raw: h11 has seen no request yet."""
     error = GatewayHTTPError(431, f"request headers: expected at most {limit} bytes")
@@ -66,7 +86,12 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
     """uvicorn's h11 protocol, plus a deadline for each request's headers: it starts when the
     connection opens or when a byte of the next request arrives, and is not pushed back by
     more bytes, so a client trickling headers (slowloris) or sending nothing is closed. And a
-    size limit on them: h11's own applies only to headers split over several reads."""
+    size limit on them: h11's own applies only to headers split over several reads.
+
+    An idle connection is never closed under a request that has arrived: uvloop runs the timers
+    that fell due while the loop was busy before it reads the sockets, so a request could be
+    waiting unread when the keep-alive timeout (or the header deadline) fires, and closing then
+    would reset the connection under it."""
     timeout_s = options.header_timeout_s
     on_timeout = options.on_header_timeout
     max_header_bytes = options.max_header_bytes
@@ -136,10 +161,24 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
 
         def _expired(self) -> None:
             self._header_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                if on_timeout is not None:
-                    on_timeout()
-                self.transport.close()
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self._header_bytes == 0 and _unread_bytes(self.transport) and timeout_s:
+                # The request's first bytes are in, unread: its deadline counts from them.
+                self._header_deadline = self.loop.call_later(timeout_s, self._expired)
+                return
+            if on_timeout is not None:
+                on_timeout()
+            self.transport.close()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if not self.flow.read_paused and _unread_bytes(self.transport):
+                # The next request is in, unread (the loop was busy): read it, do not reset it.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+                return
+            super().timeout_keep_alive_handler()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
