@@ -82,9 +82,13 @@ class Settings(BaseSettings):
         "get a 503 at once instead of queueing.",
     )
     keep_alive_timeout_s: float = Field(
-        5.0,
+        120.0,
         gt=0,
-        description="Seconds an idle kept-alive client connection stays open.",
+        description="Seconds an idle kept-alive client connection stays open (whole seconds). "
+        "Longer than clients keep theirs (aiohttp 15 s, Go and reqwest 90 s, curl 118 s, "
+        "load balancers 60 s), so the client closes an idle connection first: a server that "
+        "closes one as the client reuses it drops that request. Set it above the idle timeout "
+        "of any proxy in front that keeps connections longer.",
     )
     header_timeout_s: float = Field(
         10.0,

@@ -43,7 +43,7 @@ class ServerOptions:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     max_connections: int | None = None  # beyond it, new connections get a 503 (None: none)
-    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after it
+    keep_alive_timeout_s: float = 120.0  # an idle kept-alive connection is closed after it
     header_timeout_s: float | None = None  # to send a request's headers (None: no deadline)
     max_header_bytes: int = 16 * 1024  # request line plus headers
     on_header_timeout: Callable[[], None] | None = None  # counts each close (Metrics)
