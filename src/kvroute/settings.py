@@ -78,8 +78,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         4096,
         gt=0,
-        description="Open client connections (and requests in progress) served at once; more "
-        "get a 503 at once instead of queueing.",
+        description="Client connections served at once (idle kept-alive ones count). A new "
+        "one past it has its request read and answered with a 503 (`too_many_connections`, "
+        "`Connection: close`) instead of queueing; the connections already served are not "
+        "affected.",
     )
     keep_alive_timeout_s: float = Field(
         120.0,
