@@ -487,7 +487,18 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Longest wait for the next bytes of an engine's response."
     )
     upstream_max_connections: int = Field(
-        1000, gt=0, description="Pooled HTTP connections to engines, over all engines."
+        1000,
+        gt=0,
+        description="Pooled HTTP connections to engines, over all engines; a request past it "
+        "waits for one (up to `upstream_read_timeout_s`). Health probes and scrapes have a "
+        "pool of their own.",
+    )
+    upstream_keep_alive_s: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds an idle pooled connection to an engine is kept for reuse. Keep "
+        "it below the engines' own idle timeout (vLLM: 5 s, `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`): "
+        "a request sent as the engine closes the connection fails with a 502.",
     )
 
     @model_validator(mode="after")
