@@ -78,13 +78,19 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         4096,
         gt=0,
-        description="Open client connections (and requests in progress) served at once; more "
-        "get a 503 at once instead of queueing.",
+        description="Client connections served at once (idle kept-alive ones count). A new "
+        "one past it has its request read and answered with a 503 (`too_many_connections`, "
+        "`Connection: close`) instead of queueing; the connections already served are not "
+        "affected.",
     )
     keep_alive_timeout_s: float = Field(
-        5.0,
+        120.0,
         gt=0,
-        description="Seconds an idle kept-alive client connection stays open.",
+        description="Seconds an idle kept-alive client connection stays open (whole seconds). "
+        "Longer than clients keep theirs (aiohttp 15 s, Go and reqwest 90 s, curl 118 s, "
+        "load balancers 60 s), so the client closes an idle connection first: a server that "
+        "closes one as the client reuses it drops that request. Set it above the idle timeout "
+        "of any proxy in front that keeps connections longer.",
     )
     header_timeout_s: float = Field(
         10.0,
@@ -481,7 +487,18 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Longest wait for the next bytes of an engine's response."
     )
     upstream_max_connections: int = Field(
-        1000, gt=0, description="Pooled HTTP connections to engines, over all engines."
+        1000,
+        gt=0,
+        description="Pooled HTTP connections to engines, over all engines; a request past it "
+        "waits for one (up to `upstream_read_timeout_s`). Health probes and scrapes have a "
+        "pool of their own.",
+    )
+    upstream_keep_alive_s: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds an idle pooled connection to an engine is kept for reuse. Keep "
+        "it below the engines' own idle timeout (vLLM: 5 s, `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`): "
+        "a request sent as the engine closes the connection fails with a 502.",
     )
 
     @model_validator(mode="after")

@@ -387,6 +387,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             connect_timeout_s=settings.upstream_connect_timeout_s,
             read_timeout_s=settings.upstream_read_timeout_s,
             max_connections=settings.upstream_max_connections,
+            keep_alive_s=settings.upstream_keep_alive_s,
         ) as client:
             picker = _picker(settings)  # its port first: a taken one fails before anything starts
             gateway: Gateway | None = None

@@ -9,6 +9,8 @@ import errno
 import json
 import logging
 import socket
+import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,15 @@ from typing import Any
 
 import h11
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.gateway.openai_errors import error_body
+
+if sys.platform != "win32":  # FIONREAD: the bytes a socket holds unread
+    from fcntl import ioctl
+    from termios import FIONREAD
 
 __all__ = ["BackgroundServer", "ServerOptions", "listen", "serve_forever"]
 
@@ -37,7 +43,7 @@ class ServerOptions:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     max_connections: int | None = None  # beyond it, new connections get a 503 (None: none)
-    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after it
+    keep_alive_timeout_s: float = 120.0  # an idle kept-alive connection is closed after it
     header_timeout_s: float | None = None  # to send a request's headers (None: no deadline)
     max_header_bytes: int = 16 * 1024  # request line plus headers
     on_header_timeout: Callable[[], None] | None = None  # counts each close (Metrics)
@@ -50,6 +56,86 @@ class ServerOptions:
 # thrown away so the connection can be reused and the client, still sending, reads the answer;
 # past it the connection is closed (nginx's lingering close, bounded in bytes).
 _MAX_DISCARD_BYTES = 1 << 20
+_REFUSAL_READ_S = 10.0  # to read a refused request without a header_timeout_s
+
+
+def _unread_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes of the connection that arrived but the loop has not read yet (0 when unknown)."""
+    if sys.platform == "win32":
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        count: int = struct.unpack("i", ioctl(sock.fileno(), FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
+    return count
+
+
+def _refusal(limit: int, read_timeout_s: float) -> ASGIApp:
+    """The app of a connection past `max_connections`: it reads the request (a body of at most
+    _MAX_DISCARD_BYTES, for at most `read_timeout_s`), then answers a 503 with an OpenAI-shaped
+    body and closes the connection. Closing before the request is read would reset it, and the
+    client would see a dropped connection instead of the 503."""
+    error = GatewayHTTPError(
+        503,
+        f"too many connections: the gateway serves at most {limit} at once; retry",
+        type="service_unavailable_error",
+        code="too_many_connections",
+    )
+    body = json.dumps(error_body(error)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        read = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(read_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away
+                    read += len(message.get("body", b""))
+                    if not message.get("more_body", False) or read > _MAX_DISCARD_BYTES:
+                        break
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse
+
+
+class _Admission:
+    """The connections served under `max_connections`; a new one past it gets `app`, the
+    refusal. Refusals are logged: the first, then a count at most every `log_every_s`."""
+
+    def __init__(self, limit: int, read_timeout_s: float, log_every_s: float = 10.0) -> None:
+        self.app = _refusal(limit, read_timeout_s)
+        self._limit = limit
+        self._served: set[object] = set()
+        self._log_every_s = log_every_s
+        self._refused = 0
+        self._logged_at: float | None = None
+
+    def admit(self, connection: object, now: float) -> bool:
+        if len(self._served) < self._limit:
+            self._served.add(connection)
+            return True
+        self._refused += 1
+        if self._logged_at is None or now - self._logged_at >= self._log_every_s:
+            log.warning(
+                "connections refused with a 503: max_connections reached",
+                extra={"max_connections": self._limit, "refused": self._refused},
+            )
+            self._refused, self._logged_at = 0, now
+        return False
+
+    def release(self, connection: object) -> None:
+        self._served.discard(connection)
 
 
 def _too_large(limit: int) -> bytes:
@@ -66,10 +152,20 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
     """uvicorn's h11 protocol, plus a deadline for each request's headers: it starts when the
     connection opens or when a byte of the next request arrives, and is not pushed back by
     more bytes, so a client trickling headers (slowloris) or sending nothing is closed. And a
-    size limit on them: h11's own applies only to headers split over several reads."""
+    size limit on them: h11's own applies only to headers split over several reads.
+
+    An idle connection is never closed under a request that has arrived: uvloop runs the timers
+    that fell due while the loop was busy before it reads the sockets, so a request could be
+    waiting unread when the keep-alive timeout (or the header deadline) fires, and closing then
+    would reset the connection under it. And past `max_connections`, a new connection is read
+    and answered a 503 (`_refusal`) instead of served; connections already served are not."""
     timeout_s = options.header_timeout_s
     on_timeout = options.on_header_timeout
     max_header_bytes = options.max_header_bytes
+    admission = None
+    if options.max_connections is not None:
+        # A refused request's body gets as long as headers do.
+        admission = _Admission(options.max_connections, timeout_s or _REFUSAL_READ_S)
 
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
@@ -80,6 +176,8 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if admission is not None and not admission.admit(self, self.loop.time()):
+                self.app = admission.app
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -122,6 +220,8 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
             return size <= max_header_bytes
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if admission is not None:
+                admission.release(self)
             self._disarm()
             super().connection_lost(exc)
 
@@ -136,10 +236,24 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
 
         def _expired(self) -> None:
             self._header_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                if on_timeout is not None:
-                    on_timeout()
-                self.transport.close()
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self._header_bytes == 0 and _unread_bytes(self.transport) and timeout_s:
+                # The request's first bytes are in, unread: its deadline counts from them.
+                self._header_deadline = self.loop.call_later(timeout_s, self._expired)
+                return
+            if on_timeout is not None:
+                on_timeout()
+            self.transport.close()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if not self.flow.read_paused and _unread_bytes(self.transport):
+                # The next request is in, unread (the loop was busy): read it, do not reset it.
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+                return
+            super().timeout_keep_alive_handler()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -161,7 +275,7 @@ def _config(
         log_config=None,  # kvroute.gateway.log_format configures logging
         log_level=log_level,
         timeout_graceful_shutdown=5,
-        limit_concurrency=options.max_connections,
+        limit_concurrency=None,  # max_connections: _guarded_h11 refuses past it
         timeout_keep_alive=max(1, round(options.keep_alive_timeout_s)),
         http=_guarded_h11(options),
         h11_max_incomplete_event_size=options.max_header_bytes,

@@ -92,14 +92,19 @@ class _StreamedResponse:
 
 
 class HttpxEngineClient:
-    """The one pooled HTTP client to engines (proxy, health probes, scrapes, remote tokenizer).
+    """The pooled HTTP client to engines (proxy, health probes, scrapes, remote tokenizer).
 
     `connect_timeout_s` bounds each connect (a failure lets the proxy retry elsewhere),
     `read_timeout_s` each wait for more bytes (and sending, and waiting for a pooled
-    connection); `max_connections` is the pool over all engines. Proxy variables in the
+    connection); `max_connections` is the pool over all engines. Health probes and scrapes
+    have a pool of their own: requests filling that one must not starve them, or an overload
+    would get every engine ejected. An idle pooled connection is dropped after `keep_alive_s`,
+    which must be shorter than the engines' own idle timeout (vLLM: 5 s): else a request can
+    go out on a connection the engine is closing, and fail. Proxy variables in the
     environment are ignored: engines sit on the cluster network, and variables meant for the
     outside world must not divert that traffic. `transport` plugs in an in-process app
-    (`httpx.ASGITransport`, for tests); the pool limits then do not apply.
+    (`httpx.ASGITransport`, for tests); one client then serves all, and the pool limits do
+    not apply.
     """
 
     def __init__(
@@ -108,24 +113,40 @@ class HttpxEngineClient:
         connect_timeout_s: float,
         read_timeout_s: float,
         max_connections: int,
+        keep_alive_s: float = 2.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            read=read_timeout_s,
+            write=read_timeout_s,
+            pool=read_timeout_s,
+        )
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=connect_timeout_s,
-                read=read_timeout_s,
-                write=read_timeout_s,
-                pool=read_timeout_s,
-            ),
+            timeout=timeout,
             limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=keep_alive_s,
             ),
             trust_env=False,
             transport=transport,
         )
+        # At most two calls per engine at a time (a probe, a scrape), each with its deadline.
+        self._probes = (
+            self._client
+            if transport is not None
+            else httpx.AsyncClient(
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=None, keepalive_expiry=keep_alive_s),
+                trust_env=False,
+            )
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._probes is not self._client:
+            await self._probes.aclose()
 
     async def __aenter__(self) -> HttpxEngineClient:
         return self
@@ -141,13 +162,21 @@ class HttpxEngineClient:
     # --- calls with a deadline
 
     async def _call(
-        self, method: str, url: str, timeout_s: float, content: bytes | None = None
+        self,
+        method: str,
+        url: str,
+        timeout_s: float,
+        content: bytes | None = None,
+        *,
+        probe: bool = False,
     ) -> httpx.Response:
         """`method url` with its whole answer read, all within `timeout_s`: httpx's timeout is
-        per phase, and a slowly dripping body must not outlast the deadline."""
+        per phase, and a slowly dripping body must not outlast the deadline. `probe`: on the
+        pool of health probes and scrapes."""
+        client = self._probes if probe else self._client
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._client.request(
+                return await client.request(
                     method,
                     url,
                     content=content,
@@ -160,12 +189,12 @@ class HttpxEngineClient:
             raise _translate(method, url, exc, timeout_s) from exc
 
     async def health(self, base_url: str, *, timeout_s: float) -> int:
-        response = await self._call("GET", _join(base_url, "/health"), timeout_s)
+        response = await self._call("GET", _join(base_url, "/health"), timeout_s, probe=True)
         return response.status_code
 
     async def metrics_text(self, base_url: str, *, timeout_s: float) -> str:
         url = _join(base_url, "/metrics")
-        response = await self._call("GET", url, timeout_s)
+        response = await self._call("GET", url, timeout_s, probe=True)
         if response.status_code != 200:
             raise EngineResponseError(f"GET {url}: expected status 200, got {response.status_code}")
         return response.text

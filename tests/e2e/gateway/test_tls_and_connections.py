@@ -4,9 +4,11 @@ connections past `max_connections` refused with a 503 instead of queueing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import ssl
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -56,16 +58,33 @@ def test_a_certificate_without_its_key_is_a_config_error(tmp_path: Path) -> None
         load_settings(tls_cert_file=tmp_path / "cert.pem")
 
 
-async def test_connections_past_the_limit_get_a_503(tmp_path: Path) -> None:
+async def test_connections_past_the_limit_get_a_503_once_their_request_is_read() -> None:
     settings = load_settings(port=0, log_level="warning")
     options = ServerOptions(max_connections=4)
     async with BackgroundServer(create_app(settings, metrics=Metrics()), options=options) as srv:
         host, port = srv.url.removeprefix("http://").split(":")
         idle = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
         try:
-            async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
-                refused = await http.get(f"{srv.url}/healthz")
-            assert refused.status_code == 503, refused.text
+            # A fifth: its request, and its body of 900 KiB, is read before the answer (closing
+            # with it unread would reset the connection under the answer).
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = b'{"prompt": "' + b"x" * (900 << 10) + b'"}'
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            answer = await _closed_by_server(reader)
+            writer.close()
+            head, _, payload = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), answer[:300]
+            assert b"connection: close" in head and b"retry-after: 1" in head, head
+            error = json.loads(payload)["error"]
+            assert error["code"] == "too_many_connections", error
+            assert error["type"] == "service_unavailable_error", error
+            # The connections taken before the limit was reached are served as before.
+            idle_reader, idle_writer = idle[0]
+            idle_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await idle_reader.readline()).startswith(b"HTTP/1.1 200")
         finally:
             for _reader, writer in idle:
                 writer.close()
@@ -75,6 +94,25 @@ async def test_connections_past_the_limit_get_a_503(tmp_path: Path) -> None:
                 return (await http.get(f"{srv.url}/healthz")).status_code == 200
 
             await eventually(served, "served again once the idle connections closed")
+
+
+async def test_a_burst_past_the_limit_serves_the_first_connections_and_refuses_the_rest() -> None:
+    settings = load_settings(port=0, log_level="warning")
+    options = ServerOptions(max_connections=4)
+    async with BackgroundServer(create_app(settings, metrics=Metrics()), options=options) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        burst = [await asyncio.open_connection(host, int(port)) for _ in range(12)]
+        try:
+            for _reader, writer in burst:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            statuses = Counter()
+            for reader, _writer in burst:
+                async with asyncio.timeout(30):
+                    statuses[(await reader.readline()).split(b" ")[1].decode()] += 1
+        finally:
+            for _reader, writer in burst:
+                writer.close()
+        assert statuses == {"200": 4, "503": 8}, statuses
 
 
 async def _closed_by_server(reader: asyncio.StreamReader) -> bytes:

@@ -4,6 +4,7 @@ like vLLM's API, a raw socket server that breaks off, and a closed port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -416,8 +417,32 @@ async def test_proxy_variables_in_the_environment_are_ignored(
 async def test_many_concurrent_calls_share_the_pool(engine: tuple[_Engine, str]) -> None:
     _, url = engine
     async with _client(max_connections=2) as client:
+        answers = await asyncio.gather(
+            *(
+                client.tokenize_prompt(url, "m", "a b", add_special_tokens=True, timeout_s=5.0)
+                for _ in range(20)
+            )
+        )
         statuses = await asyncio.gather(*(client.health(url, timeout_s=5.0) for _ in range(20)))
+    assert answers == [[0, 1]] * 20
     assert statuses == [200] * 20
+
+
+async def test_probes_and_scrapes_are_not_starved_by_a_full_pool(
+    engine: tuple[_Engine, str],
+) -> None:
+    # An overload can take every pooled connection; an engine must not be ejected for it.
+    state, url = engine
+    async with _client(max_connections=1) as client:
+        held = asyncio.ensure_future(client.post_stream(url, "/wait", body=b"{}", headers={}))
+        await asyncio.wait_for(state.waiting.wait(), DEADLINE_S)  # the one connection is taken
+        try:
+            assert await client.health(url, timeout_s=2.0) == 200
+            assert "vllm:" in await client.metrics_text(url, timeout_s=2.0)
+        finally:
+            held.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await held
 
 
 async def test_close_is_idempotent(engine: tuple[_Engine, str]) -> None:
