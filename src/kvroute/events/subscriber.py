@@ -396,6 +396,7 @@ class _SourceTask:
         time; what a slice leaves unhandled is handed over first next time."""
         tracker = self.tracker
         on_live = tracker.on_live
+        on_live_run = tracker.on_live_run
         clock = time.perf_counter
         until = clock() + _DRAIN_SLICE_S
         handle = raw.underlying
@@ -419,15 +420,20 @@ class _SourceTask:
                 if not taken:
                     tracker.heard()
                 taken += len(received)
-            item = received[at]
-            at += 1
-            if item is None:
-                tracker.on_bad_frames()
+            # The common run of the slice as one index batch; what it leaves, one by one.
+            ran = on_live_run(received, at)
+            if ran == at:
+                item = received[at]
+                at += 1
+                if item is None:
+                    tracker.on_bad_frames()
+                else:
+                    request = on_live(item[0], item[1])
+                    if request is not None:
+                        self._received_at = at
+                        await self._replays(request)
             else:
-                request = on_live(item[0], item[1])
-                if request is not None:
-                    self._received_at = at
-                    await self._replays(request)
+                at = ran
             if clock() > until:
                 self._received_at = at
                 return True
