@@ -236,6 +236,14 @@ class Settings(BaseSettings):
         description="A source that receives nothing this long while its engine answers "
         "requests is flagged silent (log, /metrics, /debug/engines); 0: never.",
     )
+    ingest_coalesce_ms: float = Field(
+        0.2,
+        ge=0,
+        le=100,
+        description="A source whose messages come faster than one per this window is drained "
+        "once per window instead of once per message (less CPU per message; adds at most this "
+        "much latency); 0: drain on every wake-up.",
+    )
     receive_impl: Literal["auto", "native", "python"] = Field(
         "auto",
         description="Event receive loop: native (compiled, over pyzmq's libzmq), python "

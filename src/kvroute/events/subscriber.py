@@ -58,6 +58,10 @@ _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED 
 _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag per call
 
 
+DEFAULT_COALESCE_S = 0.0002
+"""`ingest_coalesce_ms` (settings.py) in seconds: wake-ups closer than this are merged."""
+
+
 class _Shared:
     """What every source task of one manager uses: context, replay deadline and slots, and the
     largest message a socket takes."""
@@ -72,9 +76,13 @@ class _Shared:
         counters: EventCounters,
         retry_backoff_s: tuple[float, float],
         drain: Drain | None,
+        coalesce_s: float = 0.0,
     ) -> None:
         self.context = context
         self.drain = drain  # the native receive loop (events/_recv.c), or None: pyzmq's calls
+        # Wake-ups closer together than this are merged: the next drain waits out the window
+        # (design §12, "Coalescing wake-ups"); 0: drain on every wake-up.
+        self.coalesce_s = coalesce_s
         self.counters = counters
         self.retry_backoff_s = retry_backoff_s
         self.max_replay_batches, self.max_replay_bytes = max_replay
@@ -120,6 +128,11 @@ class _SourceTask:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: tuple[int, int] | None = None  # (SUB, monitor) while registered
         self._waiter: asyncio.Future[None] | None = None
+        self._coalescing = False  # inside `_pause`: a descriptor that fires only marks ready
+        self._drained_at = -1.0  # when the last drain that took messages ended (perf_counter)
+        self._took = False  # the last drain that emptied the socket took messages
+        self._paused = False  # the last drain followed a `_coalesce` pause
+        self.pauses = 0  # `_coalesce` pauses taken (tests/zmq/events/test_subscriber_receive.py)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when `_timer` fires, on the tracker's (monotonic) clock
         self.slow = False  # its last replay did not end: it waits for the slow slot
@@ -200,6 +213,8 @@ class _SourceTask:
                             if self.shared.drain is None
                             else self._drain_native(self.shared.drain, raw)
                         )
+                        if not self._sub_ready and self.shared.coalesce_s:
+                            await self._coalesce(self.shared.coalesce_s)
                     await self._replays(tracker.tick())
                 except Exception:
                     # A bug or an input we did not foresee must not end this source's task
@@ -262,7 +277,38 @@ class _SourceTask:
         self._monitor_ready = True
         self._wake()
 
+    async def _coalesce(self, window: float) -> None:
+        """The socket is empty. When this drain took messages less than `window` after the
+        one before it, or follows a pause, messages come faster than one per window: wait the
+        window out, so the next drain reads what arrives meanwhile in one go instead of one
+        wake-up per message. A drain that finds nothing ends that; an engine at a calm rate
+        never waits. Adds at most `window` to a message's latency, and never more wake-ups
+        than messages."""
+        if not self._took:
+            self._paused = False  # a wake-up for nothing, or a quiet window: wait for the socket
+            return
+        now = time.perf_counter()
+        recent = self._paused or now - self._drained_at < window
+        self._drained_at = now
+        if not recent:
+            return
+        loop = self._loop
+        assert loop is not None
+        self.pauses += 1
+        pause = loop.create_future()
+        timer = loop.call_later(window, pause.set_result, None)
+        self._coalescing = True
+        try:
+            await pause
+        finally:
+            self._coalescing = False
+            timer.cancel()
+        self._paused = True
+        self._sub_ready = self._monitor_ready = True  # what fired meanwhile, looked at next
+
     def _wake(self) -> None:
+        if self._coalescing:
+            return  # `_coalesce` looks at both sockets when its window ends
         waiter = self._waiter
         if waiter is None:
             # The task is busy (a replay): the descriptor stays readable until its socket is
@@ -368,6 +414,7 @@ class _SourceTask:
             try:
                 topic = recv(_NOBLOCK, copy=False)
             except zmq.Again:
+                self._took = heard
                 return False
             if not heard:
                 heard = True
@@ -416,6 +463,7 @@ class _SourceTask:
                     raise zmq.ZMQError(-status)
                 if not received:
                     self._received_at = 0
+                    self._took = taken > 0
                     return False
                 if not taken:
                     tracker.heard()
@@ -512,6 +560,7 @@ class SubscriberManager:
         max_replay: tuple[int, int] = (0, 0),
         curve_keys: CurveKeyPair | None = None,
         receive_impl: ReceiveImpl = "auto",
+        coalesce_s: float = DEFAULT_COALESCE_S,
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -531,6 +580,7 @@ class SubscriberManager:
             counters,
             retry_backoff_s,
             native_drain(receive_impl),
+            max(0.0, coalesce_s),
         )
         # This gateway's CURVE key pair: sources with a `curve_server_key` connect with it.
         self._curve_keys = curve_keys

@@ -104,6 +104,7 @@ def build_gateway(
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
             curve_keys=gateway_pair,
             receive_impl=settings.receive_impl,
+            coalesce_s=settings.ingest_coalesce_ms / 1000,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
