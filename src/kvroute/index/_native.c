@@ -1880,6 +1880,18 @@ fail:
     return NULL;
 }
 
+#define TOK_ERROR (-2) /* a Python error is set */
+
+/* tok_scan's status of one msgpack `Raw` of token ids, without writing them out. */
+static int raw_status(PyObject *tokens) {
+    Py_buffer view;
+    Py_ssize_t count;
+    if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return TOK_ERROR;
+    int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
+    PyBuffer_Release(&view);
+    return status;
+}
+
 /* token_verdict(events) -> int: over the BlockStored events whose `token_ids` are msgpack
  * bytes, TOK_BAD if any is not `list[int] | None`, else TOK_WIDE if any holds nil or an int
  * outside [0, 2**32), else TOK_U32 (events/wire.py's raw decode). */
@@ -1894,11 +1906,8 @@ static PyObject *py_token_verdict(PyObject *mod, PyObject *events) {
         if (!PyObject_TypeCheck(ev, g_stored_type)) continue;
         PyObject *tokens = FIELD(ev, off_tokens);
         if (tokens == NULL || !Py_IS_TYPE(tokens, g_raw_type)) continue;
-        Py_buffer view;
-        Py_ssize_t count;
-        if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return NULL;
-        int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
-        PyBuffer_Release(&view);
+        int status = raw_status(tokens);
+        if (status == TOK_ERROR) return NULL;
         if (status == TOK_BAD) return PyLong_FromLong(TOK_BAD);
         if (status != TOK_U32) worst = TOK_WIDE;
     }
@@ -1981,11 +1990,8 @@ static PyObject *py_batch_verdict(PyObject *mod, PyObject *events) {
                 plain = 0;
                 continue;
             }
-            Py_buffer view;
-            Py_ssize_t count;
-            if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return NULL;
-            int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
-            PyBuffer_Release(&view);
+            int status = raw_status(tokens);
+            if (status == TOK_ERROR) return NULL;
             if (status == TOK_BAD) return PyLong_FromLong(TOK_BAD);
             if (status != TOK_U32) worst = TOK_WIDE;
         } else if (Py_IS_TYPE(ev, g_removed_type)) {
