@@ -58,8 +58,10 @@ _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED 
 _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag per call
 
 
-DEFAULT_COALESCE_S = 0.0002
-"""`ingest_coalesce_ms` (settings.py) in seconds: wake-ups closer than this are merged."""
+DEFAULT_COALESCE_S = 0.0
+"""`ingest_coalesce_ms` (settings.py) in seconds: wake-ups closer than this are merged (off:
+asyncio's timers round a window up to ~1 ms, which costs more latency than it saves CPU at
+most fleets' rates; design §12)."""
 
 
 class _Shared:
@@ -282,8 +284,8 @@ class _SourceTask:
         one before it, or follows a pause, messages come faster than one per window: wait the
         window out, so the next drain reads what arrives meanwhile in one go instead of one
         wake-up per message. A drain that finds nothing ends that; an engine at a calm rate
-        never waits. Adds at most `window` to a message's latency, and never more wake-ups
-        than messages."""
+        never waits. Adds up to `window` to a message's latency, rounded up to asyncio's timer
+        granularity (~1 ms), and never more wake-ups than messages."""
         if not self._took:
             self._paused = False  # a wake-up for nothing, or a quiet window: wait for the socket
             return
