@@ -96,9 +96,7 @@ def build_gateway(
         if index_factory is not None:
             index = index_factory(limits, metrics.event_counters)
         else:
-            index = create_index(
-                limits, counters=metrics.event_counters, impl=settings.index_impl
-            )
+            index = create_index(limits, counters=metrics.event_counters, impl=settings.index_impl)
         subscribers = SubscriberManager(
             index,
             metrics.event_counters,
