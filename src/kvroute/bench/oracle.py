@@ -1,20 +1,21 @@
 """The trace bench's `oracle`: kv_aware fed by what the simulated engines' block pools hold right
-now instead of by their KV events, an upper bound for what better event sync could route."""
+now instead of by their KV events: what perfect event sync would route like."""
 
 # The gateway's index is swapped for `OracleIndex` (through `create_app(index_factory=...)`), so
 # the oracle runs the same gateway, policy, load accounting and proxy as kv_aware. Only the
 # confirmed part of each match changes: it is read from the pools (no event delay, no missed or
-# stale event); the speculative part (prompts routed but not yet scheduled, which no pool holds
-# yet) is the index's own, kept up by the same events as in a kv_aware run. The oracle is thus
-# exact about the engines, not clairvoyant about the future: a policy that ignored load could
-# hit the cache more often, at a worse TTFT.
+# stale event); speculative blocks (prompts routed but not yet scheduled, which no pool holds
+# yet) extend it from the index's own entries, added and expired as in a kv_aware run. The
+# oracle is exact about the engines now, not clairvoyant: kv_aware's cost also weighs load, and
+# one different choice changes every later cache state, so on a given run it can hit the cache
+# less often than kv_aware (tests/e2e/bench/test_trace.py; README "Trace replay").
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from kvroute.core import GPU, EventCounters, MatchResult
-from kvroute.index import IndexLimits, PrefixIndex
+from kvroute.core import GPU, EventCounters, LocalHash, MatchResult
+from kvroute.index import IndexLimits, PrefixIndex, chain_hashes, seed_hash
 from kvroute.sim import BlockPool, SimFleet
 
 __all__ = ["ORACLE", "OracleIndex", "fleet_pools", "oracle_index_factory"]
@@ -60,29 +61,44 @@ class OracleIndex(PrefixIndex):
         *,
         cache_salt: str | None = None,
     ) -> dict[str, MatchResult]:
-        # The simulator's hash ignores cache_salt: a salted prompt hits an unsalted prefix there.
-        speculative = super().match(model, lora, token_ids, cache_salt=cache_salt)
+        # The reference match purges expired speculative entries; its result is not used: its
+        # `speculative_blocks` start from the blocks the *events* confirmed (matching.py), which
+        # would bring the index's view back in. The walk below starts from the pools' instead.
+        super().match(model, lora, token_ids, cache_salt=cache_salt)
+        now = self._clock()
+        spec_by_engine = self._spec_by_engine  # the reference index's own (index/speculative.py)
+        seed = seed_hash(model, lora, cache_salt)
         out: dict[str, MatchResult] = {}
-        chains: dict[int, list[bytes]] = {}  # block size -> the prompt's digests
+        digests: dict[int, list[bytes]] = {}  # block size -> the prompt's engine digests
+        local: dict[int, list[LocalHash]] = {}  # block size -> the prompt's local hashes
         for engine, pools in self._pools().items():
-            held, size = 0, 0
+            if not pools:
+                continue
+            held, size = 0, pools[0].block_size
             for pool in pools:
-                chain = chains.get(pool.block_size)
+                # The simulator's hash ignores cache_salt: a salted prompt hits unsalted blocks.
+                chain = digests.get(pool.block_size)
                 if chain is None:
-                    chain = chains[pool.block_size] = pool.chain_digests(token_ids, lora)
+                    chain = digests[pool.block_size] = pool.chain_digests(token_ids, lora)
                 blocks = pool.cached_prefix(chain)
-                if blocks >= held:
+                if blocks > held:
                     held, size = blocks, pool.block_size
-            spec = speculative.get(engine)
-            spec_blocks = spec.speculative_blocks if spec is not None else 0
-            if held == 0 and spec_blocks == 0:
+            spec = held
+            entries = spec_by_engine.get(engine)
+            if entries:
+                hashes = local.get(size)
+                if hashes is None:
+                    hashes = local[size] = chain_hashes(seed, token_ids, size)
+                while spec < len(hashes) and entries.get(hashes[spec], 0.0) > now:
+                    spec += 1
+            if held == 0 and spec == 0:
                 continue
             out[engine] = MatchResult(
                 blocks=held,
                 tokens=held * size,
                 by_medium={GPU: held} if held else {},
-                speculative_blocks=spec_blocks,
-                block_size=size or (spec.block_size if spec is not None else 0),
+                speculative_blocks=spec if spec > held else 0,
+                block_size=size,
             )
         return out
 

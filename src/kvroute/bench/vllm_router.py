@@ -8,12 +8,14 @@ for `kvroute bench trace --vs vllm-router`: its command line, start, readiness a
 #   order), with `--kv-event-replay-source` alike, `--kv-event-block-size` and
 #   `--kv-event-model` (required with static sources). It subscribes with vLLM's default topic
 #   "" and has no flag for another, so the engines must publish with topic "".
-# - It indexes the token ids of BlockStored events (local hashes), not the engine's hashes.
-# - A token-id prompt is routed on its ids; a text prompt is rendered by a worker
-#   (`POST /v1/completions/render`, falling back to `/tokenize`).
+# - It indexes the token ids of BlockStored events, not the engine's hashes (the simulator's
+#   hashes are not vLLM's, and its kv_aware still finds the prefixes).
+# - A token-id prompt is routed on its ids, which is what the trace bench sends. (A text prompt
+#   is rendered by a worker, `POST /v1/completions/render` or the chat form, then `/tokenize`
+#   if that fails: seen in its debug log, not relied on here; the simulator serves all three.)
 # - `--policy cache_aware` routes by an approximate prefix tree of the requests it sent.
 # - It answers `GET /health` once every worker passed its health check, and relays the
-#   workers' response headers and bodies.
+#   workers' response headers (x-sim-ttft-ms) and bodies (sim.engine).
 
 from __future__ import annotations
 

@@ -93,3 +93,28 @@ def test_speculative_entries_of_routed_requests_still_count() -> None:
     assert got["engine-a"].blocks == 2 and got["engine-a"].speculative_blocks == 0
     assert got["engine-b"].blocks == 0 and got["engine-b"].speculative_blocks == 8
     assert got["engine-b"].block_size == BS
+
+
+def test_blocks_the_events_claimed_but_the_pool_lost_do_not_come_back_as_speculative() -> None:
+    pool = _pool()
+    _cache(pool, PROMPT[: 2 * BS])  # the pool holds 2 blocks of the prompt
+    oracle = _oracle({"engine-a": [pool]})
+    source = source_id("engine-a", 0)
+    oracle.add_source(source, engine="engine-a", model=MODEL)
+    stored = BlockStored(
+        block_hashes=list(range(1, 9)), token_ids=PROMPT, block_size=BS, medium="GPU"
+    )
+    oracle.apply(source, EventBatch(ts=0.0, events=[stored]))  # the events say 8 (stale)
+    oracle.add_speculative("engine-a", MODEL, None, [5] * (4 * BS))  # another prompt routed
+    got = oracle.match(MODEL, None, PROMPT)["engine-a"]
+    assert (got.blocks, got.speculative_blocks) == (2, 0)
+
+
+def test_speculative_blocks_extend_the_pools_prefix() -> None:
+    pool = _pool()
+    _cache(pool, PROMPT[: 3 * BS])
+    oracle = _oracle({"engine-a": [pool]})
+    oracle.add_source(source_id("engine-a", 0), engine="engine-a", model=MODEL)
+    oracle.add_speculative("engine-a", MODEL, None, PROMPT[: 6 * BS])  # routed, not yet run
+    got = oracle.match(MODEL, None, PROMPT)["engine-a"]
+    assert (got.blocks, got.speculative_blocks) == (3, 6)
