@@ -7,11 +7,9 @@ import argparse
 import asyncio
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,13 @@ from kvroute.bench import vllm_router
 from kvroute.bench.demo import MODEL, POLICIES, PolicyStack, _Progress, sim_last_finish, sim_now
 from kvroute.bench.oracle import ORACLE, oracle_index_factory
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.bench.trace_summary import (
+    RunSummary,
+    TraceRecord,
+    round_finite,
+    round_opt,
+    summarise,
+)
 from kvroute.bench.trace_workload import (
     TokenSynthesizer,
     TraceError,
@@ -169,131 +174,6 @@ async def bisect_time_factor(
 
 
 # --- one run -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TraceRecord:
-    """One request as the gateway answered it; times are the simulator's (ms)."""
-
-    index: int
-    engine: str
-    status: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    ttft_ms: float | None
-    e2e_ms: float | None
-    sent_s: float = 0.0  # simulated seconds from the run's start when it was sent
-    late_ms: float = 0.0  # how much later than its (scaled) arrival time, simulated ms
-    error: str | None = None  # what a failed request got back
-    # Wall ms the client waited beyond the engine's own end-to-end time (sim ms / speed): what
-    # the router (parsing, tokenizing, routing, proxying) and the host's scheduling added.
-    added_ms: float | None = None
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """One policy's run of the trace at one time factor."""
-
-    policy: str
-    time_factor: float
-    requests: int  # answered
-    errors: int
-    hit_rate: float
-    ttft_ms: dict[str, float]  # p50, p90, p99 of the answered requests
-    e2e_ms: dict[str, float]
-    throughput_rps: float  # answered requests per simulated second
-    arrival_rps: float | None  # the arrival rate the run achieved (None: one burst)
-    late_ms: dict[str, float]  # p50, p90, p99 of how late requests were sent (a slow host)
-    slo_attainment: float  # share of all requests whose TTFT met the SLO
-    ttft_p90_all_ms: float  # p90 with each error counted as an infinite TTFT
-    per_engine: dict[str, int]
-    load_max_over_mean: float
-    sim_seconds: float
-    ttfts: list[float]  # sorted, for the CDF
-    error_samples: list[str] = field(default_factory=list)  # a few distinct failures
-    added_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p99 (wall ms)
-
-    def passes(self, slo_ms: float) -> bool:
-        return self.ttft_p90_all_ms <= slo_ms
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "hit_rate": round(self.hit_rate, 4),
-            "ttft_ms": {k: _round(v) for k, v in self.ttft_ms.items()},
-            "e2e_ms": {k: _round(v) for k, v in self.e2e_ms.items()},
-            "throughput_rps": round(self.throughput_rps, 3),
-            "arrival_rps": _round_opt(self.arrival_rps, 3),
-            "sent_late_ms": {k: _round(v) for k, v in self.late_ms.items()},
-            "added_latency_wall_ms": {k: _round(v) for k, v in self.added_ms.items()},
-            "slo_attainment": round(self.slo_attainment, 4),
-            "load_max_over_mean": _round(self.load_max_over_mean, 3),
-            "requests_per_engine": self.per_engine,
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_samples": self.error_samples,
-            "sim_seconds": round(self.sim_seconds, 2),
-        }
-
-
-def _round(value: float, digits: int = 2) -> float | None:
-    return round(value, digits) if math.isfinite(value) else None
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
-    return ordered[k]
-
-
-def _quantiles(values: Sequence[float]) -> dict[str, float]:
-    return {f"p{round(q * 100)}": _percentile(values, q) for q in (0.5, 0.9, 0.99)}
-
-
-def summarise(
-    policy: str,
-    time_factor: float,
-    records: Sequence[TraceRecord],
-    sim_seconds: float,
-    engines: int,
-    slo_ms: float,
-) -> RunSummary:
-    """Hit rate (cached over prompt tokens), latency quantiles and load of one run's records."""
-    ok = [r for r in records if r.status == 200]
-    prompt = sum(r.prompt_tokens for r in ok)
-    cached = sum(r.cached_tokens for r in ok)
-    ttfts = sorted(r.ttft_ms for r in ok if r.ttft_ms is not None)
-    e2es = [r.e2e_ms for r in ok if r.e2e_ms is not None]
-    counted = ttfts + [math.inf] * (len(records) - len(ttfts))
-    per_engine = Counter(r.engine for r in ok)
-    for e in range(engines):
-        per_engine.setdefault(f"engine-{e}", 0)
-    counts = list(per_engine.values())
-    mean = statistics.fmean(counts) if counts else 0.0
-    sent = [r.sent_s for r in records]
-    span = max(sent) - min(sent) if sent else 0.0
-    return RunSummary(
-        policy=policy,
-        time_factor=time_factor,
-        requests=len(ok),
-        errors=len(records) - len(ok),
-        hit_rate=cached / prompt if prompt else 0.0,
-        ttft_ms=_quantiles(ttfts),
-        e2e_ms=_quantiles(e2es),
-        throughput_rps=len(ok) / sim_seconds if sim_seconds > 0 else 0.0,
-        arrival_rps=(len(records) - 1) / span if span > 0 else None,
-        late_ms=_quantiles([r.late_ms for r in records]),
-        slo_attainment=sum(t <= slo_ms for t in ttfts) / len(records) if records else 0.0,
-        ttft_p90_all_ms=_percentile(counted, 0.9) if counted else math.inf,
-        per_engine=dict(sorted(per_engine.items())),
-        load_max_over_mean=max(counts) / mean if mean else math.nan,
-        sim_seconds=sim_seconds,
-        ttfts=ttfts,
-        error_samples=list(dict.fromkeys(r.error or "?" for r in records if r.status != 200))[:3],
-        added_ms=_quantiles([r.added_ms for r in ok if r.added_ms is not None]),
-    )
 
 
 @dataclass(frozen=True)
@@ -697,7 +577,7 @@ def _report(
     policies: dict[str, Any] = {}
     for name, o in outcomes.items():
         entry = o.main.summary()
-        entry["capacity_rps_at_slo"] = _round_opt(o.capacity_rps, 3)
+        entry["capacity_rps_at_slo"] = round_opt(o.capacity_rps, 3)
         if o.search is not None:
             entry["capacity"] = {
                 "time_factor": o.search.passed,
@@ -705,8 +585,8 @@ def _report(
                 "trials": [
                     {
                         "time_factor": round(f, 4),
-                        "ttft_p90_ms": _round(o.runs[f].ttft_p90_all_ms),
-                        "arrival_rps": _round_opt(o.runs[f].arrival_rps, 3),
+                        "ttft_p90_ms": round_finite(o.runs[f].ttft_p90_all_ms),
+                        "arrival_rps": round_opt(o.runs[f].arrival_rps, 3),
                         "passed": ok,
                     }
                     for f, ok in o.search.trials
@@ -720,11 +600,11 @@ def _report(
         "policies": policies,
         "setup": {
             "requests": len(requests),
-            "trace_rate_rps": _round_opt(rate, 3),
+            "trace_rate_rps": round_opt(rate, 3),
             # the hit rate of one unbounded cache holding every earlier prompt: the trace's reuse
             "prefix_reuse": round(prefix_reuse(requests), 4),
             "time_factor": options.time_factor,
-            "arrival_rate_rps": _round_opt(rate / options.time_factor if rate else None, 3),
+            "arrival_rate_rps": round_opt(rate / options.time_factor if rate else None, 3),
             "token_scale": scaling.effective_scale,
             "tokens_per_hash": scaling.tokens_per_hash,
             "engines": options.engines,
@@ -740,10 +620,6 @@ def _report(
             "wall_seconds": round(elapsed, 1),
         },
     }
-
-
-def _round_opt(value: float | None, digits: int) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
 _COLORS = {PolicyName.KV_AWARE: "#2a9d8f", ORACLE: "#264653", vllm_router.PEER: "#e9c46a"}

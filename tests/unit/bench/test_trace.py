@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvroute.bench.trace import TraceRecord, bisect_time_factor, summarise
+from kvroute.bench.trace import bisect_time_factor
+from kvroute.bench.trace_summary import TraceRecord, summarise
 from kvroute.cli import main
 
 
