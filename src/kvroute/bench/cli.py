@@ -45,6 +45,7 @@ def register(sub: Any) -> None:
             "flood",
             "hostile-client",
             "trace",
+            "latency",
             *_SEPARATE,
         ],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
@@ -55,7 +56,8 @@ def register(sub: Any) -> None:
         "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
         "connections; not in all) | relay (event latency and throughput direct vs through "
         "kvroute relay with CURVE; not in all) | trace FILE (a Mooncake-format request trace "
-        "replayed once per policy on simulated fleets; not in all)",
+        "replayed once per policy on simulated fleets; not in all) | latency (the router's own "
+        "added latency per policy and tokenizer mode; not in all)",
     )
     bench.add_argument(
         "file",
@@ -134,6 +136,13 @@ def register(sub: Any) -> None:
             "production traces (kvroute bench trace FILE; README 'Trace replay')"
         )
     )
+    from kvroute.bench import added_latency
+
+    added_latency.add_arguments(
+        bench.add_argument_group(
+            "router latency (kvroute bench latency [--vs vllm-router]; README 'Router latency')"
+        )
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -158,6 +167,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.file is not None:
         print(f"kvroute bench {args.which}: takes no FILE (only trace does)", file=sys.stderr)
         return 2
+    if args.which == "latency":
+        from kvroute.bench import added_latency
+
+        try:
+            latency = added_latency.options(args)
+        except ValueError as exc:
+            print(f"kvroute bench latency: {exc}", file=sys.stderr)
+            return 2
+        added_latency.run(latency)
+        return 0
     if args.which == "replicas":
         from kvroute.bench import replicas
 
