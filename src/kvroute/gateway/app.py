@@ -34,7 +34,7 @@ from kvroute.metrics import Metrics
 from kvroute.persist import RefuseReason, SnapshotRefused, remove_stale_temp_files
 from kvroute.persist.index_snapshot import load_sources
 from kvroute.persist.writer import SnapshotWriter
-from kvroute.routing import CostWeights, make_policy, needs_tokens
+from kvroute.routing import CostWeights, make_policy
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
 from kvroute.upstream import HttpxEngineClient
@@ -123,7 +123,6 @@ def build_gateway(
             imbalance_tokens=settings.imbalance_tokens,
         ),
     )
-    tokens = index is not None and needs_tokens(policy)  # as Gateway.wants_tokens
     gateway = Gateway(
         fleet=fleet,
         client=client,
@@ -137,11 +136,11 @@ def build_gateway(
         max_prompt_tokens=settings.max_prompt_tokens,
         max_json_depth=settings.max_json_depth,
         body_timeout_s=settings.body_timeout_s,
-        prompt_workers=_prompt_workers(settings, tokens=tokens),
         prompt_offload_bytes=settings.prompt_offload_bytes,
         access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
+    gateway.prompt_workers = _prompt_workers(settings, tokens=gateway.wants_tokens)
     gateway.shared = _shared_state(settings, gateway, metrics)
     if subscribers is not None and settings.silent_source_s > 0:
         gateway.silence = SilentSources(

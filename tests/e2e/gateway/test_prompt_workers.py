@@ -165,3 +165,30 @@ async def test_a_gateway_routes_large_bodies_through_a_worker(tmp_path: Path) ->
             )
             assert small.status_code == 200, small.text
             assert metrics.prompts_offloaded._value.get() == 3  # the three large ones
+
+
+@pytest.mark.parametrize("policy", ["kv_aware", "round_robin"])
+async def test_workers_tokenize_only_for_a_policy_that_reads_tokens(
+    tmp_path: Path, policy: str
+) -> None:
+    async with SimFleet(1, MODEL, config=SimConfig(speed=50.0)) as fleet:
+        fleet.write_fleet_file(tmp_path / "fleet.yaml")
+        settings = load_settings(
+            fleet_file=tmp_path / "fleet.yaml",
+            port=0,
+            log_level="warning",
+            policy=policy,
+            prompt_offload_bytes=1024,
+            tokenizer_path=_train(tmp_path),
+        )
+        metrics = Metrics()
+        async with (
+            BackgroundServer(create_app(settings, metrics=metrics)) as server,
+            httpx.AsyncClient(base_url=server.url, trust_env=False, timeout=60) as http,
+        ):
+            prompt = "hello world " * 200  # 400 words: 401 tokens with BOS, 2,400 characters
+            decision = await http.post("/v1/route", json={"model": MODEL, "prompt": prompt})
+            assert decision.status_code == 200, decision.text
+            assert metrics.prompts_offloaded._value.get() == 1
+            tokens = decision.json()["prompt_tokens"]
+            assert tokens == (401 if policy == "kv_aware" else len(prompt) // 4)
