@@ -28,6 +28,12 @@ _ALIASES = {
 }
 # Not in `bench all`: benches that start other processes.
 _SEPARATE = {"relay": ("kvroute.bench.relay_bench", "run")}
+# Not in `bench all` either: `options(args)` (ValueError: exit 2), then `run(options)`.
+_WITH_OPTIONS = {
+    "flood": "kvroute.bench.flood",
+    "hostile-client": "kvroute.bench.hostile_client",
+    "latency": "kvroute.bench.added_latency",
+}
 
 
 def register(sub: Any) -> None:
@@ -167,16 +173,6 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.file is not None:
         print(f"kvroute bench {args.which}: takes no FILE (only trace does)", file=sys.stderr)
         return 2
-    if args.which == "latency":
-        from kvroute.bench import added_latency
-
-        try:
-            latency = added_latency.options(args)
-        except ValueError as exc:
-            print(f"kvroute bench latency: {exc}", file=sys.stderr)
-            return 2
-        added_latency.run(latency)
-        return 0
     if args.which == "replicas":
         from kvroute.bench import replicas
 
@@ -187,25 +183,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         restart.run(restart.options(args))
         return 0
-    if args.which == "flood":
-        from kvroute.bench import flood
-
+    if args.which in _WITH_OPTIONS:
+        module = importlib.import_module(_WITH_OPTIONS[args.which])
         try:
-            opts = flood.options(args)
+            opts = module.options(args)
         except ValueError as exc:
-            print(f"kvroute bench flood: {exc}", file=sys.stderr)
+            print(f"kvroute bench {args.which}: {exc}", file=sys.stderr)
             return 2
-        flood.run(opts)
-        return 0
-    if args.which == "hostile-client":
-        from kvroute.bench import hostile_client
-
-        try:
-            hostile = hostile_client.options(args)
-        except ValueError as exc:
-            print(f"kvroute bench hostile-client: {exc}", file=sys.stderr)
-            return 2
-        hostile_client.run(hostile)
+        module.run(opts)
         return 0
     if args.vs is not None:
         return _run_vs(args)
