@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
+from kvroute.bench.ingest_vs import cpu_seconds
 from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.bench.sim_tokenizer_files import write_sim_tokenizer
@@ -269,6 +270,7 @@ class _Target:
     src: Path | None = None  # kvroute: the sources it runs from (None: this one)
     samples: _Samples = field(default_factory=_Samples)
     tokenize_calls: int = 0  # the engines answered while its timed requests ran
+    cpu_s: float = 0.0  # the router process's CPU time while its timed requests ran
     gateway: dict[str, float] = field(default_factory=dict)  # kvroute's tokenizer metrics
 
     @property
@@ -289,6 +291,9 @@ class _Target:
             "router_tokenize_calls": self.tokenize_calls,
             **({"gateway": self.gateway} if self.kind == "kvroute" else {}),
             "router_tokenize_mean_ms": self._tokenize_mean_ms(),
+            "router_cpu_ms_per_request": round(self.cpu_s * 1000.0 / len(s.latency_ms), 3)
+            if self.kind != "engine" and s.latency_ms
+            else None,
         }
 
     def _tokenize_mean_ms(self) -> float | None:
@@ -301,13 +306,14 @@ class _Target:
 async def _measure(
     http: httpx.AsyncClient,
     target: _Target,
-    url: str | None,
+    router: tuple[str, int] | None,
     engines: Sequence[str],
     warmup: Sequence[_Request],
     timed: Sequence[_Request],
 ) -> None:
-    """Warm-up, then the timed requests through `url` (a router's), or straight to the engines
-    in turn (the generation, or its prompt to /tokenize for the `engine /tokenize` target)."""
+    """Warm-up, then the timed requests through `router` (its URL and pid), or straight to the
+    engines in turn (the generation, or its prompt to /tokenize for `engine /tokenize`)."""
+    url = None if router is None else router[0]
     generate = target.name != "engine /tokenize"
 
     def url_for(i: int, request: _Request) -> str:
@@ -319,7 +325,10 @@ async def _measure(
     before = await _tokenize_calls(http, engines)
     errors = sum(target.samples.errors.values())
     sent = len(target.samples.latency_ms) + errors
+    cpu = 0.0 if router is None else cpu_seconds(router[1])
     await _send(http, timed, url_for, target.samples, generate=generate)
+    if router is not None:
+        target.cpu_s += cpu_seconds(router[1]) - cpu
     calls = await _tokenize_calls(http, engines) - before
     if not generate:  # its own calls
         calls -= len(target.samples.latency_ms) + sum(target.samples.errors.values()) - sent
@@ -374,9 +383,9 @@ class _Files:
 @contextlib.asynccontextmanager
 async def _serving(
     http: httpx.AsyncClient, target: _Target, opts: LatencyOptions, files: _Files
-) -> AsyncIterator[str | None]:
-    """The target's router started in its own process (and stopped after); its URL, or None
-    for the engines themselves."""
+) -> AsyncIterator[tuple[str, int] | None]:
+    """The target's router started in its own process (and stopped after): its URL and pid;
+    None for the engines themselves."""
     if target.kind == "engine":
         yield None
         return
@@ -390,7 +399,8 @@ async def _serving(
         try:
             await router.spawn(cmd)
             await _wait_http(http, router, f"{url}/health")
-            yield url
+            assert router.proc is not None
+            yield url, router.proc.pid
         finally:
             await router.stop()
         return
@@ -403,7 +413,8 @@ async def _serving(
     try:
         await gateway.start(files.workdir / "fleet.yaml", settings, env)
         await gateway.wait_ready(http)
-        yield gateway.url
+        assert gateway.proc is not None
+        yield gateway.url, gateway.proc.pid
         for key, value in _gateway_metrics((await http.get(f"{gateway.url}/metrics")).text).items():
             target.gateway[key] = target.gateway.get(key, 0.0) + value
     finally:
@@ -445,8 +456,8 @@ async def _run(opts: LatencyOptions, workdir: Path) -> dict[str, Any]:
                 timed = _workload(opts, sim_tokenizer, f"timed-{r}", n)
                 for i, target in enumerate(targets):
                     warmup = _workload(opts, sim_tokenizer, f"warmup-{r}-{i}", WARMUP)
-                    async with _serving(http, target, opts, files) as url:
-                        await _measure(http, target, url, engines, warmup, timed)
+                    async with _serving(http, target, opts, files) as router:
+                        await _measure(http, target, router, engines, warmup, timed)
     finally:
         await sim.stop()
     return _summarise(opts, targets, notes)
@@ -499,6 +510,7 @@ def run(opts: LatencyOptions) -> dict[str, Any]:
             "target ms",
             "/tokenize calls",
             "its tokenize ms",
+            "its CPU ms/request",
         ],
         [
             [
@@ -514,6 +526,7 @@ def run(opts: LatencyOptions) -> dict[str, Any]:
                 else f"{r['target_p50_ms']} {'met' if r['meets_target'] else 'MISSED'}",
                 r["router_tokenize_calls"],
                 r["router_tokenize_mean_ms"] or "-",
+                r["router_cpu_ms_per_request"] or "-",
             ]
             for r in rows
         ],
@@ -525,6 +538,9 @@ def run(opts: LatencyOptions) -> dict[str, Any]:
         opts.out_dir / "latency.png",
         "router overhead: p50 added latency minus the engines' own (ms)",
         [_label(r) for r in rows],
-        [("overhead p50 ms", [max(0.0, r["overhead_p50_ms"] or 0.0) for r in rows])],
+        [
+            ("overhead p50 ms", [max(0.0, r["overhead_p50_ms"] or 0.0) for r in rows]),
+            ("router CPU ms per request", [r["router_cpu_ms_per_request"] or 0.0 for r in rows]),
+        ],
     )
     return result

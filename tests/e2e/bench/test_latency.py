@@ -44,6 +44,8 @@ def test_smoke_run_reports_every_target_and_counts_tokenize_calls(tmp_path: Path
         assert row["added_ms"]["p50"] > 0 and row["engine_e2e_ms"]["p50"] > 0
         assert row["added_ms"]["p50"] <= row["added_ms"]["p90"] <= row["added_ms"]["p99"]
         assert isinstance(row["overhead_p50_ms"], float)
+        cpu = row["router_cpu_ms_per_request"]
+        assert cpu is None if row["target"] == "engine (direct)" else cpu > 0
     # Only kv_aware with the engines' /tokenize calls them: once per (distinct) request.
     calls = {key: row["router_tokenize_calls"] for key, row in rows.items()}
     assert calls.pop(("kvroute", "kv_aware", "remote")) == 24
