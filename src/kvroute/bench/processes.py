@@ -108,12 +108,15 @@ class GatewayProcess(ChildProcess):
         self.url = f"http://127.0.0.1:{self.port}"
 
     async def start(
-        self, fleet_file: Path, settings: dict[str, str], extra_env: Mapping[str, str] = {}
+        self,
+        fleet_file: Path,
+        settings: dict[str, str],
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         """`extra_env`: more variables (such as PYTHONPATH: another kvroute's source tree)."""
         env = {
             **os.environ,
-            **extra_env,
+            **(extra_env or {}),
             **{f"KVROUTE_{k.upper()}": v for k, v in settings.items()},
         }
         env.update(
