@@ -237,6 +237,14 @@ class Settings(BaseSettings):
         description="A source that receives nothing this long while its engine answers "
         "requests is flagged silent (log, /metrics, /debug/engines); 0: never.",
     )
+    ingest_coalesce_ms: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Drain a source whose messages come faster than one per this window once "
+        "per window instead of once per message: less CPU per message, but the event loop's "
+        "timers round the window up to ~1 ms of added latency; 0: off.",
+    )
     receive_impl: Literal["auto", "native", "python"] = Field(
         "auto",
         description="Event receive loop: native (compiled, over pyzmq's libzmq), python "

@@ -82,13 +82,15 @@ def register(sub: Any) -> None:
         "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON results go"
     )
     peers = bench.add_argument_group(
-        "ingest side by side (kvroute bench ingest --vs dynamo; install the peer: make bench-peers)"
+        "side by side (kvroute bench ingest --vs dynamo, kvroute bench trace FILE --vs "
+        "vllm-router; install the peers: make bench-peers)"
     )
     peers.add_argument(
         "--vs",
         choices=["dynamo", "vllm-router"],
         help="ingest: also run NVIDIA Dynamo's standalone indexer on the same stream and compare; "
-        "trace: vllm-router (not available yet) (default: kvroute alone)",
+        "trace: also replay the trace through vllm-router's kv_aware and cache_aware policies on "
+        "the same simulated fleets (default: kvroute alone)",
     )
     peers.add_argument(
         "--events",
@@ -111,7 +113,7 @@ def register(sub: Any) -> None:
         "--peers-venv",
         type=Path,
         metavar="DIR",
-        help="the venv holding ai-dynamo-runtime (default: .venv-peers)",
+        help="the venv holding ai-dynamo-runtime and vllm-router (default: .venv-peers)",
     )
     from kvroute.bench import replicas
 
@@ -240,7 +242,9 @@ def _run_vs(args: argparse.Namespace) -> int:
 
     prog = f"kvroute bench {args.which} --vs {args.vs}"
     if args.vs == "vllm-router":
-        print(f"{prog}: --vs vllm-router goes with trace (not available yet)", file=sys.stderr)
+        print(
+            f"{prog}: --vs vllm-router goes with trace (kvroute bench trace FILE)", file=sys.stderr
+        )
         return 2
     if args.which != "ingest":
         print(f"{prog}: --vs compares ingest only (kvroute bench ingest --vs ...)", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvroute.core import EngineClient, PolicyName
+from kvroute.core import EngineClient, EventCounters, PolicyName
 from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.events import CurveKeyPair, SubscriberManager, load_curve_key_pair
 from kvroute.fleet import EngineSpec, Fleet, FleetSource, load_fleet_file
@@ -43,9 +43,13 @@ if TYPE_CHECKING:
     from kvroute.fleet.shared_state import SharedState
     from kvroute.gateway.picker import PickerServer
 
-__all__ = ["build_gateway", "create_app", "curve_keys"]
+__all__ = ["IndexFactory", "build_gateway", "create_app", "curve_keys"]
 
 log = logging.getLogger("kvroute.gateway")
+
+IndexFactory = Callable[[IndexLimits, EventCounters], PrefixIndex]
+"""Builds the gateway's index from its limits and counters instead of `create_index` (the
+settings' `index_impl`); only `kvroute bench trace` passes one, for its oracle."""
 
 
 def build_gateway(
@@ -53,11 +57,12 @@ def build_gateway(
     client: EngineClient,
     metrics: Metrics,
     header_rules: HeaderRules | None = None,
+    index_factory: IndexFactory | None = None,
 ) -> Gateway:
     """The gateway's parts, each built once from `settings` and passed in explicitly; the state
     they keep (fleet health and reloads, index blocks, sources) is attached to `metrics`, which
     reads it at scrape time. Reads the fleet file (and, without `header_rules`, the engine key
-    file); not started yet."""
+    file); not started yet. `index_factory` replaces `create_index` (a benchmark's oracle)."""
     specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
     gateway_pair = curve_keys(settings, specs)
     fleet = Fleet(
@@ -80,17 +85,17 @@ def build_gateway(
     subscribers: SubscriberManager | None = None
     policy_name = settings.policy
     if settings.kv_event_sync_enabled:
-        index = create_index(
-            IndexLimits(
-                max_index_bytes=settings.max_index_bytes,
-                max_blocks_per_source=settings.max_blocks_per_source,
-                max_blocks_total=settings.max_blocks_total,
-                indexed_group=settings.indexed_group,
-                speculative_ttl_s=settings.speculative_ttl_s,
-            ),
-            counters=metrics.event_counters,
-            impl=settings.index_impl,
+        limits = IndexLimits(
+            max_index_bytes=settings.max_index_bytes,
+            max_blocks_per_source=settings.max_blocks_per_source,
+            max_blocks_total=settings.max_blocks_total,
+            indexed_group=settings.indexed_group,
+            speculative_ttl_s=settings.speculative_ttl_s,
         )
+        if index_factory is not None:
+            index = index_factory(limits, metrics.event_counters)
+        else:
+            index = create_index(limits, counters=metrics.event_counters, impl=settings.index_impl)
         subscribers = SubscriberManager(
             index,
             metrics.event_counters,
@@ -103,6 +108,7 @@ def build_gateway(
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
             curve_keys=gateway_pair,
             receive_impl=settings.receive_impl,
+            coalesce_s=settings.ingest_coalesce_ms / 1000,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
@@ -381,8 +387,14 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlette:
-    """The gateway app; `app.state.gateway` holds the running `Gateway` between start and stop."""
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    index_factory: IndexFactory | None = None,
+) -> Starlette:
+    """The gateway app; `app.state.gateway` holds the running `Gateway` between start and stop.
+    `index_factory`: see `build_gateway`."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -396,7 +408,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             gateway: Gateway | None = None
             try:
                 gateway = build_gateway(
-                    settings, client, metrics if metrics is not None else Metrics(), header_rules
+                    settings,
+                    client,
+                    metrics if metrics is not None else Metrics(),
+                    header_rules,
+                    index_factory,
                 )
                 await gateway.start()
                 app.state.gateway = gateway

@@ -87,6 +87,10 @@ class Generation:
             self._engine._ranks[self.rank].scheduler.abort(self.request)
 
     @property
+    def engine_name(self) -> str:
+        return self._engine.name if self._engine is not None else ""
+
+    @property
     def ttft_ms(self) -> float | None:
         t = self.request.ttft
         return None if t is None else t * 1000.0
