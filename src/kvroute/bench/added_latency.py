@@ -20,9 +20,17 @@ import httpx
 import yaml
 
 from kvroute.bench.ingest_vs import cpu_seconds
-from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess, free_port
+from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, GatewayProcess
 from kvroute.bench.report import DEFAULT_OUT_DIR, bar_chart, print_table, save_json
 from kvroute.bench.sim_tokenizer_files import write_sim_tokenizer
+from kvroute.bench.vllm_router import (
+    LOAD_POLICY,
+    PeerMissing,
+    RouterWorker,
+    VllmRouter,
+    VllmRouterPeer,
+    find_vllm_router,
+)
 from kvroute.bench.workload import poisson_arrivals
 from kvroute.core import PolicyName
 from kvroute.sim.tokenizer import SimTokenizer
@@ -53,7 +61,7 @@ class LatencyOptions:
     rounds: int = 2  # every target once a round; its rows pool the rounds
     seed: int = 0
     vs: str | None = None  # "vllm-router": also vllm-router round_robin over the same engines
-    peers_venv: Path = Path(".venv-peers")
+    peers_venv: Path | None = None  # where vllm-router is (None: .venv-peers, bench/peers.py)
     before_src: Path | None = None  # another kvroute's src/ (an older commit), run the same way
     out_dir: Path = DEFAULT_OUT_DIR
 
@@ -129,7 +137,7 @@ def options(args: argparse.Namespace) -> LatencyOptions:
         tokenizers=tokenizers,
         prompt_tokens=args.latency_prompt_tokens,
         vs=args.vs,
-        peers_venv=args.peers_venv or LatencyOptions.peers_venv,
+        peers_venv=args.peers_venv,
         before_src=args.latency_before_src,
         out_dir=args.out_dir,
     )
@@ -356,19 +364,6 @@ async def _start_sim(workdir: Path) -> tuple[ChildProcess, list[str]]:
     return sim, [str(e["url"]) for e in entries]
 
 
-async def _wait_http(http: httpx.AsyncClient, proc: ChildProcess, url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.exited():
-            raise RuntimeError(f"{proc.name} exited: {proc.tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if (await http.get(url)).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.name} not ready: {proc.tail()}")
-        await asyncio.sleep(0.1)
-
-
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -378,6 +373,7 @@ class _Files:
     tokenizer_json: Path
     template: Path
     engines: list[str]
+    vllm_router: VllmRouterPeer | None
 
 
 @contextlib.asynccontextmanager
@@ -390,17 +386,13 @@ async def _serving(
         yield None
         return
     if target.kind == "vllm-router":
-        port = free_port()
-        router = ChildProcess("vllm-router", files.workdir / "vllm-router.log")
-        cmd = [str(opts.peers_venv / "bin" / "vllm-router"), "--host", "127.0.0.1"]
-        cmd += ["--port", str(port), "--policy", "round_robin", "--log-level", "warning"]
-        cmd += ["--prometheus-port", str(free_port()), "--worker-urls", *files.engines]
-        url = f"http://127.0.0.1:{port}"
+        assert files.vllm_router is not None
+        router = VllmRouter(files.vllm_router, LOAD_POLICY, files.workdir)
+        workers = [RouterWorker(url, ()) for url in files.engines]
         try:
-            await router.spawn(cmd)
-            await _wait_http(http, router, f"{url}/health")
-            assert router.proc is not None
-            yield url, router.proc.pid
+            url = await router.start(workers, model=MODEL, block_size=16)
+            assert router.process.proc is not None
+            yield url, router.process.proc.pid
         finally:
             await router.stop()
         return
@@ -421,7 +413,7 @@ async def _serving(
         await gateway.stop()
 
 
-def _targets(opts: LatencyOptions, notes: list[str]) -> list[_Target]:
+def _targets(opts: LatencyOptions, peer: VllmRouterPeer | None, notes: list[str]) -> list[_Target]:
     """The rows in the order each round measures them: the engines directly, their /tokenize,
     then per policy and tokenizer this kvroute beside the one of `before_src`, vllm-router."""
     targets = [_Target("engine (direct)"), _Target("engine /tokenize")]
@@ -430,12 +422,19 @@ def _targets(opts: LatencyOptions, notes: list[str]) -> list[_Target]:
             targets.append(_Target("kvroute", policy, mode))
             if opts.before_src is not None:
                 targets.append(_Target("kvroute (before)", policy, mode, opts.before_src))
-    if opts.vs == "vllm-router":
-        if (opts.peers_venv / "bin" / "vllm-router").is_file():
-            targets.append(_Target("vllm-router", "round_robin"))
-        else:
-            notes.append(f"vllm-router: not in {opts.peers_venv} (make bench-peers): row skipped")
+    if peer is not None:
+        targets.append(_Target("vllm-router", LOAD_POLICY))
     return targets
+
+
+def _vllm_router(opts: LatencyOptions, notes: list[str]) -> VllmRouterPeer | None:
+    if opts.vs != "vllm-router":
+        return None
+    try:
+        return find_vllm_router(opts.peers_venv)
+    except PeerMissing as exc:
+        notes.append(f"vllm-router row skipped: {exc}")
+        return None
 
 
 async def _run(opts: LatencyOptions, workdir: Path) -> dict[str, Any]:
@@ -444,9 +443,10 @@ async def _run(opts: LatencyOptions, workdir: Path) -> dict[str, Any]:
     sim_tokenizer = SimTokenizer()
     tokenizer_json, template = write_sim_tokenizer(sim_tokenizer, workdir / "tokenizer")
     notes: list[str] = []
-    targets = _targets(opts, notes)
+    peer = _vllm_router(opts, notes)
+    targets = _targets(opts, peer, notes)
     sim, engines = await _start_sim(workdir)
-    files = _Files(workdir, tokenizer_json, template, engines)
+    files = _Files(workdir, tokenizer_json, template, engines, peer)
     per_round = -(-opts.requests // opts.rounds)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     try:

@@ -56,7 +56,6 @@ def test_smoke_run_reports_every_target_and_counts_tokenize_calls(tmp_path: Path
     assert rows["kvroute", "round_robin", "local"]["router_tokenize_mean_ms"] is None
     assert report["tokenize_rtt_ms"]["p50"] > 0
     assert rows["kvroute", "kv_aware", "remote"]["target_p50_ms"] > 1.0
-    assert report["notes"] == [
-        f"vllm-router: not in {tmp_path / 'no-venv'} (make bench-peers): row skipped"
-    ]
+    [note] = report["notes"]  # no vllm-router there: its row is left out, and said so
+    assert note.startswith("vllm-router row skipped: ") and "make bench-peers" in note
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
