@@ -153,7 +153,8 @@ class Settings(BaseSettings):
     # --- routing
     policy: PolicyName = Field(
         PolicyName.KV_AWARE,
-        description="Routing policy: kv_aware, least_loaded, round_robin or random.",
+        description="Routing policy: kv_aware, least_loaded, round_robin or random; only "
+        "kv_aware tokenizes prompts.",
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random policy.")
     w_prefill: float = Field(
@@ -260,7 +261,8 @@ class Settings(BaseSettings):
         1_048_576,
         ge=0,
         description="Longest prompt in tokens (0: no limit): a longer one gets a 400; token-id "
-        "prompts are refused before they are matched.",
+        "prompts are refused before they are matched; a policy that does not tokenize counts "
+        "text at 4 characters a token.",
     )
     max_json_depth: int = Field(
         128,

@@ -163,6 +163,7 @@ EXPORTS: dict[str, list[str]] = {
         "RoundRobinPolicy",
         "kv_cost",
         "make_policy",
+        "needs_tokens",
     ],
     "kvroute.settings": [
         "ENV_PREFIX",

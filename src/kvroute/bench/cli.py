@@ -28,6 +28,12 @@ _ALIASES = {
 }
 # Not in `bench all`: benches that start other processes.
 _SEPARATE = {"relay": ("kvroute.bench.relay_bench", "run")}
+# Not in `bench all` either: `options(args)` (ValueError: exit 2), then `run(options)`.
+_WITH_OPTIONS = {
+    "flood": "kvroute.bench.flood",
+    "hostile-client": "kvroute.bench.hostile_client",
+    "latency": "kvroute.bench.added_latency",
+}
 
 
 def register(sub: Any) -> None:
@@ -45,6 +51,7 @@ def register(sub: Any) -> None:
             "flood",
             "hostile-client",
             "trace",
+            "latency",
             *_SEPARATE,
         ],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
@@ -55,7 +62,8 @@ def register(sub: Any) -> None:
         "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
         "connections; not in all) | relay (event latency and throughput direct vs through "
         "kvroute relay with CURVE; not in all) | trace FILE (a Mooncake-format request trace "
-        "replayed once per policy on simulated fleets; not in all)",
+        "replayed once per policy on simulated fleets; not in all) | latency (the router's own "
+        "added latency per policy and tokenizer mode; not in all)",
     )
     bench.add_argument(
         "file",
@@ -136,6 +144,13 @@ def register(sub: Any) -> None:
             "production traces (kvroute bench trace FILE; README 'Trace replay')"
         )
     )
+    from kvroute.bench import added_latency
+
+    added_latency.add_arguments(
+        bench.add_argument_group(
+            "router latency (kvroute bench latency [--vs vllm-router]; README 'Router latency')"
+        )
+    )
     bench.set_defaults(func=_run_bench)
 
     demo = sub.add_parser(
@@ -170,25 +185,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         restart.run(restart.options(args))
         return 0
-    if args.which == "flood":
-        from kvroute.bench import flood
-
+    if args.which in _WITH_OPTIONS:
+        module = importlib.import_module(_WITH_OPTIONS[args.which])
         try:
-            opts = flood.options(args)
+            opts = module.options(args)
         except ValueError as exc:
-            print(f"kvroute bench flood: {exc}", file=sys.stderr)
+            print(f"kvroute bench {args.which}: {exc}", file=sys.stderr)
             return 2
-        flood.run(opts)
-        return 0
-    if args.which == "hostile-client":
-        from kvroute.bench import hostile_client
-
-        try:
-            hostile = hostile_client.options(args)
-        except ValueError as exc:
-            print(f"kvroute bench hostile-client: {exc}", file=sys.stderr)
-            return 2
-        hostile_client.run(hostile)
+        module.run(opts)
         return 0
     if args.vs is not None:
         return _run_vs(args)

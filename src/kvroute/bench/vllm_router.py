@@ -1,5 +1,5 @@
 """vllm-router (the vLLM project's Rust router, `make bench-peers`) in front of a simulated fleet
-for `kvroute bench trace --vs vllm-router`: its command line, start, readiness and stop."""
+for `kvroute bench trace|latency --vs vllm-router`: its command line, start, readiness, stop."""
 
 # vllm-router 0.1.17 is started as `python -m vllm_router.launch_router` from `.venv-peers`.
 # Facts about it this module relies on, each pinned by tests/e2e/bench/test_trace_vs.py:
@@ -34,6 +34,7 @@ from kvroute.bench.processes import READY_TIMEOUT_S, ChildProcess, free_port
 from kvroute.sim import SimFleet
 
 __all__ = [
+    "LOAD_POLICY",
     "PEER",
     "POLICIES",
     "VLLM_ROUTER_VERSION",
@@ -51,6 +52,8 @@ VLLM_ROUTER_VERSION: Final = "0.1.17"
 PEER: Final = "vllm-router"
 POLICIES: Final = ("kv_aware", "cache_aware")
 """The policies `--vs vllm-router` runs: event-driven, and approximate (its own tree)."""
+LOAD_POLICY: Final = "round_robin"
+"""The one `kvroute bench latency --vs vllm-router` runs: no prompt read, no events."""
 
 
 def peer_run_name(policy: str) -> str:
@@ -112,9 +115,10 @@ def router_command(
     """vllm-router's command line for `policy` over `workers`; kv_aware gets every worker's
     event sources (and replay sources when all ranks have one). ValueError for an unknown
     policy, no worker, or a kv_aware worker without event endpoints."""
-    if policy not in POLICIES:
+    if policy not in (*POLICIES, LOAD_POLICY):
         raise ValueError(
-            f"vllm-router policy: expected one of {', '.join(POLICIES)}, got {policy!r}"
+            f"vllm-router policy: expected one of {', '.join((*POLICIES, LOAD_POLICY))}, "
+            f"got {policy!r}"
         )
     if not workers:
         raise ValueError("vllm-router: expected at least one worker, got none")

@@ -37,7 +37,6 @@ from kvroute.persist.writer import SnapshotWriter
 from kvroute.routing import CostWeights, make_policy
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
-from kvroute.tokenize.timing import Observe
 from kvroute.upstream import HttpxEngineClient
 
 if TYPE_CHECKING:
@@ -135,7 +134,7 @@ def build_gateway(
         client=client,
         metrics=metrics,
         policy=policy,
-        tokenizer=_tokenizer(settings, client, fleet, metrics.observe_tokenize),
+        tokenizer=_tokenizer(settings, client, fleet, metrics),
         index=index,
         subscribers=subscribers,
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
@@ -143,11 +142,11 @@ def build_gateway(
         max_prompt_tokens=settings.max_prompt_tokens,
         max_json_depth=settings.max_json_depth,
         body_timeout_s=settings.body_timeout_s,
-        prompt_workers=_prompt_workers(settings),
         prompt_offload_bytes=settings.prompt_offload_bytes,
         access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
     )
+    gateway.prompt_workers = _prompt_workers(settings, tokens=gateway.wants_tokens)
     gateway.shared = _shared_state(settings, gateway, metrics)
     if subscribers is not None and settings.silent_source_s > 0:
         gateway.silence = SilentSources(
@@ -327,11 +326,12 @@ def _picker(settings: Settings) -> PickerServer | None:
     return PickerServer(settings.host, settings.picker_port)
 
 
-def _prompt_workers(settings: Settings) -> PromptWorkers | None:
-    """Workers for large bodies; they tokenize too when the gateway tokenizes locally."""
+def _prompt_workers(settings: Settings, *, tokens: bool) -> PromptWorkers | None:
+    """Workers for large bodies; they tokenize too when the gateway tokenizes locally and
+    routing reads `tokens`."""
     if settings.prompt_workers == 0:
         return None
-    local = settings.local_tokenizer and settings.tokenizer_path is not None
+    local = tokens and settings.local_tokenizer and settings.tokenizer_path is not None
     return PromptWorkers(
         settings.prompt_workers,
         PromptLimits(
@@ -345,10 +345,11 @@ def _prompt_workers(settings: Settings) -> PromptWorkers | None:
 
 
 def _tokenizer(
-    settings: Settings, client: EngineClient, fleet: Fleet, observe: Observe
+    settings: Settings, client: EngineClient, fleet: Fleet, metrics: Metrics
 ) -> Tokenizer:
     """A local tokenizer when one is configured (and remote is not forced), else an engine's
     `/tokenize` on the fleet's least busy healthy engine; behind an LRU unless its size is 0."""
+    observe = metrics.observe_tokenize
     inner: Tokenizer
     if settings.local_tokenizer and settings.tokenizer_path is not None:
         template = settings.chat_template_path.read_text() if settings.chat_template_path else None
@@ -358,12 +359,14 @@ def _tokenizer(
             client, fleet.url_for_model, timeout_s=settings.tokenizer_timeout_s, observe=observe
         )
     if settings.tokenizer_cache_size > 0:
-        return CachingTokenizer(
+        cache = CachingTokenizer(
             inner,
             max_entries=settings.tokenizer_cache_size,
             max_bytes=settings.tokenizer_cache_bytes,
             observe=observe,
         )
+        metrics.watch_tokenizer_cache(lambda: (cache.hits, cache.misses, len(cache)))
+        return cache
     return inner
 
 

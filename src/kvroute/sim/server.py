@@ -413,6 +413,7 @@ class _App:
 
     # -- vLLM extras ---------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
+        self.engine.tokenize_requests += 1
         try:
             body = await self._json(request)
             self._lora(body, required=False)

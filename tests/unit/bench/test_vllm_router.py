@@ -64,16 +64,17 @@ def test_a_worker_without_replay_gets_no_replay_source() -> None:
     assert "--kv-event-replay-source" not in cmd
 
 
-def test_cache_aware_takes_no_event_flags() -> None:
-    cmd = _command("cache_aware")
-    assert _flag_values(cmd, "--policy") == ["cache_aware"]
+@pytest.mark.parametrize("policy", ["cache_aware", "round_robin"])
+def test_a_policy_without_events_takes_no_event_flags(policy: str) -> None:
+    cmd = _command(policy)
+    assert _flag_values(cmd, "--policy") == [policy]
     assert not [arg for arg in cmd if arg.startswith("--kv-event")]
 
 
 @pytest.mark.parametrize(
     ("policy", "workers", "message"),
     [
-        ("power_of_two", WORKERS, "expected one of kv_aware, cache_aware"),
+        ("power_of_two", WORKERS, "expected one of kv_aware, cache_aware, round_robin"),
         ("kv_aware", [], "at least one worker"),
         ("kv_aware", [RouterWorker("http://h:1", ())], "has no event endpoint"),
     ],
