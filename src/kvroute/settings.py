@@ -242,8 +242,8 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="Drain a source whose messages come faster than one per this window once "
-        "per window instead of once per message: less CPU per message, but the event loop's "
-        "timers round the window up to ~1 ms of added latency; 0: off.",
+        "per window instead of once per message: less CPU per message for up to this much "
+        "added latency (e.g. 1: 55 → 21 µs per message at 5,000 messages/s); 0: off.",
     )
     receive_impl: Literal["auto", "native", "python"] = Field(
         "auto",

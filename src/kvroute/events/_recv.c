@@ -16,6 +16,10 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/timerfd.h>
+#include <unistd.h>
+#endif
 
 /* libzmq's message: 64 opaque bytes, pointer-aligned (zmq.h since 4.0). */
 typedef struct {
@@ -161,6 +165,47 @@ static PyObject *drain(PyObject *self, PyObject *args) {
     return PyLong_FromLong(1);
 }
 
+#ifdef __linux__
+/* A pause timer for the subscriber's coalescing (events/subscriber.py `_coalesce`): asyncio's
+ * own timers round a wait up to whole milliseconds (its epoll timeout), a timerfd wakes the
+ * same epoll with microsecond precision. */
+static PyObject *timer_new(PyObject *self, PyObject *unused) {
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *timer_arm(PyObject *self, PyObject *args) {
+    int fd;
+    long long ns;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &ns))
+        return NULL;
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    if (ns < 1)
+        ns = 1; /* a zero it_value would disarm it */
+    its.it_value.tv_sec = (time_t)(ns / 1000000000LL);
+    its.it_value.tv_nsec = (long)(ns % 1000000000LL);
+    if (timerfd_settime(fd, 0, &its, NULL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *timer_ack(PyObject *self, PyObject *arg) {
+    int fd = (int)PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    uint64_t expired = 0;
+    if (read(fd, &expired, sizeof expired) != (ssize_t)sizeof expired) {
+        if (errno == EAGAIN)
+            return PyLong_FromLong(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(expired);
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(init, recv, close, data, size, more, errno): the addresses of zmq_msg_init, "
@@ -168,6 +213,11 @@ static PyMethodDef methods[] = {
     {"drain", drain, METH_VARARGS,
      "drain(handle, limit, out) -> 0 (socket empty), 1 (limit reached) or -errno: appends "
      "(seq, payload), or None for a malformed message, per message received."},
+#ifdef __linux__
+    {"timer_new", timer_new, METH_NOARGS, "timer_new() -> a non-blocking monotonic timerfd."},
+    {"timer_arm", timer_arm, METH_VARARGS, "timer_arm(fd, ns): fire once, ns from now."},
+    {"timer_ack", timer_ack, METH_O, "timer_ack(fd) -> expirations read (0: none yet)."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeAlias
 
 from kvroute.errors import ConfigError
 
-__all__ = ["Drain", "ReceiveImpl", "native_drain", "receive_error"]
+__all__ = ["Drain", "PauseTimer", "ReceiveImpl", "native_drain", "pause_timer", "receive_error"]
 
 ReceiveImpl = Literal["auto", "native", "python"]
 # drain(handle, limit, out) -> 0 (socket empty), 1 (limit reached) or -errno; appends
@@ -74,3 +74,35 @@ def native_drain(impl: ReceiveImpl) -> Drain | None:
             )
         log.warning("events: the native receive loop cannot run (%s); using pyzmq's", error)
     return drain
+
+
+class PauseTimer:
+    """A one-shot timer on its own descriptor (a Linux timerfd, `_recv.c`), for an event loop
+    to watch with `add_reader`: it fires within microseconds of its time, where asyncio's
+    `call_later` rounds a wait up to whole milliseconds."""
+
+    __slots__ = ("_ack", "_arm", "fd")
+
+    def __init__(self, native: Any) -> None:
+        self.fd: int = native.timer_new()
+        self._arm = native.timer_arm
+        self._ack = native.timer_ack
+
+    def arm(self, seconds: float) -> None:
+        self._arm(self.fd, int(seconds * 1e9))
+
+    def ack(self) -> int:
+        """Expirations since the last ack (0: it has not fired): clears the descriptor."""
+        return int(self._ack(self.fd))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def pause_timer() -> PauseTimer | None:
+    """A new `PauseTimer`, or None where the extension has none (not Linux, not built)."""
+    try:
+        from kvroute.events import _recv  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return PauseTimer(_recv) if hasattr(_recv, "timer_new") else None

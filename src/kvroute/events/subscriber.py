@@ -24,7 +24,13 @@ from kvroute.core import (
 from kvroute.errors import ConfigError, KvrouteError
 from kvroute.events.budget import IngestBudget
 from kvroute.events.curve import CurveClientKeys, CurveKeyPair, check_curve_key, curve_client
-from kvroute.events.native_receive import Drain, ReceiveImpl, native_drain
+from kvroute.events.native_receive import (
+    Drain,
+    PauseTimer,
+    ReceiveImpl,
+    native_drain,
+    pause_timer,
+)
 from kvroute.events.replay import request_replay
 from kvroute.events.tracker import RecoveryTimings, ReplayRequest, SourceTracker
 from kvroute.index import PrefixIndex
@@ -60,8 +66,7 @@ _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag
 
 DEFAULT_COALESCE_S = 0.0
 """`ingest_coalesce_ms` (settings.py) in seconds: wake-ups closer than this are merged (off:
-asyncio's timers round a window up to ~1 ms, which costs more latency than it saves CPU at
-most fleets' rates; design §12)."""
+the CPU it saves grows with the latency it adds; design §12)."""
 
 
 class _Shared:
@@ -130,7 +135,11 @@ class _SourceTask:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: tuple[int, int] | None = None  # (SUB, monitor) while registered
         self._waiter: asyncio.Future[None] | None = None
-        self._coalescing = False  # inside `_pause`: a descriptor that fires only marks ready
+        self._coalescing = False  # inside `_coalesce`: a descriptor that fires only marks ready
+        self._pause: asyncio.Future[None] | None = None  # `_coalesce`'s, while it waits
+        # Its timer: a timerfd where the extension has one (asyncio's timers round a window up
+        # to whole milliseconds), else None and `call_later`. Made in `run` when coalescing.
+        self._pause_timer: PauseTimer | None = None
         self._drained_at = -1.0  # when the last drain that took messages ended (perf_counter)
         self._took = False  # the last drain that emptied the socket took messages
         self._paused = False  # the last drain followed a `_coalesce` pause
@@ -199,6 +208,9 @@ class _SourceTask:
             loop.add_reader(fds[0], self._on_sub)
             loop.add_reader(fds[1], self._on_monitor)
             self._fds = fds
+            if self.shared.coalesce_s and (timer := pause_timer()) is not None:
+                self._pause_timer = timer
+                loop.add_reader(timer.fd, self._on_pause)
             while True:
                 try:
                     if self._monitor_ready:
@@ -236,6 +248,10 @@ class _SourceTask:
                     await self._wait(tracker.next_deadline(), fds)
         finally:
             self._unregister()
+            if self._pause_timer is not None:
+                loop.remove_reader(self._pause_timer.fd)
+                self._pause_timer.close()
+                self._pause_timer = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -284,8 +300,9 @@ class _SourceTask:
         one before it, or follows a pause, messages come faster than one per window: wait the
         window out, so the next drain reads what arrives meanwhile in one go instead of one
         wake-up per message. A drain that finds nothing ends that; an engine at a calm rate
-        never waits. Adds up to `window` to a message's latency, rounded up to asyncio's timer
-        granularity (~1 ms), and never more wake-ups than messages."""
+        never waits. Adds up to `window` to a message's latency (a timerfd keeps it to the
+        microsecond where asyncio's timers would round it up to a millisecond), and never
+        more wake-ups than messages."""
         if not self._took:
             self._paused = False  # a wake-up for nothing, or a quiet window: wait for the socket
             return
@@ -297,16 +314,30 @@ class _SourceTask:
         loop = self._loop
         assert loop is not None
         self.pauses += 1
-        pause = loop.create_future()
-        timer = loop.call_later(window, pause.set_result, None)
+        pause = self._pause = loop.create_future()
+        timer = self._pause_timer
+        late: asyncio.TimerHandle | None = None
+        if timer is not None:
+            timer.arm(window)  # `_on_pause` ends it
+        else:
+            late = loop.call_later(window, pause.set_result, None)
         self._coalescing = True
         try:
             await pause
         finally:
             self._coalescing = False
-            timer.cancel()
+            self._pause = None
+            if late is not None:
+                late.cancel()
         self._paused = True
         self._sub_ready = self._monitor_ready = True  # what fired meanwhile, looked at next
+
+    def _on_pause(self) -> None:
+        timer, pause = self._pause_timer, self._pause
+        if timer is not None:
+            timer.ack()
+        if pause is not None and not pause.done():
+            pause.set_result(None)
 
     def _wake(self) -> None:
         if self._coalescing:

@@ -113,3 +113,29 @@ def test_python_and_an_unavailable_native_loop(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.undo()
         native_receive._load.cache_clear()
     assert native_drain("auto") is not None
+
+
+@pytest.mark.skipif(native_receive.pause_timer() is None, reason="no timerfd (not Linux)")
+def test_the_pause_timer_fires_once_near_its_time_and_ack_clears_it() -> None:
+    import select
+    import time
+
+    timer = native_receive.pause_timer()
+    assert timer is not None
+    poller = select.epoll()
+    try:
+        poller.register(timer.fd, select.EPOLLIN)
+        assert poller.poll(0) == [] and timer.ack() == 0  # not armed: silent
+        for window in (0.0002, 0.002):
+            started = time.perf_counter()
+            timer.arm(window)
+            assert poller.poll(5.0) == [(timer.fd, select.EPOLLIN)]
+            # Never early; late only by scheduling (not asyncio's whole milliseconds).
+            assert time.perf_counter() - started >= window
+            assert timer.ack() == 1 and timer.ack() == 0
+            assert poller.poll(0) == []  # acked: the descriptor is quiet again
+        timer.arm(0)  # "now" still fires (a zero would disarm a timerfd)
+        assert poller.poll(5.0) == [(timer.fd, select.EPOLLIN)] and timer.ack() == 1
+    finally:
+        poller.close()
+        timer.close()

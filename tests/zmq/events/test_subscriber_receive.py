@@ -8,10 +8,11 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import pytest
 import zmq.asyncio
 
 from kvroute.core import SourceSpec, source_id
-from kvroute.events import encode_batch
+from kvroute.events import encode_batch, subscriber
 from tests.event_harness import MODEL, ScriptedReplay, Stack, make_stack, until
 from tests.event_streams import EngineStream
 
@@ -149,9 +150,12 @@ async def _coalescing_source(
         await stack.manager.close()
 
 
+@pytest.mark.parametrize("timer", ["timerfd", "call_later"])
 async def test_a_flooding_source_is_drained_once_per_window_and_loses_nothing(
-    ctx: zmq.asyncio.Context,
+    ctx: zmq.asyncio.Context, timer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if timer == "call_later":  # where the extension has no timerfd
+        monkeypatch.setattr(subscriber, "pause_timer", lambda: None)
     # A wide window, so a loaded machine still publishes many messages per window.
     async with _coalescing_source(ctx, "flood", 0.05) as (stack, pub, source, stream, first):
         task = stack.manager._sources[source]
