@@ -24,8 +24,9 @@ export LD_PRELOAD="$($CC -print-file-name=libasan.so) $($CC -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export KVROUTE_INDEX_IMPL=native KVROUTE_RECEIVE_IMPL=native KVROUTE_DIFFERENTIAL_SEEDS=200 KVROUTE_TOKEN_FUZZ_EXAMPLES=5000
 export KVROUTE_INGEST_FUZZ_PAYLOADS=50000
-# The receive loop: its own tests and the subscriber's (the timing-bound CLI and flood tests
-# stay in `make test`, where nothing slows them down).
+# The receive loop: its own tests, the slice loop's (take_run) and the subscriber's (the
+# timing-bound CLI and flood tests stay in `make test`, where nothing slows them down).
 $PY -m pytest tests/unit/index tests/fuzz tests/zmq/events/test_native_receive.py \
+    tests/unit/events/test_tracker_runs.py \
     tests/zmq/events/test_subscriber_receive.py tests/zmq/events/test_subscriber.py \
     -q -p no:cacheprovider

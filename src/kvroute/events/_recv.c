@@ -165,6 +165,141 @@ static PyObject *drain(PyObject *self, PyObject *args) {
     return PyLong_FromLong(1);
 }
 
+/* take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error)
+ *   -> (next, last, first, events, payload)
+ *
+ * The loop of events/tracker.py `SourceTracker.on_live_run`, which has the rules: takes
+ * items[at:] while each is `(last + 1, payload)`, no longer than `floor` (when >= 0), decodes
+ * (`decode(payload)`; a `wire_error` ends the run), has no `cleared` event, no skipped or
+ * unsupported events, no other rank than `rank`, and `budget.admit(len)` (then
+ * `budget.charge_events(n)`; budget None: no budget). `first` is the first batch taken (None:
+ * none), `events` every event taken when more than one batch was (else None), `payload` the
+ * last one taken. Anything else is left to the caller at `next`. */
+static PyObject *s_events, *s_rank, *s_skipped, *s_unsupported, *s_admit, *s_charge;
+
+static int plain_batch(PyObject *batch, PyObject *events, PyObject *rank, PyTypeObject *cleared) {
+    if (!PyList_CheckExact(events))
+        return 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++)
+        if (PyObject_TypeCheck(PyList_GET_ITEM(events, k), cleared))
+            return 0;
+    PyObject *names[2] = {s_skipped, s_unsupported};
+    for (int k = 0; k < 2; k++) {
+        PyObject *n = PyObject_GetAttr(batch, names[k]);
+        if (n == NULL)
+            return -1;
+        int zero = PyLong_CheckExact(n) && PyLong_AsLong(n) == 0;
+        Py_DECREF(n);
+        if (!zero)
+            return 0;
+    }
+    PyObject *r = PyObject_GetAttr(batch, s_rank);
+    if (r == NULL)
+        return -1;
+    int same = r == Py_None ? 1 : PyObject_RichCompareBool(r, rank, Py_EQ);
+    Py_DECREF(r);
+    return same;
+}
+
+static PyObject *take_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9 || !PyList_CheckExact(args[0]) || !PyType_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "take_run: (items, at, last, decode, floor, budget, "
+                                         "rank, cleared, wire_error)");
+        return NULL;
+    }
+    PyObject *items = args[0], *decode = args[3], *rank = args[6], *wire_error = args[8];
+    PyObject *budget = args[5] == Py_None ? NULL : args[5];
+    PyTypeObject *cleared = (PyTypeObject *)args[7];
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]), floor = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned long long last = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred() || last == ~0ULL) { /* not a u64 seq, or no next one: Python's */
+        PyErr_Clear();
+        return Py_BuildValue("nOOOO", at, args[2], Py_None, Py_None, Py_None);
+    }
+    Py_ssize_t end = PyList_GET_SIZE(items), i = at;
+    PyObject *first = NULL, *events = NULL, *payload = NULL; /* owned */
+    for (; i < end; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2)
+            break;
+        unsigned long long seq = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+        if (seq == ~0ULL && PyErr_Occurred()) {
+            PyErr_Clear();
+            break;
+        }
+        PyObject *pl = PyTuple_GET_ITEM(item, 1);
+        if (seq != last + 1 || !PyBytes_CheckExact(pl))
+            break;
+        Py_ssize_t len = PyBytes_GET_SIZE(pl);
+        if (floor >= 0 && len > floor)
+            break;
+        PyObject *batch = PyObject_CallOneArg(decode, pl);
+        if (batch == NULL) {
+            if (!PyErr_ExceptionMatches(wire_error))
+                goto error;
+            PyErr_Clear();
+            break;
+        }
+        PyObject *evs = PyObject_GetAttr(batch, s_events);
+        int plain = evs == NULL ? -1 : plain_batch(batch, evs, rank, cleared);
+        if (plain == 1 && budget != NULL) {
+            PyObject *n = PyLong_FromSsize_t(len);
+            PyObject *ok = n ? PyObject_CallMethodOneArg(budget, s_admit, n) : NULL;
+            Py_XDECREF(n);
+            plain = ok == NULL ? -1 : PyObject_IsTrue(ok);
+            Py_XDECREF(ok);
+            if (plain == 1) {
+                PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(evs));
+                PyObject *done = count ? PyObject_CallMethodOneArg(budget, s_charge, count) : NULL;
+                Py_XDECREF(count);
+                plain = done == NULL ? -1 : 1;
+                Py_XDECREF(done);
+            }
+        }
+        if (plain != 1) {
+            Py_XDECREF(evs);
+            Py_DECREF(batch);
+            if (plain < 0)
+                goto error;
+            break;
+        }
+        if (first == NULL) {
+            first = batch;
+        } else {
+            if (events == NULL) {
+                PyObject *first_events = PyObject_GetAttr(first, s_events);
+                events = first_events ? PySequence_List(first_events) : NULL;
+                Py_XDECREF(first_events);
+            }
+            int bad = events == NULL ||
+                      PyList_SetSlice(events, PyList_GET_SIZE(events), PyList_GET_SIZE(events),
+                                      evs) < 0;
+            Py_DECREF(batch);
+            if (bad) {
+                Py_DECREF(evs);
+                goto error;
+            }
+        }
+        Py_DECREF(evs);
+        Py_INCREF(pl);
+        Py_XSETREF(payload, pl);
+        last++;
+    }
+    PyObject *result = Py_BuildValue("nKOOO", i, last, first ? first : Py_None,
+                                     events ? events : Py_None, payload ? payload : Py_None);
+    Py_XDECREF(first);
+    Py_XDECREF(events);
+    Py_XDECREF(payload);
+    return result;
+error:
+    Py_XDECREF(first);
+    Py_XDECREF(events);
+    Py_XDECREF(payload);
+    return NULL;
+}
+
 #ifdef __linux__
 /* A pause timer for the subscriber's coalescing (events/subscriber.py `_coalesce`): asyncio's
  * own timers round a wait up to whole milliseconds (its epoll timeout), a timerfd wakes the
@@ -218,6 +353,9 @@ static PyMethodDef methods[] = {
     {"timer_arm", timer_arm, METH_VARARGS, "timer_arm(fd, ns): fire once, ns from now."},
     {"timer_ack", timer_ack, METH_O, "timer_ack(fd) -> expirations read (0: none yet)."},
 #endif
+    {"take_run", (PyCFunction)(void (*)(void))take_run, METH_FASTCALL,
+     "take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error) -> (next, "
+     "last, first, events, payload): events/tracker.py on_live_run's loop."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -226,4 +364,12 @@ static struct PyModuleDef module = {
     "A subscriber's receive loop over libzmq's C API.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__recv(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__recv(void) {
+    const char *names[] = {"events", "data_parallel_rank", "skipped_events",
+                           "unsupported_events", "admit", "charge_events"};
+    PyObject **slots[] = {&s_events, &s_rank, &s_skipped, &s_unsupported, &s_admit, &s_charge};
+    for (int k = 0; k < 6; k++)
+        if ((*slots[k] = PyUnicode_InternFromString(names[k])) == NULL)
+            return NULL;
+    return PyModule_Create(&module);
+}

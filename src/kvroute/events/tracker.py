@@ -28,6 +28,15 @@ from kvroute.index import PrefixIndex
 
 log = logging.getLogger("kvroute.events.tracker")
 
+_take_run: Callable[..., tuple[int, int, EventBatch | None, list[Event] | None, bytes | None]]
+_take_run = None  # type: ignore[assignment]
+try:  # on_live_run's loop in C (events/_recv.c), else `SourceTracker._take_run`
+    from kvroute.events import _recv  # type: ignore[attr-defined]
+
+    _take_run = _recv.take_run
+except ImportError:  # pragma: no cover - the extension is built by `make`
+    pass
+
 _WARN_EVERY_S = 60.0  # one line per source and kind of refusal per minute; counters count all
 
 __all__ = ["RecoveryTimings", "ReplayKind", "ReplayRequest", "SourceTracker", "payload_digest"]
@@ -436,52 +445,24 @@ class SourceTracker:
     def on_live_run(self, items: Sequence[tuple[int, bytes] | None], at: int) -> int:
         """`on_live` for `items[at:]` (a native receive slice) while each is the common case:
         the next seq of a consistent source, under the size floor, decodable, no
-        AllBlocksCleared, admitted by the budget. Their events go to the index as ONE batch
-        (per-call costs paid once per slice: design §12). Returns the index of the first item
-        left to `on_live`, `at` when none was taken; such an item is decoded again there, which
-        only an uncommon batch pays."""
+        AllBlocksCleared, no skipped or unsupported events, this source's rank, admitted by the
+        budget (`_take_run`; `_recv.take_run` is the same loop in C). Their events go to the
+        index as ONE batch (per-call costs paid once per slice: design §12). Returns the index
+        of the first item left to `on_live`, `at` when none was taken; such an item is decoded
+        again there, which only an uncommon batch pays."""
         last = self.last
         if last is None or self._gap_stale is not None:
             return at
         decode = self._decoder.decode
         budget = self._budget if self._limited else None
-        floor = self._size_floor
-        end = len(items)
-        i = at
-        events: list[Event] = []
-        first: EventBatch | None = None
-        payload = b""
-        while i < end:
-            item = items[i]
-            if item is None or item[0] != last + 1:
-                break
-            payload = item[1]
-            if 0 <= floor < len(payload):
-                break
-            try:
-                batch = decode(payload)
-            except WireError:
-                break
-            if AllBlocksCleared in map(type, batch.events):
-                break
-            # Admitted last: an item left to on_live has been charged nothing.
-            if budget is not None:
-                if not budget.admit(len(payload)):
-                    break
-                budget.charge_events(len(batch.events))
-            if batch.skipped_events or batch.unsupported_events:
-                self._count_skipped(batch)
-            rank = batch.data_parallel_rank
-            if rank is not None and rank != self._rank:
-                self._counters.rank_mismatches[self._src] += 1
-            if first is None:
-                first = batch
-            else:
-                if not events:
-                    events.extend(first.events)
-                events.extend(batch.events)
-            last += 1
-            i += 1
+        if _take_run is not None:
+            i, last, first, merged, payload = _take_run(
+                items, at, last, decode, self._size_floor, budget, self._rank,
+                AllBlocksCleared, WireError,
+            )  # fmt: skip
+            events: list[Event] = merged or []
+        else:
+            i, last, first, events, payload = self._take_run(items, at, last, decode, budget)
         if first is None:
             return at
         self._batches[self._src] += i - at
@@ -493,6 +474,56 @@ class SourceTracker:
         self._last_batch_t = self._clock()
         self._index.apply(self.source, first if not events else EventBatch(first.ts, events))
         return i
+
+    def _take_run(
+        self,
+        items: Sequence[tuple[int, bytes] | None],
+        at: int,
+        last: int,
+        decode: Callable[[bytes], EventBatch],
+        budget: IngestBudget | None,
+    ) -> tuple[int, int, EventBatch | None, list[Event], bytes]:
+        """`on_live_run`'s loop in Python: the reference of `_recv.take_run` (and the loop where
+        the extension is not built); same result, stops at the same item."""
+        floor = self._size_floor
+        end = len(items)
+        i = at
+        events: list[Event] = []
+        first: EventBatch | None = None
+        payload = b""
+        while i < end:
+            item = items[i]
+            if item is None or item[0] != last + 1:
+                break
+            if 0 <= floor < len(item[1]):
+                break
+            try:
+                batch = decode(item[1])
+            except WireError:
+                break
+            rank = batch.data_parallel_rank
+            if (
+                AllBlocksCleared in map(type, batch.events)
+                or batch.skipped_events
+                or batch.unsupported_events
+                or (rank is not None and rank != self._rank)
+            ):
+                break  # on_live counts and applies it
+            # Admitted last: an item left to on_live has been charged nothing.
+            if budget is not None:
+                if not budget.admit(len(item[1])):
+                    break
+                budget.charge_events(len(batch.events))
+            if first is None:
+                first = batch
+            else:
+                if not events:
+                    events.extend(first.events)
+                events.extend(batch.events)
+            payload = item[1]
+            last += 1
+            i += 1
+        return i, last, first, events, payload
 
     def _over_budget(self) -> None:
         """A live batch while the source is over its ingest budget: refused before decoding and

@@ -18,10 +18,21 @@ from kvroute.events import (
     VllmEventBatch,
     encode_batch,
 )
+from kvroute.events import tracker as tracker_module
 from kvroute.events.budget import IngestBudget
 from tests.unit.events.test_tracker import SOURCE, TIMINGS, Engine, Rig
 
 Item = tuple[int, bytes] | None
+
+
+@pytest.fixture(params=["c", "python"])
+def run_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """on_live_run's loop: `_recv.take_run` (C), or `SourceTracker._take_run` (its reference)."""
+    if request.param == "python":
+        monkeypatch.setattr(tracker_module, "_take_run", None)
+    elif tracker_module._take_run is None:
+        pytest.skip("the events extension is not built")
+    return str(request.param)
 
 
 def _rig(limits: IngestLimits) -> Rig:
@@ -126,7 +137,7 @@ LIMITS = {
 
 @pytest.mark.parametrize("limits", list(LIMITS), ids=list(LIMITS))
 @pytest.mark.parametrize("seed", range(12))
-def test_a_slice_as_one_batch_is_item_by_item(seed: int, limits: str) -> None:
+def test_a_slice_as_one_batch_is_item_by_item(seed: int, limits: str, run_loop: str) -> None:
     rng = random.Random(seed)
     items, sent = _stream(rng, 400)
     one, run = _rig(LIMITS[limits]), _rig(LIMITS[limits])
@@ -155,7 +166,7 @@ def test_a_slice_as_one_batch_is_item_by_item(seed: int, limits: str) -> None:
     assert taken_by_runs > 0
 
 
-def test_a_run_stops_at_the_first_uncommon_item_and_takes_the_rest_next() -> None:
+def test_a_run_stops_at_the_first_uncommon_item_and_takes_the_rest_next(run_loop: str) -> None:
     rig = Rig()
     engine = Engine()
     rig.attach(engine)
