@@ -16,11 +16,18 @@ async def test_a_prompt_in_flight_is_queued_prefill_at_its_engine_until_it_ends(
     # 0.01 token/s: next to nothing drains, so only the request's end empties the queue;
     # w_load 0 leaves the queue alone to move the second request.
     async with sim_gateway(
-        tmp_path, 2, log_level="warning", prefill_tok_per_s=0.01, w_load=0.0
+        tmp_path,
+        2,
+        num_gpu_blocks=2048,
+        log_level="warning",
+        prefill_tok_per_s=0.01,
+        w_load=0.0,
     ) as gw:
         first = gw.fleet.tokenizer.make_text(600, seed="queued-first")
         other = gw.fleet.tokenizer.make_text(600, seed="queued-other")
-        body = {"model": MODEL, "prompt": first, "max_tokens": 4000, "stream": True}
+        # 20,000 tokens decode for 12 s at the simulator's ×20: in flight throughout the checks
+        # on a loaded host; leaving the block disconnects, which ends it.
+        body = {"model": MODEL, "prompt": first, "max_tokens": 20_000, "stream": True}
         async with gw.http.stream("POST", "/v1/completions", json=body) as stream:
             assert stream.status_code == 200
             busy = stream.headers[ENGINE_HEADER]
