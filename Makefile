@@ -69,13 +69,16 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/kvroute bench all --size full
 
-# NVIDIA Dynamo's standalone indexer for `kvroute bench ingest --vs dynamo`, in its own venv
-# (its pydantic pin clashes with ours); CPU only, no CUDA needed.
+# The peers of the side-by-side benchmarks, in their own venv (Dynamo's pydantic pin clashes with
+# ours); CPU only, no CUDA needed: NVIDIA Dynamo's standalone indexer for `kvroute bench ingest
+# --vs dynamo`, and vllm-router (the vLLM project's Rust router, a binary wheel) for
+# `kvroute bench trace FILE --vs vllm-router`.
 bench-peers:
 	@[ -x .venv-peers/bin/python ] || $(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/python -m pip install -q --upgrade pip
-	.venv-peers/bin/python -m pip install -q 'ai-dynamo-runtime==1.6.1'
+	.venv-peers/bin/python -m pip install -q 'ai-dynamo-runtime==1.6.1' 'vllm-router==0.1.17'
 	@echo "now: kvroute bench ingest --vs dynamo [--size smoke|full] [--events N]"
+	@echo " or: kvroute bench trace FILE --vs vllm-router [--max-requests N]"
 
 test-kv-sync: $(STAMP)
 	$(call RUN_TESTS,tests/unit -q)

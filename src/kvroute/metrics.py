@@ -118,6 +118,7 @@ class _StateCollector(Collector):
         self.engine_states: Callable[[], Iterable[EngineGauges]] | None = None
         self.shared: _SharedStateView | None = None
         self.snapshots: _SnapshotView | None = None
+        self.tokenizer_cache: Callable[[], tuple[int, int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.sources is not None:
@@ -237,6 +238,19 @@ class _StateCollector(Collector):
             yield from self.shared.collect()
         if self.snapshots is not None:
             yield from self.snapshots.collect()
+        if self.tokenizer_cache is not None:
+            hits, misses, entries = self.tokenizer_cache()
+            yield _counter(
+                "kvroute_tokenizer_cache_lookups",
+                "Tokenizer cache lookups, per result (hit, miss: tokenized locally or remotely).",
+                ["result"],
+                [("hit", hits), ("miss", misses)],
+            )
+            yield GaugeMetricFamily(
+                "kvroute_tokenizer_cache_entries",
+                "Tokenized prompts the cache holds (at most tokenizer_cache_size).",
+                value=float(entries),
+            )
 
 
 # (engine, requests this replica has in flight there, the engine's last scraped `vllm:` gauges)
@@ -445,13 +459,14 @@ class Metrics:
         )
         self.prefix_hit_tokens = Counter(
             "kvroute_prefix_hit_tokens",
-            "Prompt tokens the chosen engine held, per engine.",
+            "Prompt tokens the chosen engine held, per engine (policies that read tokens).",
             ["engine"],
             registry=r,
         )
         self.prompt_tokens = Counter(
             "kvroute_prompt_tokens",
-            "Prompt tokens of proxied requests, per engine (prefix_hit_tokens' denominator).",
+            "Prompt tokens of proxied requests, per engine (prefix_hit_tokens' denominator; "
+            "estimated where the policy does not tokenize).",
             ["engine"],
             registry=r,
         )
@@ -483,6 +498,11 @@ class Metrics:
     def watch_sources(self, sources: Callable[[], Iterable[SourceStatus]]) -> None:
         """Export each source's staleness, stale time and last seq from `sources()`."""
         self._state.sources = sources
+
+    def watch_tokenizer_cache(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """Export `kvroute_tokenizer_cache_lookups_total{result}` and
+        `kvroute_tokenizer_cache_entries` from `stats()`: (hits, misses, entries)."""
+        self._state.tokenizer_cache = stats
 
     def watch_silence(self, silent: Callable[[], AbstractSet[SourceId]]) -> None:
         """Export `kvroute_source_silent{source}` from `silent()` (gateway/silence.py)."""

@@ -154,7 +154,8 @@ class Settings(BaseSettings):
     # --- routing
     policy: PolicyName = Field(
         PolicyName.KV_AWARE,
-        description="Routing policy: kv_aware, least_loaded, round_robin or random.",
+        description="Routing policy: kv_aware, least_loaded, round_robin or random; only "
+        "kv_aware tokenizes prompts.",
     )
     seed: int = Field(0, description="Seed for tie-breaking and the random policy.")
     w_prefill: float = Field(
@@ -250,6 +251,14 @@ class Settings(BaseSettings):
         description="A source that receives nothing this long while its engine answers "
         "requests is flagged silent (log, /metrics, /debug/engines); 0: never.",
     )
+    ingest_coalesce_ms: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Drain a source whose messages come faster than one per this window once "
+        "per window instead of once per message: less CPU per message, but the event loop's "
+        "timers round the window up to ~1 ms of added latency; 0: off.",
+    )
     receive_impl: Literal["auto", "native", "python"] = Field(
         "auto",
         description="Event receive loop: native (compiled, over pyzmq's libzmq), python "
@@ -266,7 +275,8 @@ class Settings(BaseSettings):
         1_048_576,
         ge=0,
         description="Longest prompt in tokens (0: no limit): a longer one gets a 400; token-id "
-        "prompts are refused before they are matched.",
+        "prompts are refused before they are matched; a policy that does not tokenize counts "
+        "text at 4 characters a token.",
     )
     max_json_depth: int = Field(
         128,

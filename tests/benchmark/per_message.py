@@ -33,6 +33,7 @@ import collections
 import contextlib
 import linecache
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -59,6 +60,7 @@ SOURCE: SourceId = source_id(ENGINE, 0)
 # socket's 100,000-message high-water mark.
 BURST_MESSAGES = {1: 50_000, 10: 20_000, 50: 5_000}
 _HWM = 10_000_000
+COALESCE_S = float(os.environ.get("KVROUTE_INGEST_COALESCE_MS", "0")) / 1000
 
 
 class NullIndex(PrefixIndex):
@@ -109,6 +111,7 @@ def _make(index_kind: str, context: zmq.asyncio.Context) -> tuple[SubscriberMana
         retry_backoff_s=(0.5, 10.0),
         tail_check_s=0.0,
         receive_impl=RECEIVE_IMPL,
+        coalesce_s=COALESCE_S,
     )
     return manager, index
 

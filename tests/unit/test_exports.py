@@ -163,6 +163,7 @@ EXPORTS: dict[str, list[str]] = {
         "RoundRobinPolicy",
         "kv_cost",
         "make_policy",
+        "needs_tokens",
         "uncached_prefill",
     ],
     "kvroute.settings": [

@@ -28,6 +28,12 @@ _ALIASES = {
 }
 # Not in `bench all`: benches that start other processes.
 _SEPARATE = {"relay": ("kvroute.bench.relay_bench", "run")}
+# Not in `bench all` either: `options(args)` (ValueError: exit 2), then `run(options)`.
+_WITH_OPTIONS = {
+    "flood": "kvroute.bench.flood",
+    "hostile-client": "kvroute.bench.hostile_client",
+    "latency": "kvroute.bench.added_latency",
+}
 
 
 def register(sub: Any) -> None:
@@ -45,6 +51,7 @@ def register(sub: Any) -> None:
             "flood",
             "hostile-client",
             "trace",
+            "latency",
             *_SEPARATE,
         ],
         help="decode | index (apply+memory+match+stalls) | apply | memory | match | stalls | "
@@ -55,7 +62,8 @@ def register(sub: Any) -> None:
         "hostile-client (normal requests beside huge prompts and bodies, idle and slow "
         "connections; not in all) | relay (event latency and throughput direct vs through "
         "kvroute relay with CURVE; not in all) | trace FILE (a Mooncake-format request trace "
-        "replayed once per policy on simulated fleets; not in all)",
+        "replayed once per policy on simulated fleets; not in all) | latency (the router's own "
+        "added latency per policy and tokenizer mode; not in all)",
     )
     bench.add_argument(
         "file",
@@ -74,13 +82,15 @@ def register(sub: Any) -> None:
         "--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON results go"
     )
     peers = bench.add_argument_group(
-        "ingest side by side (kvroute bench ingest --vs dynamo; install the peer: make bench-peers)"
+        "side by side (kvroute bench ingest --vs dynamo, kvroute bench trace FILE --vs "
+        "vllm-router; install the peers: make bench-peers)"
     )
     peers.add_argument(
         "--vs",
         choices=["dynamo", "vllm-router"],
         help="ingest: also run NVIDIA Dynamo's standalone indexer on the same stream and compare; "
-        "trace: vllm-router (not available yet) (default: kvroute alone)",
+        "trace: also replay the trace through vllm-router's kv_aware and cache_aware policies on "
+        "the same simulated fleets (default: kvroute alone)",
     )
     peers.add_argument(
         "--events",
@@ -103,7 +113,7 @@ def register(sub: Any) -> None:
         "--peers-venv",
         type=Path,
         metavar="DIR",
-        help="the venv holding ai-dynamo-runtime (default: .venv-peers)",
+        help="the venv holding ai-dynamo-runtime and vllm-router (default: .venv-peers)",
     )
     from kvroute.bench import replicas
 
@@ -132,6 +142,13 @@ def register(sub: Any) -> None:
     trace.add_arguments(
         bench.add_argument_group(
             "production traces (kvroute bench trace FILE; README 'Trace replay')"
+        )
+    )
+    from kvroute.bench import added_latency
+
+    added_latency.add_arguments(
+        bench.add_argument_group(
+            "router latency (kvroute bench latency [--vs vllm-router]; README 'Router latency')"
         )
     )
     bench.set_defaults(func=_run_bench)
@@ -168,25 +185,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         restart.run(restart.options(args))
         return 0
-    if args.which == "flood":
-        from kvroute.bench import flood
-
+    if args.which in _WITH_OPTIONS:
+        module = importlib.import_module(_WITH_OPTIONS[args.which])
         try:
-            opts = flood.options(args)
+            opts = module.options(args)
         except ValueError as exc:
-            print(f"kvroute bench flood: {exc}", file=sys.stderr)
+            print(f"kvroute bench {args.which}: {exc}", file=sys.stderr)
             return 2
-        flood.run(opts)
-        return 0
-    if args.which == "hostile-client":
-        from kvroute.bench import hostile_client
-
-        try:
-            hostile = hostile_client.options(args)
-        except ValueError as exc:
-            print(f"kvroute bench hostile-client: {exc}", file=sys.stderr)
-            return 2
-        hostile_client.run(hostile)
+        module.run(opts)
         return 0
     if args.vs is not None:
         return _run_vs(args)
@@ -236,7 +242,9 @@ def _run_vs(args: argparse.Namespace) -> int:
 
     prog = f"kvroute bench {args.which} --vs {args.vs}"
     if args.vs == "vllm-router":
-        print(f"{prog}: --vs vllm-router goes with trace (not available yet)", file=sys.stderr)
+        print(
+            f"{prog}: --vs vllm-router goes with trace (kvroute bench trace FILE)", file=sys.stderr
+        )
         return 2
     if args.which != "ingest":
         print(f"{prog}: --vs compares ingest only (kvroute bench ingest --vs ...)", file=sys.stderr)

@@ -11,12 +11,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
 
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
@@ -24,17 +25,20 @@ from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
 from kvroute.gateway import ENGINE_HEADER, BackgroundServer, create_app
 from kvroute.gateway.log_format import configure_logging
-from kvroute.settings import load_settings
+from kvroute.settings import Settings, load_settings
 from kvroute.sim import SimConfig, SimFleet
 
 __all__ = [
     "DemoOptions",
     "PolicyResult",
+    "PolicyStack",
     "add_demo_arguments",
     "add_population_arguments",
     "request_record",
     "run_demo",
     "run_demo_async",
+    "sim_last_finish",
+    "sim_now",
 ]
 
 POLICIES: tuple[PolicyName, ...] = (
@@ -247,44 +251,60 @@ def run_demo(args: argparse.Namespace) -> int:
 # --- running one phase -------------------------------------------------------------------------
 
 
-class _Phase:
-    """A fresh simulated fleet and a fresh gateway with one policy (cold caches, no history)."""
+class PolicyStack:
+    """A fresh simulated fleet and a fresh gateway (cold caches, no history): `settings` are
+    gateway settings by name (the policy among them), `workdir` gets the fleet file `name`.yaml.
+    The demo and `kvroute bench trace` run one per policy."""
 
-    def __init__(self, options: DemoOptions, policy: PolicyName, workdir: Path) -> None:
-        self.options = options
-        self.policy = policy
-        self.fleet = SimFleet(
-            options.engines,
-            MODEL,
-            config=SimConfig(num_gpu_blocks=options.num_gpu_blocks, speed=options.speed),
-        )
-        self.fleet_file = workdir / f"fleet-{policy}.yaml"
+    def __init__(
+        self,
+        engines: int,
+        config: SimConfig,
+        settings: Mapping[str, object],
+        workdir: Path,
+        name: str,
+    ) -> None:
+        self.settings = dict(settings)
+        self.fleet = SimFleet(engines, MODEL, config=config)
+        self.fleet_file = workdir / f"fleet-{name}.yaml"
         self.server: BackgroundServer | None = None
+
+    def create_app(self, settings: Settings) -> Starlette:
+        """The gateway's app; a subclass may build it differently (the trace bench's oracle)."""
+        return create_app(settings)
 
     async def __aenter__(self) -> str:
         await self.fleet.start()
         self.fleet.write_fleet_file(self.fleet_file)
         settings = load_settings(
-            **dict(self.options.router_settings),
+            **self.settings,
             fleet_file=self.fleet_file,
-            policy=self.policy,
             port=0,
             log_level="warning",
         )
-        self.server = BackgroundServer(create_app(settings))
+        self.server = BackgroundServer(self.create_app(settings))
         return await self.server.start()
 
     def sim_now(self) -> float:
-        return self.fleet.engines[0].sim_now()
+        return sim_now(self.fleet)
 
     def sim_last_finish(self) -> float:
-        """The latest simulated clock over the engines' schedulers (their last step's end)."""
-        return max(r.scheduler.clock for e in self.fleet.engines for r in e.all_ranks())
+        return sim_last_finish(self.fleet)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.server is not None:
             await self.server.stop()
         await self.fleet.close()
+
+
+def sim_now(fleet: SimFleet) -> float:
+    """The fleet's simulated clock (every engine of a fleet starts together)."""
+    return fleet.engines[0].sim_now()
+
+
+def sim_last_finish(fleet: SimFleet) -> float:
+    """The latest simulated clock over the engines' schedulers (their last step's end)."""
+    return max(r.scheduler.clock for e in fleet.engines for r in e.all_ranks())
 
 
 async def _drive(
@@ -485,7 +505,9 @@ async def run_demo_async(options: DemoOptions) -> int:
         arrivals_wall = [t / options.speed for t in arrivals_sim]
         # 2. the same workload, once per policy, each on a fresh fleet.
         for policy in options.policies:
-            phase = _Phase(options, policy, workdir)
+            settings = {**dict(options.router_settings), "policy": policy}
+            config = SimConfig(num_gpu_blocks=options.num_gpu_blocks, speed=options.speed)
+            phase = PolicyStack(options.engines, config, settings, workdir, policy)
             async with phase as url:
                 tick = progress.phase(f"workload ({policy})", len(turns))
                 sim_start = phase.sim_now()

@@ -47,6 +47,7 @@ from kvroute.bench.ingest_workload import (
     group_payloads,
     probe_event,
 )
+from kvroute.bench.peers import PeerMissing, find_peer
 from kvroute.bench.processes import free_port, rss_bytes
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 DYNAMO_VERSION: Final = "1.6.1"
-PEERS_VENV: Final = ".venv-peers"
 SIZES: Final = {"smoke": 20_000, "full": 500_000}  # events
 PER_MESSAGE: Final = (1, 10, 50)
 STORED_SAMPLES: Final = 24
@@ -94,10 +94,6 @@ _KVROUTE_ENV: Final = {
 }
 
 
-class PeerMissing(Exception):
-    """The peer system asked for is not installed."""
-
-
 @dataclass(frozen=True)
 class DynamoPeer:
     python: Path
@@ -107,26 +103,13 @@ class DynamoPeer:
 def find_dynamo(venv: Path | None = None) -> DynamoPeer:
     """Dynamo's indexer in `venv` (default: `.venv-peers` in the working directory, then in the
     source checkout); PeerMissing with the fix when it is not there."""
-    candidates = [venv] if venv is not None else [Path(PEERS_VENV), _checkout() / PEERS_VENV]
-    for root in candidates:
-        python = root / "bin" / "python"
-        if not python.exists():
-            continue
-        for site in sorted(root.glob("lib/python*/site-packages")):
-            if not (site / "dynamo" / "indexer" / "__main__.py").exists():
-                continue
-            infos = sorted(site.glob("ai_dynamo_runtime-*.dist-info"))
-            version = infos[-1].name.removesuffix(".dist-info").split("-")[1] if infos else "?"
-            return DynamoPeer(python=python.absolute(), version=version)
-    where = " or ".join(str(c) for c in candidates)
-    raise PeerMissing(
-        f"Dynamo's indexer (ai-dynamo-runtime=={DYNAMO_VERSION}) is not installed in {where}; "
-        "run `make bench-peers` to install it"
+    peer = find_peer(
+        venv,
+        Path("dynamo/indexer/__main__.py"),
+        "ai_dynamo_runtime",
+        f"Dynamo's indexer (ai-dynamo-runtime=={DYNAMO_VERSION})",
     )
-
-
-def _checkout() -> Path:
-    return Path(__file__).resolve().parents[3]
+    return DynamoPeer(python=peer.python, version=peer.version)
 
 
 def parse_per_message(text: str) -> tuple[int, ...]:

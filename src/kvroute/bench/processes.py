@@ -10,7 +10,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -107,8 +107,18 @@ class GatewayProcess(ChildProcess):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
-    async def start(self, fleet_file: Path, settings: dict[str, str]) -> None:
-        env = {**os.environ, **{f"KVROUTE_{k.upper()}": v for k, v in settings.items()}}
+    async def start(
+        self,
+        fleet_file: Path,
+        settings: dict[str, str],
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        """`extra_env`: more variables (such as PYTHONPATH: another kvroute's source tree)."""
+        env = {
+            **os.environ,
+            **(extra_env or {}),
+            **{f"KVROUTE_{k.upper()}": v for k, v in settings.items()},
+        }
         env.update(
             KVROUTE_FLEET_FILE=str(fleet_file),
             KVROUTE_HOST="127.0.0.1",

@@ -1,5 +1,5 @@
-"""`kvroute bench trace FILE`: a Mooncake-format trace through the gateway once per policy on
-identical simulated fleets; hit rate, TTFT, SLO attainment, and capacity at the TTFT SLO."""
+"""`kvroute bench trace FILE`: a Mooncake-format trace through the gateway once per policy (and
+through vllm-router) on identical simulated fleets; hit rate, TTFT, SLO, capacity at the SLO."""
 
 from __future__ import annotations
 
@@ -7,20 +7,28 @@ import argparse
 import asyncio
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from starlette.applications import Starlette
 
-from kvroute.bench.demo import MODEL, POLICIES, _Progress
+from kvroute.bench import vllm_router
+from kvroute.bench.demo import MODEL, POLICIES, PolicyStack, _Progress, sim_last_finish, sim_now
+from kvroute.bench.oracle import ORACLE, oracle_index_factory
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
+from kvroute.bench.trace_summary import (
+    RunSummary,
+    TraceRecord,
+    round_finite,
+    round_opt,
+    summarise,
+)
 from kvroute.bench.trace_workload import (
     TokenSynthesizer,
     TraceError,
@@ -33,13 +41,14 @@ from kvroute.bench.trace_workload import (
 )
 from kvroute.core import PolicyName
 from kvroute.errors import ConfigError
-from kvroute.gateway import ENGINE_HEADER, BackgroundServer, create_app
+from kvroute.gateway import ENGINE_HEADER, create_app
 from kvroute.gateway.log_format import configure_logging
 from kvroute.routing import CostWeights
-from kvroute.settings import load_settings
+from kvroute.settings import Settings, load_settings
 from kvroute.sim import SimConfig, SimFleet
 
 __all__ = [
+    "ORACLE",
     "TRACE_POLICIES",
     "TRACE_SPEED",
     "CapacitySearch",
@@ -53,8 +62,10 @@ __all__ = [
 ]
 
 _SIM = SimConfig()
-# The demo's policies but random (--policies adds it): each policy costs 1 + capacity_steps runs.
-TRACE_POLICIES = tuple(p for p in POLICIES if p != PolicyName.RANDOM)
+# The demo's policies but random (--policies adds it, and the oracle): each policy costs
+# 1 + capacity_steps runs.
+TRACE_POLICIES: tuple[str, ...] = tuple(p for p in POLICIES if p != PolicyName.RANDOM)
+_CHOICES: tuple[str, ...] = (*PolicyName, ORACLE)
 TRACE_SPEED = 4.0
 """Simulated seconds per wall second of a trace replay unless --speed says otherwise."""
 _CLIENT_CONNECTIONS = 2048  # below the gateway's max_connections (4,096): no 503s from it
@@ -66,7 +77,10 @@ class TraceOptions:
     `prefill_tok_per_s`) are in trace tokens: the engines get them × the token scale."""
 
     trace: Path
-    policies: tuple[PolicyName, ...] = TRACE_POLICIES
+    policies: tuple[str, ...] = TRACE_POLICIES  # PolicyName values and ORACLE
+    # vllm-router's policies (vllm_router.POLICIES) run after kvroute's: `--vs vllm-router`.
+    vs: tuple[str, ...] = ()
+    peers_venv: Path | None = None  # where vllm-router is installed (None: .venv-peers)
     max_requests: int | None = None  # None: every request of the file
     engines: int = 4
     # KV cache per engine: about what an 80 GB GPU holds for an 8B model (128 KiB per token).
@@ -81,6 +95,11 @@ class TraceOptions:
     out_dir: Path = DEFAULT_OUT_DIR
     chart: bool = True
     router_settings: tuple[tuple[str, str], ...] = ()  # NAME=VALUE gateway setting overrides
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """Every system replayed, by its name in the report: the policies, then the peers."""
+        return (*self.policies, *(vllm_router.peer_run_name(p) for p in self.vs))
 
     @property
     def scaling(self) -> TraceScaling:
@@ -158,125 +177,6 @@ async def bisect_time_factor(
 
 
 @dataclass(frozen=True)
-class TraceRecord:
-    """One request as the gateway answered it; times are the simulator's (ms)."""
-
-    index: int
-    engine: str
-    status: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    ttft_ms: float | None
-    e2e_ms: float | None
-    sent_s: float = 0.0  # simulated seconds from the run's start when it was sent
-    late_ms: float = 0.0  # how much later than its (scaled) arrival time, simulated ms
-    error: str | None = None  # what a failed request got back
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """One policy's run of the trace at one time factor."""
-
-    policy: str
-    time_factor: float
-    requests: int  # answered
-    errors: int
-    hit_rate: float
-    ttft_ms: dict[str, float]  # p50, p90, p99 of the answered requests
-    e2e_ms: dict[str, float]
-    throughput_rps: float  # answered requests per simulated second
-    arrival_rps: float | None  # the arrival rate the run achieved (None: one burst)
-    late_ms: dict[str, float]  # p50, p90, p99 of how late requests were sent (a slow host)
-    slo_attainment: float  # share of all requests whose TTFT met the SLO
-    ttft_p90_all_ms: float  # p90 with each error counted as an infinite TTFT
-    per_engine: dict[str, int]
-    load_max_over_mean: float
-    sim_seconds: float
-    ttfts: list[float]  # sorted, for the CDF
-    error_samples: list[str] = field(default_factory=list)  # a few distinct failures
-
-    def passes(self, slo_ms: float) -> bool:
-        return self.ttft_p90_all_ms <= slo_ms
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "hit_rate": round(self.hit_rate, 4),
-            "ttft_ms": {k: _round(v) for k, v in self.ttft_ms.items()},
-            "e2e_ms": {k: _round(v) for k, v in self.e2e_ms.items()},
-            "throughput_rps": round(self.throughput_rps, 3),
-            "arrival_rps": _round_opt(self.arrival_rps, 3),
-            "sent_late_ms": {k: _round(v) for k, v in self.late_ms.items()},
-            "slo_attainment": round(self.slo_attainment, 4),
-            "load_max_over_mean": _round(self.load_max_over_mean, 3),
-            "requests_per_engine": self.per_engine,
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_samples": self.error_samples,
-            "sim_seconds": round(self.sim_seconds, 2),
-        }
-
-
-def _round(value: float, digits: int = 2) -> float | None:
-    return round(value, digits) if math.isfinite(value) else None
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
-    return ordered[k]
-
-
-def _quantiles(values: Sequence[float]) -> dict[str, float]:
-    return {f"p{round(q * 100)}": _percentile(values, q) for q in (0.5, 0.9, 0.99)}
-
-
-def summarise(
-    policy: str,
-    time_factor: float,
-    records: Sequence[TraceRecord],
-    sim_seconds: float,
-    engines: int,
-    slo_ms: float,
-) -> RunSummary:
-    """Hit rate (cached over prompt tokens), latency quantiles and load of one run's records."""
-    ok = [r for r in records if r.status == 200]
-    prompt = sum(r.prompt_tokens for r in ok)
-    cached = sum(r.cached_tokens for r in ok)
-    ttfts = sorted(r.ttft_ms for r in ok if r.ttft_ms is not None)
-    e2es = [r.e2e_ms for r in ok if r.e2e_ms is not None]
-    counted = ttfts + [math.inf] * (len(records) - len(ttfts))
-    per_engine = Counter(r.engine for r in ok)
-    for e in range(engines):
-        per_engine.setdefault(f"engine-{e}", 0)
-    counts = list(per_engine.values())
-    mean = statistics.fmean(counts) if counts else 0.0
-    sent = [r.sent_s for r in records]
-    span = max(sent) - min(sent) if sent else 0.0
-    return RunSummary(
-        policy=policy,
-        time_factor=time_factor,
-        requests=len(ok),
-        errors=len(records) - len(ok),
-        hit_rate=cached / prompt if prompt else 0.0,
-        ttft_ms=_quantiles(ttfts),
-        e2e_ms=_quantiles(e2es),
-        throughput_rps=len(ok) / sim_seconds if sim_seconds > 0 else 0.0,
-        arrival_rps=(len(records) - 1) / span if span > 0 else None,
-        late_ms=_quantiles([r.late_ms for r in records]),
-        slo_attainment=sum(t <= slo_ms for t in ttfts) / len(records) if records else 0.0,
-        ttft_p90_all_ms=_percentile(counted, 0.9) if counted else math.inf,
-        per_engine=dict(sorted(per_engine.items())),
-        load_max_over_mean=max(counts) / mean if mean else math.nan,
-        sim_seconds=sim_seconds,
-        ttfts=ttfts,
-        error_samples=list(dict.fromkeys(r.error or "?" for r in records if r.status != 200))[:3],
-    )
-
-
-@dataclass(frozen=True)
 class _Workload:
     """The trace's requests as ready-made request bodies (shared by every run)."""
 
@@ -316,44 +216,84 @@ def _sim_config(options: TraceOptions, workload: _Workload) -> SimConfig:
         # A scaled token costs the prefill time of the trace tokens it stands for.
         prefill_tok_per_s=options.prefill_tok_per_s * scale,
         max_model_len=max(_SIM.max_model_len, workload.longest),
+        # vLLM's default topic: vllm-router's static event sources subscribe to no other
+        # (vllm_router.py); kvroute takes any.
+        topic="",
     )
 
 
-class _Run:
-    """A fresh simulated fleet and a fresh gateway with one policy (cold caches, no history)."""
+class _OracleStack(PolicyStack):
+    """The oracle's stack: kv_aware with an index whose confirmed blocks are the fleet's block
+    pools (bench/oracle.py)."""
+
+    def create_app(self, settings: Settings) -> Starlette:
+        return create_app(settings, index_factory=oracle_index_factory(self.fleet))
+
+
+class _PeerStack:
+    """A fresh simulated fleet behind vllm-router with one of its policies."""
 
     def __init__(
-        self, options: TraceOptions, config: SimConfig, policy: PolicyName, workdir: Path
+        self,
+        options: TraceOptions,
+        config: SimConfig,
+        peer: vllm_router.VllmRouterPeer,
+        policy: str,
+        workdir: Path,
     ) -> None:
-        self.options = options
-        self.policy = policy
         self.fleet = SimFleet(options.engines, MODEL, config=config)
-        self.fleet_file = workdir / f"fleet-{policy}.yaml"
-        self.server: BackgroundServer | None = None
+        self.router = vllm_router.VllmRouter(peer, policy, workdir)
+        self.block_size = config.block_size
 
     async def __aenter__(self) -> str:
         await self.fleet.start()
-        self.fleet.write_fleet_file(self.fleet_file)
-        settings = load_settings(
-            **self.options.gateway_settings(),
-            fleet_file=self.fleet_file,
-            policy=self.policy,
-            port=0,
-            log_level="warning",
-        )
-        self.server = BackgroundServer(create_app(settings))
-        return await self.server.start()
+        try:
+            return await self.router.start(
+                vllm_router.workers_of(self.fleet), model=MODEL, block_size=self.block_size
+            )
+        except BaseException:
+            await self.fleet.close()
+            raise
 
     def sim_now(self) -> float:
-        return self.fleet.engines[0].sim_now()
+        return sim_now(self.fleet)
 
     def sim_last_finish(self) -> float:
-        return max(r.scheduler.clock for e in self.fleet.engines for r in e.all_ranks())
+        return sim_last_finish(self.fleet)
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.server is not None:
-            await self.server.stop()
+        await self.router.stop()
         await self.fleet.close()
+
+
+def _stack(
+    options: TraceOptions,
+    config: SimConfig,
+    name: str,
+    workdir: Path,
+    peer: vllm_router.VllmRouterPeer | None,
+) -> PolicyStack | _PeerStack:
+    """A fresh fleet with the router of run `name`: a kvroute policy, the oracle, or a peer's."""
+    prefix = f"{vllm_router.PEER}:"
+    if name.startswith(prefix):
+        assert peer is not None, "a peer run needs the peer (run_trace_async finds it)"
+        return _PeerStack(options, config, peer, name.removeprefix(prefix), workdir)
+    policy = PolicyName.KV_AWARE if name == ORACLE else PolicyName(name)
+    settings = {**options.gateway_settings(), "policy": policy}
+    kind = _OracleStack if name == ORACLE else PolicyStack
+    return kind(options.engines, config, settings, workdir, name)
+
+
+def _engine(response: httpx.Response | None, data: dict[str, Any]) -> str:
+    """The engine that served a request: kvroute's response header, else (behind another
+    router) the simulator's own `sim.engine` field."""
+    if response is None:
+        return "?"
+    name = response.headers.get(ENGINE_HEADER)
+    if name is None:
+        sim = data.get("sim")
+        name = sim.get("engine") if isinstance(sim, dict) else None
+    return str(name) if name else "?"
 
 
 def _header_ms(response: httpx.Response | None, name: str) -> float | None:
@@ -394,6 +334,7 @@ async def _replay(
             response: httpx.Response | None = None
             data: dict[str, Any] = {}
             error = None
+            posted = loop.time()
             try:
                 response = await client.post("/v1/completions", content=body, headers=headers)
                 status = response.status_code
@@ -403,21 +344,24 @@ async def _replay(
                     error = f"HTTP {status}: {response.text[:200]}"
             except (httpx.HTTPError, ValueError) as exc:
                 status, error = 0, f"{type(exc).__name__}: {str(exc)[:200]}"
+            waited_ms = (loop.time() - posted) * 1000.0
             usage = data.get("usage") or {}
             details = usage.get("prompt_tokens_details") or {}
+            e2e = _header_ms(response, "x-sim-e2e-ms")
             records.append(
                 TraceRecord(
                     index=index,
-                    engine=response.headers.get(ENGINE_HEADER, "?") if response else "?",
+                    engine=_engine(response, data),
                     status=status,
                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
                     cached_tokens=int(details.get("cached_tokens") or 0),
                     completion_tokens=int(usage.get("completion_tokens") or 0),
                     ttft_ms=_header_ms(response, "x-sim-ttft-ms"),
-                    e2e_ms=_header_ms(response, "x-sim-e2e-ms"),
+                    e2e_ms=e2e,
                     sent_s=sent,
                     late_ms=max(0.0, (sent - at) * 1000.0),
                     error=error,
+                    added_ms=waited_ms - e2e / speed if e2e is not None else None,
                 )
             )
             on_done()
@@ -432,18 +376,19 @@ async def _run_once(
     options: TraceOptions,
     workload: _Workload,
     config: SimConfig,
-    policy: PolicyName,
+    name: str,
     time_factor: float,
     workdir: Path,
     tick: Callable[[], None],
+    peer: vllm_router.VllmRouterPeer | None = None,
 ) -> RunSummary:
     arrivals = arrival_offsets(workload.requests, time_factor)
-    run = _Run(options, config, policy, workdir)
+    run = _stack(options, config, name, workdir, peer)
     async with run as url:
         sim_start = run.sim_now()
         records = await _replay(url, workload.bodies, arrivals, options.speed, run.sim_now, tick)
         sim_span = run.sim_last_finish() - sim_start
-    return summarise(policy, time_factor, records, sim_span, options.engines, options.slo_ms)
+    return summarise(name, time_factor, records, sim_span, options.engines, options.slo_ms)
 
 
 # --- the whole benchmark -----------------------------------------------------------------------
@@ -468,8 +413,10 @@ _LATE_SHARE_OF_SLO = 0.05  # and one whose requests went out later than this × 
 
 
 async def run_trace_async(options: TraceOptions) -> int:
-    """Replay the trace once per policy (then the capacity searches); print, write, chart."""
+    """Replay the trace once per policy (then the capacity searches); print, write, chart.
+    PeerMissing (before anything starts) when `options.vs` asks for an absent vllm-router."""
     started = time.perf_counter()
+    peer = vllm_router.find_vllm_router(options.peers_venv) if options.vs else None
     requests = load_trace(options.trace, options.max_requests)
     workload = _workload(options, requests)
     config = _sim_config(options, workload)
@@ -491,30 +438,30 @@ async def run_trace_async(options: TraceOptions) -> int:
             f"{scaling.tokens_per_hash} tokens per hash id (scale {scaling.effective_scale:g}); "
             f"sim speed ×{options.speed:g}; TTFT SLO p90 ≤ {options.slo_ms:g} ms; the trace "
             f"reuses {prefix_reuse(requests):.1%} of its prompt tokens (an unbounded cache's hit "
-            "rate)"
+            "rate)" + (f"; vs vllm-router {peer.version}" if peer is not None else "")
         )
-        for policy in options.policies:
-            tick = progress.phase(f"{policy} ×{options.time_factor:g}", len(requests))
+        for name in options.runs:
+            tick = progress.phase(f"{name} ×{options.time_factor:g}", len(requests))
             main = await _run_once(
-                options, workload, config, policy, options.time_factor, workdir, tick
+                options, workload, config, name, options.time_factor, workdir, tick, peer
             )
-            outcomes[policy] = _PolicyOutcome(main, runs={main.time_factor: main})
+            outcomes[name] = _PolicyOutcome(main, runs={main.time_factor: main})
         if options.capacity:
-            for policy in options.policies:
-                outcome = outcomes[policy]
+            for name in options.runs:
+                outcome = outcomes[name]
                 step = 0
 
-                async def passes(factor: float, policy: PolicyName = policy) -> bool:
+                async def passes(factor: float, name: str = name) -> bool:
                     nonlocal step
                     step += 1
                     tick = progress.phase(
-                        f"{policy} capacity {step}/{options.capacity_steps} ×{factor:.3g}",
+                        f"{name} capacity {step}/{options.capacity_steps} ×{factor:.3g}",
                         len(requests),
                     )
                     summary = await _run_once(
-                        options, workload, config, policy, factor, workdir, tick
+                        options, workload, config, name, factor, workdir, tick, peer
                     )
-                    outcomes[policy].runs[factor] = summary
+                    outcomes[name].runs[factor] = summary
                     return summary.passes(options.slo_ms)
 
                 outcome.search = await bisect_time_factor(
@@ -579,8 +526,8 @@ def _capacity_text(outcome: _PolicyOutcome) -> str:
 
 def _print(options: TraceOptions, outcomes: dict[str, _PolicyOutcome]) -> None:
     print_table(
-        f"kvroute bench trace: {options.trace.name}, simulated ms; SLO TTFT p90 ≤ "
-        f"{options.slo_ms:g} ms",
+        f"kvroute bench trace: {options.trace.name}, simulated ms (added: wall ms); SLO TTFT "
+        f"p90 ≤ {options.slo_ms:g} ms",
         [
             "policy",
             "hit rate",
@@ -593,6 +540,8 @@ def _print(options: TraceOptions, outcomes: dict[str, _PolicyOutcome]) -> None:
             "SLO met",
             "max/mean",
             "capacity req/s",
+            "added p50",
+            "added p90",
             "errors",
         ],
         [
@@ -608,6 +557,8 @@ def _print(options: TraceOptions, outcomes: dict[str, _PolicyOutcome]) -> None:
                 f"{o.main.slo_attainment:.1%}",
                 f"{o.main.load_max_over_mean:.2f}",
                 _capacity_text(o),
+                o.main.added_ms.get("p50", math.nan),
+                o.main.added_ms.get("p90", math.nan),
                 o.main.errors,
             ]
             for name, o in outcomes.items()
@@ -626,7 +577,7 @@ def _report(
     policies: dict[str, Any] = {}
     for name, o in outcomes.items():
         entry = o.main.summary()
-        entry["capacity_rps_at_slo"] = _round_opt(o.capacity_rps, 3)
+        entry["capacity_rps_at_slo"] = round_opt(o.capacity_rps, 3)
         if o.search is not None:
             entry["capacity"] = {
                 "time_factor": o.search.passed,
@@ -634,8 +585,8 @@ def _report(
                 "trials": [
                     {
                         "time_factor": round(f, 4),
-                        "ttft_p90_ms": _round(o.runs[f].ttft_p90_all_ms),
-                        "arrival_rps": _round_opt(o.runs[f].arrival_rps, 3),
+                        "ttft_p90_ms": round_finite(o.runs[f].ttft_p90_all_ms),
+                        "arrival_rps": round_opt(o.runs[f].arrival_rps, 3),
                         "passed": ok,
                     }
                     for f, ok in o.search.trials
@@ -649,11 +600,11 @@ def _report(
         "policies": policies,
         "setup": {
             "requests": len(requests),
-            "trace_rate_rps": _round_opt(rate, 3),
+            "trace_rate_rps": round_opt(rate, 3),
             # the hit rate of one unbounded cache holding every earlier prompt: the trace's reuse
             "prefix_reuse": round(prefix_reuse(requests), 4),
             "time_factor": options.time_factor,
-            "arrival_rate_rps": _round_opt(rate / options.time_factor if rate else None, 3),
+            "arrival_rate_rps": round_opt(rate / options.time_factor if rate else None, 3),
             "token_scale": scaling.effective_scale,
             "tokens_per_hash": scaling.tokens_per_hash,
             "engines": options.engines,
@@ -671,8 +622,7 @@ def _report(
     }
 
 
-def _round_opt(value: float | None, digits: int) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(value, digits)
+_COLORS = {PolicyName.KV_AWARE: "#2a9d8f", ORACLE: "#264653", vllm_router.PEER: "#e9c46a"}
 
 
 def _chart(options: TraceOptions, outcomes: dict[str, _PolicyOutcome], path: Path) -> Path | None:
@@ -685,7 +635,7 @@ def _chart(options: TraceOptions, outcomes: dict[str, _PolicyOutcome], path: Pat
     import matplotlib.pyplot as plt
 
     names = list(outcomes)
-    colors = ["#2a9d8f" if n == PolicyName.KV_AWARE else "#8d99ae" for n in names]
+    colors = [_COLORS.get(n.split(":")[0], "#8d99ae") for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     axes[0].bar(names, [100 * outcomes[n].main.hit_rate for n in names], color=colors)
     axes[0].set_title("prefix cache hit rate (%)")
@@ -725,7 +675,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--policies",
         default=",".join(d.policies),
-        help="comma-separated policies to replay the trace with",
+        help="comma-separated policies to replay the trace with: kvroute's, or oracle (kv_aware "
+        "routing on the simulated engines' true cache contents, no event delay)",
     )
     parser.add_argument(
         "--max-requests",
@@ -794,9 +745,9 @@ def options(args: argparse.Namespace) -> TraceOptions:
     if args.file is None:
         raise ConfigError("expected the trace file: kvroute bench trace FILE")
     names = [p.strip() for p in str(args.policies).split(",") if p.strip()]
-    unknown = [p for p in names if p not in list(PolicyName)]
+    unknown = [p for p in names if p not in _CHOICES]
     if unknown or not names:
-        raise ConfigError(f"--policies: expected some of {', '.join(PolicyName)}, got {unknown}")
+        raise ConfigError(f"--policies: expected some of {', '.join(_CHOICES)}, got {unknown}")
     if len(set(names)) != len(names):
         raise ConfigError(f"--policies: each policy once, got {names}")
     for flag, value, low in (
@@ -827,7 +778,9 @@ def options(args: argparse.Namespace) -> TraceOptions:
         raise ConfigError(f"--token-scale: {exc}") from None
     opts = TraceOptions(
         trace=Path(args.file),
-        policies=tuple(PolicyName(p) for p in names),
+        policies=tuple(names),
+        vs=vllm_router.POLICIES if args.vs == vllm_router.PEER else (),
+        peers_venv=args.peers_venv,
         max_requests=args.max_requests,
         engines=args.engines,
         kv_tokens=args.kv_tokens,
@@ -849,15 +802,11 @@ def options(args: argparse.Namespace) -> TraceOptions:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvroute bench trace FILE`; 2 for bad arguments or trace, 1 for errors."""
     prog = "kvroute bench trace"
-    if args.vs == "vllm-router":
-        print(
-            f"{prog}: --vs vllm-router is not available yet (issue 16: the vllm-router peer is "
-            "still to come); run without --vs",
-            file=sys.stderr,
-        )
-        return 2
-    if args.vs is not None:
+    if args.vs not in (None, vllm_router.PEER):
         print(f"{prog}: --vs {args.vs} compares ingest only", file=sys.stderr)
+        return 2
+    if args.vs is None and args.peers_venv is not None:
+        print(f"{prog}: --peers-venv goes with --vs vllm-router", file=sys.stderr)
         return 2
     configure_logging("warning")
     try:
@@ -866,4 +815,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, TraceError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
+    except vllm_router.PeerMissing as exc:
+        print(f"{prog}: --vs vllm-router: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the peer did not start or answer: say so, no traceback
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
     return code

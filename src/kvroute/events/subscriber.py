@@ -58,6 +58,12 @@ _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED 
 _NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: pyzmq need not convert a flag per call
 
 
+DEFAULT_COALESCE_S = 0.0
+"""`ingest_coalesce_ms` (settings.py) in seconds: wake-ups closer than this are merged (off:
+asyncio's timers round a window up to ~1 ms, which costs more latency than it saves CPU at
+most fleets' rates; design §12)."""
+
+
 class _Shared:
     """What every source task of one manager uses: context, replay deadline and slots, and the
     largest message a socket takes."""
@@ -72,9 +78,13 @@ class _Shared:
         counters: EventCounters,
         retry_backoff_s: tuple[float, float],
         drain: Drain | None,
+        coalesce_s: float = 0.0,
     ) -> None:
         self.context = context
         self.drain = drain  # the native receive loop (events/_recv.c), or None: pyzmq's calls
+        # Wake-ups closer together than this are merged: the next drain waits out the window
+        # (design §12, "Coalescing wake-ups"); 0: drain on every wake-up.
+        self.coalesce_s = coalesce_s
         self.counters = counters
         self.retry_backoff_s = retry_backoff_s
         self.max_replay_batches, self.max_replay_bytes = max_replay
@@ -120,6 +130,11 @@ class _SourceTask:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fds: tuple[int, int] | None = None  # (SUB, monitor) while registered
         self._waiter: asyncio.Future[None] | None = None
+        self._coalescing = False  # inside `_pause`: a descriptor that fires only marks ready
+        self._drained_at = -1.0  # when the last drain that took messages ended (perf_counter)
+        self._took = False  # the last drain that emptied the socket took messages
+        self._paused = False  # the last drain followed a `_coalesce` pause
+        self.pauses = 0  # `_coalesce` pauses taken (tests/zmq/events/test_subscriber_receive.py)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when `_timer` fires, on the tracker's (monotonic) clock
         self.slow = False  # its last replay did not end: it waits for the slow slot
@@ -200,6 +215,8 @@ class _SourceTask:
                             if self.shared.drain is None
                             else self._drain_native(self.shared.drain, raw)
                         )
+                        if not self._sub_ready and self.shared.coalesce_s:
+                            await self._coalesce(self.shared.coalesce_s)
                     await self._replays(tracker.tick())
                 except Exception:
                     # A bug or an input we did not foresee must not end this source's task
@@ -262,7 +279,38 @@ class _SourceTask:
         self._monitor_ready = True
         self._wake()
 
+    async def _coalesce(self, window: float) -> None:
+        """The socket is empty. When this drain took messages less than `window` after the
+        one before it, or follows a pause, messages come faster than one per window: wait the
+        window out, so the next drain reads what arrives meanwhile in one go instead of one
+        wake-up per message. A drain that finds nothing ends that; an engine at a calm rate
+        never waits. Adds up to `window` to a message's latency, rounded up to asyncio's timer
+        granularity (~1 ms), and never more wake-ups than messages."""
+        if not self._took:
+            self._paused = False  # a wake-up for nothing, or a quiet window: wait for the socket
+            return
+        now = time.perf_counter()
+        recent = self._paused or now - self._drained_at < window
+        self._drained_at = now
+        if not recent:
+            return
+        loop = self._loop
+        assert loop is not None
+        self.pauses += 1
+        pause = loop.create_future()
+        timer = loop.call_later(window, pause.set_result, None)
+        self._coalescing = True
+        try:
+            await pause
+        finally:
+            self._coalescing = False
+            timer.cancel()
+        self._paused = True
+        self._sub_ready = self._monitor_ready = True  # what fired meanwhile, looked at next
+
     def _wake(self) -> None:
+        if self._coalescing:
+            return  # `_coalesce` looks at both sockets when its window ends
         waiter = self._waiter
         if waiter is None:
             # The task is busy (a replay): the descriptor stays readable until its socket is
@@ -368,6 +416,7 @@ class _SourceTask:
             try:
                 topic = recv(_NOBLOCK, copy=False)
             except zmq.Again:
+                self._took = heard
                 return False
             if not heard:
                 heard = True
@@ -396,6 +445,7 @@ class _SourceTask:
         time; what a slice leaves unhandled is handed over first next time."""
         tracker = self.tracker
         on_live = tracker.on_live
+        on_live_run = tracker.on_live_run
         clock = time.perf_counter
         until = clock() + _DRAIN_SLICE_S
         handle = raw.underlying
@@ -415,19 +465,25 @@ class _SourceTask:
                     raise zmq.ZMQError(-status)
                 if not received:
                     self._received_at = 0
+                    self._took = taken > 0
                     return False
                 if not taken:
                     tracker.heard()
                 taken += len(received)
-            item = received[at]
-            at += 1
-            if item is None:
-                tracker.on_bad_frames()
+            # The common run of the slice as one index batch; what it leaves, one by one.
+            ran = on_live_run(received, at)
+            if ran == at:
+                item = received[at]
+                at += 1
+                if item is None:
+                    tracker.on_bad_frames()
+                else:
+                    request = on_live(item[0], item[1])
+                    if request is not None:
+                        self._received_at = at
+                        await self._replays(request)
             else:
-                request = on_live(item[0], item[1])
-                if request is not None:
-                    self._received_at = at
-                    await self._replays(request)
+                at = ran
             if clock() > until:
                 self._received_at = at
                 return True
@@ -506,6 +562,7 @@ class SubscriberManager:
         max_replay: tuple[int, int] = (0, 0),
         curve_keys: CurveKeyPair | None = None,
         receive_impl: ReceiveImpl = "auto",
+        coalesce_s: float = DEFAULT_COALESCE_S,
     ) -> None:
         if max_concurrent_replays < 1:
             raise ConfigError(
@@ -525,6 +582,7 @@ class SubscriberManager:
             counters,
             retry_backoff_s,
             native_drain(receive_impl),
+            max(0.0, coalesce_s),
         )
         # This gateway's CURVE key pair: sources with a `curve_server_key` connect with it.
         self._curve_keys = curve_keys

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from kvroute.core import (
     AllBlocksCleared,
     DropReason,
+    Event,
     EventBatch,
     EventCounters,
     IngestLimits,
@@ -431,6 +432,67 @@ class SourceTracker:
             self._apply(seq, payload)
             return None
         return self._live(seq, payload, may_restart=True)
+
+    def on_live_run(self, items: Sequence[tuple[int, bytes] | None], at: int) -> int:
+        """`on_live` for `items[at:]` (a native receive slice) while each is the common case:
+        the next seq of a consistent source, under the size floor, decodable, no
+        AllBlocksCleared, admitted by the budget. Their events go to the index as ONE batch
+        (per-call costs paid once per slice: design §12). Returns the index of the first item
+        left to `on_live`, `at` when none was taken; such an item is decoded again there, which
+        only an uncommon batch pays."""
+        last = self.last
+        if last is None or self._gap_stale is not None:
+            return at
+        decode = self._decoder.decode
+        budget = self._budget if self._limited else None
+        floor = self._size_floor
+        end = len(items)
+        i = at
+        events: list[Event] = []
+        first: EventBatch | None = None
+        payload = b""
+        while i < end:
+            item = items[i]
+            if item is None or item[0] != last + 1:
+                break
+            payload = item[1]
+            if 0 <= floor < len(payload):
+                break
+            try:
+                batch = decode(payload)
+            except WireError:
+                break
+            if AllBlocksCleared in map(type, batch.events):
+                break
+            # Admitted last: an item left to on_live has been charged nothing.
+            if budget is not None:
+                if not budget.admit(len(payload)):
+                    break
+                budget.charge_events(len(batch.events))
+            if batch.skipped_events or batch.unsupported_events:
+                self._count_skipped(batch)
+            rank = batch.data_parallel_rank
+            if rank is not None and rank != self._rank:
+                self._counters.rank_mismatches[self._src] += 1
+            if first is None:
+                first = batch
+            else:
+                if not events:
+                    events.extend(first.events)
+                events.extend(batch.events)
+            last += 1
+            i += 1
+        if first is None:
+            return at
+        self._batches[self._src] += i - at
+        self.last = last
+        self._last_live = last
+        if self._replayed:
+            self._replayed.clear()
+        self._last_payload = payload
+        self._last_batch_t = self._clock()
+        self._index.apply(self.source, first if not events else EventBatch(first.ts, events))
+        return i
 
     def _over_budget(self) -> None:
         """A live batch while the source is over its ingest budget: refused before decoding and

@@ -182,14 +182,25 @@ _Decode: TypeAlias = Callable[[bytes], EventBatch]
 def _raw_map_decode() -> _Decode:
     """`_decode_map` with plain stores' `token_ids` left as msgpack bytes, for an index with
     `raw_tokens` (only the native one, so its module is imported here, not at import time)."""
-    from kvroute.index.native_index import TOKENS_BAD, TOKENS_U32, listed_tokens, token_verdict
+    from kvroute.index.native_index import (
+        TOKENS_BAD,
+        TOKENS_PLAIN,
+        TOKENS_U32,
+        batch_verdict,
+        configure_plain,
+        listed_tokens,
+    )
 
+    configure_plain(_RawMapBlockStored)
     decoder = _raw_map_decoder.decode
 
     def decode(payload: bytes) -> EventBatch:
         raw = decoder(payload)
         events: list[Any] = raw.events
-        verdict = token_verdict(events)
+        # One C pass judges the token ids and `_map_batch`'s "plain" test together.
+        verdict = batch_verdict(events)
+        if verdict == TOKENS_PLAIN:
+            return EventBatch(raw.ts, events, raw.data_parallel_rank)
         if verdict != TOKENS_U32:
             # As the typed decode does, refuse the whole batch when one store's token ids are
             # not `list[int] | None`; nil or ints past uint32 the index reads as Python ints.

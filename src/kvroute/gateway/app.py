@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kvroute.core import EngineClient, PolicyName
+from kvroute.core import EngineClient, EventCounters, PolicyName
 from kvroute.errors import ConfigError, GatewayHTTPError
 from kvroute.events import CurveKeyPair, SubscriberManager, load_curve_key_pair
 from kvroute.fleet import EngineSpec, Fleet, FleetSource, load_fleet_file
@@ -38,16 +38,19 @@ from kvroute.routing import CostWeights, make_policy
 from kvroute.routing.backlog import PrefillBacklog
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
-from kvroute.tokenize.timing import Observe
 from kvroute.upstream import HttpxEngineClient
 
 if TYPE_CHECKING:
     from kvroute.fleet.shared_state import SharedState
     from kvroute.gateway.picker import PickerServer
 
-__all__ = ["build_gateway", "create_app", "curve_keys"]
+__all__ = ["IndexFactory", "build_gateway", "create_app", "curve_keys"]
 
 log = logging.getLogger("kvroute.gateway")
+
+IndexFactory = Callable[[IndexLimits, EventCounters], PrefixIndex]
+"""Builds the gateway's index from its limits and counters instead of `create_index` (the
+settings' `index_impl`); only `kvroute bench trace` passes one, for its oracle."""
 
 
 def build_gateway(
@@ -55,11 +58,12 @@ def build_gateway(
     client: EngineClient,
     metrics: Metrics,
     header_rules: HeaderRules | None = None,
+    index_factory: IndexFactory | None = None,
 ) -> Gateway:
     """The gateway's parts, each built once from `settings` and passed in explicitly; the state
     they keep (fleet health and reloads, index blocks, sources) is attached to `metrics`, which
     reads it at scrape time. Reads the fleet file (and, without `header_rules`, the engine key
-    file); not started yet."""
+    file); not started yet. `index_factory` replaces `create_index` (a benchmark's oracle)."""
     specs = load_fleet_file(settings.fleet_file) if settings.fleet_file is not None else []
     gateway_pair = curve_keys(settings, specs)
     fleet = Fleet(
@@ -82,17 +86,17 @@ def build_gateway(
     subscribers: SubscriberManager | None = None
     policy_name = settings.policy
     if settings.kv_event_sync_enabled:
-        index = create_index(
-            IndexLimits(
-                max_index_bytes=settings.max_index_bytes,
-                max_blocks_per_source=settings.max_blocks_per_source,
-                max_blocks_total=settings.max_blocks_total,
-                indexed_group=settings.indexed_group,
-                speculative_ttl_s=settings.speculative_ttl_s,
-            ),
-            counters=metrics.event_counters,
-            impl=settings.index_impl,
+        limits = IndexLimits(
+            max_index_bytes=settings.max_index_bytes,
+            max_blocks_per_source=settings.max_blocks_per_source,
+            max_blocks_total=settings.max_blocks_total,
+            indexed_group=settings.indexed_group,
+            speculative_ttl_s=settings.speculative_ttl_s,
         )
+        if index_factory is not None:
+            index = index_factory(limits, metrics.event_counters)
+        else:
+            index = create_index(limits, counters=metrics.event_counters, impl=settings.index_impl)
         subscribers = SubscriberManager(
             index,
             metrics.event_counters,
@@ -105,6 +109,7 @@ def build_gateway(
             max_replay=(settings.max_replay_batches, settings.max_replay_bytes),
             curve_keys=gateway_pair,
             receive_impl=settings.receive_impl,
+            coalesce_s=settings.ingest_coalesce_ms / 1000,
         )
         metrics.watch_index(index.blocks_by_model, index.memory, index.impl)
         metrics.watch_sources(subscribers.status)
@@ -131,7 +136,7 @@ def build_gateway(
         client=client,
         metrics=metrics,
         policy=policy,
-        tokenizer=_tokenizer(settings, client, fleet, metrics.observe_tokenize),
+        tokenizer=_tokenizer(settings, client, fleet, metrics),
         index=index,
         subscribers=subscribers,
         ready_bootstrap_deadline_s=settings.ready_bootstrap_deadline_s,
@@ -139,12 +144,12 @@ def build_gateway(
         max_prompt_tokens=settings.max_prompt_tokens,
         max_json_depth=settings.max_json_depth,
         body_timeout_s=settings.body_timeout_s,
-        prompt_workers=_prompt_workers(settings),
         prompt_offload_bytes=settings.prompt_offload_bytes,
         access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
         prefill=PrefillBacklog(settings.prefill_tok_per_s),
     )
+    gateway.prompt_workers = _prompt_workers(settings, tokens=gateway.wants_tokens)
     gateway.shared = _shared_state(settings, gateway, metrics)
     if subscribers is not None and settings.silent_source_s > 0:
         gateway.silence = SilentSources(
@@ -324,11 +329,12 @@ def _picker(settings: Settings) -> PickerServer | None:
     return PickerServer(settings.host, settings.picker_port)
 
 
-def _prompt_workers(settings: Settings) -> PromptWorkers | None:
-    """Workers for large bodies; they tokenize too when the gateway tokenizes locally."""
+def _prompt_workers(settings: Settings, *, tokens: bool) -> PromptWorkers | None:
+    """Workers for large bodies; they tokenize too when the gateway tokenizes locally and
+    routing reads `tokens`."""
     if settings.prompt_workers == 0:
         return None
-    local = settings.local_tokenizer and settings.tokenizer_path is not None
+    local = tokens and settings.local_tokenizer and settings.tokenizer_path is not None
     return PromptWorkers(
         settings.prompt_workers,
         PromptLimits(
@@ -342,10 +348,11 @@ def _prompt_workers(settings: Settings) -> PromptWorkers | None:
 
 
 def _tokenizer(
-    settings: Settings, client: EngineClient, fleet: Fleet, observe: Observe
+    settings: Settings, client: EngineClient, fleet: Fleet, metrics: Metrics
 ) -> Tokenizer:
     """A local tokenizer when one is configured (and remote is not forced), else an engine's
     `/tokenize` on the fleet's least busy healthy engine; behind an LRU unless its size is 0."""
+    observe = metrics.observe_tokenize
     inner: Tokenizer
     if settings.local_tokenizer and settings.tokenizer_path is not None:
         template = settings.chat_template_path.read_text() if settings.chat_template_path else None
@@ -355,12 +362,14 @@ def _tokenizer(
             client, fleet.url_for_model, timeout_s=settings.tokenizer_timeout_s, observe=observe
         )
     if settings.tokenizer_cache_size > 0:
-        return CachingTokenizer(
+        cache = CachingTokenizer(
             inner,
             max_entries=settings.tokenizer_cache_size,
             max_bytes=settings.tokenizer_cache_bytes,
             observe=observe,
         )
+        metrics.watch_tokenizer_cache(lambda: (cache.hits, cache.misses, len(cache)))
+        return cache
     return inner
 
 
@@ -381,8 +390,14 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlette:
-    """The gateway app; `app.state.gateway` holds the running `Gateway` between start and stop."""
+def create_app(
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    index_factory: IndexFactory | None = None,
+) -> Starlette:
+    """The gateway app; `app.state.gateway` holds the running `Gateway` between start and stop.
+    `index_factory`: see `build_gateway`."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -396,7 +411,11 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> Starlet
             gateway: Gateway | None = None
             try:
                 gateway = build_gateway(
-                    settings, client, metrics if metrics is not None else Metrics(), header_rules
+                    settings,
+                    client,
+                    metrics if metrics is not None else Metrics(),
+                    header_rules,
+                    index_factory,
                 )
                 await gateway.start()
                 app.state.gateway = gateway

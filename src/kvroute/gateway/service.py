@@ -33,7 +33,7 @@ from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import RestoredSource
 from kvroute.persist.writer import SnapshotWriter
-from kvroute.routing import Candidate, CostWeights, Policy, uncached_prefill
+from kvroute.routing import Candidate, CostWeights, Policy, needs_tokens, uncached_prefill
 from kvroute.routing.backlog import PrefillBacklog
 from kvroute.tokenize import Tokenizer
 
@@ -218,21 +218,29 @@ class Gateway:
             )
         )
 
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether routing reads the prompt's tokens: only with an index to match them against
+        and a policy that reads matches (routing.needs_tokens; round_robin, least_loaded and
+        random do not). Otherwise nothing is tokenized and the prompt's size is the request's
+        estimate (openai_body.RoutingRequest.estimated_prompt_tokens) unless ids were given."""
+        return self.index is not None and needs_tokens(self.policy)
+
     async def route(
         self, req: RoutingRequest, token_ids: Sequence[int] | None = None
     ) -> RouteOutcome:
-        """Resolve, tokenize (unless `token_ids` are given), match and choose; 404 unknown model,
-        503 no healthy engine."""
+        """Resolve, tokenize (when `wants_tokens` and no `token_ids` are given), match and
+        choose; 404 unknown model, 503 no healthy engine."""
         base, lora, engines = self.resolve_model(req.model)
         if not any(e.healthy for e in engines):
             raise no_healthy_engine(req.model, f" ({len(engines)} known, 0 healthy)")
         # A prompt given as ids was held to max_prompt_tokens by parse_request (prepare).
         given = token_ids
-        if self.index is None:
+        if not self.wants_tokens:
             token_ids = None
         elif token_ids is None and (req.prompt is not None or req.messages is not None):
             token_ids = await self.tokenize(req)  # (a passed-through body may have no prompt)
-        counted = token_ids if token_ids is not None else given  # a worker's ids, index off
+        counted = token_ids if token_ids is not None else given  # ids given, not matched
         prompt_tokens = len(counted) if counted is not None else req.estimated_prompt_tokens()
         self._check_prompt_length(prompt_tokens)
         started = time.perf_counter()

@@ -1880,6 +1880,18 @@ fail:
     return NULL;
 }
 
+#define TOK_ERROR (-2) /* a Python error is set */
+
+/* tok_scan's status of one msgpack `Raw` of token ids, without writing them out. */
+static int raw_status(PyObject *tokens) {
+    Py_buffer view;
+    Py_ssize_t count;
+    if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return TOK_ERROR;
+    int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
+    PyBuffer_Release(&view);
+    return status;
+}
+
 /* token_verdict(events) -> int: over the BlockStored events whose `token_ids` are msgpack
  * bytes, TOK_BAD if any is not `list[int] | None`, else TOK_WIDE if any holds nil or an int
  * outside [0, 2**32), else TOK_U32 (events/wire.py's raw decode). */
@@ -1894,15 +1906,102 @@ static PyObject *py_token_verdict(PyObject *mod, PyObject *events) {
         if (!PyObject_TypeCheck(ev, g_stored_type)) continue;
         PyObject *tokens = FIELD(ev, off_tokens);
         if (tokens == NULL || !Py_IS_TYPE(tokens, g_raw_type)) continue;
-        Py_buffer view;
-        Py_ssize_t count;
-        if (PyObject_GetBuffer(tokens, &view, PyBUF_SIMPLE) < 0) return NULL;
-        int status = tok_scan(view.buf, (size_t)view.len, NULL, 0, &count);
-        PyBuffer_Release(&view);
+        int status = raw_status(tokens);
+        if (status == TOK_ERROR) return NULL;
         if (status == TOK_BAD) return PyLong_FromLong(TOK_BAD);
         if (status != TOK_U32) worst = TOK_WIDE;
     }
     return PyLong_FromLong(worst);
+}
+
+/* The raw decode's store type (events/wire.py _RawMapBlockStored) and the vLLM fields its
+ * "plain" test reads, set by configure_plain. */
+static PyTypeObject *g_plain_stored;
+static Py_ssize_t off_p_lora_id, off_p_extra, off_p_lookahead;
+
+static PyObject *py_configure_plain(PyObject *mod, PyObject *arg) {
+    if (!PyType_Check(arg) || g_stored_type == NULL ||
+        !PyType_IsSubtype((PyTypeObject *)arg, g_stored_type)) {
+        PyErr_SetString(PyExc_TypeError, "configure_plain: expected a BlockStored subclass");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)arg;
+    Py_ssize_t tokens, medium, salt;
+    if (member_offset(tp, "lora_id", &off_p_lora_id) < 0 ||
+        member_offset(tp, "extra_keys", &off_p_extra) < 0 ||
+        member_offset(tp, "lookahead_token_ids", &off_p_lookahead) < 0 ||
+        member_offset(tp, "token_ids", &tokens) < 0 || member_offset(tp, "medium", &medium) < 0 ||
+        member_offset(tp, "cache_salt", &salt) < 0)
+        return NULL;
+    if (tokens != off_tokens || medium != off_medium || salt != off_salt) {
+        PyErr_SetString(PyExc_TypeError, "configure_plain: base fields moved in the subclass");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(g_plain_stored, tp);
+    Py_RETURN_NONE;
+}
+
+/* 1 when `medium` passes wire.py's test `medium is None or medium == GPU or medium.isupper()`
+ * for sure; 0 when it fails or C cannot tell cheaply (a non-ASCII string): the caller's
+ * Python test then decides. */
+static int plain_medium(PyObject *medium) {
+    if (medium == Py_None || medium == s_gpu) return 1;
+    if (!PyUnicode_CheckExact(medium) || !PyUnicode_IS_ASCII(medium)) return 0;
+    const char *c = (const char *)PyUnicode_DATA(medium);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(medium);
+    int cased = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] >= 'a' && c[i] <= 'z') return 0;
+        if (c[i] >= 'A' && c[i] <= 'Z') cased = 1;
+    }
+    return cased;
+}
+
+/* 1 when a store of the raw type needs nothing of normalise_events (wire.py _map_batch). */
+static int plain_store(PyObject *ev) {
+    PyObject *keys = FIELD(ev, off_p_extra), *ahead = FIELD(ev, off_p_lookahead);
+    if (FIELD(ev, off_p_lora_id) != Py_None || FIELD(ev, off_salt) != Py_None || !keys ||
+        !ahead || !plain_medium(FIELD(ev, off_medium)))
+        return 0;
+    if (ahead != Py_None && !(PyList_CheckExact(ahead) && PyList_GET_SIZE(ahead) == 0)) return 0;
+    if (keys == Py_None) return 1;
+    if (!PyList_CheckExact(keys)) return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++)
+        if (PyList_GET_ITEM(keys, i) != Py_None) return 0;
+    return 1;
+}
+
+/* batch_verdict(events) -> int: token_verdict's TOK_BAD and TOK_WIDE (as 2), else TOK_PLAIN
+ * (3) when every event is plain in the sense of wire.py's `_map_batch` (the batch goes to the
+ * index as decoded), else TOK_U32. One C pass instead of two Python ones (design §12). */
+static PyObject *py_batch_verdict(PyObject *mod, PyObject *events) {
+    if (!PyList_CheckExact(events) || g_plain_stored == NULL) {
+        PyErr_SetString(PyExc_TypeError, "batch_verdict: expected a list, after configure_plain()");
+        return NULL;
+    }
+    int worst = TOK_U32, plain = 1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(events); i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        if (Py_IS_TYPE(ev, g_plain_stored)) {
+            plain = plain && plain_store(ev);
+            PyObject *tokens = FIELD(ev, off_tokens);
+            if (tokens == NULL || !Py_IS_TYPE(tokens, g_raw_type)) {
+                plain = 0;
+                continue;
+            }
+            int status = raw_status(tokens);
+            if (status == TOK_ERROR) return NULL;
+            if (status == TOK_BAD) return PyLong_FromLong(TOK_BAD);
+            if (status != TOK_U32) worst = TOK_WIDE;
+        } else if (Py_IS_TYPE(ev, g_removed_type)) {
+            plain = plain && plain_medium(FIELD(ev, off_r_medium));
+        } else if (PyObject_TypeCheck(ev, g_stored_type)) {
+            plain = 0; /* another store type: its tokens are not msgpack bytes */
+        }
+    }
+    if (worst != TOK_U32) return PyLong_FromLong(worst);
+    return PyLong_FromLong(plain ? 3 : TOK_U32);
 }
 
 /* apply_run(index, src, blocks, holders, bit, events, start, cap, group0, spec, out) -> next,
@@ -2405,6 +2504,8 @@ static PyMethodDef module_methods[] = {
     {"restore_pairs", (PyCFunction)(void (*)(void))py_restore_pairs, METH_FASTCALL, NULL},
     {"token_list", py_token_list, METH_O, "token_list(raw) -> list[int] | None."},
     {"token_verdict", py_token_verdict, METH_O, "token_verdict(events) -> status."},
+    {"configure_plain", py_configure_plain, METH_O, "configure_plain(raw_stored_type)."},
+    {"batch_verdict", py_batch_verdict, METH_O, "batch_verdict(events) -> status."},
     {NULL, NULL, 0, NULL},
 };
 

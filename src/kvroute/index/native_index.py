@@ -33,7 +33,16 @@ from kvroute.index.holders import SourceState
 from kvroute.index.limits import IndexLimits
 from kvroute.index.prefix_index import PrefixIndex
 
-__all__ = ["TOKENS_BAD", "TOKENS_U32", "NativePrefixIndex", "listed_tokens", "token_verdict"]
+__all__ = [
+    "TOKENS_BAD",
+    "TOKENS_PLAIN",
+    "TOKENS_U32",
+    "NativePrefixIndex",
+    "batch_verdict",
+    "configure_plain",
+    "listed_tokens",
+    "token_verdict",
+]
 
 NativeMap: Any = _native.NativeMap
 _apply_run = _native.apply_run
@@ -56,6 +65,12 @@ _MAINTAIN_SLOTS = 4096  # slots of a growing table one `maintain` call moves
 TOKENS_BAD = -1
 TOKENS_U32 = 0
 token_verdict: Callable[[list[Any]], int] = _native.token_verdict
+# `batch_verdict(events)`: token_verdict's answer, except TOKENS_PLAIN when moreover every
+# event passes wire.py `_map_batch`'s "plain" test (the raw store type is given once to
+# `configure_plain`); TOKENS_U32 then means "uint32 tokens, but normalise the batch".
+TOKENS_PLAIN = 3
+batch_verdict: Callable[[list[Any]], int] = _native.batch_verdict
+configure_plain: Callable[[type], None] = _native.configure_plain
 
 
 def listed_tokens(ev: Any) -> Any:

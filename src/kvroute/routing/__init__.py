@@ -3,7 +3,14 @@
 from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 from kvroute.routing.factory import make_policy
 from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost, uncached_prefill
-from kvroute.routing.types import Candidate, CostWeights, Decision, EngineScore, Policy
+from kvroute.routing.types import (
+    Candidate,
+    CostWeights,
+    Decision,
+    EngineScore,
+    Policy,
+    needs_tokens,
+)
 
 __all__ = [
     "GUARD_POLICY_NAME",
@@ -18,5 +25,6 @@ __all__ = [
     "RoundRobinPolicy",
     "kv_cost",
     "make_policy",
+    "needs_tokens",
     "uncached_prefill",
 ]

@@ -31,6 +31,7 @@ class LeastLoadedPolicy:
     requests in flight. Its cost column is the outstanding token count."""
 
     name: str = PolicyName.LEAST_LOADED
+    needs_tokens: bool = False  # by load or turn alone: no tokenization (types.needs_tokens)
 
     def __init__(self, *, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -48,6 +49,7 @@ class RoundRobinPolicy:
     """Healthy engines in name order, one after another; no cost column."""
 
     name: str = PolicyName.ROUND_ROBIN
+    needs_tokens: bool = False
 
     def __init__(self) -> None:
         self._turn = 0
@@ -68,6 +70,7 @@ class RandomPolicy:
     """A seeded uniform choice among healthy engines; the fallback order is a seeded shuffle."""
 
     name: str = PolicyName.RANDOM
+    needs_tokens: bool = False
 
     def __init__(self, *, seed: int = 0) -> None:
         self._rng = random.Random(seed)

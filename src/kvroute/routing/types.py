@@ -8,7 +8,7 @@ from typing import Protocol
 
 from kvroute.core import MatchResult
 
-__all__ = ["Candidate", "CostWeights", "Decision", "EngineScore", "Policy"]
+__all__ = ["Candidate", "CostWeights", "Decision", "EngineScore", "Policy", "needs_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,8 @@ class Policy(Protocol):
 
     `choose` never does I/O and never raises when, as the caller guarantees, at least one
     candidate is healthy (otherwise: ValueError). `matches` is keyed by engine name; an engine
-    without an entry holds nothing of the prompt.
+    without an entry holds nothing of the prompt. A policy that reads neither `matches` nor an
+    exact `prompt_tokens` says so with a class attribute `needs_tokens = False` (`needs_tokens`).
     """
 
     name: str
@@ -100,3 +101,10 @@ class Policy(Protocol):
         matches: Mapping[str, MatchResult],
         prompt_tokens: int,
     ) -> Decision: ...
+
+
+def needs_tokens(policy: Policy) -> bool:
+    """Whether `policy` reads the prompt's tokens (prefix matches, exact count): the gateway
+    tokenizes only then (gateway/service.py). A policy that does not say is taken to need them
+    (kv_aware; routing/kv_aware.py); the load-only baselines say False (routing/baseline.py)."""
+    return bool(getattr(policy, "needs_tokens", True))

@@ -87,6 +87,10 @@ class Generation:
             self._engine._ranks[self.rank].scheduler.abort(self.request)
 
     @property
+    def engine_name(self) -> str:
+        return self._engine.name if self._engine is not None else ""
+
+    @property
     def ttft_ms(self) -> float | None:
         t = self.request.ttft
         return None if t is None else t * 1000.0
@@ -213,6 +217,8 @@ class SimEngine:
         self._ids = itertools.count()
         self.url = ""  # set once the HTTP server listens
         self.alive = False
+        # POST /tokenize calls answered: what a router's tokenization costs the engine.
+        self.tokenize_requests = 0
         self.ttft_observer: list[Callable[[float, int], None]] = []  # (ttft seconds, rank)
 
     @property
@@ -356,7 +362,12 @@ class SimEngine:
                     ],
                 }
             )
-        return {"engine": self.name, "model": self.model, "ranks": ranks}
+        return {
+            "engine": self.name,
+            "model": self.model,
+            "tokenize_requests": self.tokenize_requests,
+            "ranks": ranks,
+        }
 
 
 def _json_hash(h: int | bytes) -> int | dict[str, str]:

@@ -41,7 +41,11 @@ class _Server(uvicorn.Server):
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on connections whose socket says TCP
+    # (its _set_nodelay checks proto), as on those of create_server(host, port), which vLLM's
+    # uvicorn uses. With proto 0 Nagle stayed on: a request right after another on the same
+    # connection waited ~40 ms for a delayed ACK (docs/design.md, "The router's own latency").
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -102,7 +102,10 @@ def _sim_headers(gen: Generation) -> dict[str, str]:
 
 
 def _sim_block(gen: Generation) -> dict[str, Any]:
+    """The simulator's own facts about a request (not in vLLM's responses): its times, the
+    engine and rank that served it (a client behind any router can tell) and its cache hit."""
     return {
+        "engine": gen.engine_name,
         "ttft_ms": gen.ttft_ms,
         "e2e_ms": gen.e2e_ms,
         "rank": gen.rank,
@@ -363,8 +366,54 @@ class _App:
         headers["cache-control"] = "no-cache"
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
+    # -- vLLM's renderer: a request's token-in form, without generating ----------------------
+    async def render_completions(self, request: Request) -> Response:
+        """`/v1/completions/render`: a list of vLLM `GenerateRequest`s, one per prompt of the
+        batch (routers such as vllm-router call it to route a text prompt on its tokens)."""
+        try:
+            body = await self._json(request)
+            self._lora(body)
+            if "prompt" not in body:
+                raise _BadRequest("prompt: field required")
+            prompt = body["prompt"]
+            batch = (
+                prompt
+                if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
+                else [prompt]
+            )
+            prompts = [self._prompt_ids(p) for p in batch]
+            max_tokens = self._max_tokens(body, "max_tokens")
+            self._stream_flags(body)
+        except _BadRequest as exc:
+            return _error(str(exc), exc.status, exc.kind)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return JSONResponse(
+            [
+                _generate_request(f"{rid}-{i}", ids, body, max_tokens)
+                for i, ids in enumerate(prompts)
+            ]
+        )
+
+    async def render_chat(self, request: Request) -> Response:
+        """`/v1/chat/completions/render`: one vLLM `GenerateRequest` (the chat template applied,
+        with the generation prompt)."""
+        try:
+            body = await self._json(request)
+            self._lora(body)
+            ids = self._chat_ids(
+                body, add_generation_prompt=bool(body.get("add_generation_prompt", True))
+            )
+            max_tokens = self._max_tokens(body, "max_completion_tokens", "max_tokens")
+            self._stream_flags(body)
+        except _BadRequest as exc:
+            return _error(str(exc), exc.status, exc.kind)
+        return JSONResponse(
+            _generate_request(f"chatcmpl-{uuid.uuid4().hex}", ids, body, max_tokens)
+        )
+
     # -- vLLM extras ---------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
+        self.engine.tokenize_requests += 1
         try:
             body = await self._json(request)
             self._lora(body, required=False)
@@ -447,6 +496,48 @@ class _App:
             return _error(str(exc), exc.status, exc.kind)
 
 
+# Sampling fields of an OpenAI body that vLLM's renderer copies into `sampling_params`; the
+# simulator returns these (and max_tokens) as given, not vLLM's every resolved default.
+_SAMPLING_KEYS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "ignore_eos",
+    "min_tokens",
+)
+
+
+def _generate_request(
+    request_id: str, token_ids: list[int], body: dict[str, Any], max_tokens: int
+) -> dict[str, Any]:
+    """vLLM's `GenerateRequest` (vllm/entrypoints/serve/disagg/protocol.py) for one prompt."""
+    sampling = {k: body[k] for k in _SAMPLING_KEYS if body.get(k) is not None}
+    sampling["max_tokens"] = max_tokens
+    return {
+        "request_id": request_id,
+        "token_ids": token_ids,
+        "assistant_tokens_mask": None,
+        "token_offsets": None,
+        "features": None,
+        "sampling_params": sampling,
+        "model": body.get("model"),
+        "stream": body.get("stream", False),
+        "stream_options": body.get("stream_options"),
+        "cache_salt": body.get("cache_salt"),
+        "priority": body.get("priority", 0),
+        "kv_transfer_params": body.get("kv_transfer_params"),
+    }
+
+
 def _model_card(
     model_id: str, root: str, parent: str | None, created: int, max_len: int
 ) -> dict[str, Any]:
@@ -519,6 +610,8 @@ def create_engine_app(engine: SimEngine) -> Starlette:
     routes = [
         Route("/v1/completions", app.completions, methods=["POST"]),
         Route("/v1/chat/completions", app.chat, methods=["POST"]),
+        Route("/v1/completions/render", app.render_completions, methods=["POST"]),
+        Route("/v1/chat/completions/render", app.render_chat, methods=["POST"]),
         Route("/tokenize", app.tokenize, methods=["POST"]),
         Route("/detokenize", app.detokenize, methods=["POST"]),
         Route("/v1/models", app.models, methods=["GET"]),

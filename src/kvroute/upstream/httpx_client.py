@@ -4,6 +4,7 @@ here and re-raised as EngineConnectError or EngineResponseError (docs/architectu
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
@@ -21,6 +22,19 @@ __all__ = ["HttpxEngineClient"]
 # may retry elsewhere (pinned by tests/unit/upstream/test_httpx_client.py).
 _CONNECT_FAILURES: Final = (httpx.ConnectError, httpx.ConnectTimeout)
 _JSON_HEADERS: Final = {"content-type": "application/json"}
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that keeps nothing. httpx stores every Set-Cookie it gets and sends it on its
+    later requests: an engine's (or its balancer's) cookie for one client, relayed to that
+    client, would go out with every other client's requests too; and an empty jar is not
+    merged into each request (pinned by test_a_cookie_an_engine_sets_is_never_sent_back)."""
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return
 
 
 class _TokenizeAnswer(msgspec.Struct):
@@ -131,6 +145,7 @@ class HttpxEngineClient:
             ),
             trust_env=False,
             transport=transport,
+            cookies=_NoCookies(),
         )
         # At most two calls per engine at a time (a probe, a scrape), each with its deadline.
         self._probes = (
@@ -140,6 +155,7 @@ class HttpxEngineClient:
                 timeout=timeout,
                 limits=httpx.Limits(max_connections=None, keepalive_expiry=keep_alive_s),
                 trust_env=False,
+                cookies=_NoCookies(),
             )
         )
 

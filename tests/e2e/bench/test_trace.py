@@ -1,5 +1,5 @@
 """`kvroute bench trace` end to end on tiny synthetic traces: the JSON report's schema, the
-chart, kv_aware's hit rate against round robin's, and the capacity search's plumbing."""
+chart, kv_aware's hit rate against round robin's, the oracle, and the capacity search."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvroute.core import PolicyName
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _conversations(path: Path, users: int, turns: int, gap_ms: int) -> Path:
+def conversations(path: Path, users: int, turns: int, gap_ms: int) -> Path:
     """`users` multi-turn chats, turn-major, one request every `gap_ms`: turn t of a user sends
     its group's 2-block system prompt (two groups), then 2 blocks per earlier turn and its new
     question (its growing history)."""
@@ -35,7 +35,7 @@ def _conversations(path: Path, users: int, turns: int, gap_ms: int) -> Path:
 async def test_replay_writes_the_report_and_kv_aware_hits_at_least_as_often(
     tmp_path: Path,
 ) -> None:
-    trace = _conversations(tmp_path / "chats.jsonl", users=6, turns=5, gap_ms=500)
+    trace = conversations(tmp_path / "chats.jsonl", users=6, turns=5, gap_ms=500)
     options = TraceOptions(
         trace=trace,
         policies=(PolicyName.KV_AWARE, PolicyName.ROUND_ROBIN),
@@ -63,7 +63,7 @@ async def test_replay_writes_the_report_and_kv_aware_hits_at_least_as_often(
 
 
 async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
-    trace = _conversations(tmp_path / "chats.jsonl", users=3, turns=3, gap_ms=1000)
+    trace = conversations(tmp_path / "chats.jsonl", users=3, turns=3, gap_ms=1000)
     options = TraceOptions(
         trace=trace,
         policies=(PolicyName.KV_AWARE,),
@@ -83,3 +83,22 @@ async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
     # the trace's 1 req/s, 4× as fast, as the requests really went out (a busy host sends late)
     assert 0.0 < row["capacity_rps_at_slo"] <= 4.2
     assert not (tmp_path / "trace.png").exists()
+
+
+async def test_the_oracle_runs_through_the_same_gateway_path(tmp_path: Path) -> None:
+    trace = conversations(tmp_path / "chats.jsonl", users=6, turns=4, gap_ms=500)
+    options = TraceOptions(
+        trace=trace,
+        policies=("oracle",),
+        speed=10.0,
+        capacity=False,
+        out_dir=tmp_path,
+        chart=False,
+    )
+    assert await run_trace_async(options) == 0
+    row = json.loads((tmp_path / "trace.json").read_text())["policies"]["oracle"]
+    assert row["requests"] == 24 and row["errors"] == 0
+    assert row["hit_rate"] > 0.3  # it routes by the pools: each chat's history is found
+    # served through the gateway: its engine header names the engines
+    assert sum(row["requests_per_engine"].values()) == 24
+    assert set(row["added_latency_wall_ms"]) == {"p50", "p90", "p99"}

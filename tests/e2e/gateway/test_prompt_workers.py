@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from array import array
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -133,35 +135,58 @@ async def test_a_dead_worker_costs_one_503_and_is_replaced(workers: PromptWorker
     assert (await workers.prepare(kind, raw)).request == _inline(kind, raw)  # a text prompt
 
 
-async def test_a_gateway_routes_large_bodies_through_a_worker(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _gateway(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[SimFleet, httpx.AsyncClient, Metrics]]:
+    """One simulated engine and a gateway offloading bodies from 1 KiB on, with `settings`."""
     async with SimFleet(1, MODEL, config=SimConfig(speed=50.0)) as fleet:
         fleet.write_fleet_file(tmp_path / "fleet.yaml")
-        settings = load_settings(
+        options = load_settings(
             fleet_file=tmp_path / "fleet.yaml",
             port=0,
             log_level="warning",
             prompt_offload_bytes=1024,
-            max_prompt_tokens=5000,
+            **settings,
         )
         metrics = Metrics()
         async with (
-            BackgroundServer(create_app(settings, metrics=metrics)) as server,
+            BackgroundServer(create_app(options, metrics=metrics)) as server,
             httpx.AsyncClient(base_url=server.url, trust_env=False, timeout=60) as http,
         ):
-            prompt = fleet.tokenizer.make_text(2000, "large")
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
-            assert len(json.dumps(body)) > 1024
-            first = await http.post("/v1/completions", json=body)
-            assert first.status_code == 200, first.text
-            decision = await http.post("/v1/route", json=body)
-            assert decision.status_code == 200, decision.text
-            assert decision.json()["engines"][0]["blocks_matched"] > 0  # tokenized and matched
-            ids = {"model": MODEL, "prompt": [1] * 10_000, "max_tokens": 1}
-            refused = await http.post("/v1/completions", json=ids)
-            assert refused.status_code == 400, refused.text
-            assert refused.json()["error"]["code"] == "context_length_exceeded"
-            small = await http.post(
-                "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}
-            )
-            assert small.status_code == 200, small.text
-            assert metrics.prompts_offloaded._value.get() == 3  # the three large ones
+            yield fleet, http, metrics
+
+
+async def test_a_gateway_routes_large_bodies_through_a_worker(tmp_path: Path) -> None:
+    async with _gateway(tmp_path, max_prompt_tokens=5000) as (fleet, http, metrics):
+        prompt = fleet.tokenizer.make_text(2000, "large")
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+        assert len(json.dumps(body)) > 1024
+        first = await http.post("/v1/completions", json=body)
+        assert first.status_code == 200, first.text
+        decision = await http.post("/v1/route", json=body)
+        assert decision.status_code == 200, decision.text
+        assert decision.json()["engines"][0]["blocks_matched"] > 0  # tokenized and matched
+        ids = {"model": MODEL, "prompt": [1] * 10_000, "max_tokens": 1}
+        refused = await http.post("/v1/completions", json=ids)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        small = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}
+        )
+        assert small.status_code == 200, small.text
+        assert metrics.prompts_offloaded._value.get() == 3  # the three large ones
+
+
+@pytest.mark.parametrize("policy", ["kv_aware", "round_robin"])
+async def test_workers_tokenize_only_for_a_policy_that_reads_tokens(
+    tmp_path: Path, policy: str
+) -> None:
+    tokenizer = _train(tmp_path)
+    async with _gateway(tmp_path, policy=policy, tokenizer_path=tokenizer) as (_, http, metrics):
+        prompt = "hello world " * 200  # 400 words: 401 tokens with BOS, 2,400 characters
+        decision = await http.post("/v1/route", json={"model": MODEL, "prompt": prompt})
+        assert decision.status_code == 200, decision.text
+        assert metrics.prompts_offloaded._value.get() == 1
+        tokens = decision.json()["prompt_tokens"]
+        assert tokens == (401 if policy == "kv_aware" else len(prompt) // 4)

@@ -140,6 +140,50 @@ async def test_tokenize_and_detokenize_in_vllm_shapes(client: httpx.AsyncClient)
     assert r.json() == {"prompt": "Hello , world"}
 
 
+async def test_render_returns_vllm_generate_requests_without_generating(
+    fleet: SimFleet, client: httpx.AsyncClient
+) -> None:
+    tokenized = await client.post("/tokenize", json={"model": MODEL, "prompt": "Hello, world"})
+    ids = tokenized.json()["tokens"]
+    r = await client.post(
+        "/v1/completions/render",
+        json={"model": MODEL, "prompt": "Hello, world", "max_tokens": 7, "temperature": 0.5},
+    )
+    assert r.status_code == 200
+    (one,) = r.json()  # a list: one GenerateRequest per prompt of the batch
+    assert one["request_id"].startswith("cmpl-") and one["model"] == MODEL
+    assert one["token_ids"] == ids
+    assert one["sampling_params"] == {"temperature": 0.5, "max_tokens": 7}
+    assert one["token_offsets"] is None and one["features"] is None and one["stream"] is False
+    batch = await client.post(
+        "/v1/completions/render", json={"model": MODEL, "prompt": ["Hello, world", [5, 6, 7]]}
+    )
+    assert [g["token_ids"] for g in batch.json()] == [ids, [5, 6, 7]]
+    messages = [{"role": "user", "content": "hi"}]
+    chat = await client.post(
+        "/v1/chat/completions/render",
+        json={"model": MODEL, "messages": messages, "stream": True,
+              "stream_options": {"include_usage": True}},
+    )  # fmt: skip
+    body = chat.json()  # one GenerateRequest, stream fields kept
+    assert body["request_id"].startswith("chatcmpl-")
+    tokenized_chat = await client.post("/tokenize", json={"model": MODEL, "messages": messages})
+    assert body["token_ids"] == tokenized_chat.json()["tokens"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    for e in fleet.engines:  # nothing ran
+        assert all(r.scheduler.prompt_tokens_total == 0 for r in e.all_ranks())
+    missing = await client.post("/v1/completions/render", json={"model": "x", "prompt": "a"})
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+async def test_responses_name_the_engine_that_served_them(fleet: SimFleet) -> None:
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=10) as c:
+        for e in fleet.engines:
+            r = await c.post(e.url + "/v1/completions", json=body)
+            assert r.json()["sim"]["engine"] == e.name
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [

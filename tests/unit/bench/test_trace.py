@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvroute.bench.trace import TraceRecord, bisect_time_factor, summarise
+from kvroute.bench.trace import bisect_time_factor
+from kvroute.bench.trace_summary import TraceRecord, summarise
 from kvroute.cli import main
 
 
@@ -104,7 +105,7 @@ def test_errors_count_as_misses_of_the_slo() -> None:
         (["FILE", "--capacity-steps", "-1"], "--capacity-steps: expected >= 0"),
         (["FILE", "--router-setting", "w_load"], "expected NAME=VALUE"),
         (["FILE", "--router-setting", "nowhere=1"], "nowhere"),
-        (["FILE", "--vs", "vllm-router"], "not available yet"),
+        (["FILE", "--policies", "oracle,oracle"], "each policy once"),
         (["FILE", "--vs", "dynamo"], "compares ingest only"),
     ],
 )
@@ -131,7 +132,7 @@ def test_other_benches_take_no_file_and_no_vllm_router(capsys: pytest.CaptureFix
     assert main(["bench", "decode", "some.jsonl"]) == 2
     assert "takes no FILE" in capsys.readouterr().err
     assert main(["bench", "ingest", "--vs", "vllm-router"]) == 2
-    assert "goes with trace" in capsys.readouterr().err
+    assert "--vs vllm-router goes with trace (kvroute bench trace FILE)" in capsys.readouterr().err
 
 
 def test_a_request_larger_than_an_engine_exits_2_before_anything_starts(
@@ -150,3 +151,20 @@ def test_a_request_larger_than_an_engine_exits_2_before_anything_starts(
     assert (
         "line 1 needs 11 KV blocks, an engine has 8: raise --kv-tokens" in capsys.readouterr().err
     )
+
+
+def test_added_latency_is_summarised_over_the_answered_requests() -> None:
+    records = [
+        TraceRecord(i, "engine-0", 200, 100, 0, 2, 10.0, 20.0, added_ms=float(i)) for i in range(10)
+    ]
+    records.append(TraceRecord(10, "?", 0, 0, 0, 0, None, None, error="ConnectError"))
+    s = summarise("vllm-router:kv_aware", 1.0, records, sim_seconds=1.0, engines=1, slo_ms=50.0)
+    assert s.added_ms == {"p50": 4.0, "p90": 8.0, "p99": 9.0}
+    assert s.summary()["added_latency_wall_ms"] == {"p50": 4.0, "p90": 8.0, "p99": 9.0}
+
+
+def test_the_oracle_and_the_peer_are_runs_by_name() -> None:
+    from kvroute.bench.trace import TraceOptions
+
+    options = TraceOptions(trace=Path("t"), policies=("kv_aware", "oracle"), vs=("kv_aware",))
+    assert options.runs == ("kv_aware", "oracle", "vllm-router:kv_aware")

@@ -171,3 +171,59 @@ def test_verdict_of_a_batch_is_its_worst_store() -> None:
     assert native.token_verdict([stored(["a"]), stored([2**33])]) == BAD
     # token ids of any other type are the reference model's business, not read here
     assert native.token_verdict([BlockStored([1], None, (1, 2), 1)]) == U32
+
+
+_MEDIA = [None, "GPU", "CPU", "cpu", "Cpu", "CPU_1", "123", "", "DISK2", "_", "ÜBER", "ＧＰＵ"]
+
+
+def _raw_events(**fields: Any) -> list[Any]:
+    """One raw-mode store with `fields` and one removal with the same medium, decoded by the
+    raw map decoder (events/wire.py), so the events are of the types `batch_verdict` reads."""
+    from kvroute.events import wire
+
+    store = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None}
+    store |= {"token_ids": [1, 2], "block_size": 2} | fields
+    removed = {"type": "BlockRemoved", "block_hashes": [1], "medium": fields.get("medium")}
+    payload = msgspec.msgpack.encode([1.0, [store, removed, {"type": "AllBlocksCleared"}], 0])
+    return list(wire._raw_map_decoder.decode(payload).events)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"medium": m} for m in _MEDIA]
+    + [
+        {"lora_id": 3},
+        {"extra_keys": [None, None]},
+        {"extra_keys": [None, "x"]},
+        {"extra_keys": []},
+        {"lookahead_token_ids": []},
+        {"lookahead_token_ids": [[1]]},
+        {"cache_salt": "s"},
+    ],
+    ids=repr,
+)
+def test_batch_verdict_plain_only_where_the_python_test_passes(fields: dict[str, Any]) -> None:
+    from kvroute.events import wire
+    from kvroute.index.native_index import TOKENS_PLAIN, TOKENS_U32, batch_verdict
+
+    wire.BatchDecoder(raw_tokens=True)  # configures the native "plain" test
+    events = _raw_events(**fields)
+    python_plain = wire._map_batch(1.0, events, 0, wire._RawMapBlockStored, None).events is events
+    verdict = batch_verdict(events)
+    medium = fields.get("medium")
+    if isinstance(medium, str) and not medium.isascii():
+        # C leaves non-ASCII media to the Python test: never plain, never wrong
+        assert verdict == TOKENS_U32
+    else:
+        assert verdict == (TOKENS_PLAIN if python_plain else TOKENS_U32), (fields, python_plain)
+
+
+def test_batch_verdict_keeps_token_verdicts_first() -> None:
+    from kvroute.events import wire
+    from kvroute.index.native_index import TOKENS_BAD, batch_verdict
+
+    wire.BatchDecoder(raw_tokens=True)
+    assert batch_verdict(_raw_events(token_ids=None)) == WIDE
+    assert batch_verdict(_raw_events(token_ids=[2**40, 1])) == WIDE
+    assert batch_verdict(_raw_events(token_ids=["a", 1])) == TOKENS_BAD
+    assert batch_verdict(_raw_events(token_ids=["a"], medium="cpu")) == TOKENS_BAD

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvroute.core import MatchResult, PolicyName
-from kvroute.routing import Candidate, Decision, make_policy
+from kvroute.routing import Candidate, Decision, make_policy, needs_tokens
 
 
 def _fleet(n: int, *, unhealthy: tuple[int, ...] = ()) -> list[Candidate]:
@@ -130,3 +130,14 @@ def test_unknown_policy_name_is_a_config_error() -> None:
 @pytest.mark.parametrize("policy_name", list(PolicyName))
 def test_a_plain_string_naming_a_policy_is_accepted(policy_name: PolicyName) -> None:
     assert make_policy(policy_name.value).name == policy_name.value  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(PolicyName))
+def test_only_a_policy_that_reads_matches_needs_tokens(name: PolicyName) -> None:
+    policy = make_policy(name)
+    assert needs_tokens(policy) is (name is PolicyName.KV_AWARE)
+    if not needs_tokens(policy):  # its choice is the same whatever the prompt holds or counts
+        fleet = _fleet(3)
+        with_matches = make_policy(name).choose(fleet, {"engine-2": _gpu(8)}, 4096)
+        without = make_policy(name).choose(fleet, {}, 1)
+        assert with_matches.ranked == without.ranked

@@ -1,13 +1,14 @@
-"""The simulated fleet's port picking: ports chosen before they are bound never collide."""
+"""The simulated fleet's sockets: ports chosen before they are bound never collide; no Nagle."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
 
 from kvroute.sim import fleet
-from kvroute.sim.fleet import _consecutive_free_ports
+from kvroute.sim.fleet import _consecutive_free_ports, _listen_socket
 
 
 class _Picks:
@@ -50,3 +51,23 @@ def test_a_base_overlapping_ports_picked_for_another_socket_is_skipped(
 def test_no_free_base_outside_the_avoided_ports_is_an_error() -> None:
     with pytest.raises(OSError, match="no 2 consecutive free TCP ports"):
         _consecutive_free_ports("127.0.0.1", 2, attempts=5, avoid=range(0, 65_536))
+
+
+async def test_engine_connections_send_without_nagle() -> None:
+    """asyncio turns Nagle off only on sockets that say TCP: with it on, a request right after
+    another on one connection (a router's /tokenize, then the prompt) waited ~40 ms for a
+    delayed ACK."""
+    listener = _listen_socket("127.0.0.1", 0)
+    nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        nodelay.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(accepted, sock=listener)
+    async with server:
+        _reader, writer = await asyncio.open_connection(*listener.getsockname())
+        assert await asyncio.wait_for(nodelay, 10) != 0
+        writer.close()
+        await writer.wait_closed()

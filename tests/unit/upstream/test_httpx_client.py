@@ -35,6 +35,7 @@ class _Engine:
     health: int = 200
     tokenize_answer: bytes | None = None  # raw /tokenize body instead of the real answer
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    cookies: list[str | None] = field(default_factory=list)  # each /tokenize call's Cookie
     release: asyncio.Event = field(default_factory=asyncio.Event)  # ends hangs and drips
     second_chunk: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,10 +50,14 @@ class _Engine:
     async def tokenize(self, request: Request) -> Response:
         body = await request.json()
         self.bodies.append(body)
+        self.cookies.append(request.headers.get("cookie"))
         if self.tokenize_answer is not None:
             return Response(self.tokenize_answer, media_type="application/json")
         words = (body.get("prompt") or json.dumps(body.get("messages"))).split()
-        return JSONResponse({"count": len(words), "tokens": list(range(len(words)))})
+        return JSONResponse(
+            {"count": len(words), "tokens": list(range(len(words)))},
+            headers={"set-cookie": "session=engine; Path=/"},  # as a sticky balancer might
+        )
 
     async def stream(self, request: Request) -> Response:
         body = await request.body()
@@ -199,6 +204,15 @@ async def test_tokenize_sends_the_prompt_and_chat_forms(
             "chat_template_kwargs": {"enable_thinking": True},
         },
     ]
+
+
+async def test_a_cookie_an_engine_sets_is_never_sent_back_on_other_calls(
+    engine: tuple[_Engine, str], client: HttpxEngineClient
+) -> None:
+    state, url = engine
+    for _ in range(2):
+        await client.tokenize_prompt(url, "m", "a b", add_special_tokens=True, timeout_s=5)
+    assert state.cookies == [None, None]  # one client's session is not every client's
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,15 @@ message boundary, and descriptor wake-ups that do not spin while a replay is out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import zmq.asyncio
 
 from kvroute.core import SourceSpec, source_id
 from kvroute.events import encode_batch
-from tests.event_harness import MODEL, ScriptedReplay, make_stack, until
+from tests.event_harness import MODEL, ScriptedReplay, Stack, make_stack, until
 from tests.event_streams import EngineStream
 
 
@@ -112,3 +114,74 @@ async def test_a_source_waiting_on_its_replay_does_not_spin_the_loop(
         pub.close(linger=0)
         await stack.manager.close()
         await replay.close()
+
+
+@contextlib.asynccontextmanager
+async def _coalescing_source(
+    ctx: zmq.asyncio.Context, name: str, window: float
+) -> AsyncIterator[tuple[Stack, zmq.asyncio.Socket, str, EngineStream, int]]:
+    """A stack that coalesces wake-ups `window` apart and a publisher it has subscribed to:
+    (stack, pub, source, stream, seq of the first message taken)."""
+    stack = make_stack(ctx, coalesce_s=window)
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    source = source_id(name, 0)
+    stream = EngineStream(len(name))
+    try:
+        await stack.manager.add_source(
+            SourceSpec(
+                engine=name,
+                model=MODEL,
+                endpoint=pub.getsockopt_string(zmq.LAST_ENDPOINT),
+                topic="kv",
+            )
+        )
+        seq = 0
+        while True:  # slow joiner, no replay: publish until seen
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), encode_batch(stream.batch())])
+            if await stack.applied(source, seq, timeout_s=0.2):
+                break
+            seq += 1
+        yield stack, pub, source, stream, seq
+    finally:
+        pub.close(linger=0)
+        await stack.manager.close()
+
+
+async def test_a_flooding_source_is_drained_once_per_window_and_loses_nothing(
+    ctx: zmq.asyncio.Context,
+) -> None:
+    # A wide window, so a loaded machine still publishes many messages per window.
+    async with _coalescing_source(ctx, "flood", 0.05) as (stack, pub, source, stream, first):
+        task = stack.manager._sources[source]
+        pauses0 = task.pauses
+        last = first + 2000
+        for seq in range(first + 1, last + 1):
+            payload = encode_batch(stream.batch())
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), payload])
+            if seq % 50 == 0:
+                await asyncio.sleep(0)  # let the subscriber take turns, as a remote engine would
+        assert await stack.applied(source, last)
+        pauses = task.pauses - pauses0
+        status = stack.status(source)
+        assert not status.stale and stack.sample("kvroute_seq_gaps_total", source=source) == 0
+        # Drained in windows: at least one pause, and never more than one per message.
+        assert 0 < pauses < last - first, pauses
+
+
+async def test_a_calm_source_is_drained_as_each_message_comes(ctx: zmq.asyncio.Context) -> None:
+    window = 0.001
+    loop = asyncio.get_running_loop()
+    async with _coalescing_source(ctx, "calm", window) as (stack, pub, source, stream, first):
+        task = stack.manager._sources[source]
+        pauses0 = task.pauses
+        for seq in range(first + 1, first + 6):
+            # Paced well apart from the window (a delay here only spaces them further).
+            spaced = loop.time() + 10 * window
+            while loop.time() < spaced:
+                await asyncio.sleep(window)
+            payload = encode_batch(stream.batch())
+            await pub.send_multipart([b"kv", seq.to_bytes(8, "big"), payload])
+            assert await stack.applied(source, seq)
+        assert task.pauses == pauses0
