@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from kvroute.core import IngestLimits, LoadSource, PolicyName
 from kvroute.errors import ConfigError
 from kvroute.index.limits import IndexLimits
+from kvroute.routing.backlog import DEFAULT_PREFILL_TOK_PER_S
 from kvroute.routing.types import CostWeights
 
 __all__ = [
@@ -183,10 +184,23 @@ class Settings(BaseSettings):
         ge=0,
         description="Value of a prompt token cached in any other medium (kv_aware).",
     )
+    w_queue: float = Field(
+        _WEIGHTS.w_queue,
+        ge=0,
+        description="kv_aware cost weight of the prompt tokens queued for prefill at an engine "
+        "(1: queued and own prefill in one unit, a predicted time to first token).",
+    )
+    prefill_tok_per_s: float = Field(
+        DEFAULT_PREFILL_TOK_PER_S,
+        gt=0,
+        description="An engine's prefill speed in prompt tokens per second: how fast kv_aware "
+        "drains the prefill queued at an engine.",
+    )
     imbalance_tokens: int = Field(
         _WEIGHTS.imbalance_tokens,
         ge=0,
-        description="Choose least-loaded instead when outstanding tokens differ by more.",
+        description="kv_aware cap: only engines within this many outstanding tokens of the "
+        "least loaded compete (0: off).",
     )
     speculative_ttl_s: float = Field(
         _LIMITS.speculative_ttl_s,

@@ -164,6 +164,7 @@ EXPORTS: dict[str, list[str]] = {
         "kv_cost",
         "make_policy",
         "needs_tokens",
+        "uncached_prefill",
     ],
     "kvroute.settings": [
         "ENV_PREFIX",

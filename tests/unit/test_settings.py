@@ -37,7 +37,7 @@ def test_defaults_match_the_architecture_contract() -> None:
     assert s.policy == "kv_aware"
     assert (s.w_prefill, s.w_load) == (1.0, 0.1)
     assert (s.medium_weight_gpu, s.medium_weight_cpu, s.medium_weight_other) == (1.0, 0.8, 0.5)
-    assert s.imbalance_tokens == 32_768
+    assert (s.imbalance_tokens, s.w_queue, s.prefill_tok_per_s) == (0, 1.0, 16_000.0)
     assert s.speculative_ttl_s == 2.0
     assert s.kv_event_sync_enabled is True
     assert s.use_remote_tokenizer is False
@@ -53,10 +53,11 @@ def test_component_defaults_are_the_settings_defaults() -> None:
         limits.indexed_group,
     )
     assert s.speculative_ttl_s == limits.speculative_ttl_s
-    assert (s.w_prefill, s.w_load, s.imbalance_tokens) == (
+    assert (s.w_prefill, s.w_load, s.imbalance_tokens, s.w_queue) == (
         weights.w_prefill,
         weights.w_load,
         weights.imbalance_tokens,
+        weights.w_queue,
     )
     assert {"GPU": s.medium_weight_gpu, "CPU": s.medium_weight_cpu} == weights.medium
     assert s.medium_weight_other == weights.other_medium

@@ -177,6 +177,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--turns", type=int, default=ChatWorkloadSpec.turns, help="turns of each user's chat"
     )
     parser.add_argument(
+        "--system-tokens",
+        type=int,
+        default=ChatWorkloadSpec.system_tokens,
+        help="tokens of each group's shared system prompt (an agent's tool definitions: 4096)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=ChatWorkloadSpec.seed, help="seed of the random workload"
     )
     parser.add_argument(
@@ -207,6 +213,7 @@ def _options(args: argparse.Namespace) -> DemoOptions:
         groups=getattr(args, "groups", ChatWorkloadSpec.groups),
         users_per_group=getattr(args, "users_per_group", ChatWorkloadSpec.users_per_group),
         turns=getattr(args, "turns", ChatWorkloadSpec.turns),
+        system_tokens=getattr(args, "system_tokens", ChatWorkloadSpec.system_tokens),
         seed=getattr(args, "seed", ChatWorkloadSpec.seed),
     )
     return DemoOptions(

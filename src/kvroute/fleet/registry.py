@@ -186,14 +186,12 @@ class Fleet:
     def load(self, state: EngineState, now: float | None = None) -> EngineLoad:
         """`state`'s load for routing, blended by `load_source` (fleet/load.py). Reads memory
         only: the scrape and the shared store are refreshed by their own loops."""
-        now = time.monotonic() if now is None else now
         reported: int | None = None
-        if state.scraped_at is not None and now - state.scraped_at <= self._report_max_age_s:
-            running = state.scraped.get(NUM_REQUESTS_RUNNING)
-            if running is not None:
-                waiting = state.scraped.get(NUM_REQUESTS_WAITING, 0.0)
-                total = running + waiting
-                reported = int(total) if total < 1e12 else None  # +Inf or nonsense: no report
+        running = self.fresh_gauge(state, NUM_REQUESTS_RUNNING, now)
+        if running is not None:
+            waiting = state.scraped.get(NUM_REQUESTS_WAITING, 0.0)
+            total = running + waiting
+            reported = int(total) if total < 1e12 else None  # +Inf or nonsense: no report
         view = LoadView(
             local_requests=state.in_flight_requests,
             local_tokens=state.outstanding_tokens,
@@ -204,6 +202,13 @@ class Fleet:
             shared_at_report=state.scraped_shared_requests,
         )
         return blend_load(view, self.load_source, self.tokens_per_request)
+
+    def fresh_gauge(self, state: EngineState, name: str, now: float | None = None) -> float | None:
+        """Gauge `name` of `state`'s last scrape while that scrape is fresh, else None."""
+        now = time.monotonic() if now is None else now
+        if state.scraped_at is None or now - state.scraped_at > self._report_max_age_s:
+            return None
+        return state.scraped.get(name)
 
     def local_loads(self) -> dict[str, tuple[int, int]]:
         """This replica's (requests, tokens) in flight per engine, for the shared store."""

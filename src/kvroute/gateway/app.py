@@ -35,6 +35,7 @@ from kvroute.persist import RefuseReason, SnapshotRefused, remove_stale_temp_fil
 from kvroute.persist.index_snapshot import load_sources
 from kvroute.persist.writer import SnapshotWriter
 from kvroute.routing import CostWeights, make_policy
+from kvroute.routing.backlog import PrefillBacklog
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
 from kvroute.upstream import HttpxEngineClient
@@ -127,6 +128,7 @@ def build_gateway(
             medium={"GPU": settings.medium_weight_gpu, "CPU": settings.medium_weight_cpu},
             other_medium=settings.medium_weight_other,
             imbalance_tokens=settings.imbalance_tokens,
+            w_queue=settings.w_queue,
         ),
     )
     gateway = Gateway(
@@ -145,6 +147,7 @@ def build_gateway(
         prompt_offload_bytes=settings.prompt_offload_bytes,
         access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
+        prefill=PrefillBacklog(settings.prefill_tok_per_s),
     )
     gateway.prompt_workers = _prompt_workers(settings, tokens=gateway.wants_tokens)
     gateway.shared = _shared_state(settings, gateway, metrics)

@@ -37,6 +37,7 @@ class RouteOutcome:
                     "by_medium": dict(s.by_medium),
                     "speculative_blocks": s.speculative_blocks,
                     "outstanding_tokens": s.outstanding_tokens,
+                    "queued_prefill_tokens": round(s.queued_prefill_tokens, 1),
                     "cost": s.cost,
                     "healthy": s.healthy,
                     "stale": s.stale,

@@ -10,12 +10,12 @@ import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from kvroute.core import EngineClient, MatchResult, SourceId
 from kvroute.errors import GatewayHTTPError, TokenizeError
 from kvroute.events import SubscriberManager
-from kvroute.fleet import EngineSpec, EngineState, Fleet, SpeculativeClaim
+from kvroute.fleet import KV_CACHE_USAGE, EngineSpec, EngineState, Fleet, SpeculativeClaim
 from kvroute.gateway.openai_body import (
     DEFAULT_MAX_JSON_DEPTH,
     RequestKind,
@@ -33,7 +33,8 @@ from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import RestoredSource
 from kvroute.persist.writer import SnapshotWriter
-from kvroute.routing import Candidate, Policy, needs_tokens
+from kvroute.routing import Candidate, CostWeights, Policy, needs_tokens, uncached_prefill
+from kvroute.routing.backlog import PrefillBacklog
 from kvroute.tokenize import Tokenizer
 
 if TYPE_CHECKING:  # the `shared` extra (redis) is imported only when a store is configured
@@ -42,6 +43,10 @@ if TYPE_CHECKING:  # the `shared` extra (redis) is imported only when a store is
 __all__ = ["Gateway"]
 
 log = logging.getLogger("kvroute.gateway")
+
+# Blocks offloaded to CPU or disk are loaded, not recomputed: every matched token is one the
+# engine does not prefill, whatever kv_aware's medium weights say of its value.
+_EVERY_MEDIUM_SAVES: Final = CostWeights(medium={"GPU": 1.0, "CPU": 1.0}, other_medium=1.0)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -76,6 +81,8 @@ class Gateway:
     restores: dict[SourceId, RestoredSource] = field(default_factory=dict)
     # Sources silent while their engine serves requests (gateway/silence.py); None: not watched.
     silence: SilentSources | None = None
+    # Prompt tokens sent to each engine and predicted still waiting for prefill (kv_aware).
+    prefill: PrefillBacklog = field(default_factory=PrefillBacklog)
     _snapshot_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _silence_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
@@ -260,12 +267,17 @@ class Gateway:
 
     def _candidate(self, engine: EngineState) -> Candidate:
         current = self.fleet.get(engine.spec.name) or engine
+        name = current.spec.name
         load = self.fleet.load(current)  # memory only: scrapes and the store update it
+        if load.requests == 0:  # an engine with nothing in flight has no prefill queued
+            self.prefill.clear(name)
         return Candidate(
-            name=current.spec.name,
+            name=name,
             healthy=current.healthy,
             outstanding_tokens=load.tokens,
             in_flight=load.requests,
+            queued_prefill_tokens=self.prefill.pending(name),
+            kv_usage=self.fleet.fresh_gauge(current, KV_CACHE_USAGE),
         )
 
     # --- what the proxy asks (ProxyContext)
@@ -301,6 +313,12 @@ class Gateway:
         self.fleet.mark_failure(engine)
 
     def add_speculative(self, engine: str, outcome: RouteOutcome, cache_salt: str | None) -> None:
+        """The prompt is being sent to `engine` (proxy.py, picker.py): its blocks become
+        speculative entries there and its uncached part joins the engine's prefill queue."""
+        uncached = uncached_prefill(
+            outcome.matches.get(engine), outcome.prompt_tokens, _EVERY_MEDIUM_SAVES
+        )
+        self.prefill.add(engine, uncached)
         if self.index is not None and outcome.token_ids:
             self.index.add_speculative(
                 engine, outcome.model, outcome.lora, outcome.token_ids, cache_salt=cache_salt

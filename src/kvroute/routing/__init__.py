@@ -2,7 +2,7 @@
 
 from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 from kvroute.routing.factory import make_policy
-from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost
+from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost, uncached_prefill
 from kvroute.routing.types import (
     Candidate,
     CostWeights,
@@ -26,4 +26,5 @@ __all__ = [
     "kv_cost",
     "make_policy",
     "needs_tokens",
+    "uncached_prefill",
 ]

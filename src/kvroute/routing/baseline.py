@@ -17,17 +17,12 @@ def least_loaded_decision(
     rng: random.Random,
     candidates: Sequence[Candidate],
     matches: Mapping[str, MatchResult],
-    costs: Mapping[str, float] | None = None,
 ) -> Decision:
-    """Least outstanding tokens, then fewest in flight; exact ties broken by `rng`.
-
-    `costs` lets kv_aware's imbalance guard keep its own cost column in the scores.
-    """
+    """Least outstanding tokens, then fewest in flight; exact ties broken by `rng`."""
     ordered = least_loaded_order(healthy_candidates(candidates))
     best = (ordered[0].outstanding_tokens, ordered[0].in_flight)
     tied = sum(1 for c in ordered if (c.outstanding_tokens, c.in_flight) == best)
-    if costs is None:
-        costs = {c.name: float(c.outstanding_tokens) for c in candidates}
+    costs = {c.name: float(c.outstanding_tokens) for c in candidates}
     return decide(policy, pick_tied(rng, ordered, tied), candidates, matches, costs)
 
 

@@ -1,4 +1,4 @@
-"""The kv_aware policy: least uncached prefill plus outstanding load, with an imbalance guard."""
+"""The kv_aware policy: the lowest predicted time to first token, queued plus uncached prefill."""
 
 from __future__ import annotations
 
@@ -7,20 +7,17 @@ import random
 from collections.abc import Mapping, Sequence
 
 from kvroute.core import MatchResult, PolicyName
-from kvroute.routing.baseline import least_loaded_decision
 from kvroute.routing.scores import decide, healthy_candidates, pick_tied
 from kvroute.routing.types import Candidate, CostWeights, Decision
 
-__all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "kv_cost"]
+__all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "kv_cost", "uncached_prefill"]
 
 GUARD_POLICY_NAME = f"{PolicyName.KV_AWARE}(least_loaded_guard)"
-"""`Decision.policy` when the imbalance guard overrode the cost (the engine was least loaded)."""
+"""`Decision.policy` when the imbalance cap ruled out the engine of lowest cost."""
 
 
-def kv_cost(
-    match: MatchResult | None, outstanding_tokens: int, prompt_tokens: int, weights: CostWeights
-) -> float:
-    """`w_prefill * (prompt − Σ_medium weight * matched tokens) + w_load * outstanding`.
+def uncached_prefill(match: MatchResult | None, prompt_tokens: int, weights: CostWeights) -> float:
+    """`prompt − Σ_medium weight * matched tokens`: the prompt tokens the engine must prefill.
 
     Speculative blocks count as GPU blocks only beyond the confirmed prefix
     (max(confirmed, speculative)), so a burst sharing a prefix sticks to one engine before
@@ -44,15 +41,35 @@ def kv_cost(
             saved += weight * used * size
             budget -= used
         saved += gpu * min(budget, max(0, match.speculative_blocks - match.blocks)) * size
-    prefill = max(0.0, prompt_tokens - min(saved, float(prompt_tokens)))
-    return weights.w_prefill * prefill + weights.w_load * outstanding_tokens
+    return max(0.0, prompt_tokens - min(saved, float(prompt_tokens)))
+
+
+def kv_cost(
+    match: MatchResult | None,
+    outstanding_tokens: int,
+    prompt_tokens: int,
+    weights: CostWeights,
+    queued_prefill_tokens: float = 0.0,
+) -> float:
+    """`w_prefill * uncached_prefill + w_queue * queued prefill + w_load * outstanding`.
+
+    With the default weights the first two terms are the engine's predicted time to first
+    token in prefill tokens (the simulator's and vLLM's step time grows with the prefill tokens
+    it computes, src/kvroute/sim/scheduler.py); the last one breaks ties by load.
+    """
+    return (
+        weights.w_prefill * uncached_prefill(match, prompt_tokens, weights)
+        + weights.w_queue * max(0.0, queued_prefill_tokens)
+        + weights.w_load * outstanding_tokens
+    )
 
 
 class KvAwarePolicy:
     """Choose the healthy engine with the lowest `kv_cost`; ties broken by a seeded random choice.
 
-    Guard: when outstanding tokens over the healthy candidates differ by more than
-    `weights.imbalance_tokens`, choose least-loaded instead (`Decision.policy` says so).
+    Cap (off unless `weights.imbalance_tokens` > 0): only engines within that many outstanding
+    tokens of the least loaded healthy one compete, still by cost, so a capped choice keeps
+    whatever prefix the remaining engines hold (`Decision.policy` says when the cap decided).
     """
 
     name: str = PolicyName.KV_AWARE
@@ -69,13 +86,25 @@ class KvAwarePolicy:
     ) -> Decision:
         healthy = healthy_candidates(candidates)
         costs = {
-            c.name: kv_cost(matches.get(c.name), c.outstanding_tokens, prompt_tokens, self.weights)
+            c.name: kv_cost(
+                matches.get(c.name),
+                c.outstanding_tokens,
+                prompt_tokens,
+                self.weights,
+                c.queued_prefill_tokens,
+            )
             for c in healthy
         }
-        loads = [c.outstanding_tokens for c in healthy]
-        if max(loads) - min(loads) > self.weights.imbalance_tokens:
-            return least_loaded_decision(GUARD_POLICY_NAME, self._rng, candidates, matches, costs)
         ordered = sorted(healthy, key=lambda c: (costs[c.name], c.outstanding_tokens, c.name))
+        policy = self.name
+        cap = self.weights.imbalance_tokens
+        least = min(c.outstanding_tokens for c in healthy)
+        allowed = [c for c in ordered if cap <= 0 or c.outstanding_tokens - least <= cap]
+        if allowed[0] is not ordered[0]:
+            policy = GUARD_POLICY_NAME
+        # The fallback order, too, tries the allowed engines first.
+        ordered = allowed + [c for c in ordered if cap > 0 and c.outstanding_tokens - least > cap]
         best = costs[ordered[0].name]
-        tied = sum(1 for c in ordered if math.isclose(costs[c.name], best, abs_tol=1e-9))
-        return decide(self.name, pick_tied(self._rng, ordered, tied), candidates, matches, costs)
+        # Allowed engines lead `ordered` by cost, so the tied ones are its first `tied`.
+        tied = sum(1 for c in allowed if math.isclose(costs[c.name], best, abs_tol=1e-9))
+        return decide(policy, pick_tied(self._rng, ordered, tied), candidates, matches, costs)

@@ -25,6 +25,7 @@ def score_row(candidate: Candidate, match: MatchResult | None, cost: float | Non
         outstanding_tokens=candidate.outstanding_tokens,
         cost=cost if candidate.healthy else None,
         healthy=candidate.healthy,
+        queued_prefill_tokens=candidate.queued_prefill_tokens,
     )
 
 

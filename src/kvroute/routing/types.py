@@ -19,6 +19,10 @@ class Candidate:
     healthy: bool
     outstanding_tokens: int  # prompt + max output tokens of requests in flight to it
     in_flight: int
+    # Prompt tokens routed there and predicted still waiting for prefill (routing/backlog.py).
+    queued_prefill_tokens: float = 0.0
+    # The engine's last fresh `vllm:kv_cache_usage_perc` (0..1); None: no fresh report.
+    kv_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,7 @@ class EngineScore:
     cost: float | None
     healthy: bool
     stale: bool = False
+    queued_prefill_tokens: float = 0.0  # the candidate's, as the cost saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +62,23 @@ def _default_medium_weights() -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class CostWeights:
-    """Weights of the kv_aware cost (docs/architecture.md, "Cost"); `w_load` 0.1.
+    """Weights of the kv_aware cost (docs/design.md §6): a predicted time to first token in
+    prefill tokens, the engine's queued prefill plus this prompt's uncached part.
 
-    Outstanding tokens count every in-flight prompt in full: at w_load 1.0 one queued request
-    outweighs a whole cached prefix and a burst of one prefix scatters over every engine
-    (docs/design.md §6; pinned by test_twenty_concurrent_requests_sharing_a_prefix_*).
+    `w_queue` 1.0 puts queued and own prefill in one unit, so a prefix and a queue trade
+    continuously and a hot prefix spills to a second engine once the holder's queue costs more
+    than prefilling it again there. `w_load` is only a tie-break between equal predictions now:
+    at 0.1 outstanding (prompt + max output) tokens counted decode budgets the engine batches
+    almost for free (docs/design.md §6; pinned by test_twenty_concurrent_requests_sharing_a_*).
     """
 
     w_prefill: float = 1.0
     w_load: float = 0.1
     medium: dict[str, float] = field(default_factory=_default_medium_weights)
     other_medium: float = 0.5  # any medium not named in `medium` (disk, remote store, ...)
-    imbalance_tokens: int = 32_768  # beyond this outstanding spread, choose least-loaded
+    # > 0: only engines within this many outstanding tokens of the least loaded compete.
+    imbalance_tokens: int = 0
+    w_queue: float = 1.0  # weight of an engine's queued prefill tokens
 
     def medium_weight(self, medium: str) -> float:
         return self.medium.get(medium, self.other_medium)

@@ -28,6 +28,7 @@ ROUTE_ENGINE_FIELDS = {
     "by_medium",
     "speculative_blocks",
     "outstanding_tokens",
+    "queued_prefill_tokens",
     "cost",
     "healthy",
     "stale",
@@ -150,6 +151,7 @@ async def test_route_answers_with_exactly_the_contract_fields(gateway_url: str) 
                 for name in ("blocks_matched", "tokens_matched", "speculative_blocks"):
                     assert isinstance(engine[name], int), name
                 assert isinstance(engine["outstanding_tokens"], int)
+                assert engine["queued_prefill_tokens"] == 0.0  # nothing sent yet
                 assert isinstance(engine["cost"], float)
                 assert isinstance(engine["by_medium"], dict)
                 assert engine["healthy"] is True and engine["stale"] is False

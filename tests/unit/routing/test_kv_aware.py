@@ -1,4 +1,4 @@
-"""kv_aware: the cost of docs/architecture.md, speculative blocks, ties, and the imbalance guard."""
+"""kv_aware: the cost of docs/design.md §6, speculative blocks, queued prefill, ties, the cap."""
 
 from __future__ import annotations
 
@@ -143,18 +143,52 @@ def test_ranked_lists_tied_engines_before_worse_ones() -> None:
     assert decision.ranked[2] == "c"
 
 
-def test_imbalance_guard_chooses_least_loaded() -> None:
+def test_queued_prefill_counts_like_own_prefill() -> None:
+    # 1000-token prompt, 10 cached blocks (160 tokens) and 300 tokens queued for prefill
+    assert kv_cost(_match(gpu=10), 0, 1000, W, 300.0) == pytest.approx(840 + 300)
+    assert kv_cost(None, 0, 1000, CostWeights(w_load=0.0, w_queue=0.5), 300.0) == 1150.0
+    assert kv_cost(None, 0, 1000, W, -5.0) == 1000.0  # a negative queue counts as none
+
+
+def test_a_queue_longer_than_the_prefix_spills_to_a_second_engine() -> None:
+    # "hot" holds 4,096 of a 4,300-token prompt; prefilling it again costs "cold" 4,300 tokens
+    weights = CostWeights(w_load=0.0)
+    matches = {"hot": _match(gpu=256)}
+    short = [
+        Candidate("hot", True, 0, 3, queued_prefill_tokens=4000),
+        Candidate("cold", True, 0, 0),
+    ]
+    assert KvAwarePolicy(weights=weights).choose(short, matches, 4300).engine == "hot"
+    long = [Candidate("hot", True, 0, 3, queued_prefill_tokens=4200), Candidate("cold", True, 0, 0)]
+    decision = KvAwarePolicy(weights=weights).choose(long, matches, 4300)
+    assert (decision.engine, decision.policy) == ("cold", "kv_aware")
+    # once "cold" holds the prefix too, the queues alone decide between the two holders
+    both = {"hot": _match(gpu=256), "cold": _match(gpu=256)}
+    queued = [
+        Candidate("hot", True, 0, 3, queued_prefill_tokens=900),
+        Candidate("cold", True, 0, 1, queued_prefill_tokens=200),
+    ]
+    assert KvAwarePolicy(weights=weights).choose(queued, both, 4300).engine == "cold"
+
+
+def test_imbalance_cap_keeps_choosing_by_cost_among_the_engines_it_allows() -> None:
     weights = CostWeights(w_load=1.0, imbalance_tokens=1000)
-    candidates = [Candidate("hot", True, 5000, 9), Candidate("cold", True, 100, 1)]
-    # "hot" holds a huge prefix: by cost alone it would win
-    decision = KvAwarePolicy(weights=weights).choose(candidates, {"hot": _match(gpu=1000)}, 16_000)
-    assert decision.engine == "cold"
+    candidates = [
+        Candidate("hot", True, 5000, 9),
+        Candidate("warm", True, 600, 2),
+        Candidate("cold", True, 100, 1),
+    ]
+    # "hot" holds a huge prefix: by cost alone it would win; "warm" holds half of it
+    matches = {"hot": _match(gpu=1000), "warm": _match(gpu=500)}
+    decision = KvAwarePolicy(weights=weights).choose(candidates, matches, 16_000)
+    assert decision.engine == "warm"  # not the least loaded "cold": the prefix still counts
     assert decision.policy == GUARD_POLICY_NAME
+    assert decision.ranked == ["warm", "cold", "hot"]
     costs = {s.name: s.cost for s in decision.scores}
-    assert costs == {"hot": 5016.0, "cold": 16_100.0}  # the kv cost stays visible
+    assert costs == {"hot": 5016.0, "warm": 8600.0, "cold": 16_100.0}  # the kv cost stays visible
 
 
-def test_imbalance_guard_ignores_unhealthy_engines() -> None:
+def test_imbalance_cap_ignores_unhealthy_engines() -> None:
     weights = CostWeights(imbalance_tokens=1000)
     candidates = [
         Candidate("down", False, 99_999, 50),
@@ -166,7 +200,7 @@ def test_imbalance_guard_ignores_unhealthy_engines() -> None:
     assert decision.engine == "a"
 
 
-def test_imbalance_guard_threshold_is_strictly_greater() -> None:
+def test_imbalance_cap_threshold_is_strictly_greater() -> None:
     weights = CostWeights(imbalance_tokens=1000)
     at_limit = [Candidate("a", True, 1000, 1), Candidate("b", True, 0, 0)]
     decision = KvAwarePolicy(weights=weights).choose(at_limit, {"a": _match(gpu=100)}, 2000)
@@ -176,10 +210,17 @@ def test_imbalance_guard_threshold_is_strictly_greater() -> None:
     assert (decision.policy, decision.engine) == (GUARD_POLICY_NAME, "b")
 
 
-def test_default_guard_is_32768_tokens() -> None:
-    assert CostWeights().imbalance_tokens == 32_768
+def test_default_cap_is_off_and_queue_weight_is_one() -> None:
+    assert CostWeights().imbalance_tokens == 0
+    assert CostWeights().w_queue == 1.0
     assert CostWeights().medium == {"GPU": 1.0, "CPU": 0.8}
     assert CostWeights().other_medium == 0.5
+    # without a cap any spread of load is left to the cost
+    candidates = [Candidate("hot", True, 10**9, 900), Candidate("cold", True, 0, 0)]
+    decision = KvAwarePolicy(weights=CostWeights(w_load=0.0)).choose(
+        candidates, {"hot": _match(gpu=100)}, 2000
+    )
+    assert (decision.engine, decision.policy) == ("hot", "kv_aware")
 
 
 def test_default_weights_value_a_cached_prefix_over_one_queued_request() -> None:

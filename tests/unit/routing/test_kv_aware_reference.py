@@ -1,4 +1,4 @@
-"""kv_aware against an obviously correct reference over random fleets (docs/architecture.md)."""
+"""kv_aware against an obviously correct reference over random fleets (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kvroute.routing import GUARD_POLICY_NAME, Candidate, CostWeights, KvAwarePo
 MEDIA = {"GPU": 1.0, "CPU": 0.8}
 
 
-def _reference_cost(m: MatchResult | None, load: int, prompt: int) -> float:
+def _reference_cost(m: MatchResult | None, load: int, prompt: int, queued: float) -> float:
     """The formula of docs/architecture.md ("Cost") written out the long way, block by block:
     confirmed blocks best medium first, then speculative ones, at most (prompt − 1) // block_size
     of them."""
@@ -25,10 +25,12 @@ def _reference_cost(m: MatchResult | None, load: int, prompt: int) -> float:
         saved = sum(w * m.block_size for w in weights[:usable])
     else:
         saved = 0.0
-    return max(0.0, prompt - saved) + W_LOAD * load
+    return max(0.0, prompt - saved) + W_LOAD * load + W_QUEUE * queued
 
 
 W_LOAD = CostWeights().w_load
+W_QUEUE = CostWeights().w_queue
+CAP = 20_000
 
 
 @st.composite
@@ -42,7 +44,8 @@ def _fleets(draw: st.DrawFn) -> tuple[list[Candidate], dict[str, MatchResult], i
         name = f"e{i}"
         healthy = draw(st.booleans()) or i == 0
         load = draw(st.integers(0, 60_000))
-        candidates.append(Candidate(name, healthy, load, draw(st.integers(0, 10))))
+        queued = draw(st.floats(0, 5_000))
+        candidates.append(Candidate(name, healthy, load, draw(st.integers(0, 10)), queued))
         if draw(st.booleans()):
             gpu = draw(st.integers(0, prompt_blocks))
             cpu = draw(st.integers(0, prompt_blocks - gpu))
@@ -61,16 +64,20 @@ def _fleets(draw: st.DrawFn) -> tuple[list[Candidate], dict[str, MatchResult], i
 
 
 @settings(max_examples=300, deadline=None)
-@given(_fleets(), st.integers(0, 2**16))
+@given(_fleets(), st.integers(0, 2**16), st.booleans())
 def test_choice_matches_the_reference(
-    fleet: tuple[list[Candidate], dict[str, MatchResult], int], seed: int
+    fleet: tuple[list[Candidate], dict[str, MatchResult], int], seed: int, capped: bool
 ) -> None:
     candidates, matches, prompt = fleet
-    decision = KvAwarePolicy(seed=seed).choose(candidates, matches, prompt)
+    weights = CostWeights(imbalance_tokens=CAP if capped else 0)
+    decision = KvAwarePolicy(seed=seed, weights=weights).choose(candidates, matches, prompt)
     healthy = [c for c in candidates if c.healthy]
-    loads = [c.outstanding_tokens for c in healthy]
+    least = min(c.outstanding_tokens for c in healthy)
     costs = {
-        c.name: _reference_cost(matches.get(c.name), c.outstanding_tokens, prompt) for c in healthy
+        c.name: _reference_cost(
+            matches.get(c.name), c.outstanding_tokens, prompt, c.queued_prefill_tokens
+        )
+        for c in healthy
     }
     for score in decision.scores:
         if score.healthy:
@@ -78,13 +85,17 @@ def test_choice_matches_the_reference(
             assert abs(score.cost - costs[score.name]) < 1e-6
         else:
             assert score.cost is None
-    chosen = next(c for c in healthy if c.name == decision.engine)
-    if max(loads) - min(loads) > CostWeights().imbalance_tokens:
-        assert decision.policy == GUARD_POLICY_NAME
-        assert chosen.outstanding_tokens == min(loads)
-    else:
-        assert decision.policy == "kv_aware"
-        assert costs[chosen.name] <= min(costs.values()) + 1e-6
-        ranked_costs = [costs[name] for name in decision.ranked]
-        assert ranked_costs[1:] == sorted(ranked_costs[1:])
+    allowed = {c.name for c in healthy if not capped or c.outstanding_tokens - least <= CAP}
+    best = min(costs[n] for n in allowed)
+    assert decision.engine in allowed
+    assert costs[decision.engine] <= best + 1e-6
+    beaten = any(costs[c.name] < best - 1e-6 for c in healthy if c.name not in allowed)
+    assert decision.policy == (GUARD_POLICY_NAME if beaten else "kv_aware")
+    # allowed engines first, each group by cost
+    ranked_allowed = [n for n in decision.ranked if n in allowed]
+    assert decision.ranked[: len(allowed)] == ranked_allowed
+    tail = [costs[n] for n in decision.ranked[1 : len(allowed)]]
+    assert tail == sorted(tail)
+    rest = [costs[n] for n in decision.ranked[len(allowed) :]]
+    assert rest == sorted(rest)
     assert sorted(decision.ranked) == sorted(c.name for c in healthy)
