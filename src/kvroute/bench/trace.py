@@ -112,10 +112,16 @@ class TraceOptions:
         return max(1, math.ceil(self.kv_tokens * self.scaling.effective_scale / _SIM.block_size))
 
     def gateway_settings(self) -> dict[str, str]:
-        """The gateway's settings for every run: its token-denominated threshold
-        (imbalance_tokens) scaled like the prompts, then the overrides."""
-        imbalance = round(CostWeights().imbalance_tokens * self.scaling.effective_scale)
-        return {"imbalance_tokens": str(imbalance), **dict(self.router_settings)}
+        """The gateway's settings for every run: its token-denominated knobs scaled like the
+        prompts (imbalance_tokens; prefill_tok_per_s, so kv_aware's queue model drains at the
+        simulated engines' speed), then the overrides."""
+        scale = self.scaling.effective_scale
+        imbalance = round(CostWeights().imbalance_tokens * scale)
+        return {
+            "imbalance_tokens": str(imbalance),
+            "prefill_tok_per_s": str(self.prefill_tok_per_s * scale),
+            **dict(self.router_settings),
+        }
 
 
 # --- capacity search ---------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class KvAwarePolicy:
     """
 
     name: str = PolicyName.KV_AWARE
+    needs_tokens: bool = True  # matches need the prompt's ids (types.needs_tokens)
 
     def __init__(self, *, seed: int = 0, weights: CostWeights | None = None) -> None:
         self.weights = weights if weights is not None else CostWeights()
