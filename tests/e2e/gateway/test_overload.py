@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from kvroute.bench.processes import ChildProcess
 from kvroute.bench.workload import ChatWorkload, ChatWorkloadSpec, poisson_arrivals
 from kvroute.sim import SimConfig, SimFleet
 from tests.polling import eventually
@@ -106,17 +107,17 @@ async def gateway(fleet: SimFleet, tmp_path: Path) -> AsyncIterator[Gateway]:
     fleet_file = tmp_path / "fleet.yaml"
     fleet.write_fleet_file(fleet_file)
     log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kvroute.cli", "serve", "--fleet", str(fleet_file),
-            "--host", "127.0.0.1", "--port", "0", "--log-level", "info",
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=_env(),
-        )  # fmt: skip
+    child = ChildProcess("kvroute serve", log)
+    await child.spawn(
+        [sys.executable, "-m", "kvroute.cli", "serve", "--fleet", str(fleet_file),
+         "--host", "127.0.0.1", "--port", "0", "--log-level", "info"],
+        _env(),
+    )  # fmt: skip
     try:
         found: list[str] = []
 
         def serving() -> bool:
-            assert proc.returncode is None, log.read_text(errors="replace")
+            assert not child.exited(), log.read_text(errors="replace")
             found[:] = SERVING.findall(log.read_text(errors="replace"))
             return bool(found)
 
@@ -131,13 +132,7 @@ async def gateway(fleet: SimFleet, tmp_path: Path) -> AsyncIterator[Gateway]:
             await eventually(ready, "the gateway is ready", timeout_s=START_S)
         yield gw
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await child.stop()
 
 
 async def _user(
