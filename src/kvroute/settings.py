@@ -190,6 +190,13 @@ class Settings(BaseSettings):
         description="kv_aware cost weight of the prompt tokens queued for prefill at an engine "
         "(1: queued and own prefill in one unit, a predicted time to first token).",
     )
+    w_evict: float = Field(
+        _WEIGHTS.w_evict,
+        ge=0,
+        description="kv_aware cost weight of the cached tokens a prefill at an engine would "
+        "evict: its uncached tokens beyond what its KV pool has unfilled (pool size from "
+        "`vllm:cache_config_info`, scraped; no report: no term). 0: off.",
+    )
     prefill_tok_per_s: float = Field(
         DEFAULT_PREFILL_TOK_PER_S,
         gt=0,

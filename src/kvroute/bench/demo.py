@@ -77,6 +77,18 @@ class RequestRecord:
     ttft_ms: float | None
     sent_s: float  # wall offsets from the run's start
     done_s: float
+    error: str = ""  # why a request failed: its status and body, or the exception; "" if ok
+
+
+def failure_text(response: httpx.Response | None, exc: BaseException | None = None) -> str:
+    """A failed request in one line for the run's report: the exception, else the status and
+    the start of the body (a failure's log must not be lost, README "Benchmarks")."""
+    if exc is not None:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    if response is None:
+        return "no response"
+    body = response.text.replace("\n", " ")[:240]
+    return f"HTTP {response.status_code}: {body}"
 
 
 def request_record(
@@ -86,6 +98,7 @@ def request_record(
     data: dict[str, Any],
     sent_s: float,
     done_s: float,
+    error: str = "",
 ) -> RequestRecord:
     """The record of one chat turn sent through a gateway: the engine that served it (the
     gateway's header), the usage it reported and the simulator's TTFT header."""
@@ -101,6 +114,7 @@ def request_record(
         ttft_ms=float(ttft) if ttft is not None else None,
         sent_s=sent_s,
         done_s=done_s,
+        error=error if status != 200 else "",
     )
 
 
@@ -116,6 +130,7 @@ class PolicyResult:
     errors: int
     per_engine: dict[str, int]
     sim_seconds: float
+    error_samples: tuple[str, ...] = ()  # the first few failures, as `failure_text` says them
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -127,6 +142,7 @@ class PolicyResult:
             "load_max_over_mean": round(self.load_max_over_mean, 3),
             "requests": self.requests,
             "errors": self.errors,
+            "error_samples": list(self.error_samples),
             "requests_per_engine": self.per_engine,
             "sim_seconds": round(self.sim_seconds, 2),
         }
@@ -340,25 +356,31 @@ async def _drive(
             messages = workload.messages(turn, history.get(turn.user))
             sent = loop.time() - start
             body = {"model": MODEL, "messages": messages, "max_tokens": answer_tokens}
+            error = ""
             try:
                 response = await client.post("/v1/chat/completions", json=body)
                 status = response.status_code
                 data = response.json() if status == 200 else {}
-            except (httpx.HTTPError, ValueError):
-                status, data, response = 0, {}, None
+                if status != 200:
+                    error = failure_text(response)
+            except (httpx.HTTPError, ValueError) as exc:
+                status, data, response, error = 0, {}, None, failure_text(None, exc)
             answer = ""
             if status == 200:
                 try:
                     answer = str(data["choices"][0]["message"]["content"] or "")
                 except (KeyError, IndexError, TypeError):
                     status = -1  # a 200 without an answer counts as an error
+                    error = f"HTTP 200 without an answer: {str(data)[:200]}"
             history.setdefault(turn.user, []).extend(
                 [
                     {"role": "user", "content": turn.question},
                     {"role": "assistant", "content": answer},
                 ]
             )
-            records.append(request_record(turn, response, status, data, sent, loop.time() - start))
+            records.append(
+                request_record(turn, response, status, data, sent, loop.time() - start, error)
+            )
             answered[(turn.user, turn.turn)].set()
             on_done()
 
@@ -426,6 +448,7 @@ def _summarise(
         load_max_over_mean=max(counts) / mean if mean else math.nan,
         requests=len(ok),
         errors=len(records) - len(ok),
+        error_samples=tuple(r.error for r in records if r.status != 200)[:3],
         per_engine=dict(sorted(per_engine.items())),
         sim_seconds=sim_seconds,
     )
@@ -575,6 +598,9 @@ async def run_demo_async(options: DemoOptions) -> int:
     errors = sum(r.errors for r in results)
     if errors:
         print(f"FAIL: {errors} requests failed")
+        for r in results:
+            for sample in r.error_samples:
+                print(f"  {r.policy}: {sample}")
         return 1
     if options.check and not ok_thresholds:
         return 1

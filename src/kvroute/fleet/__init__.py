@@ -4,6 +4,7 @@ from kvroute.fleet.load import EngineLoad, LoadView, blend_load
 from kvroute.fleet.registry import ChangeCallback, EngineState, Fleet
 from kvroute.fleet.scrape import (
     KV_CACHE_USAGE,
+    KV_POOL_BLOCKS,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
     parse_vllm_gauges,
@@ -15,6 +16,7 @@ from kvroute.fleet.spec import EngineSpec, load_fleet_file, offset_endpoint, par
 
 __all__ = [
     "KV_CACHE_USAGE",
+    "KV_POOL_BLOCKS",
     "NUM_REQUESTS_RUNNING",
     "NUM_REQUESTS_WAITING",
     "ChangeCallback",

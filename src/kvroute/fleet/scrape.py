@@ -10,6 +10,7 @@ from kvroute.errors import EngineError
 
 __all__ = [
     "KV_CACHE_USAGE",
+    "KV_POOL_BLOCKS",
     "NUM_REQUESTS_RUNNING",
     "NUM_REQUESTS_WAITING",
     "parse_vllm_gauges",
@@ -20,6 +21,12 @@ NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
 NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
 KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 _OLD_KV_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # before vLLM renamed it
+KV_POOL_BLOCKS = "vllm:cache_config_info:num_gpu_blocks"
+"""The engine's KV pool size in blocks: the `num_gpu_blocks` label of vLLM's info gauge
+`vllm:cache_config_info` (value 1, the configuration in its labels), summed over its samples
+(one per DP rank). Not a vLLM series name: the key under which the scrape reports the label."""
+_CACHE_CONFIG_INFO = "vllm:cache_config_info"
+_NUM_GPU_BLOCKS: Final = re.compile(r'(?:[{,]|[ \t])num_gpu_blocks[ \t]*=[ \t]*"([0-9]{1,18})"')
 # (pinned by test_old_gpu_cache_usage_name_is_also_reported_under_the_new_one)
 # Untyped samples with these endings are counter or histogram parts, not gauges.
 _NOT_GAUGE_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created")
@@ -80,6 +87,8 @@ def parse_vllm_gauges(text: str) -> dict[str, float]:
             continue
         if not math.isnan(value):
             _add(gauges, name, value)
+            if name == _CACHE_CONFIG_INFO:
+                _add_pool_blocks(gauges, line)
     return _with_old_names(gauges)
 
 
@@ -129,7 +138,17 @@ def scan_vllm_gauges(text: str) -> dict[str, float]:
         value = float(m["value"])
         if not math.isnan(value):
             _add(gauges, name, value)
+            if name == _CACHE_CONFIG_INFO:
+                _add_pool_blocks(gauges, line)
     return _with_old_names(gauges)
+
+
+def _add_pool_blocks(gauges: dict[str, float], line: str) -> None:
+    """`KV_POOL_BLOCKS` from one `vllm:cache_config_info` sample (a sample without the label,
+    as vLLM's before it counted blocks, adds nothing)."""
+    label = _NUM_GPU_BLOCKS.search(line)
+    if label is not None:
+        _add(gauges, KV_POOL_BLOCKS, float(label.group(1)))
 
 
 def _family_heads(family: str) -> tuple[str, ...]:

@@ -129,6 +129,7 @@ def build_gateway(
             other_medium=settings.medium_weight_other,
             imbalance_tokens=settings.imbalance_tokens,
             w_queue=settings.w_queue,
+            w_evict=settings.w_evict,
         ),
     )
     gateway = Gateway(

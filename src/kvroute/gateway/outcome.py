@@ -38,6 +38,7 @@ class RouteOutcome:
                     "speculative_blocks": s.speculative_blocks,
                     "outstanding_tokens": s.outstanding_tokens,
                     "queued_prefill_tokens": round(s.queued_prefill_tokens, 1),
+                    "free_kv_tokens": s.free_kv_tokens,
                     "cost": s.cost,
                     "healthy": s.healthy,
                     "stale": s.stale,

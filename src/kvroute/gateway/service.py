@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Final
 from kvroute.core import EngineClient, MatchResult, SourceId
 from kvroute.errors import GatewayHTTPError, TokenizeError
 from kvroute.events import SubscriberManager
-from kvroute.fleet import KV_CACHE_USAGE, EngineSpec, EngineState, Fleet, SpeculativeClaim
+from kvroute.fleet import (
+    KV_CACHE_USAGE,
+    KV_POOL_BLOCKS,
+    EngineSpec,
+    EngineState,
+    Fleet,
+    SpeculativeClaim,
+)
 from kvroute.gateway.openai_body import (
     DEFAULT_MAX_JSON_DEPTH,
     RequestKind,
@@ -249,6 +256,8 @@ class Gateway:
             matches = self.index.match(base, lora, token_ids, cache_salt=req.cache_salt)
         # Re-read engines: tokenization awaited, health or load may have moved meanwhile.
         candidates = [self._candidate(e) for e in engines]
+        if self.index is not None and token_ids:
+            candidates = self._with_free_kv(base, candidates)
         if not any(c.healthy for c in candidates):
             raise no_healthy_engine(req.model)
         decision = self.policy.choose(candidates, matches, prompt_tokens)
@@ -279,6 +288,29 @@ class Gateway:
             queued_prefill_tokens=self.prefill.pending(name),
             kv_usage=self.fleet.fresh_gauge(current, KV_CACHE_USAGE),
         )
+
+    def _with_free_kv(self, model: str, candidates: list[Candidate]) -> list[Candidate]:
+        """`candidates` with `free_kv_tokens` where the engine reported its pool size: pool
+        blocks less the blocks the index holds there, in tokens of the model's block size."""
+        assert self.index is not None
+        sizes = self.index.block_sizes(model)
+        pools = {
+            c.name: self.fleet.fresh_gauge(state, KV_POOL_BLOCKS)
+            for c in candidates
+            if (state := self.fleet.get(c.name)) is not None
+        }
+        if not sizes or not any(v is not None for v in pools.values()):
+            return candidates
+        block_size = max(sizes)
+        held = self.index.engine_block_counts()
+        out = []
+        for c in candidates:
+            pool = pools.get(c.name)
+            if pool is not None:
+                free = max(0.0, pool - held.get(c.name, 0)) * block_size
+                c = replace(c, free_kv_tokens=free)
+            out.append(c)
+        return out
 
     # --- what the proxy asks (ProxyContext)
 

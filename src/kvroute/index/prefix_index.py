@@ -562,6 +562,14 @@ class PrefixIndex:
         src = self._sources.get(source)
         return len(src.blocks) if src is not None else 0
 
+    def engine_block_counts(self) -> dict[str, int]:
+        """(medium, block) entries held per engine, over its sources (DP ranks): how much of
+        its KV pools the engine has filled, for kv_aware's eviction term (gateway/service.py)."""
+        counts: dict[str, int] = {}
+        for src in self._sources.values():
+            counts[src.engine] = counts.get(src.engine, 0) + len(src.blocks)
+        return counts
+
     def maintain(self, source: SourceId) -> bool:
         """Deferred upkeep while `source`'s socket is empty; True while more remains (the
         reference has none: see NativePrefixIndex.maintain)."""

@@ -2,7 +2,13 @@
 
 from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
 from kvroute.routing.factory import make_policy
-from kvroute.routing.kv_aware import GUARD_POLICY_NAME, KvAwarePolicy, kv_cost, uncached_prefill
+from kvroute.routing.kv_aware import (
+    GUARD_POLICY_NAME,
+    KvAwarePolicy,
+    evicted_tokens,
+    kv_cost,
+    uncached_prefill,
+)
 from kvroute.routing.types import (
     Candidate,
     CostWeights,
@@ -23,6 +29,7 @@ __all__ = [
     "Policy",
     "RandomPolicy",
     "RoundRobinPolicy",
+    "evicted_tokens",
     "kv_cost",
     "make_policy",
     "needs_tokens",

@@ -10,7 +10,7 @@ from kvroute.core import MatchResult, PolicyName
 from kvroute.routing.scores import decide, healthy_candidates, pick_tied
 from kvroute.routing.types import Candidate, CostWeights, Decision
 
-__all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "kv_cost", "uncached_prefill"]
+__all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "evicted_tokens", "kv_cost", "uncached_prefill"]
 
 GUARD_POLICY_NAME = f"{PolicyName.KV_AWARE}(least_loaded_guard)"
 """`Decision.policy` when the imbalance cap ruled out the engine of lowest cost."""
@@ -44,24 +44,42 @@ def uncached_prefill(match: MatchResult | None, prompt_tokens: int, weights: Cos
     return max(0.0, prompt_tokens - min(saved, float(prompt_tokens)))
 
 
+def evicted_tokens(uncached: float, queued_prefill_tokens: float, free_kv_tokens: float) -> float:
+    """Cached tokens an engine would evict to prefill `uncached` more: what the prefill queued
+    there and this prompt need beyond the pool's unfilled part (an engine's pool evicts its
+    least recently used cached blocks only once no unfilled block is left; vLLM's and
+    src/kvroute/sim/block_pool.py's allocators both do)."""
+    room = max(0.0, free_kv_tokens - max(0.0, queued_prefill_tokens))
+    return max(0.0, uncached - room)
+
+
 def kv_cost(
     match: MatchResult | None,
     outstanding_tokens: int,
     prompt_tokens: int,
     weights: CostWeights,
     queued_prefill_tokens: float = 0.0,
+    free_kv_tokens: float | None = None,
 ) -> float:
-    """`w_prefill * uncached_prefill + w_queue * queued prefill + w_load * outstanding`.
+    """`w_prefill * uncached + w_queue * queued prefill + w_evict * evicted + w_load * load`.
 
     With the default weights the first two terms are the engine's predicted time to first
     token in prefill tokens (the simulator's and vLLM's step time grows with the prefill tokens
-    it computes, src/kvroute/sim/scheduler.py); the last one breaks ties by load.
+    it computes, src/kvroute/sim/scheduler.py). The third is what the choice costs later
+    requests: on an engine whose pool is full, every uncached token prefilled there pushes a
+    cached one out, so a prefix copied to a second engine evicts prefixes others would have hit
+    there (`evicted_tokens`; 0 while the pool size is unknown, `free_kv_tokens` None). The last
+    one breaks ties by load.
     """
-    return (
-        weights.w_prefill * uncached_prefill(match, prompt_tokens, weights)
+    uncached = uncached_prefill(match, prompt_tokens, weights)
+    cost = (
+        weights.w_prefill * uncached
         + weights.w_queue * max(0.0, queued_prefill_tokens)
         + weights.w_load * outstanding_tokens
     )
+    if free_kv_tokens is not None and weights.w_evict:
+        cost += weights.w_evict * evicted_tokens(uncached, queued_prefill_tokens, free_kv_tokens)
+    return cost
 
 
 class KvAwarePolicy:
@@ -93,6 +111,7 @@ class KvAwarePolicy:
                 prompt_tokens,
                 self.weights,
                 c.queued_prefill_tokens,
+                c.free_kv_tokens,
             )
             for c in healthy
         }

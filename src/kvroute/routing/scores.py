@@ -26,6 +26,7 @@ def score_row(candidate: Candidate, match: MatchResult | None, cost: float | Non
         cost=cost if candidate.healthy else None,
         healthy=candidate.healthy,
         queued_prefill_tokens=candidate.queued_prefill_tokens,
+        free_kv_tokens=candidate.free_kv_tokens,
     )
 
 

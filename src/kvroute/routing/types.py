@@ -23,6 +23,10 @@ class Candidate:
     queued_prefill_tokens: float = 0.0
     # The engine's last fresh `vllm:kv_cache_usage_perc` (0..1); None: no fresh report.
     kv_usage: float | None = None
+    # Tokens of KV pool the engine has not filled with cached blocks: its reported pool size
+    # (`vllm:cache_config_info`) less the blocks the index holds there. What it prefills beyond
+    # this evicts cached blocks (routing/kv_aware.py `evicted_tokens`); None: size unknown.
+    free_kv_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class EngineScore:
     healthy: bool
     stale: bool = False
     queued_prefill_tokens: float = 0.0  # the candidate's, as the cost saw it
+    free_kv_tokens: float | None = None  # the candidate's, as the cost saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,9 @@ class CostWeights:
     # > 0: only engines within this many outstanding tokens of the least loaded compete.
     imbalance_tokens: int = 0
     w_queue: float = 1.0  # weight of an engine's queued prefill tokens
+    # Weight of the cached tokens a prefill there would evict (a full pool's copy of a prefix
+    # pushes out another that later requests would have hit); 0 turns the term off.
+    w_evict: float = 1.0
 
     def medium_weight(self, medium: str) -> float:
         return self.medium.get(medium, self.other_medium)

@@ -79,9 +79,18 @@ class _EngineCollector(Collector):
         generation = CounterMetricFamily(
             "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
         )
+        # vLLM's info gauge: the cache configuration in its labels, value 1, one per rank.
+        config = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=["block_size", "enable_prefix_caching", "num_gpu_blocks", "engine"],
+        )
         for r in e.all_ranks():
             s = r.scheduler
             values = [e.model, str(r.rank)]
+            config.add_metric(
+                [str(s.pool.block_size), "True", str(s.pool.num_blocks), str(r.rank)], 1.0
+            )
             running.add_metric(values, r.num_running)
             waiting.add_metric(values, s.num_waiting)
             usage.add_metric(values, s.pool.usage())
@@ -89,7 +98,7 @@ class _EngineCollector(Collector):
             hits.add_metric(values, s.prefix_hit_tokens)
             prompt.add_metric(values, s.prompt_tokens_total)
             generation.add_metric(values, s.generation_tokens_total)
-        yield from (running, waiting, usage, queries, hits, prompt, generation)
+        yield from (running, waiting, usage, queries, hits, prompt, generation, config)
 
 
 def _sim_headers(gen: Generation) -> dict[str, str]:

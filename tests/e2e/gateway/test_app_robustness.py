@@ -29,6 +29,7 @@ ROUTE_ENGINE_FIELDS = {
     "speculative_blocks",
     "outstanding_tokens",
     "queued_prefill_tokens",
+    "free_kv_tokens",
     "cost",
     "healthy",
     "stale",

@@ -7,6 +7,7 @@ import pytest
 from kvroute.errors import EngineError
 from kvroute.fleet import (
     KV_CACHE_USAGE,
+    KV_POOL_BLOCKS,
     NUM_REQUESTS_RUNNING,
     NUM_REQUESTS_WAITING,
     parse_vllm_gauges,
@@ -49,6 +50,37 @@ def test_gauges_are_summed_over_ranks_and_fractions_take_the_max() -> None:
         NUM_REQUESTS_WAITING: 4.0,
         KV_CACHE_USAGE: 0.75,
     }
+
+
+# vLLM's info gauge: the cache configuration in labels, one sample per DP rank, value 1.
+CACHE_CONFIG = """\
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="1024"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="1",num_gpu_blocks="2048"} 1.0
+"""
+
+
+def test_the_pool_size_is_read_from_cache_config_info_labels_and_summed_over_ranks() -> None:
+    gauges = parse_vllm_gauges(SCRAPE + CACHE_CONFIG)
+    assert gauges[KV_POOL_BLOCKS] == 3072.0
+    assert scan_vllm_gauges(SCRAPE + CACHE_CONFIG) == gauges
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        'block_size="16"',  # an engine that does not say
+        'num_gpu_blocks="None"',  # vLLM before the pool is sized
+        'x_num_gpu_blocks="5"',  # another label ending like it
+        'num_gpu_blocks="-5"',
+        'num_gpu_blocks="1e9"',
+    ],
+)
+def test_a_cache_config_info_without_a_plain_block_count_gives_no_pool_size(labels: str) -> None:
+    text = f"# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{{labels}}} 1.0\n"
+    assert KV_POOL_BLOCKS not in parse_vllm_gauges(text)
+    assert KV_POOL_BLOCKS not in scan_vllm_gauges(text)
 
 
 def test_old_gpu_cache_usage_name_is_also_reported_under_the_new_one() -> None:
@@ -128,6 +160,7 @@ def test_creation_times_declared_as_gauges_are_not_gauges() -> None:
 
 _WELL_FORMED = [
     SCRAPE,
+    SCRAPE + CACHE_CONFIG,
     '# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name="m"} 0.5\n',
     "vllm:num_requests_running 1\nvllm:prefix_cache_queries_total 9\nvllm:x_count 3\n",
     "# TYPE vllm:a gauge\nvllm:a NaN\n",

@@ -10,6 +10,7 @@ from kvroute.routing import (
     Candidate,
     CostWeights,
     KvAwarePolicy,
+    evicted_tokens,
     kv_cost,
 )
 
@@ -171,6 +172,51 @@ def test_a_queue_longer_than_the_prefix_spills_to_a_second_engine() -> None:
     assert KvAwarePolicy(weights=weights).choose(queued, both, 4300).engine == "cold"
 
 
+def test_evicted_tokens_are_what_the_queue_and_the_prompt_need_beyond_the_unfilled_pool() -> None:
+    assert evicted_tokens(1000, 0, 5000) == 0.0  # room for all of it
+    assert evicted_tokens(1000, 0, 400) == 600.0
+    assert evicted_tokens(1000, 4800, 5000) == 800.0  # the queue fills the room first
+    assert evicted_tokens(1000, 9000, 5000) == 1000.0
+    assert evicted_tokens(1000, -5, 0) == 1000.0  # a full pool evicts it all
+
+
+def test_an_engine_with_a_full_pool_pays_for_what_its_prefill_evicts() -> None:
+    weights = CostWeights(w_load=0.0, w_evict=1.0)
+    assert kv_cost(_match(gpu=10), 0, 1000, weights, 0.0, None) == pytest.approx(840)  # unknown
+    assert kv_cost(_match(gpu=10), 0, 1000, weights, 0.0, 10_000) == pytest.approx(840)
+    assert kv_cost(_match(gpu=10), 0, 1000, weights, 0.0, 0) == pytest.approx(2 * 840)
+    assert kv_cost(_match(gpu=10), 0, 1000, weights, 300.0, 500) == pytest.approx(
+        840 + 300 + (840 - 200)
+    )
+    off = CostWeights(w_load=0.0, w_evict=0.0)
+    assert kv_cost(_match(gpu=10), 0, 1000, off, 0.0, 0) == pytest.approx(840)
+
+
+def test_with_full_pools_a_prefix_stays_on_its_holder_longer() -> None:
+    # "hot" holds 4,096 of a 4,300-token prompt and has 4,200 tokens of prefill queued: without
+    # the eviction term "cold" wins (4,300 against 4,404); with both pools full, copying the
+    # prefix to "cold" evicts 4,300 cached tokens there, and the holder wins.
+    matches = {"hot": _match(gpu=256)}
+    full = [
+        Candidate("hot", True, 0, 3, queued_prefill_tokens=4200, free_kv_tokens=0),
+        Candidate("cold", True, 0, 0, free_kv_tokens=0),
+    ]
+    assert (
+        KvAwarePolicy(weights=CostWeights(w_load=0.0, w_evict=0.0))
+        .choose(full, matches, 4300)
+        .engine
+        == "cold"
+    )
+    decision = KvAwarePolicy(weights=CostWeights(w_load=0.0)).choose(full, matches, 4300)
+    assert decision.engine == "hot"
+    assert [s.free_kv_tokens for s in decision.scores] == [0, 0]
+    # With room at "cold" the copy evicts nothing: the queue decides as before.
+    roomy = [full[0], Candidate("cold", True, 0, 0, free_kv_tokens=100_000)]
+    assert KvAwarePolicy(weights=CostWeights(w_load=0.0)).choose(roomy, matches, 4300).engine == (
+        "cold"
+    )
+
+
 def test_imbalance_cap_keeps_choosing_by_cost_among_the_engines_it_allows() -> None:
     weights = CostWeights(w_load=1.0, imbalance_tokens=1000)
     candidates = [
@@ -213,6 +259,7 @@ def test_imbalance_cap_threshold_is_strictly_greater() -> None:
 def test_default_cap_is_off_and_queue_weight_is_one() -> None:
     assert CostWeights().imbalance_tokens == 0
     assert CostWeights().w_queue == 1.0
+    assert CostWeights().w_evict == 1.0
     assert CostWeights().medium == {"GPU": 1.0, "CPU": 0.8}
     assert CostWeights().other_medium == 0.5
     # without a cap any spread of load is left to the cost
