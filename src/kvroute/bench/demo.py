@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 
+from kvroute.bench.chat_trace import write_chat_trace
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
 from kvroute.bench.workload import ChatTurn, ChatWorkload, ChatWorkloadSpec, poisson_arrivals
 from kvroute.core import PolicyName
@@ -213,6 +214,42 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a gateway setting for every policy run (repeatable), e.g. w_load=0.5 "
         "(default: none)",
     )
+    parser.add_argument(
+        "--write-trace",
+        type=Path,
+        metavar="FILE",
+        help="write the workload as a Mooncake-format trace for `kvroute bench trace` (open "
+        "loop, Poisson arrivals at --trace-rate) and exit without running the demo",
+    )
+    parser.add_argument(
+        "--trace-rate",
+        type=float,
+        default=DEMO_TRACE_RATE,
+        help="arrival rate of --write-trace's trace, requests per simulated second",
+    )
+
+
+DEMO_TRACE_RATE = 8.0
+"""Requests per simulated second of `kvroute demo --write-trace` (the issue's lower rate)."""
+
+# The demo's fleet in `kvroute bench trace`'s units (1/32 scale): 2,048 blocks of 16 tokens
+# per engine, prefill at the simulator's 16,000 tokens/s, and the demo's TTFT objective.
+DEMO_TRACE_FLAGS = "--kv-tokens 1048576 --prefill-tok-per-s 512000 --slo-ms 690"
+
+
+def _write_trace(args: argparse.Namespace, options: DemoOptions) -> int:
+    rate = float(args.trace_rate)
+    try:
+        n = write_chat_trace(args.write_trace, options.workload, rate)
+    except (OSError, ValueError) as exc:
+        print(f"kvroute demo: --write-trace: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.write_trace}: {n} requests at {rate:g} req/s")
+    print(
+        "replay it like the demo's fleet: "
+        f"kvroute bench trace {args.write_trace} {DEMO_TRACE_FLAGS}"
+    )
+    return 0
 
 
 def _options(args: argparse.Namespace) -> DemoOptions:
@@ -261,6 +298,8 @@ def run_demo(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvroute demo: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "write_trace", None) is not None:
+        return _write_trace(args, options)
     return asyncio.run(run_demo_async(options))
 
 

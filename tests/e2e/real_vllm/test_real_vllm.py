@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
+from kvroute.fleet import KV_POOL_BLOCKS, scan_vllm_gauges
 from tests.e2e.real_vllm.conftest import EARLY_PROMPT, Cluster
 from tests.e2e.real_vllm.processes import VllmEngine, http_json, wait_until
 
@@ -163,6 +164,31 @@ def test_eviction_stops_matching(cluster: Cluster) -> None:
     removed = cluster.router.metric("kvroute_events_applied_total", type="BlockRemoved")
     assert removed > removed_before
     REPORT["eviction"] = {"engine": engine_name, "block_removed_applied": removed}
+
+
+def test_pool_size_is_scraped_and_free_kv_tokens_reach_the_cost(cluster: Cluster) -> None:
+    # vLLM labels its info gauge vllm:cache_config_info with num_gpu_blocks (24 here: the
+    # fixture's --num-gpu-blocks-override); kv_aware's eviction term reads it from the scrape.
+    engine = cluster.engines[0]
+    with urllib.request.urlopen(f"{engine.url}/metrics", timeout=10) as resp:
+        pool = scan_vllm_gauges(resp.read().decode()).get(KV_POOL_BLOCKS)
+    assert pool == 24.0, f"vllm:cache_config_info num_gpu_blocks: expected 24, got {pool}"
+    free: dict[str, Any] = {}
+
+    def reported() -> bool:
+        nonlocal free
+        free = {
+            e["name"]: e["free_kv_tokens"] for e in cluster.router.route("free probe")["engines"]
+        }
+        return all(v is not None for v in free.values())
+
+    try:
+        wait_until(reported, 30, "free_kv_tokens for every engine")
+    except TimeoutError as exc:
+        raise AssertionError(f"free_kv_tokens: {free}") from exc
+    for name, tokens in free.items():
+        assert 0 <= tokens <= 24 * BLOCK and tokens % BLOCK == 0, (name, tokens)
+    REPORT["free_kv_tokens"] = free
 
 
 def test_reset_prefix_cache_empties_engine_in_index(cluster: Cluster) -> None:
