@@ -1,14 +1,13 @@
-"""The demo's chat workload written as a Mooncake-format trace, so `kvroute bench trace` can
-replay it open-loop: capacity at an SLO and vllm-router side by side, as on a production trace.
+"""The demo's chat workload as a Mooncake-format trace, for `kvroute bench trace` to replay open
+loop: capacity at an SLO and vllm-router side by side, as on a production trace."""
 
-Each hash id stands for one simulated engine block (`TraceScaling`'s default 1/32 scale makes
-a hash id's 512 trace tokens 16 simulator tokens), so one request's hash ids are its group's
-system prompt, the user's earlier questions and answers, and this question, each rounded up
-to whole blocks and unique to what it stands for: equal ids exactly where the demo's prompts
-share tokens. Lengths are in trace tokens (× 32 at that scale); arrivals are Poisson at
-`rate_per_s`, in the demo's order (turn-major, users shuffled; bench/workload.py), so a user's
-next question arrives about one population's worth of requests later.
-"""
+# Each hash id stands for one simulated engine block (`TraceScaling`'s default 1/32 scale makes
+# a hash id's 512 trace tokens 16 simulator tokens), so one request's hash ids are its group's
+# system prompt, the user's earlier questions and answers, and this question, each rounded up
+# to whole blocks and unique to what it stands for: equal ids exactly where the demo's prompts
+# share tokens. Lengths are in trace tokens (× 32 at that scale); arrivals are Poisson at
+# `rate_per_s`, in the demo's order (turn-major, users shuffled; bench/workload.py), so a user's
+# next question arrives about one population's worth of requests later.
 
 from __future__ import annotations
 
