@@ -263,6 +263,9 @@ _SCRAPED: Final = (
      "vllm:num_requests_waiting"),
     ("kvroute_engine_kv_cache_usage", "The engine's KV-cache usage, 0 to 1 (its last scrape).",
      "vllm:kv_cache_usage_perc"),
+    ("kvroute_engine_kv_pool_blocks",
+     "Blocks of the engine's KV pools, its vllm:cache_config_info num_gpu_blocks (last scrape).",
+     "vllm:cache_config_info:num_gpu_blocks"),
 )  # fmt: skip
 
 

@@ -85,6 +85,8 @@ async def test_latency_histograms_gauges_build_and_process_metrics(
     assert _value(samples, "kvroute_engine_in_flight_requests", engine=engine) == 0.0
     for name in ("kvroute_engine_running_requests", "kvroute_engine_waiting_requests"):
         assert _value(samples, name, engine=engine) is not None, name
+    # sim_gateway's engines have 512 blocks, labelled on their vllm:cache_config_info
+    assert _value(samples, "kvroute_engine_kv_pool_blocks", engine=engine) == 512.0
     build = [k for k in samples if k[0] == "kvroute_build_info"]
     assert build and ("version", __version__) in build[0][1]
     assert _value(samples, "process_resident_memory_bytes")
