@@ -198,7 +198,7 @@ def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
     for k in range(12):  # 16 slots fill to 3/4: the 13th insert starts a bigger table
         m[k] = k
     m[12] = 12
-    assert m.migrate_some(1) is True  # one old slot moved, more remain
+    assert m.migrate_some(1) is True  # one entry moved, more remain
     assert m.migrate_some(1 << 20) is False
     assert dict(m.items()) == {k: k for k in range(13)}
 
@@ -213,6 +213,36 @@ def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
         assert slices < 100
     assert not index.maintain(a)  # nothing left: the subscriber goes back to waiting
     assert index.match("m", None, tokens)["a"].blocks == 5000
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), step=st.sampled_from([0, 1, 3, 64]))
+def test_native_map_stays_a_dict_while_a_growing_table_migrates(
+    native: Any, seed: int, step: int
+) -> None:
+    # Growth moves entries in store order and leaves the old table's slots as they are until
+    # it is freed (_native.c `migrate`): deleting a key before or after its entry moved, or
+    # while it waits to be placed, then storing it again, must read as a dict reads. A small
+    # key space makes the same keys come back while tables grow and migrate.
+    rng = random.Random(seed)
+    m, d = native.NativeMap(), {}
+    space = rng.choice([40, 400, 3000])
+    for i in range(rng.randint(200, 4000)):
+        k = rng.randrange(space) * 0x9E3779B97F4A7C15 % 2**64
+        if k in d and rng.random() < 0.45:
+            del m[k]
+            del d[k]
+        else:
+            m[k] = i
+            d[k] = i
+        if step and rng.random() < 0.2:
+            m.migrate_some(step)
+    for j in range(space):  # deleted keys too: a stale old slot must not find them
+        k = j * 0x9E3779B97F4A7C15 % 2**64
+        assert (k in m) == (k in d) and m.get(k) == d.get(k)
+    assert list(m.items()) == list(d.items())
+    m.migrate_some(1 << 30)
+    assert m == d
 
 
 def test_a_shrunken_map_gives_its_memory_back(native: Any) -> None:
