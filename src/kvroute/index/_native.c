@@ -36,6 +36,16 @@ typedef unsigned __int128 u128;
 #define HOST_BIG_ENDIAN 0
 #endif
 
+/* Start loading the cache line at p. Not __builtin_prefetch(p) for reads: GCC 12 at -O2 (the
+ * extension's build) deletes a read prefetch that follows an early return, as in prefetch_slot,
+ * and so every prefetch of the apply loop was compiled out (objdump found none in apply_run;
+ * docs/notes/issue-12-next.md). An asm volatile statement is never deleted. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+#else
+static inline void prefetch(const void *p) { prefetch(p, 1, 3); }
+#endif
+
 /* ===================================================================== xxh3-64 (spec) */
 
 #define P32_1 0x9E3779B1U
@@ -837,13 +847,13 @@ static void migrate(NativeMap *m, Py_ssize_t n) {
             if (!m->flags[ix]) continue; /* dead: its old slot (if any) is DUMMY or stale */
             ixs[k] = (int32_t)ix;
             hs[k] = entry_slot_hash(m, ix);
-            __builtin_prefetch(&m->slots[home(hs[k], ns)], 1);
+            prefetch(&m->slots[home(hs[k], ns)]);
             k++;
         }
         /* The next step's entries: read in order, but an insert's own misses come between. */
         if (end + MIGRATE_STEP < m->old_end) {
-            for (int q = 0; q < MIGRATE_STEP; q += 4) __builtin_prefetch(&m->entries[end + q]);
-            __builtin_prefetch(&m->flags[end]);
+            for (int q = 0; q < MIGRATE_STEP; q += 4) prefetch(&m->entries[end + q]);
+            prefetch(&m->flags[end]);
         }
         place_pending(m);
         memcpy(m->pend_ix, ixs, sizeof(int32_t) * (size_t)k);
@@ -1009,9 +1019,9 @@ static int map_presize(NativeMap *m, Py_ssize_t extra) {
 static inline void prefetch_slot(NativeMap *m, u64 k) {
     if (m->nslots == 0) return;
     u64 h = mix_u64(k);
-    __builtin_prefetch(&m->slots[home(h, (size_t)m->nslots)]);
+    prefetch(&m->slots[home(h, (size_t)m->nslots)]);
     /* A key not in the new table is looked for in the old one too (new blocks always are). */
-    if (m->old) __builtin_prefetch(&m->old[home(h, (size_t)m->old_nslots)]);
+    if (m->old) prefetch(&m->old[home(h, (size_t)m->old_nslots)]);
 }
 
 /* A free slot of the current table for a key with slot hash h (known absent). */
@@ -2373,10 +2383,10 @@ static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py
     size_t ns = (size_t)holders->nslots;
     int rc = 0;
     for (i = 0; i < n && alive; i++) {
-        if (ns && i + 8 < n) __builtin_prefetch(&holders->slots[home(mix_u64(hashes[i + 8]), ns)]);
+        if (ns && i + 8 < n) prefetch(&holders->slots[home(mix_u64(hashes[i + 8]), ns)]);
         if (ns && i + 4 < n) {
             int32_t s4 = holders->slots[home(mix_u64(hashes[i + 4]), ns)];
-            if (s4 > 0) __builtin_prefetch(&holders->entries[SLOT_IX(s4)]);
+            if (s4 > 0) prefetch(&holders->entries[SLOT_IX(s4)]);
         }
         Py_ssize_t slot, ix = find_int(holders, hashes[i], &slot);
         if (ix >= 0 && (holders->flags[ix] & F_OVAL)) {

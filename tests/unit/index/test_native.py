@@ -3,7 +3,11 @@ hash against index/hashing.py, NativeMap against dict, and choosing the implemen
 
 from __future__ import annotations
 
+import collections
+import platform
 import random
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -273,3 +277,26 @@ def test_the_budget_never_lets_a_native_map_past_its_entry_limit(native: Any) ->
     huge = NativePrefixIndex(IndexLimits(max_index_bytes=1 << 40))
     assert native.MAX_ENTRIES == (1 << 26) - 2
     assert huge.memory()["capacity"] == native.MAX_ENTRIES // 2
+
+
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+    reason="reads x86-64 machine code with objdump",
+)
+def test_the_apply_loop_keeps_its_prefetches(native: Any) -> None:
+    # GCC 12 at -O2 deleted every __builtin_prefetch of the apply loop (a read prefetch after an
+    # early return), unnoticed for months: _native.c's prefetch() is asm volatile instead.
+    # apply_run asks for the slots of coming events' blocks and of a store's holders.
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", native.__file__],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    fn, counts = "", collections.Counter[str]()
+    for line in out.splitlines():
+        if line.endswith(">:"):
+            fn = line.rsplit("<", 1)[-1][:-2]
+        elif "prefetch" in line:
+            counts[fn] += 1
+    assert counts["py_apply_run"] >= 2 and counts["migrate"] >= 1, counts
