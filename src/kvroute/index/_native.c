@@ -1824,6 +1824,11 @@ static inline void prefetch_event(NativeMap *blocks, PyObject *ev) {
     else
         return;
     if (hashes == NULL || !PyList_CheckExact(hashes)) return;
+    if (PyObject_TypeCheck(ev, g_stored_type)) { /* its parent is looked up first */
+        PyObject *parent = FIELD(ev, off_parent);
+        if (parent != NULL && PyLong_CheckExact(parent))
+            prefetch_slot(blocks, PyLong_AsUnsignedLongLongMask(parent));
+    }
     for (Py_ssize_t j = 0; j < PyList_GET_SIZE(hashes) && j < STORE_CHUNK; j++) {
         PyObject *o = PyList_GET_ITEM(hashes, j);
         if (PyLong_CheckExact(o)) {
