@@ -36,6 +36,16 @@ typedef unsigned __int128 u128;
 #define HOST_BIG_ENDIAN 0
 #endif
 
+/* Start loading the cache line at p. Not __builtin_prefetch(p) for reads: GCC 12 at -O2 (the
+ * extension's build) deletes a read prefetch that follows an early return, as in prefetch_slot,
+ * and so every prefetch of the apply loop was compiled out (objdump found none in apply_run;
+ * docs/notes/issue-12-next.md). An asm volatile statement is never deleted. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline void prefetch(const void *p) { __asm__ volatile("prefetcht0 %0" : : "m"(*(const char *)p)); }
+#else
+static inline void prefetch(const void *p) { prefetch(p, 1, 3); }
+#endif
+
 /* ===================================================================== xxh3-64 (spec) */
 
 #define P32_1 0x9E3779B1U
@@ -566,7 +576,12 @@ static void *arr_realloc(void *p, size_t old, size_t size) {
 #define SLOT_OF(ix, h) ((int32_t)((((int32_t)(ix) + 1) << TAG_BITS) | (int32_t)((h) & TAG_MASK)))
 #define SLOT_IX(s) (((s) >> TAG_BITS) - 1)
 #define MIN_SLOTS 16
-#define MIGRATE_STEP 8 /* old slots moved per insert while a table grows (at least) */
+/* Entries moved per insert while a table grows (at least). 32, not 8: the whole migration
+ * costs the same, but it ends 4x sooner, and while it runs every key the new table lacks (every
+ * new block) is looked for in the old table too, and the old table's memory is held: decode +
+ * apply of the ingest workload 2.97 -> 2.75 us per event, RSS per entry at 10^6 blocks 58.7 ->
+ * 48.6 B (docs/notes/issue-12-next.md). */
+#define MIGRATE_STEP 32
 
 typedef struct {
     u64 k, v;
@@ -577,8 +592,13 @@ typedef struct {
 /* Layout (docs/design.md §12): a dense entry array in store order (dead entries stay until a
  * compaction) and a slot table of entry indices, open addressing with linear probing, filled
  * to at most 3/4. A full table grows *incrementally*: the new table takes every insert and each
- * insert moves MIGRATE_STEP slots of the old one, so no insert rehashes the whole map; the
- * router moves more while idle (`migrate_some`, from PrefixIndex.maintain).
+ * insert moves MIGRATE_STEP entries into it, so no insert rehashes the whole map; the router
+ * moves more while idle (`migrate_some`, from PrefixIndex.maintain). Entries move in store
+ * order, [old_pos, old_end): a sequential read, where walking the old table's slots read each
+ * slot's entry at random (a cache miss per entry, ~40% of `migrate`). The old table is left as
+ * it is until it is freed, so its slots of moved entries go stale: a probe of the old table
+ * (only after the current one missed) takes a slot's entry only when it is live, and a live
+ * entry it finds was not moved yet (a moved one is in the current table, probed first).
  * A slot position >= nslots names position (slot - nslots) of the old table. */
 typedef struct {
     PyObject_HEAD
@@ -593,7 +613,12 @@ typedef struct {
     Py_ssize_t nslots;      /* any size (see home), or 0 before the first insert */
     Py_ssize_t filled;      /* non-EMPTY slots of the current table */
     int32_t *old;           /* the table being migrated from, or NULL */
-    Py_ssize_t old_nslots, old_pos;
+    Py_ssize_t old_nslots;
+    Py_ssize_t old_pos;     /* the next entry to move into the current table ... */
+    Py_ssize_t old_end;     /* ... up to this one (entries from here on were never in `old`) */
+    int npend;              /* entries taken from [old_pos..) but not placed yet (migrate) */
+    int32_t pend_ix[MIGRATE_STEP];
+    u64 pend_h[MIGRATE_STEP];
     u64 version;            /* bumped on every insert and delete, for iterators */
 } NativeMap;
 
@@ -651,7 +676,8 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
             if (s == SLOT_EMPTY) break;
             if (s > 0 && (s & TAG_MASK) == tag) {
                 int32_t ix = SLOT_IX(s);
-                if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+                /* F_LIVE: the slot of an entry moved and deleted since is stale (see above) */
+                if (m->entries[ix].k == k && (m->flags[ix] & (F_LIVE | F_OKEY)) == F_LIVE) {
                     *slot = m->nslots + (Py_ssize_t)j;
                     return ix;
                 }
@@ -796,44 +822,59 @@ static inline void place_hashed(NativeMap *m, Py_ssize_t ix, u64 h) {
 
 static inline void place(NativeMap *m, Py_ssize_t ix) { place_hashed(m, ix, entry_slot_hash(m, ix)); }
 
-/* Move up to `n` slots of the old table into the current one. A batch of
- * MIGRATE_STEP is hashed first and its new home slots prefetched together, so their cache
- * misses overlap instead of queueing one behind the other (perf showed `migrate` at 12% of a
- * growing index's apply, docs/notes/issue-12-next.md). */
+/* Place the entries `migrate` took last time (their slots were prefetched then). One deleted
+ * since is skipped; until placed, an entry is still found through its old slot. */
+static inline void place_pending(NativeMap *m) {
+    for (int j = 0; j < m->npend; j++)
+        if (m->flags[m->pend_ix[j]]) place_hashed(m, m->pend_ix[j], m->pend_h[j]);
+    m->npend = 0;
+}
+
+/* Move up to `n` entries of the old table into the current one, in store order. The entries
+ * are read in order (no cache miss), but each lands on a random slot of the new table (one
+ * miss each): a step hashes MIGRATE_STEP entries and prefetches their new slots, and places
+ * them only at the next step (the next insert, usually), by when the slots have arrived. */
 static void migrate(NativeMap *m, Py_ssize_t n) {
     while (m->old && n > 0) {
+        if (m->old_pos < m->first) m->old_pos = m->first;
         Py_ssize_t end = m->old_pos + (n < MIGRATE_STEP ? n : MIGRATE_STEP);
-        if (end > m->old_nslots) end = m->old_nslots;
+        if (end > m->old_end) end = m->old_end;
         u64 hs[MIGRATE_STEP];
         int32_t ixs[MIGRATE_STEP];
         int k = 0;
         size_t ns = (size_t)m->nslots;
-        for (Py_ssize_t p = m->old_pos; p < end; p++) {
-            int32_t s = m->old[p];
-            if (s <= 0) continue;
-            m->old[p] = SLOT_DUMMY;
-            ixs[k] = SLOT_IX(s);
-            hs[k] = entry_slot_hash(m, ixs[k]);
-            __builtin_prefetch(&m->slots[home(hs[k], ns)], 1);
+        for (Py_ssize_t ix = m->old_pos; ix < end; ix++) {
+            if (!m->flags[ix]) continue; /* dead: its old slot (if any) is DUMMY or stale */
+            ixs[k] = (int32_t)ix;
+            hs[k] = entry_slot_hash(m, ix);
+            prefetch(&m->slots[home(hs[k], ns)]);
             k++;
         }
-        /* Entries are read in slot order, not store order: ask for the next batch's now. */
-        for (Py_ssize_t p = end; p < end + MIGRATE_STEP && p < m->old_nslots; p++)
-            if (m->old[p] > 0) __builtin_prefetch(&m->entries[SLOT_IX(m->old[p])]);
-        for (int j = 0; j < k; j++) place_hashed(m, ixs[j], hs[j]);
-        n -= end - m->old_pos;
+        /* The next step's entries: read in order, but an insert's own misses come between. */
+        if (end + MIGRATE_STEP < m->old_end) {
+            for (int q = 0; q < MIGRATE_STEP; q += 4) prefetch(&m->entries[end + q]);
+            prefetch(&m->flags[end]);
+        }
+        place_pending(m);
+        memcpy(m->pend_ix, ixs, sizeof(int32_t) * (size_t)k);
+        memcpy(m->pend_h, hs, sizeof(u64) * (size_t)k);
+        m->npend = k;
+        n -= end > m->old_pos ? end - m->old_pos : 1;
         m->old_pos = end;
-        if (m->old_pos == m->old_nslots) {
+        if (m->old_pos >= m->old_end) {
+            place_pending(m);
             arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
             m->old = NULL;
-            m->old_nslots = m->old_pos = 0;
+            m->old_nslots = m->old_pos = m->old_end = 0;
         }
     }
 }
 
 /* Slots for `live` entries, sized so a table starts a little over half full and is grown at
- * 3/4 (fuller costs probes, emptier costs memory; docs/design.md §12), and so a migration of an
- * old table of `old` slots, MIGRATE_STEP slots per insert, ends before the new one is 3/4 full. */
+ * 3/4 (fuller costs probes, emptier costs memory; docs/design.md §12), and so a migration from
+ * an old table of `old` slots ends before the new one is 3/4 full (it moves MIGRATE_STEP
+ * entries per insert, and a table holds fewer live entries than slots; dead ones cost only a
+ * flag read, and map_reserve finishes a late migration anyway). */
 static Py_ssize_t table_size_for(Py_ssize_t live, Py_ssize_t old) {
     Py_ssize_t n = live + live / 4 * 3 + old / 8;
     return n < MIN_SLOTS ? MIN_SLOTS : n;
@@ -859,7 +900,8 @@ static int map_compact(NativeMap *m) {
     arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
     arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t)); /* all are placed again below */
     m->old = NULL;
-    m->old_nslots = m->old_pos = 0;
+    m->old_nslots = m->old_pos = m->old_end = 0;
+    m->npend = 0;
     m->slots = slots;
     m->nslots = nslots;
     m->filled = 0;
@@ -914,7 +956,7 @@ static int map_reserve(NativeMap *m) {
             m->ecap = ecap;
         }
     }
-    if (m->nslots == 0 || (m->filled + 1) * 4 > m->nslots * 3) {
+    if (m->nslots == 0 || (m->filled + m->npend + 1) * 4 > m->nslots * 3) {
         migrate(m, PY_SSIZE_T_MAX); /* finishes in time by construction; this is a guard */
         Py_ssize_t nslots = table_size_for(m->live + 1, m->nslots);
         if (nslots > ((Py_ssize_t)1 << 31)) {
@@ -926,7 +968,8 @@ static int map_reserve(NativeMap *m) {
         if (m->nslots && m->live) {
             m->old = m->slots;
             m->old_nslots = m->nslots;
-            m->old_pos = 0;
+            m->old_pos = m->first;
+            m->old_end = m->used; /* the entry being added goes into the new table */
         } else {
             arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
         }
@@ -976,9 +1019,9 @@ static int map_presize(NativeMap *m, Py_ssize_t extra) {
 static inline void prefetch_slot(NativeMap *m, u64 k) {
     if (m->nslots == 0) return;
     u64 h = mix_u64(k);
-    __builtin_prefetch(&m->slots[home(h, (size_t)m->nslots)]);
+    prefetch(&m->slots[home(h, (size_t)m->nslots)]);
     /* A key not in the new table is looked for in the old one too (new blocks always are). */
-    if (m->old) __builtin_prefetch(&m->old[home(h, (size_t)m->old_nslots)]);
+    if (m->old) prefetch(&m->old[home(h, (size_t)m->old_nslots)]);
 }
 
 /* A free slot of the current table for a key with slot hash h (known absent). */
@@ -1049,7 +1092,8 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
         m->ecap = 0;
         arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
         m->old = NULL;
-        m->old_nslots = m->old_pos = 0;
+        m->old_nslots = m->old_pos = m->old_end = 0;
+    m->npend = 0;
         arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t)); /* the next insert sizes anew */
         m->slots = NULL;
         m->nslots = m->filled = 0;
@@ -1101,7 +1145,8 @@ static void map_clear(NativeMap *m) {
     m->flags = NULL;
     m->slots = m->old = NULL;
     m->ecap = m->nslots = m->filled = m->used = m->live = m->first = m->objects = 0;
-    m->old_nslots = m->old_pos = 0;
+    m->old_nslots = m->old_pos = m->old_end = 0;
+    m->npend = 0;
     m->version++;
     if (objects) {
         for (Py_ssize_t ix = first; ix < used; ix++) {
@@ -1218,7 +1263,7 @@ static PyObject *NativeMap_pop(NativeMap *m, PyObject *const *args, Py_ssize_t n
     return v;
 }
 
-/* migrate_some(n) -> bool: move up to n slots of a growing table; True while some remain. */
+/* migrate_some(n) -> bool: move up to n entries of a growing table; True while some remain. */
 static PyObject *NativeMap_migrate_some(NativeMap *m, PyObject *arg) {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -1380,7 +1425,7 @@ static PyMethodDef NativeMap_methods[] = {
     {"items", (PyCFunction)NativeMap_items, METH_NOARGS, NULL},
     {"clear", (PyCFunction)NativeMap_clear_method, METH_NOARGS, NULL},
     {"migrate_some", (PyCFunction)NativeMap_migrate_some, METH_O,
-     "Move up to n slots of a growing table; True while some remain."},
+     "Move up to n entries of a growing table; True while some remain."},
     {"nbytes", (PyCFunction)NativeMap_nbytes, METH_NOARGS,
      "Bytes allocated for the map's arrays (what its memory budget counts)."},
     {"objects", (PyCFunction)NativeMap_objects, METH_NOARGS,
@@ -1779,6 +1824,11 @@ static inline void prefetch_event(NativeMap *blocks, PyObject *ev) {
     else
         return;
     if (hashes == NULL || !PyList_CheckExact(hashes)) return;
+    if (PyObject_TypeCheck(ev, g_stored_type)) { /* its parent is looked up first */
+        PyObject *parent = FIELD(ev, off_parent);
+        if (parent != NULL && PyLong_CheckExact(parent))
+            prefetch_slot(blocks, PyLong_AsUnsignedLongLongMask(parent));
+    }
     for (Py_ssize_t j = 0; j < PyList_GET_SIZE(hashes) && j < STORE_CHUNK; j++) {
         PyObject *o = PyList_GET_ITEM(hashes, j);
         if (PyLong_CheckExact(o)) {
@@ -2338,10 +2388,10 @@ static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py
     size_t ns = (size_t)holders->nslots;
     int rc = 0;
     for (i = 0; i < n && alive; i++) {
-        if (ns && i + 8 < n) __builtin_prefetch(&holders->slots[home(mix_u64(hashes[i + 8]), ns)]);
+        if (ns && i + 8 < n) prefetch(&holders->slots[home(mix_u64(hashes[i + 8]), ns)]);
         if (ns && i + 4 < n) {
             int32_t s4 = holders->slots[home(mix_u64(hashes[i + 4]), ns)];
-            if (s4 > 0) __builtin_prefetch(&holders->entries[SLOT_IX(s4)]);
+            if (s4 > 0) prefetch(&holders->entries[SLOT_IX(s4)]);
         }
         Py_ssize_t slot, ix = find_int(holders, hashes[i], &slot);
         if (ix >= 0 && (holders->flags[ix] & F_OVAL)) {

@@ -57,7 +57,7 @@ _STORED = "BlockStored"
 _REMOVED = "BlockRemoved"
 _CLEARED = "AllBlocksCleared"
 _WIDE = 1 << 64  # source bits from here on do not fit the native holder masks
-_MAINTAIN_SLOTS = 4096  # slots of a growing table one `maintain` call moves
+_MAINTAIN_SLOTS = 4096  # entries of a growing table one `maintain` call moves
 
 # `token_verdict(events)` over a batch whose stores carry `token_ids` as msgpack bytes
 # (events/wire.py, raw mode): TOKENS_U32 all arrays of uint32, TOKENS_BAD one is not
