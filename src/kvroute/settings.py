@@ -13,6 +13,7 @@ from kvroute.core import IngestLimits, LoadSource, PolicyName
 from kvroute.errors import ConfigError
 from kvroute.index.limits import IndexLimits
 from kvroute.routing.backlog import DEFAULT_PREFILL_TOK_PER_S
+from kvroute.routing.eviction import DEFAULT_EVICTING_WINDOW_S
 from kvroute.routing.types import CostWeights
 
 __all__ = [
@@ -196,6 +197,18 @@ class Settings(BaseSettings):
         description="kv_aware cost weight of the cached tokens a prefill at an engine would "
         "evict: its uncached tokens beyond what its KV pool has unfilled (pool size from "
         "`vllm:cache_config_info`, scraped; no report: no term). 0: off.",
+    )
+    w_queue_evicting: float = Field(
+        _WEIGHTS.w_queue_evicting,
+        ge=0,
+        description="kv_aware's `w_queue` while every engine's pool is evicting (BlockRemoved "
+        "within `evicting_window_s`), blended by the evicting share in between: with full "
+        "pools, where a prefix lives decides later hits.",
+    )
+    evicting_window_s: float = Field(
+        DEFAULT_EVICTING_WINDOW_S,
+        gt=0,
+        description="How long after its last BlockRemoved event an engine counts as evicting.",
     )
     prefill_tok_per_s: float = Field(
         DEFAULT_PREFILL_TOK_PER_S,

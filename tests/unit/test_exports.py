@@ -154,8 +154,10 @@ EXPORTS: dict[str, list[str]] = {
     "kvroute.routing": [
         "Candidate",
         "CostWeights",
+        "DEFAULT_EVICTING_WINDOW_S",
         "Decision",
         "EngineScore",
+        "EvictionRecency",
         "GUARD_POLICY_NAME",
         "KvAwarePolicy",
         "LeastLoadedPolicy",

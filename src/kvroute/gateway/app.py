@@ -36,6 +36,7 @@ from kvroute.persist.index_snapshot import load_sources
 from kvroute.persist.writer import SnapshotWriter
 from kvroute.routing import CostWeights, make_policy
 from kvroute.routing.backlog import PrefillBacklog
+from kvroute.routing.eviction import EvictionRecency
 from kvroute.settings import Settings
 from kvroute.tokenize import CachingTokenizer, LocalTokenizer, RemoteTokenizer, Tokenizer
 from kvroute.upstream import HttpxEngineClient
@@ -130,6 +131,7 @@ def build_gateway(
             imbalance_tokens=settings.imbalance_tokens,
             w_queue=settings.w_queue,
             w_evict=settings.w_evict,
+            w_queue_evicting=settings.w_queue_evicting,
         ),
     )
     gateway = Gateway(
@@ -149,6 +151,7 @@ def build_gateway(
         access_log=settings.access_log,
         header_rules=header_rules if header_rules is not None else _header_rules(settings),
         prefill=PrefillBacklog(settings.prefill_tok_per_s),
+        evictions=EvictionRecency(settings.evicting_window_s),
     )
     gateway.prompt_workers = _prompt_workers(settings, tokens=gateway.wants_tokens)
     gateway.shared = _shared_state(settings, gateway, metrics)

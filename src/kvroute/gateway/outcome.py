@@ -39,6 +39,7 @@ class RouteOutcome:
                     "outstanding_tokens": s.outstanding_tokens,
                     "queued_prefill_tokens": round(s.queued_prefill_tokens, 1),
                     "free_kv_tokens": s.free_kv_tokens,
+                    "evicting": s.evicting,
                     "cost": s.cost,
                     "healthy": s.healthy,
                     "stale": s.stale,

@@ -40,7 +40,14 @@ from kvroute.index import PrefixIndex
 from kvroute.metrics import Metrics
 from kvroute.persist.index_snapshot import RestoredSource
 from kvroute.persist.writer import SnapshotWriter
-from kvroute.routing import Candidate, CostWeights, Policy, needs_tokens, uncached_prefill
+from kvroute.routing import (
+    Candidate,
+    CostWeights,
+    EvictionRecency,
+    Policy,
+    needs_tokens,
+    uncached_prefill,
+)
 from kvroute.routing.backlog import PrefillBacklog
 from kvroute.tokenize import Tokenizer
 
@@ -90,6 +97,8 @@ class Gateway:
     silence: SilentSources | None = None
     # Prompt tokens sent to each engine and predicted still waiting for prefill (kv_aware).
     prefill: PrefillBacklog = field(default_factory=PrefillBacklog)
+    # Engines whose pools evicted lately, from their BlockRemoved events (kv_aware's queue weight).
+    evictions: EvictionRecency = field(default_factory=EvictionRecency)
     _snapshot_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     _silence_task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
@@ -257,7 +266,7 @@ class Gateway:
         # Re-read engines: tokenization awaited, health or load may have moved meanwhile.
         candidates = [self._candidate(e) for e in engines]
         if self.index is not None and token_ids:
-            candidates = self._with_free_kv(base, candidates)
+            candidates = self._with_kv_state(base, candidates)
         if not any(c.healthy for c in candidates):
             raise no_healthy_engine(req.model)
         decision = self.policy.choose(candidates, matches, prompt_tokens)
@@ -289,10 +298,17 @@ class Gateway:
             kv_usage=self.fleet.fresh_gauge(current, KV_CACHE_USAGE),
         )
 
-    def _with_free_kv(self, model: str, candidates: list[Candidate]) -> list[Candidate]:
-        """`candidates` with `free_kv_tokens` where the engine reported its pool size: pool
-        blocks less the blocks the index holds there, in tokens of the model's block size."""
+    def _with_kv_state(self, model: str, candidates: list[Candidate]) -> list[Candidate]:
+        """`candidates` with what their KV pools say: `evicting` (BlockRemoved lately), and
+        `free_kv_tokens` where the engine reported its pool size (pool blocks less the blocks
+        the index holds there, in tokens of the model's block size)."""
         assert self.index is not None
+        now = time.monotonic()
+        self.evictions.update(self.index.engine_removed_counts(), now)
+        candidates = [
+            replace(c, evicting=True) if self.evictions.evicting(c.name, now) else c
+            for c in candidates
+        ]
         sizes = self.index.block_sizes(model)
         pools = {
             c.name: self.fleet.fresh_gauge(state, KV_POOL_BLOCKS)

@@ -570,6 +570,15 @@ class PrefixIndex:
             counts[src.engine] = counts.get(src.engine, 0) + len(src.blocks)
         return counts
 
+    def engine_removed_counts(self) -> dict[str, int]:
+        """BlockRemoved events applied per engine, over its current sources (a source removed
+        takes its count with it): whether an engine's pool is evicting (routing/eviction.py)."""
+        applied = self.counters.applied
+        counts: dict[str, int] = {}
+        for source, src in self._sources.items():
+            counts[src.engine] = counts.get(src.engine, 0) + applied.get((source, _REMOVED), 0)
+        return counts
+
     def maintain(self, source: SourceId) -> bool:
         """Deferred upkeep while `source`'s socket is empty; True while more remains (the
         reference has none: see NativePrefixIndex.maintain)."""

@@ -1,6 +1,7 @@
 """Routing: score engines from prefix matches and load, and pick one, behind one sync interface."""
 
 from kvroute.routing.baseline import LeastLoadedPolicy, RandomPolicy, RoundRobinPolicy
+from kvroute.routing.eviction import DEFAULT_EVICTING_WINDOW_S, EvictionRecency
 from kvroute.routing.factory import make_policy
 from kvroute.routing.kv_aware import (
     GUARD_POLICY_NAME,
@@ -19,11 +20,13 @@ from kvroute.routing.types import (
 )
 
 __all__ = [
+    "DEFAULT_EVICTING_WINDOW_S",
     "GUARD_POLICY_NAME",
     "Candidate",
     "CostWeights",
     "Decision",
     "EngineScore",
+    "EvictionRecency",
     "KvAwarePolicy",
     "LeastLoadedPolicy",
     "Policy",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from kvroute.core import MatchResult, PolicyName
 from kvroute.routing.scores import decide, healthy_candidates, pick_tied
@@ -82,6 +83,17 @@ def kv_cost(
     return cost
 
 
+def _queue_weight_for(weights: CostWeights, healthy: Sequence[Candidate]) -> CostWeights:
+    """`weights` with `w_queue` moved toward `w_queue_evicting` by the share of healthy engines
+    whose pools are evicting (all: `w_queue_evicting`; none: `w_queue` unchanged)."""
+    evicting = sum(1 for c in healthy if c.evicting)
+    if not evicting or weights.w_queue_evicting == weights.w_queue:
+        return weights
+    share = evicting / len(healthy)
+    w_queue = weights.w_queue + (weights.w_queue_evicting - weights.w_queue) * share
+    return replace(weights, w_queue=w_queue)
+
+
 class KvAwarePolicy:
     """Choose the healthy engine with the lowest `kv_cost`; ties broken by a seeded random choice.
 
@@ -104,12 +116,13 @@ class KvAwarePolicy:
         prompt_tokens: int,
     ) -> Decision:
         healthy = healthy_candidates(candidates)
+        weights = _queue_weight_for(self.weights, healthy)
         costs = {
             c.name: kv_cost(
                 matches.get(c.name),
                 c.outstanding_tokens,
                 prompt_tokens,
-                self.weights,
+                weights,
                 c.queued_prefill_tokens,
                 c.free_kv_tokens,
             )

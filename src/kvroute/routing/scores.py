@@ -27,6 +27,7 @@ def score_row(candidate: Candidate, match: MatchResult | None, cost: float | Non
         healthy=candidate.healthy,
         queued_prefill_tokens=candidate.queued_prefill_tokens,
         free_kv_tokens=candidate.free_kv_tokens,
+        evicting=candidate.evicting,
     )
 
 

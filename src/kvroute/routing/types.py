@@ -27,6 +27,8 @@ class Candidate:
     # (`vllm:cache_config_info`) less the blocks the index holds there. What it prefills beyond
     # this evicts cached blocks (routing/kv_aware.py `evicted_tokens`); None: size unknown.
     free_kv_tokens: float | None = None
+    # Whether the engine's pool evicted lately (its BlockRemoved events; routing/eviction.py).
+    evicting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class EngineScore:
     stale: bool = False
     queued_prefill_tokens: float = 0.0  # the candidate's, as the cost saw it
     free_kv_tokens: float | None = None  # the candidate's, as the cost saw it
+    evicting: bool = False  # the candidate's, as the cost saw it
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,9 @@ class CostWeights:
     # Weight of the cached tokens a prefill there would evict (a full pool's copy of a prefix
     # pushes out another that later requests would have hit); 0 turns the term off.
     w_evict: float = 1.0
+    # `w_queue` while every engine is evicting (blended by the evicting share in between): with
+    # full pools, where a prefix lives decides later requests' hits (docs/design.md §6).
+    w_queue_evicting: float = 0.0
 
     def medium_weight(self, medium: str) -> float:
         return self.medium.get(medium, self.other_medium)

@@ -30,6 +30,7 @@ ROUTE_ENGINE_FIELDS = {
     "outstanding_tokens",
     "queued_prefill_tokens",
     "free_kv_tokens",
+    "evicting",
     "cost",
     "healthy",
     "stale",

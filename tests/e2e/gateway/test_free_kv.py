@@ -55,6 +55,35 @@ async def test_free_kv_tokens_is_the_reported_pool_less_the_indexed_blocks(
         await eventually(accounted, "free_kv_tokens = (pool − indexed blocks) × block size")
 
 
+async def test_an_engine_whose_pool_evicts_is_reported_evicting(tmp_path: Path) -> None:
+    async with sim_gateway(tmp_path, 2, num_gpu_blocks=BLOCKS, log_level="warning") as gw:
+        full = gw.fleet.engines[0].name
+        probe = gw.fleet.tokenizer.make_text(40, seed="evicting-probe")
+        # 64 blocks: the second 900-token prompt (56 blocks) evicts some of the first.
+        async with httpx.AsyncClient(base_url=gw.fleet.engines[0].url, timeout=30.0) as engine:
+            for i in range(3):
+                prompt = gw.fleet.tokenizer.make_text(900, seed=f"evict-{i}")
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+                sent = await engine.post("/v1/completions", json=body)
+                assert sent.status_code == 200, sent.text
+                if i == 0:  # the first count of an engine is a baseline: take it before evicting
+
+                    async def indexed() -> bool:
+                        data = await _route(gw, probe)
+                        return any(e["free_kv_tokens"] for e in data["engines"])
+
+                    await eventually(indexed, "the first prompt's blocks indexed")
+        seen: dict[str, bool] = {}
+
+        async def evicting() -> bool:
+            nonlocal seen
+            seen = {e["name"]: e["evicting"] for e in (await _route(gw, probe))["engines"]}
+            return seen.get(full) is True
+
+        await eventually(evicting, f"{full} reported evicting")
+        assert seen == {full: True, gw.fleet.engines[1].name: False}
+
+
 async def test_a_new_prompt_goes_where_prefilling_it_evicts_nothing(tmp_path: Path) -> None:
     # w_load 0 and a queue that drains at once leave the eviction term alone to decide.
     async with sim_gateway(

@@ -737,3 +737,20 @@ def test_counters_are_shared_with_metrics_and_exported() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'kvroute_events_applied_total{source="a/0",type="BlockStored"} 1.0' in text
     assert 'kvroute_events_dropped_total{reason="orphan",source="a/0"} 1.0' in text
+
+
+def test_engine_counts_sum_an_engines_sources_blocks_and_removals() -> None:
+    # kv_aware's pool state reads these (gateway/service.py `_with_kv_state`)
+    index = make_index(A0, A1, B0)
+    index.apply(A0, batch(stored(TOKENS, 16, 0, 4)))
+    index.apply(A1, batch(stored(TOKENS, 16, 0, 2)))
+    index.apply(B0, batch(stored(TOKENS, 16, 0, 1)))
+    assert index.engine_block_counts() == {"a": 6, "b": 1}
+    assert index.engine_removed_counts() == {"a": 0, "b": 0}
+    ehs = engine_hashes(TOKENS, 16)
+    index.apply(A0, batch(BlockRemoved(block_hashes=[ehs[3]]), BlockRemoved(block_hashes=[ehs[2]])))
+    index.apply(A1, batch(BlockRemoved(block_hashes=[ehs[1]])))
+    assert index.engine_block_counts() == {"a": 3, "b": 1}
+    assert index.engine_removed_counts() == {"a": 3, "b": 0}
+    index.remove_source(A1)  # its count goes with it
+    assert index.engine_removed_counts() == {"a": 2, "b": 0}
