@@ -219,7 +219,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="write the workload as a Mooncake-format trace for `kvroute bench trace` (open "
-        "loop, Poisson arrivals at --trace-rate) and exit without running the demo",
+        "loop, Poisson arrivals at --trace-rate) and exit without running the demo (default: "
+        "none; the demo runs)",
     )
     parser.add_argument(
         "--trace-rate",

@@ -255,12 +255,12 @@ async def _normal(
     loop = asyncio.get_running_loop()
     start = loop.time()
     sent: list[asyncio.Task[None]] = []
-    i = 0
-    while loop.time() - start < opts.seconds:
-        sent.append(asyncio.create_task(one(i)))
-        i += 1
-        # Pacing of the load generator (not a synchronisation): the next request's slot.
+    # A fixed count, each at its slot or as soon after as the loop allows: a busy host sends the
+    # last ones late rather than fewer of them (a phase's count is part of its report).
+    for i in range(max(1, round(opts.seconds * opts.rate))):
+        # Pacing of the load generator (not a synchronisation): this request's slot.
         await asyncio.sleep(max(0.0, start + i / opts.rate - loop.time()))
+        sent.append(asyncio.create_task(one(i)))
     await asyncio.gather(*sent)
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
