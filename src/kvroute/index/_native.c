@@ -432,6 +432,34 @@ static inline int tok_int(const u8 *p, size_t len, size_t *pos, u64 *v, int *neg
     return 1;
 }
 
+/* tok_scan's loop when the ids are not written out (the verdict's pass, events/wire.py): of
+ * the usual encodings (fixint, uint8/16/32) only the type byte is read, the value's bytes only
+ * counted, their end checked against len by the next type byte's read or the final check. */
+static int tok_check(const u8 *p, size_t len, size_t pos, size_t n, Py_ssize_t *count) {
+    int wide = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pos >= len) return TOK_BAD;
+        u8 b = p[pos];
+        if (b <= 0x7f) {
+            pos += 1;
+        } else if (b == 0xcd) {
+            pos += 3;
+        } else if (b == 0xce) {
+            pos += 5;
+        } else if (b == 0xcc) {
+            pos += 2;
+        } else {
+            u64 v;
+            int neg;
+            if (!tok_int(p, len, &pos, &v, &neg)) return TOK_BAD;
+            if (neg || v > 0xFFFFFFFFULL) wide = 1;
+        }
+    }
+    if (pos != len) return TOK_BAD;
+    *count = (Py_ssize_t)n;
+    return wide ? TOK_WIDE : TOK_U32;
+}
+
 /* Scan one msgpack object. TOK_U32: an array of ints in [0, 2**32), *count of them, written
  * big-endian to `out` when *count <= cap (out may be NULL); TOK_NIL: nil; TOK_WIDE: an array
  * of ints some of which are outside [0, 2**32) (msgspec takes them, the index counts the store
@@ -455,6 +483,7 @@ static int tok_scan(const u8 *p, size_t len, u8 *out, Py_ssize_t cap, Py_ssize_t
         return TOK_BAD;
     }
     if (n > len - pos) return TOK_BAD; /* every int takes at least a byte */
+    if (out == NULL) return tok_check(p, len, pos, n, count);
     int wide = 0;
     if (out != NULL && (Py_ssize_t)n > cap) out = NULL;
     for (size_t i = 0; i < n; i++) {
