@@ -1305,6 +1305,17 @@ static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* reserve(n): room for n entries in all, the slot table sized for them (one rehash of what
+ * is there now) instead of grown step by step as they come. For a cleared source's map, sized
+ * from its size before the clear (native_index.py `_clear_source`): an engine that resets its
+ * cache fills it again. */
+static PyObject *NativeMap_reserve(NativeMap *m, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n > m->used && map_presize(m, n - m->used) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
     size_t n = sizeof(NativeMap) + (size_t)m->ecap * ENTRY_BYTES +
                (size_t)(m->nslots + m->old_nslots) * sizeof(int32_t);
@@ -1455,6 +1466,8 @@ static PyMethodDef NativeMap_methods[] = {
     {"clear", (PyCFunction)NativeMap_clear_method, METH_NOARGS, NULL},
     {"migrate_some", (PyCFunction)NativeMap_migrate_some, METH_O,
      "Move up to n entries of a growing table; True while some remain."},
+    {"reserve", (PyCFunction)NativeMap_reserve, METH_O,
+     "reserve(n): room for n entries in all, so the next inserts up to n do not grow it."},
     {"nbytes", (PyCFunction)NativeMap_nbytes, METH_NOARGS,
      "Bytes allocated for the map's arrays (what its memory budget counts)."},
     {"objects", (PyCFunction)NativeMap_objects, METH_NOARGS,
