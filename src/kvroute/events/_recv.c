@@ -165,7 +165,7 @@ static PyObject *drain(PyObject *self, PyObject *args) {
     return PyLong_FromLong(1);
 }
 
-/* take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error)
+/* take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error[, parts])
  *   -> (next, last, first, events, payload)
  *
  * The loop of events/tracker.py `SourceTracker.on_live_run`, which has the rules: takes
@@ -174,15 +174,25 @@ static PyObject *drain(PyObject *self, PyObject *args) {
  * unsupported events, no other rank than `rank`, and `budget.admit(len)` (then
  * `budget.charge_events(n)`; budget None: no budget). `first` is the first batch taken (None:
  * none), `events` every event taken when more than one batch was (else None), `payload` the
- * last one taken. Anything else is left to the caller at `next`. */
-static PyObject *s_events, *s_rank, *s_skipped, *s_unsupported, *s_admit, *s_charge;
+ * last one taken. Anything else is left to the caller at `next`.
+ *
+ * `parts` (events/wire.py `BatchDecoder.plain_parts`, None: not given) = (raw decode, verdict,
+ * plain, EventBatch): a payload the raw decode takes and the verdict calls plain is taken
+ * without `decode`'s two Python frames and EventBatch (design §12); any other is decoded by
+ * `decode`, as before. Both give the same events. */
+static PyObject *s_events, *s_rank, *s_skipped, *s_unsupported, *s_admit, *s_charge, *s_ts;
 
-static int plain_batch(PyObject *batch, PyObject *events, PyObject *rank, PyTypeObject *cleared) {
+/* 1 when a decoded batch's events and rank are the common case, 0 when not, -1 on error. */
+static int plain_events(PyObject *events, PyObject *r, PyObject *rank, PyTypeObject *cleared) {
     if (!PyList_CheckExact(events))
         return 0;
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(events); k++)
         if (PyObject_TypeCheck(PyList_GET_ITEM(events, k), cleared))
             return 0;
+    return r == Py_None ? 1 : PyObject_RichCompareBool(r, rank, Py_EQ);
+}
+
+static int plain_batch(PyObject *batch, PyObject *events, PyObject *rank, PyTypeObject *cleared) {
     PyObject *names[2] = {s_skipped, s_unsupported};
     for (int k = 0; k < 2; k++) {
         PyObject *n = PyObject_GetAttr(batch, names[k]);
@@ -196,20 +206,60 @@ static int plain_batch(PyObject *batch, PyObject *events, PyObject *rank, PyType
     PyObject *r = PyObject_GetAttr(batch, s_rank);
     if (r == NULL)
         return -1;
-    int same = r == Py_None ? 1 : PyObject_RichCompareBool(r, rank, Py_EQ);
+    int same = plain_events(events, r, rank, cleared);
     Py_DECREF(r);
     return same;
 }
 
+/* The plain case of wire.py's raw map decode through `parts`: 1 with *evs (a list), *ts and
+ * *r (the batch's rank) as new references; 0 when this payload is not taken that way (an error
+ * on the way is cleared: `decode` meets it again and answers for it). */
+static int plain_decode(PyObject *parts, long plain, PyObject *pl, PyObject **evs, PyObject **ts,
+                        PyObject **r) {
+    *evs = *ts = *r = NULL;
+    PyObject *raw = PyObject_CallOneArg(PyTuple_GET_ITEM(parts, 0), pl);
+    if (raw == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    *evs = PyObject_GetAttr(raw, s_events);
+    if (*evs != NULL && PyList_CheckExact(*evs)) {
+        PyObject *v = PyObject_CallOneArg(PyTuple_GET_ITEM(parts, 1), *evs);
+        long verdict = v != NULL && PyLong_CheckExact(v) ? PyLong_AsLong(v) : plain - 1;
+        Py_XDECREF(v);
+        if (verdict == plain && (*ts = PyObject_GetAttr(raw, s_ts)) != NULL &&
+            (*r = PyObject_GetAttr(raw, s_rank)) != NULL) {
+            Py_DECREF(raw);
+            return 1;
+        }
+    }
+    PyErr_Clear();
+    Py_CLEAR(*evs);
+    Py_CLEAR(*ts);
+    Py_CLEAR(*r);
+    Py_DECREF(raw);
+    return 0;
+}
+
 static PyObject *take_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9 || !PyList_CheckExact(args[0]) || !PyType_Check(args[7])) {
+    if ((nargs != 9 && nargs != 10) || !PyList_CheckExact(args[0]) || !PyType_Check(args[7])) {
         PyErr_SetString(PyExc_TypeError, "take_run: (items, at, last, decode, floor, budget, "
-                                         "rank, cleared, wire_error)");
+                                         "rank, cleared, wire_error[, parts])");
         return NULL;
     }
     PyObject *items = args[0], *decode = args[3], *rank = args[6], *wire_error = args[8];
     PyObject *budget = args[5] == Py_None ? NULL : args[5];
     PyTypeObject *cleared = (PyTypeObject *)args[7];
+    PyObject *parts = nargs == 10 && args[9] != Py_None ? args[9] : NULL;
+    long plain_value = 0;
+    if (parts != NULL) {
+        if (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 4 ||
+            !PyLong_CheckExact(PyTuple_GET_ITEM(parts, 2))) {
+            PyErr_SetString(PyExc_TypeError, "take_run: parts = (decode, verdict, plain, batch)");
+            return NULL;
+        }
+        plain_value = PyLong_AsLong(PyTuple_GET_ITEM(parts, 2));
+    }
     Py_ssize_t at = PyLong_AsSsize_t(args[1]), floor = PyLong_AsSsize_t(args[4]);
     if (PyErr_Occurred())
         return NULL;
@@ -235,15 +285,29 @@ static PyObject *take_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
         Py_ssize_t len = PyBytes_GET_SIZE(pl);
         if (floor >= 0 && len > floor)
             break;
-        PyObject *batch = PyObject_CallOneArg(decode, pl);
-        if (batch == NULL) {
-            if (!PyErr_ExceptionMatches(wire_error))
-                goto error;
-            PyErr_Clear();
-            break;
+        PyObject *batch = NULL, *evs, *ts, *r;
+        int plain;
+        if (parts != NULL && plain_decode(parts, plain_value, pl, &evs, &ts, &r)) {
+            plain = plain_events(evs, r, rank, cleared);
+            if (plain == 1 && first == NULL) { /* the EventBatch `decode` returns */
+                PyObject *fields[3] = {ts, evs, r};
+                batch = PyObject_Vectorcall(PyTuple_GET_ITEM(parts, 3), fields, 3, NULL);
+                if (batch == NULL)
+                    plain = -1;
+            }
+            Py_DECREF(ts);
+            Py_DECREF(r);
+        } else {
+            batch = PyObject_CallOneArg(decode, pl);
+            if (batch == NULL) {
+                if (!PyErr_ExceptionMatches(wire_error))
+                    goto error;
+                PyErr_Clear();
+                break;
+            }
+            evs = PyObject_GetAttr(batch, s_events);
+            plain = evs == NULL ? -1 : plain_batch(batch, evs, rank, cleared);
         }
-        PyObject *evs = PyObject_GetAttr(batch, s_events);
-        int plain = evs == NULL ? -1 : plain_batch(batch, evs, rank, cleared);
         if (plain == 1 && budget != NULL) {
             PyObject *n = PyLong_FromSsize_t(len);
             PyObject *ok = n ? PyObject_CallMethodOneArg(budget, s_admit, n) : NULL;
@@ -260,7 +324,7 @@ static PyObject *take_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         if (plain != 1) {
             Py_XDECREF(evs);
-            Py_DECREF(batch);
+            Py_XDECREF(batch);
             if (plain < 0)
                 goto error;
             break;
@@ -276,7 +340,7 @@ static PyObject *take_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
             int bad = events == NULL ||
                       PyList_SetSlice(events, PyList_GET_SIZE(events), PyList_GET_SIZE(events),
                                       evs) < 0;
-            Py_DECREF(batch);
+            Py_XDECREF(batch);
             if (bad) {
                 Py_DECREF(evs);
                 goto error;
@@ -354,8 +418,8 @@ static PyMethodDef methods[] = {
     {"timer_ack", timer_ack, METH_O, "timer_ack(fd) -> expirations read (0: none yet)."},
 #endif
     {"take_run", (PyCFunction)(void (*)(void))take_run, METH_FASTCALL,
-     "take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error) -> (next, "
-     "last, first, events, payload): events/tracker.py on_live_run's loop."},
+     "take_run(items, at, last, decode, floor, budget, rank, cleared, wire_error[, parts]) -> "
+     "(next, last, first, events, payload): events/tracker.py on_live_run's loop."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -366,9 +430,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__recv(void) {
     const char *names[] = {"events", "data_parallel_rank", "skipped_events",
-                           "unsupported_events", "admit", "charge_events"};
-    PyObject **slots[] = {&s_events, &s_rank, &s_skipped, &s_unsupported, &s_admit, &s_charge};
-    for (int k = 0; k < 6; k++)
+                           "unsupported_events", "admit", "charge_events", "ts"};
+    PyObject **slots[] = {&s_events, &s_rank, &s_skipped, &s_unsupported, &s_admit, &s_charge,
+                          &s_ts};
+    for (int k = 0; k < 7; k++)
         if ((*slots[k] = PyUnicode_InternFromString(names[k])) == NULL)
             return NULL;
     return PyModule_Create(&module);

@@ -458,7 +458,7 @@ class SourceTracker:
         if _take_run is not None:
             i, last, first, merged, payload = _take_run(
                 items, at, last, decode, self._size_floor, budget, self._rank,
-                AllBlocksCleared, WireError,
+                AllBlocksCleared, WireError, self._decoder.plain_parts(),
             )  # fmt: skip
             events: list[Event] = merged or []
         else:

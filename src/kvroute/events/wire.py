@@ -179,9 +179,17 @@ def _decode_map(payload: bytes) -> EventBatch:
 _Decode: TypeAlias = Callable[[bytes], EventBatch]
 
 
-def _raw_map_decode() -> _Decode:
+# What `_recv.take_run` needs to decode a payload of the raw map shape without a Python frame
+# (events/tracker.py `on_live_run`): the msgspec decode, `batch_verdict`, its "plain" answer
+# and `EventBatch`. Only a batch judged plain is taken that way, anything else is decoded again
+# by `BatchDecoder.decode` (design §12).
+PlainParts: TypeAlias = tuple[Callable[[bytes], Any], Callable[[list[Any]], int], int, type]
+
+
+def _raw_map_decode() -> tuple[_Decode, PlainParts]:
     """`_decode_map` with plain stores' `token_ids` left as msgpack bytes, for an index with
-    `raw_tokens` (only the native one, so its module is imported here, not at import time)."""
+    `raw_tokens` (only the native one, so its module is imported here, not at import time);
+    and its plain case's parts for the C slice loop."""
     from kvroute.index.native_index import (
         TOKENS_BAD,
         TOKENS_PLAIN,
@@ -210,7 +218,7 @@ def _raw_map_decode() -> _Decode:
         rank = raw.data_parallel_rank
         return _map_batch(raw.ts, events, rank, _RawMapBlockStored, listed_tokens)
 
-    return decode
+    return decode, (decoder, batch_verdict, TOKENS_PLAIN, EventBatch)
 
 
 def _map_batch(
@@ -267,15 +275,22 @@ class BatchDecoder:
     anything else takes the tolerant path, which either normalises it or raises `WireError`.
     """
 
-    __slots__ = ("_fast",)
+    __slots__ = ("_fast", "_plain")
 
     def __init__(self, *, raw_tokens: bool = False) -> None:
         """`raw_tokens`: plain map stores keep `token_ids` as msgpack bytes (`msgspec.Raw`), for
         an index whose `raw_tokens` is True (index/native_index.py reads them in C)."""
-        self._fast: tuple[_Decode, _Decode] = (
-            _raw_map_decode() if raw_tokens else _decode_map,
-            _decode_array,
-        )
+        self._plain: PlainParts | None = None
+        first: _Decode = _decode_map
+        if raw_tokens:
+            first, self._plain = _raw_map_decode()
+        self._fast: tuple[_Decode, _Decode] = (first, _decode_array)
+
+    def plain_parts(self) -> PlainParts | None:
+        """The raw map decode's parts while it is the shape tried first (the source sends map
+        events), for `_recv.take_run`; None otherwise. A batch taken through them equals
+        `decode`'s."""
+        return self._plain if self._fast[1] is _decode_array else None
 
     def decode(self, payload: bytes) -> EventBatch:
         first, second = self._fast

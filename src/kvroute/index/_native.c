@@ -432,6 +432,34 @@ static inline int tok_int(const u8 *p, size_t len, size_t *pos, u64 *v, int *neg
     return 1;
 }
 
+/* tok_scan's loop when the ids are not written out (the verdict's pass, events/wire.py): of
+ * the usual encodings (fixint, uint8/16/32) only the type byte is read, the value's bytes only
+ * counted, their end checked against len by the next type byte's read or the final check. */
+static int tok_check(const u8 *p, size_t len, size_t pos, size_t n, Py_ssize_t *count) {
+    int wide = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (pos >= len) return TOK_BAD;
+        u8 b = p[pos];
+        if (b <= 0x7f) {
+            pos += 1;
+        } else if (b == 0xcd) {
+            pos += 3;
+        } else if (b == 0xce) {
+            pos += 5;
+        } else if (b == 0xcc) {
+            pos += 2;
+        } else {
+            u64 v;
+            int neg;
+            if (!tok_int(p, len, &pos, &v, &neg)) return TOK_BAD;
+            if (neg || v > 0xFFFFFFFFULL) wide = 1;
+        }
+    }
+    if (pos != len) return TOK_BAD;
+    *count = (Py_ssize_t)n;
+    return wide ? TOK_WIDE : TOK_U32;
+}
+
 /* Scan one msgpack object. TOK_U32: an array of ints in [0, 2**32), *count of them, written
  * big-endian to `out` when *count <= cap (out may be NULL); TOK_NIL: nil; TOK_WIDE: an array
  * of ints some of which are outside [0, 2**32) (msgspec takes them, the index counts the store
@@ -455,6 +483,7 @@ static int tok_scan(const u8 *p, size_t len, u8 *out, Py_ssize_t cap, Py_ssize_t
         return TOK_BAD;
     }
     if (n > len - pos) return TOK_BAD; /* every int takes at least a byte */
+    if (out == NULL) return tok_check(p, len, pos, n, count);
     int wide = 0;
     if (out != NULL && (Py_ssize_t)n > cap) out = NULL;
     for (size_t i = 0; i < n; i++) {
@@ -1276,6 +1305,17 @@ static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* reserve(n): room for n entries in all, the slot table sized for them (one rehash of what
+ * is there now) instead of grown step by step as they come. For a cleared source's map, sized
+ * from its size before the clear (native_index.py `_clear_source`): an engine that resets its
+ * cache fills it again. */
+static PyObject *NativeMap_reserve(NativeMap *m, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n > m->used && map_presize(m, n - m->used) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
     size_t n = sizeof(NativeMap) + (size_t)m->ecap * ENTRY_BYTES +
                (size_t)(m->nslots + m->old_nslots) * sizeof(int32_t);
@@ -1426,6 +1466,8 @@ static PyMethodDef NativeMap_methods[] = {
     {"clear", (PyCFunction)NativeMap_clear_method, METH_NOARGS, NULL},
     {"migrate_some", (PyCFunction)NativeMap_migrate_some, METH_O,
      "Move up to n entries of a growing table; True while some remain."},
+    {"reserve", (PyCFunction)NativeMap_reserve, METH_O,
+     "reserve(n): room for n entries in all, so the next inserts up to n do not grow it."},
     {"nbytes", (PyCFunction)NativeMap_nbytes, METH_NOARGS,
      "Bytes allocated for the map's arrays (what its memory budget counts)."},
     {"objects", (PyCFunction)NativeMap_objects, METH_NOARGS,

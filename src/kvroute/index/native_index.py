@@ -212,18 +212,23 @@ class NativePrefixIndex(PrefixIndex):
         if not self._plain(src):
             super()._clear_source(src)
             return
-        if len(blocks) < self.drain_min or (not self._free_bits and self._next_bit >= _WIDE):
+        # An engine that clears its cache fills it again: the fresh map is sized for what the
+        # source held, so it does not grow step by step meanwhile (design §12).
+        size = len(blocks)
+        if size < self.drain_min or (not self._free_bits and self._next_bit >= _WIDE):
             gone = _release_all(blocks, self._holders, src.bit)
             if gone:
                 self._model_blocks[src.model] -= gone
             blocks.clear()
             super()._clear_source(src)  # the rest; its block loop finds nothing left
+            NativeMap.reserve(blocks, size)  # after: the reference's clear() would free it
             return
         # A big source: hand it a fresh map and a fresh bit now (O(1)) and take the old bit out
         # of the holder masks a slice per batch (`_drain`). The old bit is in no partition any
         # more, so `match` never counts it; it is reused only once drained.
         src.blocks = NativeMap()
         super()._clear_source(src)  # partitions, dups, aliases, media, with the old bit
+        NativeMap.reserve(src.blocks, size)
         old = src.bit
         new = self._free_bits.pop() if self._free_bits else self._take_next_bit()
         src.bit = new

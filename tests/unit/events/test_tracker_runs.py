@@ -180,3 +180,77 @@ def test_a_run_stops_at_the_first_uncommon_item_and_takes_the_rest_next(run_loop
     assert rig.tracker.on_live_run(items, 3) == 4
     assert rig.tracker.last == items[3][0]  # type: ignore[index]
     assert {int(h) for h, _ in rig.index.holdings(SOURCE)} == engine.reference()
+
+
+def _odd_payloads() -> list[bytes]:
+    """Map payloads the raw decode takes but its verdict does not call plain, or that it refuses
+    (a LoRA, an upper-case medium, token ids past uint32, nil or not ints, a cleared event)."""
+    out = []
+    for event in (
+        {"lora_id": 3},
+        {"medium": "CPU_TIER"},
+        {"medium": "cpu"},
+        {"token_ids": [1, 2, 3, 1 << 40]},
+        {"token_ids": None},
+        {"token_ids": ["a", "b", "c", "d"]},
+        {"extra_keys": [None, None, None, None]},
+    ):
+        base = {"type": "BlockStored", "block_hashes": [7], "parent_block_hash": None}
+        base.update({"token_ids": [1, 2, 3, 4], "block_size": 4, "lora_id": None})
+        base.update({"medium": "GPU", **event})
+        out.append(msgspec.msgpack.encode([1.0, [base], 0]))
+    out.append(msgspec.msgpack.encode([1.0, [{"type": "AllBlocksCleared"}], 0]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_take_run_with_plain_parts_is_take_run_through_decode(seed: int) -> None:
+    """`_recv.take_run` given the decoder's plain parts (the raw map decode and its verdict,
+    called from C) against the same call without them (every payload through
+    `BatchDecoder.decode`): same run, same batches, on streams with every uncommon case; and
+    the plain payloads did not go through `decode`."""
+    from kvroute.events.wire import BatchDecoder
+    from kvroute.index.impl import native_error
+
+    take_run = tracker_module._take_run
+    if take_run is None or native_error():
+        pytest.skip("the native extensions are not built")
+    rng = random.Random(seed)
+    items, _ = _stream(rng, 300)
+    odd = _odd_payloads()
+    for k in range(len(items)):  # some of the odd payloads in place of a batch, same seq
+        item = items[k]
+        if item is not None and rng.random() < 0.1:
+            items[k] = (item[0], rng.choice(odd))
+    decoder = BatchDecoder(raw_tokens=True)
+    parts = decoder.plain_parts()
+    assert parts is not None
+    calls = [0]
+
+    def decode(payload: bytes) -> object:
+        calls[0] += 1
+        return decoder.decode(payload)
+
+    from kvroute.core import AllBlocksCleared
+    from kvroute.errors import WireError
+
+    taken = 0
+    for at, item in enumerate(items):
+        if item is None:
+            continue
+        common = (items, at, item[0] - 1, decode, -1, None, 0, AllBlocksCleared, WireError)
+        calls[0] = 0
+        with_parts = take_run(*common, parts)
+        through_parts = calls[0]
+        calls[0] = 0
+        without = take_run(*common)
+        assert with_parts == without, f"seed {seed}, at {at}"
+        assert through_parts <= calls[0]
+        taken += with_parts[0] - at
+        if with_parts[0] > at + 1:
+            assert through_parts < calls[0]  # plain ones were taken without `decode`
+    assert taken > 0
+    # A source that sends array-shaped events: its decoder tries that shape first, no parts.
+    array_payload = msgspec.msgpack.encode([1.0, [["BlockRemoved", [1], "GPU"]], 0])
+    decoder.decode(array_payload)
+    assert decoder.plain_parts() is None

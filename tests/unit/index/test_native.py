@@ -194,6 +194,47 @@ def test_a_cleared_source_leaves_match_at_once_and_the_holder_masks_over_later_b
     assert not index._draining and bit_before in index._free_bits
 
 
+def test_a_reserved_map_takes_that_many_keys_without_growing(native: Any) -> None:
+    m = native.NativeMap()
+    for k in range(100):
+        m[k] = k
+    m.reserve(50)  # fewer than it holds: nothing to do
+    m.reserve(20_000)
+    reserved = m.nbytes()
+    assert reserved >= 20_000 * 17
+    for k in range(100, 20_000):
+        m[k] = k
+    assert m.nbytes() == reserved  # no growth on the way ...
+    assert list(m.items()) == [(k, k) for k in range(20_000)]
+    m[20_000] = 0  # ... and the usual growth past it
+    assert m.nbytes() > reserved and len(m) == 20_001
+
+
+@pytest.mark.parametrize("drain_min", [10, 1 << 30], ids=["fresh map", "cleared map"])
+def test_a_cleared_source_refills_a_map_sized_from_before(native: Any, drain_min: int) -> None:
+    from kvroute.core import AllBlocksCleared, BlockStored, EventBatch, SourceId
+    from kvroute.index.native_index import NativePrefixIndex
+    from kvroute.index.prefix_index import PrefixIndex
+
+    tokens = list(range(4 * 3000))
+    stored = EventBatch(0.0, [BlockStored(list(range(1, 3001)), None, tokens, 4)])
+    cleared = EventBatch(0.0, [AllBlocksCleared()])
+    index, reference = NativePrefixIndex(), PrefixIndex()
+    index.drain_min = drain_min
+    a = SourceId("a/0")
+    for ix in (index, reference):
+        ix.add_source(a, engine="a", model="m")
+        ix.apply(a, stored)
+        ix.apply(a, cleared)
+    reserved = index._sources[a].blocks.nbytes()
+    assert reserved >= 3000 * 17 and index.source_block_count(a) == 0
+    for ix in (index, reference):
+        ix.apply(a, stored)
+    assert index._sources[a].blocks.nbytes() == reserved  # filled again without growing
+    assert sorted(index.holdings(a)) == sorted(reference.holdings(a))
+    assert index.match("m", None, tokens)["a"].blocks == 3000
+
+
 def test_maintain_moves_a_growing_table_in_idle_slices(native: Any) -> None:
     from kvroute.core import BlockStored, EventBatch, SourceId
     from kvroute.index.native_index import NativePrefixIndex

@@ -151,6 +151,18 @@ def test_random_bytes_are_refused_or_read_as_msgspec_reads_them(raw: bytes) -> N
         b"\x91\xc3",  # true
         b"\x92\x01\x91\x01",  # a nested array
         b"\x91\xa1x",  # a str
+        # the verdict's pass reads only the type byte of fixints and uint8/16/32: cut values
+        # at the end and in the middle, and a value whose bytes are ints' type bytes
+        b"\x91\xcc",
+        b"\x91\xcd\x01",
+        b"\x91\xce\x01\x02\x03",
+        b"\x92\xce\x01\x02\x03\x04",
+        b"\x93\xcd\x01\xcd\x01",
+        b"\x92\xcd\x01\x02\x05",
+        b"\x92\xcd\xcd\xcd\xcd\x01\x02",
+        b"\x91\xcc\xff",
+        b"\x92\xce\xff\xff\xff\xff\xd0\xff",  # wide after a u32: still scanned to the end
+        b"\x92\xd0\xff\xcd\x01",  # wide, then a cut uint16
     ],
 )
 def test_edge_cases_read_as_msgspec_reads_them(raw: bytes) -> None:
