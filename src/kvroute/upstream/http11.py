@@ -187,7 +187,9 @@ class LeanPool:
                     async with asyncio.timeout(self.read_timeout_s):
                         await conn.writer.drain()
             except TimeoutError:
-                raise HttpError("WriteTimeout", f"not sent within {self.read_timeout_s} s") from None
+                raise HttpError(
+                    "WriteTimeout", f"not sent within {self.read_timeout_s} s"
+                ) from None
             except OSError as exc:
                 raise HttpError("WriteError", _detail(exc)) from exc
             response = await self._read_head(conn, method)
@@ -275,7 +277,9 @@ class LeanPool:
                 async with asyncio.timeout(self.read_timeout_s):
                     raw = await reader.readuntil(b"\r\n\r\n")
             except TimeoutError:
-                raise HttpError("ReadTimeout", f"no answer within {self.read_timeout_s} s") from None
+                raise HttpError(
+                    "ReadTimeout", f"no answer within {self.read_timeout_s} s"
+                ) from None
             except asyncio.IncompleteReadError:
                 raise HttpError(
                     "RemoteProtocolError", "Server disconnected without sending a response."
@@ -433,7 +437,9 @@ class LeanResponse:
             try:
                 size = int(size_text, 16)
             except ValueError:
-                raise HttpError("RemoteProtocolError", f"malformed chunk size {line[:40]!r}") from None
+                raise HttpError(
+                    "RemoteProtocolError", f"malformed chunk size {line[:40]!r}"
+                ) from None
             if size == 0:  # the last chunk; then trailers, up to a blank line
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass
