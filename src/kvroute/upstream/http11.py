@@ -1,18 +1,17 @@
-"""A lean HTTP/1.1 client for plain-HTTP engines: keep-alive connections over asyncio streams, one
-socket write per request (head and body together), a pool bounded over all engines.
+"""A lean HTTP/1.1 client for plain-HTTP engines: kept-alive connections over asyncio streams,
+one socket write per request (head and body together), a pool bounded over all engines."""
 
-httpx with httpcore and h11 spent about a quarter of the gateway's CPU on each proxied request
-(py-spy at 16 req/s: request and header objects, cookie and auth hooks, a pool scan that asks
-every connection's socket whether it is readable, h11's state machine, and two socket writes,
-headers then body). This client does what the proxy and the remote tokenizer need and no more;
-`HttpxEngineClient` (httpx_client.py) uses it for `http://` engines and keeps httpx for
-`https://` ones and for injected transports (tests).
-
-Errors are named as httpx names them (`ConnectError`, `ConnectTimeout`, `ReadTimeout`,
-`WriteTimeout`, `PoolTimeout`, `RemoteProtocolError`, `ReadError`, `WriteError`) in the
-`HttpError` raised here; httpx_client.py maps them to EngineConnectError (a failed connect: the
-engine cannot have seen the request) or EngineResponseError (anything later).
-"""
+# httpx with httpcore and h11 spent about a quarter of the gateway's CPU on each proxied request
+# (py-spy at 16 req/s: request and header objects, cookie and auth hooks, a pool scan that asks
+# every connection's socket whether it is readable, h11's state machine, and two socket writes,
+# headers then body; docs/design.md §8). This client does what the proxy, the remote tokenizer
+# and the probes need and no more; `HttpxEngineClient` (httpx_client.py) uses it for `http://`
+# engines and keeps httpx for `https://` ones and for injected transports (tests).
+#
+# Errors are named as httpx names them (`ConnectError`, `ConnectTimeout`, `ReadTimeout`,
+# `WriteTimeout`, `PoolTimeout`, `RemoteProtocolError`, `ReadError`, `WriteError`) in the
+# `HttpError` raised here; httpx_client.py maps them to EngineConnectError (a failed connect:
+# the engine cannot have seen the request) or EngineResponseError (anything later).
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""`HttpxEngineClient`: the `EngineClient` over pooled connections: the lean HTTP/1.1 client of
-upstream/http11.py for `http://` engines, httpx for `https://` ones and injected transports.
-Their errors are caught here and re-raised as EngineConnectError or EngineResponseError
-(docs/architecture.md)."""
+"""`HttpxEngineClient`: the `EngineClient` over upstream/http11.py (`http://`) and httpx (`https://`,
+test transports); their errors are re-raised as EngineConnectError or EngineResponseError."""
 
 from __future__ import annotations
 
