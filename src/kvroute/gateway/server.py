@@ -11,7 +11,7 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -138,6 +138,88 @@ class _Admission:
         self._served.discard(connection)
 
 
+class _CorkedTransport(asyncio.Transport):
+    """A connection's transport whose writes made in one step of the loop go out as one: the
+    first write is held and sent, joined with any that follow it, by a callback at the loop's
+    next turn. uvicorn writes a response's head, body and end separately (two or three
+    syscalls and TCP segments, each waking the client); a complete response now leaves in one.
+    A streamed response's head still goes out as soon as the app awaits its next chunk. Every
+    write of the connection (the server's own error answers too) passes here, so their order
+    holds; `close` and `abort` send what is held first."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._held is None:
+            self._held = [bytes(data)]
+            self._loop.call_soon(self._flush)
+        else:
+            self._held.append(bytes(data))
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        held = sum(len(d) for d in self._held) if self._held else 0
+        return held + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
 def _too_large(limit: int) -> bytes:
     """A complete 431 with an OpenAI-shaped body, written raw: h11 has seen no request yet."""
     error = GatewayHTTPError(431, f"request headers: expected at most {limit} bytes")
@@ -175,7 +257,7 @@ def _guarded_h11(options: ServerOptions) -> type[H11Protocol]:
         _discarded = 0
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            super().connection_made(_CorkedTransport(transport, self.loop))
             if admission is not None and not admission.admit(self, self.loop.time()):
                 self.app = admission.app
             self._arm()
