@@ -345,9 +345,12 @@ class _Timing:
             return
         now = time.monotonic()
         if self.record_latency:
-            # A slice applied as one batch carries its first message's ts: the slice's oldest,
-            # so each sample is the slice's worst latency.
-            self.latencies.append(now - ts)
+            # A slice applied as one batch carries its first message's ts: the slice's oldest.
+            # Each of its messages counts once, at that worst latency: one sample per slice
+            # would weigh a backlog (many messages, one slice) as one message and bias the p99
+            # low, and a busy host's run would have few samples.
+            messages = max(1, len(batch.events) // _EVENTS_PER_MESSAGE)
+            self.latencies.extend([now - ts] * messages)
             return
         self.burst_applied += 1  # apply calls: one per received slice (tracker.on_live_run)
         if self.first_t is None:
