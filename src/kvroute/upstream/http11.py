@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 __all__ = ["HttpError", "LeanPool", "LeanResponse", "Target", "target"]
 
 _MAX_HEAD_BYTES: Final = 64 * 1024  # a response's status line and headers
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
+_MAX_INTERIM_ANSWERS: Final = 8  # 1xx answers before the final one (HTTP allows several)
 _READ_SIZE: Final = 64 * 1024  # the most one body read asks for
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -271,7 +273,7 @@ class LeanPool:
 
     async def _read_head(self, conn: _Connection, method: str) -> LeanResponse:
         reader = conn.reader
-        while True:
+        for _interim in range(_MAX_INTERIM_ANSWERS + 1):
             try:
                 async with asyncio.timeout(self.read_timeout_s):
                     raw = await reader.readuntil(b"\r\n\r\n")
@@ -293,6 +295,10 @@ class LeanPool:
             if 100 <= status < 200 and status != 101:
                 continue  # an interim answer (100 Continue): the real one follows
             break
+        else:  # an engine answering with interim answers only would hold the request forever
+            raise HttpError(
+                "RemoteProtocolError", f"over {_MAX_INTERIM_ANSWERS} interim (1xx) answers"
+            )
         framing, length, reuse = _framing(method, status, version, headers)
         return LeanResponse(self, conn, status, headers, framing, length, reuse)
 
@@ -302,7 +308,11 @@ def _parse_head(raw: bytes) -> tuple[int, str, dict[str, str]]:
     lines = raw[:-4].decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+    if (
+        not version.startswith("HTTP/1.")
+        or len(code) != 3
+        or not (code.isascii() and code.isdigit())
+    ):
         raise HttpError("RemoteProtocolError", f"malformed status line {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -333,7 +343,8 @@ def _framing(
     if given is None:
         return "eof", 0, False
     values = {v.strip() for v in given.split(",")}
-    if len(values) != 1 or not (value := values.pop()).isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if len(values) != 1 or not ((value := values.pop()).isascii() and value.isdigit()):
         raise HttpError("RemoteProtocolError", f"malformed content-length {given[:40]!r}")
     return "length", int(value), reuse
 
@@ -433,12 +444,11 @@ class LeanResponse:
         if self._chunk_left == 0:  # chunked: the next chunk's size line
             line = await reader.readuntil(b"\r\n")
             size_text = line[:-2].split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(
-                    "RemoteProtocolError", f"malformed chunk size {line[:40]!r}"
-                ) from None
+            # Hex digits only: int(x, 16) also takes "-1", "+2", "0x2" and "1_0", and a
+            # negative size would read the connection to its end.
+            if not 0 < len(size_text) <= 16 or size_text.strip(_HEX_DIGITS):
+                raise HttpError("RemoteProtocolError", f"malformed chunk size {line[:40]!r}")
+            size = int(size_text, 16)
             if size == 0:  # the last chunk; then trailers, up to a blank line
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass

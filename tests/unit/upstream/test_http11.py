@@ -246,7 +246,11 @@ async def test_the_pool_bounds_requests_and_open_connections_over_all_servers() 
         (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "RemoteProtocolError: malformed header"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", "malformed content-length"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n", "malformed content-length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\n", "malformed content-length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: \xb2\r\n\r\n", "malformed content-length"),
         (b"", "RemoteProtocolError: Server disconnected"),
+        (b"HTTP/1.1 \xb200 OK\r\n\r\n", "RemoteProtocolError: malformed status line"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 9, "RemoteProtocolError: over 8 interim"),
     ],
 )
 async def test_malformed_answers_are_protocol_errors(
@@ -264,8 +268,28 @@ async def test_malformed_answers_are_protocol_errors(
 
 @pytest.mark.parametrize(
     "body",
-    [b"zz\r\nab\r\n0\r\n\r\n", b"2\r\nabXY0\r\n\r\n", b"5\r\nab"],
-    ids=["bad-size", "bad-chunk-end", "cut"],
+    [
+        b"zz\r\nab\r\n0\r\n\r\n",
+        b"2\r\nabXY0\r\n\r\n",
+        b"5\r\nab",
+        b"-1\r\n" + b"x" * 4096,  # int(..., 16) would take it; read(-1) reads to the end
+        b"+2\r\nab\r\n0\r\n\r\n",
+        b"0x2\r\nab\r\n0\r\n\r\n",
+        b"1_0\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n",
+        b"\r\nab\r\n0\r\n\r\n",
+        b"1" * 17 + b"\r\nab",
+    ],
+    ids=[
+        "bad-size",
+        "bad-chunk-end",
+        "cut",
+        "negative",
+        "plus",
+        "0x",
+        "underscore",
+        "empty",
+        "long",
+    ],
 )
 async def test_a_broken_chunked_body_is_a_protocol_error_and_closes_the_connection(
     pool: LeanPool, body: bytes
