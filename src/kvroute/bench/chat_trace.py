@@ -55,7 +55,8 @@ def chat_trace_rows(
                 -spec.user_tokens_jitter, spec.user_tokens_jitter
             )
             earlier = history.setdefault(u, [])
-            hash_ids = [*systems[u // spec.users_per_group], *earlier, *ids(question)]
+            asked = ids(question)
+            hash_ids = [*systems[u // spec.users_per_group], *earlier, *asked]
             yield {
                 "timestamp": round(at_ms),
                 "input_length": len(hash_ids) * TRACE_BLOCK_TOKENS,
@@ -63,7 +64,7 @@ def chat_trace_rows(
                 "hash_ids": hash_ids,
             }
             # The next turn's prompt holds this question and its answer.
-            earlier.extend(hash_ids[len(systems[u // spec.users_per_group]) + len(earlier) :])
+            earlier.extend(asked)
             earlier.extend(ids(spec.answer_tokens))
             at_ms += arrivals.expovariate(rate_per_s) * 1000.0
 
