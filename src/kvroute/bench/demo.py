@@ -81,14 +81,17 @@ class RequestRecord:
     error: str = ""  # why a request failed: its status and body, or the exception; "" if ok
 
 
-def failure_text(response: httpx.Response | None, exc: BaseException | None = None) -> str:
+def failure_text(
+    response: httpx.Response | None, exc: BaseException | None = None, *, limit: int = 240
+) -> str:
     """A failed request in one line for the run's report: the exception, else the status and
-    the start of the body (a failure's log must not be lost, README "Benchmarks")."""
+    the start of the body, each cut to `limit` characters (a failure's log must not be lost,
+    README "Benchmarks"). The demo and `kvroute bench trace` report failures this way."""
     if exc is not None:
-        return f"{type(exc).__name__}: {exc}"[:300]
+        return f"{type(exc).__name__}: {str(exc)[:limit]}"
     if response is None:
         return "no response"
-    body = response.text.replace("\n", " ")[:240]
+    body = response.text.replace("\n", " ")[:limit]
     return f"HTTP {response.status_code}: {body}"
 
 

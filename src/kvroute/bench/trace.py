@@ -19,7 +19,15 @@ import httpx
 from starlette.applications import Starlette
 
 from kvroute.bench import vllm_router
-from kvroute.bench.demo import MODEL, POLICIES, PolicyStack, _Progress, sim_last_finish, sim_now
+from kvroute.bench.demo import (
+    MODEL,
+    POLICIES,
+    PolicyStack,
+    _Progress,
+    failure_text,
+    sim_last_finish,
+    sim_now,
+)
 from kvroute.bench.oracle import ORACLE, oracle_index_factory
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
 from kvroute.bench.trace_summary import (
@@ -347,9 +355,9 @@ async def _replay(
                 if status == 200:
                     data = response.json()
                 else:
-                    error = f"HTTP {status}: {response.text[:200]}"
+                    error = failure_text(response, limit=200)
             except (httpx.HTTPError, ValueError) as exc:
-                status, error = 0, f"{type(exc).__name__}: {str(exc)[:200]}"
+                status, error = 0, failure_text(None, exc, limit=200)
             waited_ms = (loop.time() - posted) * 1000.0
             usage = data.get("usage") or {}
             details = usage.get("prompt_tokens_details") or {}
