@@ -302,29 +302,24 @@ class Gateway:
         """`candidates` with what their KV pools say: `evicting` (BlockRemoved lately), and
         `free_kv_tokens` where the engine reported its pool size (pool blocks less the blocks
         the index holds there, in tokens of the model's block size)."""
-        assert self.index is not None
+        index = self.index
+        assert index is not None
         now = time.monotonic()
-        self.evictions.update(self.index.engine_removed_counts(), now)
-        candidates = [
-            replace(c, evicting=True) if self.evictions.evicting(c.name, now) else c
-            for c in candidates
-        ]
-        sizes = self.index.block_sizes(model)
-        pools = {
-            c.name: self.fleet.fresh_gauge(state, KV_POOL_BLOCKS)
-            for c in candidates
-            if (state := self.fleet.get(c.name)) is not None
-        }
-        if not sizes or not any(v is not None for v in pools.values()):
-            return candidates
-        block_size = max(sizes)
-        held = self.index.engine_block_counts()
+        self.evictions.update(index.engine_removed_counts(), now)
+        sizes = index.block_sizes(model)
+        block_size = max(sizes) if sizes else 0  # 0: no block yet, so no pool in tokens
+        held: dict[str, int] | None = None  # the index's blocks per engine, read once if needed
         out = []
         for c in candidates:
-            pool = pools.get(c.name)
+            evicting = self.evictions.evicting(c.name, now)
+            state = self.fleet.get(c.name) if block_size else None
+            pool = self.fleet.fresh_gauge(state, KV_POOL_BLOCKS) if state is not None else None
+            free = None
             if pool is not None:
+                held = index.engine_block_counts() if held is None else held
                 free = max(0.0, pool - held.get(c.name, 0)) * block_size
-                c = replace(c, free_kv_tokens=free)
+            if evicting or free is not None:
+                c = replace(c, evicting=evicting, free_kv_tokens=free)
             out.append(c)
         return out
 
