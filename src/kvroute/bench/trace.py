@@ -452,7 +452,9 @@ async def run_trace_async(options: TraceOptions) -> int:
             f"{scaling.tokens_per_hash} tokens per hash id (scale {scaling.effective_scale:g}); "
             f"sim speed ×{options.speed:g}; TTFT SLO p90 ≤ {options.slo_ms:g} ms; the trace "
             f"reuses {prefix_reuse(requests):.1%} of its prompt tokens (an unbounded cache's hit "
-            "rate)" + (f"; vs vllm-router {peer.version}" if peer is not None else "")
+            f"rate), one LRU cache of the fleet's KV would hit "
+            f"{prefix_reuse(requests, _fleet_hash_blocks(options, config)):.1%}"
+            + (f"; vs vllm-router {peer.version}" if peer is not None else "")
         )
         for name in options.runs:
             tick = progress.phase(f"{name} ×{options.time_factor:g}", len(requests))
@@ -608,6 +610,7 @@ def _report(
             }
         policies[name] = entry
     scaling = options.scaling
+    fleet_reuse = prefix_reuse(requests, _fleet_hash_blocks(options, config))
     return {
         "trace": str(options.trace),
         "slo_ms": options.slo_ms,
@@ -617,6 +620,8 @@ def _report(
             "trace_rate_rps": round_opt(rate, 3),
             # the hit rate of one unbounded cache holding every earlier prompt: the trace's reuse
             "prefix_reuse": round(prefix_reuse(requests), 4),
+            # the same for one LRU cache as large as the whole fleet's KV: finite pools' reference
+            "fleet_lru_reuse": round(fleet_reuse, 4),
             "time_factor": options.time_factor,
             "arrival_rate_rps": round_opt(rate / options.time_factor if rate else None, 3),
             "token_scale": scaling.effective_scale,
@@ -634,6 +639,12 @@ def _report(
             "wall_seconds": round(elapsed, 1),
         },
     }
+
+
+def _fleet_hash_blocks(options: TraceOptions, config: SimConfig) -> int:
+    """The fleet's KV in trace blocks (hash ids): every engine's pool as one."""
+    tokens = options.engines * config.num_gpu_blocks * config.block_size
+    return max(1, tokens // options.scaling.tokens_per_hash)
 
 
 _COLORS = {PolicyName.KV_AWARE: "#2a9d8f", ORACLE: "#264653", vllm_router.PEER: "#e9c46a"}

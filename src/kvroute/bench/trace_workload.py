@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,16 +235,25 @@ def trace_rate(requests: Sequence[TraceRequest]) -> float | None:
     return (len(requests) - 1) / span_s if span_s > 0 else None
 
 
-def prefix_reuse(requests: Sequence[TraceRequest]) -> float:
+def prefix_reuse(requests: Sequence[TraceRequest], blocks: int | None = None) -> float:
     """The share of the requests' prompt tokens in leading blocks an earlier request already
-    sent: the hit rate of one unbounded cache that holds every earlier prompt at once."""
-    seen: set[tuple[int, ...]] = set()
+    sent: the hit rate of one unbounded cache that holds every earlier prompt at once, or with
+    `blocks`, of one least-recently-used cache of that many trace blocks (the fleet's whole KV
+    as a single pool: a reference for finite pools, not a bound, since LRU is not optimal)."""
+    if blocks is not None and blocks < 1:
+        raise ValueError(f"blocks: expected >= 1 or None, got {blocks}")
+    cache: OrderedDict[tuple[int, ...], None] = OrderedDict()
     reused = total = 0
     for r in requests:
         k = 0
-        while k < len(r.hash_ids) and r.hash_ids[: k + 1] in seen:
+        while k < len(r.hash_ids) and r.hash_ids[: k + 1] in cache:
             k += 1
         reused += min(k * TRACE_BLOCK_TOKENS, r.input_length)
         total += r.input_length
-        seen.update(r.hash_ids[: j + 1] for j in range(len(r.hash_ids)))
+        for j in range(len(r.hash_ids)):  # every prompt block, now the most recently used
+            key = r.hash_ids[: j + 1]
+            cache[key] = None
+            cache.move_to_end(key)
+        while blocks is not None and len(cache) > blocks:
+            cache.popitem(last=False)
     return reused / total if total else 0.0

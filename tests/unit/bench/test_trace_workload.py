@@ -196,3 +196,21 @@ def test_prefix_reuse_counts_leading_blocks_seen_before() -> None:
     ]
     assert prefix_reuse(requests) == pytest.approx((1024 + 300) / (1024 + 1536 + 1024 + 300))
     assert prefix_reuse(requests[:1]) == 0.0
+
+
+def test_prefix_reuse_of_a_finite_lru_cache() -> None:
+    requests = [
+        TraceRequest(0, 1, 0.0, 1024, 1, (1, 2)),
+        TraceRequest(1, 2, 0.0, 1024, 1, (5, 6)),
+        TraceRequest(2, 3, 0.0, 1024, 1, (1, 2)),  # held by 4 blocks, evicted with 2
+        TraceRequest(3, 4, 0.0, 1024, 1, (5, 6)),
+    ]
+    total = 4 * 1024
+    assert prefix_reuse(requests, blocks=4) == pytest.approx(2048 / total)
+    assert prefix_reuse(requests, blocks=2) == 0.0  # each prompt evicts the other
+    assert prefix_reuse(requests, blocks=10**6) == prefix_reuse(requests)
+    # a hit makes its blocks the most recently used: (1, 2) survives (7,) arriving after it
+    touched = [*requests[:3], TraceRequest(4, 5, 0.0, 512, 1, (7,)), requests[2]]
+    assert prefix_reuse(touched, blocks=3) == pytest.approx(1024 / (4 * 1024 + 512))
+    with pytest.raises(ValueError, match="blocks"):
+        prefix_reuse(requests, blocks=0)
