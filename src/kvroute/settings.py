@@ -205,6 +205,14 @@ class Settings(BaseSettings):
         "within `evicting_window_s`), blended by the evicting share in between: with full "
         "pools, where a prefix lives decides later hits.",
     )
+    saturated_queue_ratio: float = Field(
+        _WEIGHTS.saturated_queue_ratio,
+        ge=0,
+        description="kv_aware weighs the queue as `w_queue_evicting` for a prompt while even "
+        "the least queued healthy engine has this many times the prompt's tokens queued for "
+        "prefill (a saturated fleet: moving a prompt off its prefix only adds its prefill to "
+        "the backlog). 0: off.",
+    )
     evicting_window_s: float = Field(
         DEFAULT_EVICTING_WINDOW_S,
         gt=0,

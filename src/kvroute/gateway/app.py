@@ -132,6 +132,7 @@ def build_gateway(
             w_queue=settings.w_queue,
             w_evict=settings.w_evict,
             w_queue_evicting=settings.w_queue_evicting,
+            saturated_queue_ratio=settings.saturated_queue_ratio,
         ),
     )
     gateway = Gateway(

@@ -11,7 +11,14 @@ from kvroute.core import MatchResult, PolicyName
 from kvroute.routing.scores import decide, healthy_candidates, pick_tied
 from kvroute.routing.types import Candidate, CostWeights, Decision
 
-__all__ = ["GUARD_POLICY_NAME", "KvAwarePolicy", "evicted_tokens", "kv_cost", "uncached_prefill"]
+__all__ = [
+    "GUARD_POLICY_NAME",
+    "KvAwarePolicy",
+    "evicted_tokens",
+    "kv_cost",
+    "saturated",
+    "uncached_prefill",
+]
 
 GUARD_POLICY_NAME = f"{PolicyName.KV_AWARE}(least_loaded_guard)"
 """`Decision.policy` when the imbalance cap ruled out the engine of lowest cost."""
@@ -83,15 +90,31 @@ def kv_cost(
     return cost
 
 
-def _queue_weight_for(weights: CostWeights, healthy: Sequence[Candidate]) -> CostWeights:
+def _queue_weight_for(
+    weights: CostWeights, healthy: Sequence[Candidate], prompt_tokens: int
+) -> CostWeights:
     """`weights` with `w_queue` moved toward `w_queue_evicting` by the share of healthy engines
-    whose pools are evicting (all: `w_queue_evicting`; none: `w_queue` unchanged)."""
-    evicting = sum(1 for c in healthy if c.evicting)
-    if not evicting or weights.w_queue_evicting == weights.w_queue:
+    whose pools are evicting (all: `w_queue_evicting`; none: `w_queue` unchanged), or all the
+    way while the fleet is saturated for this prompt (`saturated`)."""
+    if weights.w_queue_evicting == weights.w_queue:
         return weights
-    share = evicting / len(healthy)
+    if saturated(healthy, prompt_tokens, weights.saturated_queue_ratio):
+        share = 1.0
+    else:
+        share = sum(1 for c in healthy if c.evicting) / len(healthy)
+        if not share:
+            return weights
     w_queue = weights.w_queue + (weights.w_queue_evicting - weights.w_queue) * share
     return replace(weights, w_queue=w_queue)
+
+
+def saturated(healthy: Sequence[Candidate], prompt_tokens: int, ratio: float) -> bool:
+    """Whether even the least queued of `healthy` has `ratio` × `prompt_tokens` queued for
+    prefill (False when `ratio` is 0 or nothing is healthy): sending the prompt anywhere but to
+    its prefix then waits anyway, and its uncached prefill delays every request queued after it."""
+    if ratio <= 0 or not healthy or prompt_tokens <= 0:
+        return False
+    return min(c.queued_prefill_tokens for c in healthy) >= ratio * prompt_tokens
 
 
 class KvAwarePolicy:
@@ -116,7 +139,7 @@ class KvAwarePolicy:
         prompt_tokens: int,
     ) -> Decision:
         healthy = healthy_candidates(candidates)
-        weights = _queue_weight_for(self.weights, healthy)
+        weights = _queue_weight_for(self.weights, healthy, prompt_tokens)
         costs = {
             c.name: kv_cost(
                 matches.get(c.name),

@@ -92,7 +92,11 @@ class CostWeights:
     w_evict: float = 1.0
     # `w_queue` while every engine is evicting (blended by the evicting share in between): with
     # full pools, where a prefix lives decides later requests' hits (docs/design.md §6).
-    w_queue_evicting: float = 0.0
+    w_queue_evicting: float = 0.1
+    # > 0: a prompt also gets `w_queue_evicting` while even the least queued healthy engine has
+    # this many times its tokens queued for prefill (the fleet is saturated: moving it off its
+    # prefix buys no idle engine, only adds its prefill to the backlog; docs/design.md §6).
+    saturated_queue_ratio: float = 0.5
 
     def medium_weight(self, medium: str) -> float:
         return self.medium.get(medium, self.other_medium)

@@ -6,6 +6,7 @@ import pytest
 
 from kvroute.core import MatchResult
 from kvroute.routing import Candidate, CostWeights, EvictionRecency, KvAwarePolicy
+from kvroute.routing.kv_aware import saturated
 
 
 def test_an_engine_evicts_from_a_rise_of_its_count_until_the_window_passes() -> None:
@@ -56,7 +57,7 @@ def test_while_every_engine_evicts_the_queue_no_longer_moves_a_prefix() -> None:
 
 
 def test_the_queue_weight_blends_by_the_evicting_share_of_healthy_engines() -> None:
-    weights = CostWeights(w_load=0.0, w_evict=0.0)
+    weights = CostWeights(w_load=0.0, w_evict=0.0, w_queue_evicting=0.0)
     matches = {"hot": _match(100)}
     # One of two evicting: w_queue 0.5, so 3,000 queued count 1,500 against 1,600 saved.
     candidates = [
@@ -73,5 +74,42 @@ def test_the_queue_weight_blends_by_the_evicting_share_of_healthy_engines() -> N
     assert {s.name: s.cost for s in scores}["hot"] == pytest.approx(400 + 1500)
 
 
-def test_defaults_drop_the_queue_weight_to_zero_while_all_evict() -> None:
-    assert CostWeights().w_queue_evicting == 0.0
+def test_defaults_nearly_drop_the_queue_weight_while_all_evict_or_the_fleet_is_saturated() -> None:
+    assert CostWeights().w_queue_evicting == 0.1
+    assert CostWeights().saturated_queue_ratio == 0.5
+
+
+def test_a_saturated_fleet_keeps_a_prefix_where_it_lives() -> None:
+    # Every engine has at least half the prompt queued: moving the prompt off its prefix buys
+    # no idle engine, so the queue weight drops to w_queue_evicting, as if every pool evicted.
+    weights = CostWeights(w_load=0.0, w_evict=0.0, w_queue_evicting=0.0)
+    matches = {"hot": _match(100)}
+
+    def pick(cold_queue: float) -> str:
+        candidates = [
+            Candidate("hot", True, 0, 3, queued_prefill_tokens=3000),
+            Candidate("cold", True, 0, 1, queued_prefill_tokens=cold_queue),
+        ]
+        return KvAwarePolicy(weights=weights).choose(candidates, matches, 2000).engine
+
+    assert pick(cold_queue=0) == "cold"  # an idle engine: the queue is weighed
+    assert pick(cold_queue=999) == "cold"  # just under half of 2,000 tokens queued there
+    assert pick(cold_queue=1000) == "hot"  # saturated
+    # ratio 0 turns the rule off; an unhealthy idle engine does not make the fleet unsaturated
+    off = CostWeights(w_load=0.0, w_evict=0.0, w_queue_evicting=0.0, saturated_queue_ratio=0.0)
+    busy = [
+        Candidate("hot", True, 0, 3, queued_prefill_tokens=3000),
+        Candidate("cold", True, 0, 1, queued_prefill_tokens=1000),
+    ]
+    assert KvAwarePolicy(weights=off).choose(busy, matches, 2000).engine == "cold"
+    sick = [*busy, Candidate("sick", False, 0, 0)]
+    assert KvAwarePolicy(weights=weights).choose(sick, matches, 2000).engine == "hot"
+
+
+def test_saturated_needs_every_healthy_engine_queued() -> None:
+    busy = [Candidate("a", True, 0, 1, queued_prefill_tokens=600.0)]
+    assert saturated(busy, 1000, 0.5)
+    assert not saturated([*busy, Candidate("b", True, 0, 0)], 1000, 0.5)
+    assert not saturated(busy, 1000, 0.0)  # off
+    assert not saturated([], 1000, 0.5)
+    assert not saturated(busy, 0, 0.5)  # an empty prompt waits for nothing

@@ -11,7 +11,9 @@ from kvroute.routing import GUARD_POLICY_NAME, Candidate, CostWeights, KvAwarePo
 MEDIA = {"GPU": 1.0, "CPU": 0.8}
 
 
-def _reference_cost(m: MatchResult | None, load: int, prompt: int, queued: float) -> float:
+def _reference_cost(
+    m: MatchResult | None, load: int, prompt: int, queued: float, w_queue: float
+) -> float:
     """The formula of docs/architecture.md ("Cost") written out the long way, block by block:
     confirmed blocks best medium first, then speculative ones, at most (prompt − 1) // block_size
     of them."""
@@ -25,11 +27,13 @@ def _reference_cost(m: MatchResult | None, load: int, prompt: int, queued: float
         saved = sum(w * m.block_size for w in weights[:usable])
     else:
         saved = 0.0
-    return max(0.0, prompt - saved) + W_LOAD * load + W_QUEUE * queued
+    return max(0.0, prompt - saved) + W_LOAD * load + w_queue * queued
 
 
 W_LOAD = CostWeights().w_load
 W_QUEUE = CostWeights().w_queue
+W_QUEUE_SATURATED = CostWeights().w_queue_evicting  # no engine here is evicting
+SATURATED = CostWeights().saturated_queue_ratio
 CAP = 20_000
 
 
@@ -73,9 +77,12 @@ def test_choice_matches_the_reference(
     decision = KvAwarePolicy(seed=seed, weights=weights).choose(candidates, matches, prompt)
     healthy = [c for c in candidates if c.healthy]
     least = min(c.outstanding_tokens for c in healthy)
+    # Saturated: every healthy engine has at least SATURATED × the prompt queued.
+    full = prompt > 0 and all(c.queued_prefill_tokens >= SATURATED * prompt for c in healthy)
+    w_queue = W_QUEUE_SATURATED if full else W_QUEUE
     costs = {
         c.name: _reference_cost(
-            matches.get(c.name), c.outstanding_tokens, prompt, c.queued_prefill_tokens
+            matches.get(c.name), c.outstanding_tokens, prompt, c.queued_prefill_tokens, w_queue
         )
         for c in healthy
     }
