@@ -29,6 +29,7 @@ class RouteOutcome:
             "engine": self.decision.engine,
             "policy": self.decision.policy,
             "prompt_tokens": self.prompt_tokens,
+            "queue_weight": self.decision.queue_weight,
             "engines": [
                 {
                     "name": s.name,

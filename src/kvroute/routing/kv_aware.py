@@ -163,4 +163,5 @@ class KvAwarePolicy:
         best = costs[ordered[0].name]
         # Allowed engines lead `ordered` by cost, so the tied ones are its first `tied`.
         tied = sum(1 for c in allowed if math.isclose(costs[c.name], best, abs_tol=1e-9))
-        return decide(policy, pick_tied(self._rng, ordered, tied), candidates, matches, costs)
+        ranked = pick_tied(self._rng, ordered, tied)
+        return decide(policy, ranked, candidates, matches, costs, weights.w_queue)

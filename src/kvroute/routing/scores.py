@@ -59,13 +59,18 @@ def decide(
     candidates: Sequence[Candidate],
     matches: Mapping[str, MatchResult],
     costs: Mapping[str, float] | None = None,
+    queue_weight: float | None = None,
 ) -> Decision:
     """The decision for `ranked` (best first) with a score row per candidate; `costs` fills the
-    cost column (a policy without one passes None)."""
+    cost column (a policy without one passes None), `queue_weight` the decision's."""
     scores = [
         score_row(c, matches.get(c.name), None if costs is None else costs.get(c.name))
         for c in candidates
     ]
     return Decision(
-        engine=ranked[0].name, policy=policy, scores=scores, ranked=[c.name for c in ranked]
+        engine=ranked[0].name,
+        policy=policy,
+        scores=scores,
+        ranked=[c.name for c in ranked],
+        queue_weight=queue_weight,
     )

@@ -62,6 +62,9 @@ class Decision:
     policy: str
     scores: list[EngineScore]
     ranked: list[str]
+    # kv_aware: the weight its cost gave queued prefill for this prompt (w_queue, lowered while
+    # pools evict or the fleet is saturated); None for policies without one.
+    queue_weight: float | None = None
 
 
 def _default_medium_weights() -> dict[str, float]:

@@ -20,7 +20,7 @@ from kvroute.settings import load_settings
 from kvroute.sim import SimConfig, SimFleet
 
 MODEL = "sim-model"
-ROUTE_FIELDS = {"engine", "policy", "prompt_tokens", "engines"}
+ROUTE_FIELDS = {"engine", "policy", "prompt_tokens", "queue_weight", "engines"}
 ROUTE_ENGINE_FIELDS = {
     "name",
     "blocks_matched",

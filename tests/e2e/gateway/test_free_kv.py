@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from kvroute.gateway import ENGINE_HEADER
 from tests.polling import eventually
@@ -74,14 +75,19 @@ async def test_an_engine_whose_pool_evicts_is_reported_evicting(tmp_path: Path) 
 
                     await eventually(indexed, "the first prompt's blocks indexed")
         seen: dict[str, bool] = {}
+        weight: object = None
 
         async def evicting() -> bool:
-            nonlocal seen
-            seen = {e["name"]: e["evicting"] for e in (await _route(gw, probe))["engines"]}
+            nonlocal seen, weight
+            data = await _route(gw, probe)
+            seen = {e["name"]: e["evicting"] for e in data["engines"]}
+            weight = data["queue_weight"]
             return seen.get(full) is True
 
         await eventually(evicting, f"{full} reported evicting")
         assert seen == {full: True, gw.fleet.engines[1].name: False}
+        # one engine of two evicting: w_queue 1 moves halfway to w_queue_evicting 0.1
+        assert weight == pytest.approx(0.55)
 
 
 async def test_a_new_prompt_goes_where_prefilling_it_evicts_nothing(tmp_path: Path) -> None:

@@ -90,7 +90,10 @@ def test_a_saturated_fleet_keeps_a_prefix_where_it_lives() -> None:
             Candidate("hot", True, 0, 3, queued_prefill_tokens=3000),
             Candidate("cold", True, 0, 1, queued_prefill_tokens=cold_queue),
         ]
-        return KvAwarePolicy(weights=weights).choose(candidates, matches, 2000).engine
+        decision = KvAwarePolicy(weights=weights).choose(candidates, matches, 2000)
+        # /v1/route shows the weight the queue got
+        assert decision.queue_weight == (0.0 if cold_queue >= 1000 else 1.0)
+        return decision.engine
 
     assert pick(cold_queue=0) == "cold"  # an idle engine: the queue is weighed
     assert pick(cold_queue=999) == "cold"  # just under half of 2,000 tokens queued there
