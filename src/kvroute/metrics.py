@@ -119,6 +119,7 @@ class _StateCollector(Collector):
         self.shared: _SharedStateView | None = None
         self.snapshots: _SnapshotView | None = None
         self.tokenizer_cache: Callable[[], tuple[int, int, int]] | None = None
+        self.piece_cache: Callable[[], tuple[int, int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.sources is not None:
@@ -250,6 +251,20 @@ class _StateCollector(Collector):
                 "kvroute_tokenizer_cache_entries",
                 "Tokenized prompts the cache holds (at most tokenizer_cache_size).",
                 value=float(entries),
+            )
+        if self.piece_cache is not None:
+            hits, misses, held = self.piece_cache()
+            yield _counter(
+                "kvroute_tokenizer_piece_lookups",
+                "Text pieces the local tokenizer looked up, per result (hit; miss: encoded).",
+                ["result"],
+                [("hit", hits), ("miss", misses)],
+            )
+            yield GaugeMetricFamily(
+                "kvroute_tokenizer_piece_cache_bytes",
+                "Estimated size of the local tokenizer's piece cache (at most "
+                "tokenizer_piece_cache_bytes).",
+                value=float(held),
             )
 
 
@@ -506,6 +521,11 @@ class Metrics:
         """Export `kvroute_tokenizer_cache_lookups_total{result}` and
         `kvroute_tokenizer_cache_entries` from `stats()`: (hits, misses, entries)."""
         self._state.tokenizer_cache = stats
+
+    def watch_piece_cache(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """Export `kvroute_tokenizer_piece_lookups_total{result}` and
+        `kvroute_tokenizer_piece_cache_bytes` from `stats()`: (hits, misses, bytes)."""
+        self._state.piece_cache = stats
 
     def watch_silence(self, silent: Callable[[], AbstractSet[SourceId]]) -> None:
         """Export `kvroute_source_silent{source}` from `silent()` (gateway/silence.py)."""
