@@ -93,8 +93,8 @@ def _alternation(contents: list[str]) -> re.Pattern[str] | None:
 class PieceEncoder:
     """Encodes a text as the concatenation of its pieces' ids, each piece's ids from an LRU of
     at most `max_bytes` (estimated as the tokenizer cache does) or, for the pieces not there,
-    from one `encode_batch_fast` call; `special_ids(True)` gives the ids the post-processor puts
-    around one sequence. Built only for a tokenizer `piece_plan` accepts."""
+    from one `encode_batch_fast` call; with special tokens, between the ids the post-processor
+    puts around one sequence (`special`). Built only for a tokenizer `piece_plan` accepts."""
 
     def __init__(
         self,

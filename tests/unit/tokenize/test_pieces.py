@@ -1,5 +1,5 @@
 """Piece encoding against whole-text encoding, differentially over tokenizers built here (no
-downloads): the bench's, a byte-level BPE, Metaspace, WordPiece; and the refusals."""
+downloads): the bench's, a byte-level BPE, Metaspace, WordPiece, WordLevel; and the refusals."""
 
 from __future__ import annotations
 
@@ -86,6 +86,16 @@ def _wordpiece(directory: Path) -> Tokenizer:
     return tok
 
 
+def _whitespace_wordlevel(directory: Path) -> Tokenizer:
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    return tok
+
+
 def _two_passes(directory: Path) -> Tokenizer:
     """No normalizer; "ab" matched after normalization, "bc" before: tokenizers matches the
     raw-text tokens first, so "abc" is "a" + "bc" (one pass of both would give "ab" + "c")."""
@@ -102,6 +112,7 @@ BUILDERS = {
     "metaspace_always": (_metaspace, "added tokens"),
     "wordpiece_lowercase": (_wordpiece, "added tokens and spaces"),
     "two_passes": (_two_passes, "added tokens"),
+    "whitespace_wordlevel": (_whitespace_wordlevel, "added tokens and spaces"),
 }
 
 
