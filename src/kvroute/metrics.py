@@ -45,6 +45,16 @@ def _counter(
     return family
 
 
+def _cache_series(
+    stats: tuple[int, int, int], lookups: tuple[str, str], size: tuple[str, str]
+) -> Iterator[Metric]:
+    """A cache's lookups per result and its size gauge from `stats`: (hits, misses, size);
+    `lookups` and `size` are (name, help)."""
+    hits, misses, held = stats
+    yield _counter(*lookups, ["result"], [("hit", hits), ("miss", misses)])
+    yield GaugeMetricFamily(*size, value=float(held))
+
+
 class _EventCountersCollector(Collector):
     """`EventCounters` (core/counters.py) as Prometheus counters."""
 
@@ -240,32 +250,21 @@ class _StateCollector(Collector):
         if self.snapshots is not None:
             yield from self.snapshots.collect()
         if self.tokenizer_cache is not None:
-            hits, misses, entries = self.tokenizer_cache()
-            yield _counter(
-                "kvroute_tokenizer_cache_lookups",
-                "Tokenizer cache lookups, per result (hit, miss: tokenized locally or remotely).",
-                ["result"],
-                [("hit", hits), ("miss", misses)],
-            )
-            yield GaugeMetricFamily(
-                "kvroute_tokenizer_cache_entries",
-                "Tokenized prompts the cache holds (at most tokenizer_cache_size).",
-                value=float(entries),
-            )
+            yield from _cache_series(
+                self.tokenizer_cache(),
+                ("kvroute_tokenizer_cache_lookups", "Tokenizer cache lookups, per result "
+                 "(hit, miss: tokenized locally or remotely)."),
+                ("kvroute_tokenizer_cache_entries", "Tokenized prompts the cache holds (at most "
+                 "tokenizer_cache_size)."),
+            )  # fmt: skip
         if self.piece_cache is not None:
-            hits, misses, held = self.piece_cache()
-            yield _counter(
-                "kvroute_tokenizer_piece_lookups",
-                "Text pieces the local tokenizer looked up, per result (hit; miss: encoded).",
-                ["result"],
-                [("hit", hits), ("miss", misses)],
-            )
-            yield GaugeMetricFamily(
-                "kvroute_tokenizer_piece_cache_bytes",
-                "Estimated size of the local tokenizer's piece cache (at most "
-                "tokenizer_piece_cache_bytes).",
-                value=float(held),
-            )
+            yield from _cache_series(
+                self.piece_cache(),
+                ("kvroute_tokenizer_piece_lookups", "Text pieces the local tokenizer looked up, "
+                 "per result (hit; miss: encoded)."),
+                ("kvroute_tokenizer_piece_cache_bytes", "Estimated size of the local "
+                 "tokenizer's piece cache (at most tokenizer_piece_cache_bytes)."),
+            )  # fmt: skip
 
 
 # (engine, requests this replica has in flight there, the engine's last scraped `vllm:` gauges)
