@@ -45,6 +45,16 @@ def _counter(
     return family
 
 
+def _cache_series(
+    stats: tuple[int, int, int], lookups: tuple[str, str], size: tuple[str, str]
+) -> Iterator[Metric]:
+    """A cache's lookups per result and its size gauge from `stats`: (hits, misses, size);
+    `lookups` and `size` are (name, help)."""
+    hits, misses, held = stats
+    yield _counter(*lookups, ["result"], [("hit", hits), ("miss", misses)])
+    yield GaugeMetricFamily(*size, value=float(held))
+
+
 class _EventCountersCollector(Collector):
     """`EventCounters` (core/counters.py) as Prometheus counters."""
 
@@ -119,6 +129,7 @@ class _StateCollector(Collector):
         self.shared: _SharedStateView | None = None
         self.snapshots: _SnapshotView | None = None
         self.tokenizer_cache: Callable[[], tuple[int, int, int]] | None = None
+        self.piece_cache: Callable[[], tuple[int, int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.sources is not None:
@@ -239,18 +250,21 @@ class _StateCollector(Collector):
         if self.snapshots is not None:
             yield from self.snapshots.collect()
         if self.tokenizer_cache is not None:
-            hits, misses, entries = self.tokenizer_cache()
-            yield _counter(
-                "kvroute_tokenizer_cache_lookups",
-                "Tokenizer cache lookups, per result (hit, miss: tokenized locally or remotely).",
-                ["result"],
-                [("hit", hits), ("miss", misses)],
-            )
-            yield GaugeMetricFamily(
-                "kvroute_tokenizer_cache_entries",
-                "Tokenized prompts the cache holds (at most tokenizer_cache_size).",
-                value=float(entries),
-            )
+            yield from _cache_series(
+                self.tokenizer_cache(),
+                ("kvroute_tokenizer_cache_lookups", "Tokenizer cache lookups, per result "
+                 "(hit, miss: tokenized locally or remotely)."),
+                ("kvroute_tokenizer_cache_entries", "Tokenized prompts the cache holds (at most "
+                 "tokenizer_cache_size)."),
+            )  # fmt: skip
+        if self.piece_cache is not None:
+            yield from _cache_series(
+                self.piece_cache(),
+                ("kvroute_tokenizer_piece_lookups", "Text pieces the local tokenizer looked up, "
+                 "per result (hit; miss: encoded)."),
+                ("kvroute_tokenizer_piece_cache_bytes", "Estimated size of the local "
+                 "tokenizer's piece cache (at most tokenizer_piece_cache_bytes)."),
+            )  # fmt: skip
 
 
 # (engine, requests this replica has in flight there, the engine's last scraped `vllm:` gauges)
@@ -506,6 +520,11 @@ class Metrics:
         """Export `kvroute_tokenizer_cache_lookups_total{result}` and
         `kvroute_tokenizer_cache_entries` from `stats()`: (hits, misses, entries)."""
         self._state.tokenizer_cache = stats
+
+    def watch_piece_cache(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """Export `kvroute_tokenizer_piece_lookups_total{result}` and
+        `kvroute_tokenizer_piece_cache_bytes` from `stats()`: (hits, misses, bytes)."""
+        self._state.piece_cache = stats
 
     def watch_silence(self, silent: Callable[[], AbstractSet[SourceId]]) -> None:
         """Export `kvroute_source_silent{source}` from `silent()` (gateway/silence.py)."""

@@ -527,6 +527,13 @@ class Settings(BaseSettings):
         description="Bound on the tokenizer cache's memory, estimated on the high side (0: "
         "entries only); a prompt larger than it is not cached.",
     )
+    tokenizer_piece_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Bound on the local tokenizer's cache of text pieces (the parts of a prompt "
+        "between its added tokens, cut after a space every 512 characters where the tokenizer "
+        "splits at spaces first), estimated on the high side; 0: encode whole texts.",
+    )
     tokenizer_timeout_s: float = Field(
         2.0, gt=0, description="Deadline of one remote `/tokenize` call."
     )

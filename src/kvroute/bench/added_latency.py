@@ -254,13 +254,14 @@ async def _tokenize_calls(http: httpx.AsyncClient, engines: Sequence[str]) -> in
 
 def _gateway_metrics(text: str) -> dict[str, float]:
     """Tokenizer figures from a gateway's /metrics: tokenizations and seconds per mode, cache
-    lookups per result (absent from an older kvroute)."""
+    and piece lookups per result (absent from an older kvroute)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         for prefix in (
             "kvroute_tokenize_seconds_count",
             "kvroute_tokenize_seconds_sum",
             "kvroute_tokenizer_cache_lookups_total",
+            "kvroute_tokenizer_piece_lookups_total",
         ):
             if line.startswith(prefix + "{"):
                 label = line[len(prefix) :].split(" ", 1)[0]

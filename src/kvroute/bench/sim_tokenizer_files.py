@@ -23,9 +23,9 @@ _PIECE = r"<\|[A-Za-z_]+\|>|\w+|[^\w\s]"  # sim/tokenizer.py _PIECE
 
 def write_sim_tokenizer(sim: SimTokenizer, directory: Path) -> tuple[Path, Path]:
     """Write `tokenizer.json` (a word-level vocabulary: each generation word, role marker and
-    ASCII punctuation mark with the simulator's id for it, BOS added to prompts) and
-    `chat_template.jinja` into `directory`; return both paths. Other words encode as id 0 (the
-    simulator hashes them)."""
+    ASCII punctuation mark with the simulator's id for it, BOS added to prompts), its
+    `tokenizer_config.json` (bos and eos tokens) and `chat_template.jinja` into `directory`;
+    return the first and last. Other words encode as id 0 (the simulator hashes them)."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"[UNK]": 0, "<s>": BOS_ID, "</s>": EOS_ID}
@@ -47,6 +47,10 @@ def write_sim_tokenizer(sim: SimTokenizer, directory: Path) -> tuple[Path, Path]
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_json = directory / "tokenizer.json"
     tokenizer_json.write_text(json.dumps(config), encoding="utf-8")
+    # The template's bos_token comes from here (LocalTokenizer reads it beside tokenizer.json);
+    # without it a gateway's chats lacked the simulator's BOS, one token short.
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(special), encoding="utf-8")
     template = directory / "chat_template.jinja"
     template.write_text(CHAT_TEMPLATE, encoding="utf-8")
     return tokenizer_json, template

@@ -346,6 +346,7 @@ def _prompt_workers(settings: Settings, *, tokens: bool) -> PromptWorkers | None
             settings.max_request_body_bytes, settings.max_json_depth, settings.max_prompt_tokens
         ),
         tokenizer_json=settings.tokenizer_path if local else None,
+        piece_cache_bytes=settings.tokenizer_piece_cache_bytes,
         chat_template=settings.chat_template_path.read_text()
         if local and settings.chat_template_path
         else None,
@@ -361,7 +362,16 @@ def _tokenizer(
     inner: Tokenizer
     if settings.local_tokenizer and settings.tokenizer_path is not None:
         template = settings.chat_template_path.read_text() if settings.chat_template_path else None
-        inner = LocalTokenizer(settings.tokenizer_path, template, observe=observe)
+        local = LocalTokenizer(
+            settings.tokenizer_path,
+            template,
+            observe=observe,
+            piece_cache_bytes=settings.tokenizer_piece_cache_bytes,
+        )
+        log.info("local tokenizer: %s", local.encoding_mode)
+        if (pieces := local.piece_cache) is not None:
+            metrics.watch_piece_cache(lambda: (pieces.hits, pieces.misses, pieces.bytes))
+        inner = local
     else:
         inner = RemoteTokenizer(
             client, fleet.url_for_model, timeout_s=settings.tokenizer_timeout_s, observe=observe

@@ -115,12 +115,14 @@ def worker_main() -> int:
     config = _read_frame(stdin)
     if config is None:
         return 0
-    tokenizer_json, chat_template = pickle.loads(config)
+    tokenizer_json, chat_template, piece_cache_bytes = pickle.loads(config)
     tokenizer: Any = None
     if tokenizer_json is not None:
         from kvroute.tokenize.local import LocalTokenizer
 
-        tokenizer = LocalTokenizer(Path(tokenizer_json), chat_template)
+        tokenizer = LocalTokenizer(
+            Path(tokenizer_json), chat_template, piece_cache_bytes=piece_cache_bytes
+        )
     while (header := _read_frame(stdin)) is not None and (raw := _read_frame(stdin)) is not None:
         kind, limits = pickle.loads(header)
         try:
@@ -174,13 +176,18 @@ class PromptWorkers:
         *,
         tokenizer_json: Path | None = None,
         chat_template: str | None = None,
+        piece_cache_bytes: int = 0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers: expected at least 1, got {workers}")
         self.limits = limits
         self._size = workers
         self._config = pickle.dumps(
-            (None if tokenizer_json is None else str(tokenizer_json), chat_template)
+            (
+                None if tokenizer_json is None else str(tokenizer_json),
+                chat_template,
+                piece_cache_bytes,
+            )
         )
         self._idle: deque[_Worker] = deque()
         self._started = 0

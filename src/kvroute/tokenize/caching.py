@@ -14,7 +14,7 @@ from kvroute.tokenize.ids import require_token_ids
 from kvroute.tokenize.protocol import Tokenizer
 from kvroute.tokenize.timing import Observe, observe_since
 
-__all__ = ["CachingTokenizer"]
+__all__ = ["CachingTokenizer", "estimated_bytes"]
 
 _Key = tuple[Any, ...]
 # What an entry costs, roughly and on the high side: its key's text, and per id a tuple slot and
@@ -23,9 +23,14 @@ _BYTES_PER_ID = 36
 _BYTES_PER_ENTRY = 256
 
 
+def estimated_bytes(text_chars: int, ids: int) -> int:
+    """What an entry of `ids` ids keyed by `text_chars` characters of text costs, on the high
+    side (the piece cache, tokenize/pieces.py, counts the same way)."""
+    return _BYTES_PER_ENTRY + text_chars + _BYTES_PER_ID * ids
+
+
 def _entry_bytes(key: _Key, ids: tuple[int, ...]) -> int:
-    text = sum(len(part) for part in key if isinstance(part, str))
-    return _BYTES_PER_ENTRY + text + _BYTES_PER_ID * len(ids)
+    return estimated_bytes(sum(len(part) for part in key if isinstance(part, str)), len(ids))
 
 
 class CachingTokenizer:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvroute.errors import ConfigError, TokenizeError
 from kvroute.tokenize.ids import require_token_ids
+from kvroute.tokenize.pieces import PieceEncoder
 from kvroute.tokenize.timing import Observe, observe_since
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ class LocalTokenizer:
     bos/eos tokens come from that config unless given. Prompts get the tokenizer's special
     tokens; chat renders the template (which adds them) and encodes without adding more, as
     vLLM's chat form does. Each tokenization is reported to `observe` as mode `local`.
+
+    With `piece_cache_bytes` > 0 and a tokenizer where it is exact (decided once, here;
+    `encoding_mode` says which and why), a text is encoded as pieces whose ids are cached
+    (tokenize/pieces.py): a shared system prompt or earlier turn then costs a lookup.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class LocalTokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         observe: Observe | None = None,
+        piece_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         try:
             import jinja2.sandbox
@@ -97,6 +103,19 @@ class LocalTokenizer:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets kvroute never
         # reads: a third less time per prompt (docs/design.md, "The router's own latency").
         self._encode_fast = getattr(self._tokenizer, "encode_batch_fast", None)
+        self._pieces: PieceEncoder | None = None
+        # How texts are encoded, decided once (logged by the gateway at start-up).
+        self.encoding_mode = "whole texts: piece_cache_bytes is 0"
+        if piece_cache_bytes > 0 and self._encode_fast is not None:
+            self._pieces, how = PieceEncoder.build(self._tokenizer, max_bytes=piece_cache_bytes)
+            self.encoding_mode = f"{'whole texts:' if self._pieces is None else 'pieces at'} {how}"
+        elif piece_cache_bytes > 0:
+            self.encoding_mode = "whole texts: tokenizers older than 0.21 (no encode_batch_fast)"
+
+    @property
+    def piece_cache(self) -> PieceEncoder | None:
+        """The piece cache, when pieces are used (its hits, misses and size)."""
+        return self._pieces
 
     @property
     def has_chat_template(self) -> bool:
@@ -185,6 +204,10 @@ class LocalTokenizer:
 
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         try:
+            if self._pieces is not None:
+                pieces = self._pieces.encode(text, add_special_tokens=add_special_tokens)
+                if pieces is not None:
+                    return pieces
             if self._encode_fast is not None:
                 [encoding] = self._encode_fast([text], add_special_tokens=add_special_tokens)
             else:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from kvroute.bench.sim_tokenizer_files import write_sim_tokenizer
 from kvroute.core import PolicyName
+from kvroute.sim.tokenizer import SimTokenizer
 from tests.sim_gateway import MODEL, SimGateway, sim_gateway
 
 
@@ -81,3 +83,45 @@ async def test_without_tokens_max_prompt_tokens_holds_the_estimate_and_ids_count
         routed = await gw.http.post("/v1/route", json={"model": MODEL, "prompt": [7] * 90})
         assert routed.json()["prompt_tokens"] == 90  # ids given: their count, not an estimate
         assert await _tokenize_calls(gw) == 0
+
+
+@pytest.mark.parametrize("piece_cache_bytes", [64 << 20, 0])
+async def test_a_local_tokenizer_encodes_shared_prefixes_from_pieces_exactly(
+    tmp_path: Path, piece_cache_bytes: int
+) -> None:
+    """The bench's tokenizer.json (the simulator's ids): completions and chats sharing a long
+    system prompt get the engines' own ids (exact counts, prefix matches), no /tokenize call,
+    and with the piece cache on the shared prompt's pieces are looked up, not encoded again."""
+    sim = SimTokenizer()
+    tokenizer_json, template = write_sim_tokenizer(sim, tmp_path / "tokenizer")
+    async with sim_gateway(
+        tmp_path,
+        policy=PolicyName.KV_AWARE,
+        tokenizer_path=tokenizer_json,
+        chat_template_path=template,
+        tokenizer_piece_cache_bytes=piece_cache_bytes,
+    ) as gw:
+        system = sim.make_text(600, "system")
+        for i in range(3):
+            own = sim.make_text(100, f"own-{i}")
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": own}]
+            for path, body, ids in (
+                ("/v1/completions", {"prompt": f"{system} {own}"}, sim.encode(f"{system} {own}")),
+                ("/v1/chat/completions", {"messages": messages}, sim.encode_chat(messages)),
+            ):
+                reply = await gw.http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+                assert reply.status_code == 200, reply.text
+                routed = (await gw.http.post("/v1/route", json={"model": MODEL, **body})).json()
+                assert routed["prompt_tokens"] == len(ids)
+                # Routed, the engine already holds the request's prefix: matched from the ids.
+                held = max(e["blocks_matched"] + e["speculative_blocks"] for e in routed["engines"])
+                assert held >= len(ids) // 16 - 1
+        assert await _tokenize_calls(gw) == 0
+        metrics = (await gw.http.get("/metrics")).text
+        hits = _metric(metrics, 'kvroute_tokenizer_piece_lookups_total{result="hit"}')
+        if piece_cache_bytes:
+            # Each later request found the system prompt's pieces (600 words, ~4 KB: 7 pieces).
+            assert hits >= 2 * 2 * 6
+            assert 0 < _metric(metrics, "kvroute_tokenizer_piece_cache_bytes") <= piece_cache_bytes
+        else:
+            assert "kvroute_tokenizer_piece_lookups_total" not in metrics

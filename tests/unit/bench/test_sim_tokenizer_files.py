@@ -13,7 +13,7 @@ from kvroute.tokenize import LocalTokenizer
 def test_local_ids_equal_the_simulators_for_prompts_and_chats(tmp_path: Path) -> None:
     sim = SimTokenizer()
     tokenizer_json, template = write_sim_tokenizer(sim, tmp_path)
-    local = LocalTokenizer(tokenizer_json, template.read_text(), bos_token="<s>")
+    local = LocalTokenizer(tokenizer_json, template.read_text())  # bos from tokenizer_config
     text = sim.make_text(300, "prompt") + f" , ({sim.words[3]}) ."
     assert local.encode_prompt(text) == sim.encode(text)
     messages = [
