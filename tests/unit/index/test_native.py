@@ -292,6 +292,48 @@ def test_native_map_stays_a_dict_while_a_growing_table_migrates(
     assert m == d
 
 
+def test_a_big_native_map_stays_a_dict_across_tables_made_ahead(native: Any) -> None:
+    # From 65,536 slots a table's successor is made at 70 % full and faulted in a page per 4
+    # inserts, or 32 pages per `migrate_some` (_native.c `prefault`); the growth at 3/4 takes
+    # it. Here it is made and taken, made and dropped by a compaction (a removal-heavy phase),
+    # by `reserve` and by `clear`, with idle upkeep now and then: the map reads as a dict.
+    m, d = native.NativeMap(), {}
+    rng = random.Random(11)
+    pending = []
+    for i in range(240_000):
+        k = rng.getrandbits(64)
+        m[k] = i
+        d[k] = i
+        if i % 5 == 0:
+            victim = next(iter(d))
+            del m[victim]
+            del d[victim]
+        if i % 1000 == 0:
+            pending.append(m.migrate_some(0))  # a pure look: is a growth or a prefault under way?
+            if i % 7000 == 0:
+                m.migrate_some(4096)
+    assert any(pending) and not all(pending)
+    assert m == d and list(m) == list(d)
+    for k in list(d)[: len(d) * 9 // 10]:  # removal-heavy: the next inserts compact the map
+        del m[k]
+        del d[k]
+    for i in range(120_000):
+        k = rng.getrandbits(64)
+        m[k] = d[k] = i
+    assert m == d and list(m) == list(d)
+    m.reserve(len(m) + 50_000)
+    for i in range(60_000):
+        k = rng.getrandbits(64)
+        m[k] = d[k] = i
+    while m.migrate_some(4096):
+        pass
+    assert m == d and list(m.items()) == list(d.items())
+    m.clear()
+    assert len(m) == 0 and m.nbytes() < 1024
+    m[5] = 6
+    assert dict(m.items()) == {5: 6}
+
+
 def test_a_shrunken_map_gives_its_memory_back(native: Any) -> None:
     m = native.NativeMap()
     for k in range(200_000):
