@@ -896,7 +896,7 @@ static int32_t *new_table(Py_ssize_t n, int lazy) {
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels refuse it and prefault touches */
 #endif
 #define FAULT_ENTRIES 4 /* a page of the next table faulted in per this many inserts */
-#define NEXT_AT 70      /* % full when the next table is made (a growth comes at 75) */
+#define NEXT_AT 73      /* % full when the next table is made (a growth comes at 75) */
 #define PAGE_SLOTS ((Py_ssize_t)(4096 / sizeof(int32_t)))
 
 /* The next slot table, made ahead of a growth and faulted in a page at a time while the

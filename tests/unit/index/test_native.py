@@ -144,17 +144,20 @@ def test_native_map_iteration_refuses_a_changed_map(native: Any) -> None:
         next(it)
 
 
-def test_native_map_grows_and_shrinks_through_many_keys(native: Any) -> None:
-    m, d = native.NativeMap(), {}
-    rng = random.Random(5)
-    for i in range(60_000):
+def _store_and_evict(m: Any, d: dict[int, int], rng: random.Random, count: int, every: int) -> None:
+    """`count` random keys into both maps; each `every`-th store also evicts the oldest key."""
+    for i in range(count):
         k = rng.getrandbits(64)
-        m[k] = i
-        d[k] = i
-        if i % 3 == 0:
+        m[k] = d[k] = i
+        if i % every == 0:
             victim = next(iter(d))
             del m[victim]
             del d[victim]
+
+
+def test_native_map_grows_and_shrinks_through_many_keys(native: Any) -> None:
+    m, d = native.NativeMap(), {}
+    _store_and_evict(m, d, random.Random(5), 60_000, 3)
     assert m == d
     assert list(m) == list(d)
     assert m.nbytes() > 0
@@ -293,25 +296,18 @@ def test_native_map_stays_a_dict_while_a_growing_table_migrates(
 
 
 def test_a_big_native_map_stays_a_dict_across_tables_made_ahead(native: Any) -> None:
-    # From 65,536 slots a table's successor is made at 70 % full and faulted in a page per 4
+    # From 65,536 slots a table's successor is made at 73 % full and faulted in a page per 4
     # inserts, or 32 pages per `migrate_some` (_native.c `prefault`); the growth at 3/4 takes
     # it. Here it is made and taken, made and dropped by a compaction (a removal-heavy phase),
     # by `reserve` and by `clear`, with idle upkeep now and then: the map reads as a dict.
     m, d = native.NativeMap(), {}
     rng = random.Random(11)
     pending = []
-    for i in range(240_000):
-        k = rng.getrandbits(64)
-        m[k] = i
-        d[k] = i
-        if i % 5 == 0:
-            victim = next(iter(d))
-            del m[victim]
-            del d[victim]
-        if i % 1000 == 0:
-            pending.append(m.migrate_some(0))  # a pure look: is a growth or a prefault under way?
-            if i % 7000 == 0:
-                m.migrate_some(4096)
+    for chunk in range(240):
+        _store_and_evict(m, d, rng, 1000, 5)
+        pending.append(m.migrate_some(0))  # a pure look: is a growth or a prefault under way?
+        if chunk % 7 == 0:
+            m.migrate_some(4096)
     assert any(pending) and not all(pending)
     assert m == d and list(m) == list(d)
     for k in list(d)[: len(d) * 9 // 10]:  # removal-heavy: the next inserts compact the map
