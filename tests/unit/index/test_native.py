@@ -298,8 +298,10 @@ def test_native_map_stays_a_dict_while_a_growing_table_migrates(
 def test_a_big_native_map_stays_a_dict_across_tables_made_ahead(native: Any) -> None:
     # From 65,536 slots a table's successor is made at 73 % full and faulted in a page per 4
     # inserts, or 32 pages per `migrate_some` (_native.c `prefault`); the growth at 3/4 takes
-    # it. Here it is made and taken, made and dropped by a compaction (a removal-heavy phase),
-    # by `reserve` and by `clear`, with idle upkeep now and then: the map reads as a dict.
+    # it, and the table it migrated from is unmapped a piece at a time (`retire_some`). Here it
+    # is made and taken, made and dropped by a compaction (a removal-heavy phase), by `reserve`
+    # and by `clear`, with idle upkeep now and then: the map reads as a dict, and once upkeep
+    # says it is done and the map is cleared, nothing is held.
     m, d = native.NativeMap(), {}
     rng = random.Random(11)
     pending = []
