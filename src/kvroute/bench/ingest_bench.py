@@ -6,7 +6,9 @@ next to a raw pyzmq receive loop; and publish→applied latency per index implem
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
+import struct
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -16,7 +18,7 @@ from typing import Any, Literal
 import zmq
 import zmq.asyncio
 
-from kvroute.bench.ingest_workload import ChainedWorkload
+from kvroute.bench.ingest_workload import ChainedWorkload, probe_event
 from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json, stop_child
 from kvroute.core import EventBatch, SourceSpec, source_id
 from kvroute.events import (
@@ -48,6 +50,11 @@ _TARGET_BLOCKS_HELD = 1_000_000  # blocks in the index before the latency run st
 # the index before it
 _SIZES = {"smoke": (2_000, 0.3, 20_000), "full": (60_000, 4.0, _TARGET_BLOCKS_HELD)}
 _BURST_TS = 1.0  # ts of throughput messages; probes carry 0.0, latency messages their send time
+# A latency message is encoded before the run with this ts and stamped with its send time as it
+# goes: the ts is the payload's first element, a msgpack float64 right after the array header.
+_STAMP_TS = 1.0
+_STAMP_AT = 2  # offset of the float64's 8 bytes
+_STAMP = struct.Struct(">d")
 # The latency runs' index holds the prefill and everything the run stores: no cap evicts.
 _LATENCY_LIMITS = IndexLimits(max_blocks_per_source=16_000_000, max_blocks_total=64_000_000)
 _SOURCE = source_id("bench", 0)
@@ -190,6 +197,7 @@ def _print_latency(part: dict[str, Any]) -> None:
             "p50 ms",
             "p99 ms",
             "max ms",
+            "p99 ms, slice's worst",
             "loop CPU µs/event",
             "target p99 ms",
         ],
@@ -202,6 +210,7 @@ def _print_latency(part: dict[str, Any]) -> None:
                 row["p50_ms"],
                 row["p99_ms"],
                 row["max_ms"],
+                row["p99_slice_worst_ms"],
                 row["loop_cpu_us_per_event"],
                 _TARGET_P99_MS,
             ]
@@ -233,7 +242,8 @@ def _blocks(events: Sequence[VllmEvent]) -> int:
 
 def _publisher_main(conn: Connection, mode: str, amount: float) -> None:
     """Child process: bind our publisher, publish probes until "go", then the burst or the
-    fixed-rate stream; report (first seq, last seq, events, blocks, publish seconds)."""
+    fixed-rate stream; report (first seq, last seq, events, blocks, publish seconds, send time
+    of each message of a fixed-rate stream)."""
     asyncio.run(_publisher(conn, mode, amount))
 
 
@@ -244,16 +254,30 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
     await pub.start()
     workload = _workload()
     burst: list[bytes] = []
+    stamped: list[bytearray] = []  # the fixed-rate stream, stamped as it is sent
+    sent: list[float] = []
     blocks = 0
-    if mode == "burst":
-        for _ in range(int(amount)):
-            events = workload.events(_EVENTS_PER_MESSAGE)
-            blocks += _blocks(events)
+    count = int(amount) if mode == "burst" else int(amount * _LATENCY_RATE / _EVENTS_PER_MESSAGE)
+    for _ in range(count):
+        # Encoded before the run, so the stream's CPU is not taken from the router: generating
+        # and encoding the events in Python took ~70 % of a core at 5,000 messages/s, and this
+        # host has two (docs/notes/issue-12-next.md, seventh session).
+        events = workload.events(_EVENTS_PER_MESSAGE)
+        blocks += _blocks(events)
+        if mode == "burst":
             burst.append(encode_batch(VllmEventBatch(ts=_BURST_TS, events=events), pub.release))
+        else:
+            payload = encode_batch(VllmEventBatch(ts=_STAMP_TS, events=events), pub.release)
+            if payload[_STAMP_AT - 1 : _STAMP_AT + 8] != b"\xcb" + _STAMP.pack(_STAMP_TS):
+                raise RuntimeError("ingest bench: the batch's ts is not where it is stamped")
+            stamped.append(bytearray(payload))
     conn.send((pub.endpoint, pub.replay_endpoint))
     try:
+        probes = 0
         while not conn.poll(0.005):  # probes until the router says it sees the live stream
-            pub.publish(VllmEventBatch(ts=0.0, events=workload.events(_EVENTS_PER_MESSAGE)))
+            # Outside the workload's hashes: its stream comes after them and chains only itself.
+            pub.publish(VllmEventBatch(ts=0.0, events=[probe_event(probes, _BLOCK_SIZE)]))
+            probes += 1
             await asyncio.sleep(0)
         conn.recv()
         first = pub.next_seq
@@ -265,19 +289,19 @@ async def _publisher(conn: Connection, mode: str, amount: float) -> None:
             events_sent = len(burst) * _EVENTS_PER_MESSAGE
         else:
             interval = _EVENTS_PER_MESSAGE / _LATENCY_RATE
-            n = int(amount * _LATENCY_RATE / _EVENTS_PER_MESSAGE)
             t0 = time.monotonic()
-            for i in range(n):
+            for i, buf in enumerate(stamped):
                 due = t0 + i * interval
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)  # no spinning: the router needs the other core
-                events = workload.events(_EVENTS_PER_MESSAGE)
-                blocks += _blocks(events)
-                pub.publish(VllmEventBatch(ts=time.monotonic(), events=events))
-            events_sent = n * _EVENTS_PER_MESSAGE
+                ts = time.monotonic()
+                _STAMP.pack_into(buf, _STAMP_AT, ts)
+                pub.publish_payload(bytes(buf))
+                sent.append(ts)
+            events_sent = len(stamped) * _EVENTS_PER_MESSAGE
         elapsed = time.perf_counter() - start
-        conn.send((first, pub.next_seq - 1, events_sent, blocks, elapsed))
+        conn.send((first, pub.next_seq - 1, events_sent, blocks, elapsed, sent))
         conn.recv()  # "stop": keep the sockets open until the router has everything
     finally:
         await pub.close()
@@ -308,11 +332,11 @@ class _Child:
             raise RuntimeError("ingest bench: the publisher process did not answer")
         return int(self.conn.recv())
 
-    def report(self, timeout_s: float = 120.0) -> tuple[int, int, int, int, float]:
+    def report(self, timeout_s: float = 120.0) -> tuple[int, int, int, int, float, list[float]]:
         if not self.conn.poll(timeout_s):
             raise RuntimeError("ingest bench: the publisher process did not finish")
-        first, last, events, blocks, elapsed = self.conn.recv()
-        return int(first), int(last), int(events), int(blocks), float(elapsed)
+        first, last, events, blocks, elapsed, sent = self.conn.recv()
+        return int(first), int(last), int(events), int(blocks), float(elapsed), list(sent)
 
     def stop(self) -> None:
         stop_child(self.conn, self.proc)
@@ -331,11 +355,26 @@ class _Timing:
         self.burst_applied = 0
         self.first_t: float | None = None
         self.last_t = 0.0
-        self.latencies: list[float] = []
+        self.slices: list[tuple[float, int, float]] = []  # (applied at, messages, first ts)
         self.record_latency = False
         self._apply = index.apply
         # The tracker calls `index.apply`: the instance attribute shadows the class's method.
         setattr(index, "apply", self.apply)  # noqa: B010
+
+    def latencies(self, sent: Sequence[float]) -> tuple[list[float], list[float]]:
+        """Publish→applied per message (its own send time `sent[k]` to its slice's apply), and
+        the measure used before: each message at its slice's worst latency, which counted a
+        message at the head of a backlog's slice as late as the slice's oldest."""
+        position = {ts: k for k, ts in enumerate(sent)}
+        own: list[float] = []
+        worst: list[float] = []
+        for now, messages, ts in self.slices:
+            k = position.get(ts)
+            if k is None:
+                continue  # not a message of the stream
+            own += [now - t for t in sent[k : k + messages]]
+            worst += [now - ts] * messages
+        return own, worst
 
     def apply(self, source: Any, batch: EventBatch) -> None:
         if not self.noop:
@@ -345,12 +384,9 @@ class _Timing:
             return
         now = time.monotonic()
         if self.record_latency:
-            # A slice applied as one batch carries its first message's ts: the slice's oldest.
-            # Each of its messages counts once, at that worst latency: one sample per slice
-            # would weigh a backlog (many messages, one slice) as one message and bias the p99
-            # low, and a busy host's run would have few samples.
-            messages = max(1, len(batch.events) // _EVENTS_PER_MESSAGE)
-            self.latencies.extend([now - ts] * messages)
+            # A slice applied as one batch carries its first message's ts only; its messages
+            # are the ones sent next (`latencies` looks up each one's own send time).
+            self.slices.append((now, max(1, len(batch.events) // _EVENTS_PER_MESSAGE), ts))
             return
         self.burst_applied += 1  # apply calls: one per received slice (tracker.on_live_run)
         if self.first_t is None:
@@ -408,7 +444,7 @@ async def _run_pipeline(messages: int, *, noop: bool = False) -> dict[str, Any]:
     manager = None
     try:
         manager, _first = await _router(child, index, metrics)
-        first, last, events, blocks, pub_s = await asyncio.to_thread(child.report)
+        first, last, events, blocks, pub_s, _sent = await asyncio.to_thread(child.report)
         ok = await _applied(manager, last, timeout_s=120)
         if not ok:
             raise RuntimeError("ingest bench: the router did not apply every batch")
@@ -452,16 +488,20 @@ async def _run_latency(
         timing.record_latency = True
         manager, _first = await _router(child, index, metrics)
         cpu0, loop0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
-        _first, last, events, _blocks, _pub_s = await asyncio.to_thread(child.report, seconds + 60)
+        _first, last, events, _blocks, _pub_s, sent = await asyncio.to_thread(
+            child.report, seconds + 60
+        )
         await _applied(manager, last, timeout_s=60)
         cpu = time.process_time() - cpu0
         loop_cpu = time.thread_time() - loop0
         wall = time.perf_counter() - wall0
-        lat = sorted(timing.latencies)
+        own, worst = timing.latencies(sent)
+        lat = sorted(own)
+        worst.sort()
         n = len(lat)
 
-        def pct(p: float) -> float:
-            return lat[min(n - 1, int(p * n))] * 1000 if n else float("nan")
+        def pct(p: float, values: list[float] = lat) -> float:
+            return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else math.nan
 
         return {
             "impl": impl if impl is not None else "none",
@@ -475,6 +515,8 @@ async def _run_latency(
             "p99_ms": pct(0.99),
             "p999_ms": pct(0.999),
             "max_ms": lat[-1] * 1000 if n else float("nan"),
+            # The measure before the seventh session: each message at its slice's worst.
+            "p99_slice_worst_ms": pct(0.99, worst),
             "seconds": wall,
             "process_cpu_seconds": cpu,
             "loop_cpu_seconds": loop_cpu,
@@ -582,7 +624,7 @@ def _run_raw_baseline(messages: int) -> dict[str, Any]:
             end = time.perf_counter()
             if seq >= last_seq:
                 break
-        _first, _last, _events, _blocks, pub_s = child.report()
+        _first, _last, _events, _blocks, pub_s, _sent = child.report()
         burst = messages
         elapsed = max(end - start, 1e-9)
         return {

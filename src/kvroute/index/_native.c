@@ -24,6 +24,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 typedef uint64_t u64;
 typedef uint32_t u32;
@@ -172,6 +175,24 @@ static u64 xxh3_17to240(const u8 *in, size_t len, u64 seed) {
     return avalanche(acc);
 }
 
+#if defined(__SSE2__) && !HOST_BIG_ENDIAN
+/* The same stripe step two lanes at a time (SSE2 is part of x86-64): the specification's
+ * per-lane operations, a 32x32->64 multiply of each lane's halves and the neighbour's input
+ * added, map onto _mm_mul_epu32 and a swap of the two 64-bit halves. A 100-token block (400
+ * bytes) takes this path: xxh3_long was ~13 % of the AIBrix apply (docs/notes/issue-12-next.md,
+ * seventh session). */
+static inline void accumulate(u64 *acc, const u8 *stripe, const u8 *sec) {
+    for (int j = 0; j < 4; j++) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(acc + 2 * j));
+        __m128i d = _mm_loadu_si128((const __m128i *)(stripe + 16 * j));
+        __m128i k = _mm_xor_si128(d, _mm_loadu_si128((const __m128i *)(sec + 16 * j)));
+        __m128i product = _mm_mul_epu32(k, _mm_srli_epi64(k, 32));
+        __m128i swapped = _mm_shuffle_epi32(d, _MM_SHUFFLE(1, 0, 3, 2));
+        a = _mm_add_epi64(a, _mm_add_epi64(product, swapped));
+        _mm_storeu_si128((__m128i *)(acc + 2 * j), a);
+    }
+}
+#else
 static inline void accumulate(u64 *acc, const u8 *stripe, const u8 *sec) {
     for (int i = 0; i < 8; i++) {
         u64 d = rd64(stripe + 8 * i);
@@ -180,6 +201,7 @@ static inline void accumulate(u64 *acc, const u8 *stripe, const u8 *sec) {
         acc[i] += (k & 0xffffffffULL) * (k >> 32);
     }
 }
+#endif
 
 static u64 xxh3_long(const u8 *in, size_t len, const u8 *sec) {
     u64 acc[8] = {P32_3, P64_1, P64_2, P64_3, P64_4, P32_2, P64_5, P32_1};
@@ -483,25 +505,37 @@ static int tok_scan(const u8 *p, size_t len, u8 *out, Py_ssize_t cap, Py_ssize_t
         return TOK_BAD;
     }
     if (n > len - pos) return TOK_BAD; /* every int takes at least a byte */
-    if (out == NULL) return tok_check(p, len, pos, n, count);
+    if (out == NULL || (Py_ssize_t)n > cap) return tok_check(p, len, pos, n, count);
     int wide = 0;
-    if (out != NULL && (Py_ssize_t)n > cap) out = NULL;
     for (size_t i = 0; i < n; i++) {
+        if (pos >= len) return TOK_BAD;
+        /* The usual encodings inline (as in tok_check), each value's bytes bounds-checked;
+         * anything else through tok_int. */
+        const u8 *q = p + pos;
+        size_t left = len - pos;
         u64 v;
-        int neg;
-        if (pos >= len || !tok_int(p, len, &pos, &v, &neg)) return TOK_BAD;
-        if (neg || v > 0xFFFFFFFFULL) {
-            wide = 1;
-            out = NULL;
-            continue;
+        if (q[0] <= 0x7f) {
+            v = q[0];
+            pos += 1;
+        } else if (q[0] == 0xcd && left >= 3) {
+            v = ((u64)q[1] << 8) | q[2];
+            pos += 3;
+        } else if (q[0] == 0xce && left >= 5) {
+            v = ((u64)q[1] << 24) | ((u64)q[2] << 16) | ((u64)q[3] << 8) | q[4];
+            pos += 5;
+        } else {
+            int neg;
+            if (!tok_int(p, len, &pos, &v, &neg)) return TOK_BAD;
+            if (neg || v > 0xFFFFFFFFULL) {
+                wide = 1; /* out is left partly written: the caller reads it only for TOK_U32 */
+                continue;
+            }
         }
-        if (out != NULL) {
-            u32 be = (u32)v;
+        u32 be = (u32)v;
 #if !HOST_BIG_ENDIAN
-            be = __builtin_bswap32(be);
+        be = __builtin_bswap32(be);
 #endif
-            memcpy(out + 4 * i, &be, 4);
-        }
+        memcpy(out + 4 * i, &be, 4);
     }
     if (pos != len) return TOK_BAD;
     *count = (Py_ssize_t)n;
@@ -555,16 +589,25 @@ static PyObject *py_token_list(PyObject *mod, PyObject *arg) {
  * resident copy) and a freed table goes back to the system at once; small ones from PyMem. */
 #define BIG_ARRAY ((size_t)1 << 18)
 
-static void *arr_alloc(size_t size) {
+#define HUGE_ARRAY ((size_t)4 << 20)
+
+/* Huge pages for the big tables: 512x fewer page-table entries, which is what a fork copies.
+ * The snapshot writer forks (persist/writer.py): at 10^7 blocks the loop's pause fell from
+ * 34 ms to 5.5 ms (docs/design.md §14). Advice only; ignored where THP is off. */
+static void advise_huge(void *p, size_t size) {
+    if (size >= HUGE_ARRAY) madvise(p, size, MADV_HUGEPAGE);
+}
+
+/* `lazy`: no huge-page advice yet (a growing slot table, faulted in 4 KB at a time: prefault). */
+static void *arr_alloc_as(size_t size, int lazy) {
     if (size < BIG_ARRAY) return PyMem_Malloc(size ? size : 1);
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
-    /* Huge pages for the big tables: 512x fewer page-table entries, which is what a fork
-     * copies. The snapshot writer forks (persist/writer.py): at 10^7 blocks the loop's pause
-     * fell from 34 ms to 5.5 ms (docs/design.md §14). Advice only; ignored where THP is off. */
-    if (size >= ((size_t)4 << 20)) madvise(p, size, MADV_HUGEPAGE);
+    if (!lazy) advise_huge(p, size);
     return p;
 }
+
+static void *arr_alloc(size_t size) { return arr_alloc_as(size, 0); }
 
 static void arr_free(void *p, size_t size) {
     if (p == NULL) return;
@@ -616,7 +659,8 @@ typedef struct {
     u64 k, v;
 } entry_t;
 
-#define ENTRY_BYTES (sizeof(entry_t) + 1) /* the entry and its flag byte */
+/* Entries an append may use: both arrays hold them. */
+#define CAP(m) ((m)->ecap < (m)->fcap ? (m)->ecap : (m)->fcap)
 
 /* Layout (docs/design.md §12): a dense entry array in store order (dead entries stay until a
  * compaction) and a slot table of entry indices, open addressing with linear probing, filled
@@ -634,6 +678,7 @@ typedef struct {
     entry_t *entries;
     u8 *flags;              /* per entry: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
     Py_ssize_t ecap;        /* entries allocated */
+    Py_ssize_t fcap;        /* flag bytes allocated (= ecap, unless a resize failed half-way) */
     Py_ssize_t used;        /* entries written (live and dead) */
     Py_ssize_t live;
     Py_ssize_t first;       /* no live entry before this index */
@@ -641,6 +686,12 @@ typedef struct {
     int32_t *slots;         /* the current table: entry index, EMPTY or DUMMY */
     Py_ssize_t nslots;      /* any size (see home), or 0 before the first insert */
     Py_ssize_t filled;      /* non-EMPTY slots of the current table */
+    int32_t *next;          /* the table the next growth takes, faulted in ahead, or NULL */
+    Py_ssize_t next_nslots;
+    Py_ssize_t next_fault;  /* its slots from here on are not faulted in yet (prefault) */
+    Py_ssize_t fault_credit; /* inserts' worth of prefault not spent yet */
+    u8 *retired;            /* a migrated-from table given back a piece at a time, or NULL */
+    size_t retired_size, retired_pos;
     int32_t *old;           /* the table being migrated from, or NULL */
     Py_ssize_t old_nslots;
     Py_ssize_t old_pos;     /* the next entry to move into the current table ... */
@@ -833,12 +884,85 @@ static PyObject *key_of(NativeMap *m, Py_ssize_t ix) {
     return PyLong_FromUnsignedLongLong(m->entries[ix].k);
 }
 
-/* An all-empty table: big ones are fresh mmap zero pages, touched only as slots fill. */
-static int32_t *new_table(Py_ssize_t n) {
+/* An all-empty table: big ones are fresh mmap zero pages, touched only as slots fill; `lazy`
+ * as in arr_alloc_as. */
+static int32_t *new_table(Py_ssize_t n, int lazy) {
     size_t size = (size_t)n * sizeof(int32_t);
-    int32_t *t = size < BIG_ARRAY ? PyMem_Calloc((size_t)n, sizeof(int32_t)) : arr_alloc(size);
+    int32_t *t = size < BIG_ARRAY ? PyMem_Calloc((size_t)n, sizeof(int32_t))
+                                  : arr_alloc_as(size, lazy);
     if (t == NULL) PyErr_NoMemory();
     return t;
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels refuse it and prefault touches */
+#endif
+#define FAULT_ENTRIES 4 /* a page of the next table faulted in per this many inserts */
+#define NEXT_AT 73      /* % full when the next table is made (a growth comes at 75) */
+#define PAGE_SLOTS ((Py_ssize_t)(4096 / sizeof(int32_t)))
+
+/* The next slot table, made ahead of a growth and faulted in a page at a time while the
+ * current table still takes the inserts (from NEXT_AT % full to the 3/4 that grows it). A table
+ * made at the growth itself was filled at once: migration and new keys write random slots, so
+ * the first inserts faulted in nearly every page of fresh zero memory, 5-30 ms in one apply for
+ * a 10 MB table (huge pages are zeroed 2 MB a fault, and this VM's first touch of memory is
+ * slow); that was the ingest latency's p99 tail (docs/notes/issue-12-next.md, seventh session).
+ * `n` inserts' worth buys n / FAULT_ENTRIES pages of 4 KB (one per 4 inserts, 32 per idle
+ * `maintain` slice); the table gets its huge-page advice once it is in (khugepaged may merge it
+ * later; the fork of a snapshot copies fewer page-table entries then). */
+static void prefault(NativeMap *m, Py_ssize_t n) {
+    if (m->next == NULL || m->next_fault >= m->next_nslots) return;
+    m->fault_credit += n;
+    Py_ssize_t start = m->next_fault, pages = m->fault_credit / FAULT_ENTRIES;
+    if (pages == 0) return;
+    m->fault_credit -= pages * FAULT_ENTRIES;
+    Py_ssize_t left = (m->next_nslots - start + PAGE_SLOTS - 1) / PAGE_SLOTS;
+    Py_ssize_t end = pages < left ? start + pages * PAGE_SLOTS : m->next_nslots;
+    size_t bytes = (size_t)(end - start) * sizeof(int32_t);
+    if (madvise(m->next + start, bytes, MADV_POPULATE_WRITE)) /* all zero: write them */
+        for (Py_ssize_t i = start; i < end; i += PAGE_SLOTS) m->next[i] = SLOT_EMPTY;
+    m->next_fault = end;
+    if (end == m->next_nslots) advise_huge(m->next, (size_t)m->next_nslots * sizeof(int32_t));
+}
+
+/* A migrated table is given back RETIRE_BYTES per RETIRE_EVERY inserts, or RETIRE_IDLE per
+ * idle `maintain` slice: unmapping a 10 MB table of 4 KB pages at once took ~0.8 ms (perf:
+ * unmap_page_range, freeing 2,500 pages), in one insert or one upkeep slice that a message
+ * arriving meanwhile waited for. */
+#define RETIRE_BYTES ((size_t)256 << 10)
+#define RETIRE_EVERY 64
+#define RETIRE_IDLE ((size_t)2 << 20)
+
+static void retire_some(NativeMap *m, size_t bytes) {
+    if (m->retired == NULL) return;
+    size_t left = m->retired_size - m->retired_pos;
+    if (bytes >= left) {
+        munmap(m->retired + m->retired_pos, left);
+        m->retired = NULL;
+        m->retired_size = m->retired_pos = 0;
+        return;
+    }
+    munmap(m->retired + m->retired_pos, bytes);
+    m->retired_pos += bytes;
+}
+
+/* Free a migrated-from table: small ones at once, big (mmap) ones a piece at a time. */
+static void retire_table(NativeMap *m, int32_t *table, Py_ssize_t nslots) {
+    size_t size = (size_t)nslots * sizeof(int32_t);
+    if (size < BIG_ARRAY) {
+        arr_free(table, size);
+        return;
+    }
+    retire_some(m, SIZE_MAX); /* the one before, if any, goes now */
+    m->retired = (u8 *)table;
+    m->retired_size = size;
+    m->retired_pos = 0;
+}
+
+static void drop_next(NativeMap *m) {
+    arr_free(m->next, (size_t)m->next_nslots * sizeof(int32_t));
+    m->next = NULL;
+    m->next_nslots = m->next_fault = m->fault_credit = 0;
 }
 
 static inline void place_hashed(NativeMap *m, Py_ssize_t ix, u64 h) {
@@ -892,7 +1016,7 @@ static void migrate(NativeMap *m, Py_ssize_t n) {
         m->old_pos = end;
         if (m->old_pos >= m->old_end) {
             place_pending(m);
-            arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
+            retire_table(m, m->old, m->old_nslots);
             m->old = NULL;
             m->old_nslots = m->old_pos = m->old_end = 0;
         }
@@ -909,6 +1033,31 @@ static Py_ssize_t table_size_for(Py_ssize_t live, Py_ssize_t old) {
     return n < MIN_SLOTS ? MIN_SLOTS : n;
 }
 
+/* Resize the entry array and the flag array to `ecap` entries. Two arrays, so that a growth is
+ * an mremap of each and nothing moves: with the flags after the entries in one block, each
+ * growth moved the flags up, writing ~1 B per entry into fresh pages in one insert (a 1.5-2.4 ms
+ * stall at 1.5-2.5 M entries; docs/notes/issue-12-next.md, seventh session). 0, or -1 with
+ * MemoryError and the map as it was. */
+static int entries_resize(NativeMap *m, Py_ssize_t ecap) {
+    if (m->ecap != ecap) {
+        entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * sizeof(entry_t),
+                                 (size_t)ecap * sizeof(entry_t));
+        if (e == NULL) goto fail;
+        m->entries = e;
+        m->ecap = ecap;
+    }
+    if (m->fcap != ecap) { /* on failure the map keeps working on min(ecap, fcap) entries */
+        u8 *f = arr_realloc(m->flags, (size_t)m->fcap, (size_t)ecap);
+        if (f == NULL) goto fail;
+        m->flags = f;
+        m->fcap = ecap;
+    }
+    return 0;
+fail:
+    PyErr_NoMemory();
+    return -1;
+}
+
 /* Compact: live entries to the front in order, a fresh table (O(live), the one full pass; it
  * runs when dead entries outnumber live ones, see map_reserve). */
 static int map_compact(NativeMap *m) {
@@ -917,8 +1066,9 @@ static int map_compact(NativeMap *m) {
         PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 slots");
         return -1;
     }
-    int32_t *slots = new_table(nslots);
+    int32_t *slots = new_table(nslots, 0);
     if (slots == NULL) return -1;
+    drop_next(m);
     Py_ssize_t n = 0;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
         if (!m->flags[ix]) continue;
@@ -940,18 +1090,7 @@ static int map_compact(NativeMap *m) {
     m->version++;
     /* Give back what a shrunken map no longer needs (a source evicted or reset to a fraction). */
     Py_ssize_t fit = n + n / 2 + 16;
-    if (m->ecap > 2 * fit) {
-        memmove((u8 *)(m->entries + fit), m->flags, (size_t)n);
-        entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * ENTRY_BYTES, (size_t)fit * ENTRY_BYTES);
-        if (e == NULL) { /* keep the bigger block: move the flags back where they were */
-            memmove(m->flags, (u8 *)(m->entries + fit), (size_t)n);
-            PyErr_Clear();
-            return 0;
-        }
-        m->entries = e;
-        m->flags = (u8 *)(e + fit);
-        m->ecap = fit;
-    }
+    if (CAP(m) > 2 * fit && entries_resize(m, fit) < 0) PyErr_Clear(); /* keep the bigger */
     return 0;
 }
 
@@ -959,30 +1098,20 @@ static int map_compact(NativeMap *m) {
  * free slot is stale), 0 if not, -1 on error. */
 static int map_reserve(NativeMap *m) {
     int moved = 0;
-    if (m->used >= m->ecap) {
+    if (m->used >= CAP(m)) {
         Py_ssize_t dead = m->used - m->live;
         if (dead > m->live && dead > 64) {
             if (map_compact(m) < 0) return -1;
             moved = 1;
         }
-        if (m->used >= m->ecap) {
-            Py_ssize_t ecap = m->ecap < 16 ? 16 : m->ecap + m->ecap / 2;
+        if (m->used >= CAP(m)) {
+            Py_ssize_t ecap = CAP(m) < 16 ? 16 : CAP(m) + CAP(m) / 2;
             if (ecap > MAX_ENTRIES) ecap = MAX_ENTRIES;
             if (m->used >= ecap) {
                 PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**26 entries");
                 return -1;
             }
-            /* One block: ecap entries, then ecap flag bytes (moved up after the growth). */
-            entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * ENTRY_BYTES,
-                                     (size_t)ecap * ENTRY_BYTES);
-            if (e == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            m->entries = e;
-            m->flags = (u8 *)(e + ecap);
-            memmove(m->flags, (u8 *)(e + m->ecap), (size_t)m->used);
-            m->ecap = ecap;
+            if (entries_resize(m, ecap) < 0) return -1;
         }
     }
     if (m->nslots == 0 || (m->filled + m->npend + 1) * 4 > m->nslots * 3) {
@@ -992,8 +1121,15 @@ static int map_reserve(NativeMap *m) {
             PyErr_SetString(PyExc_MemoryError, "NativeMap: more than 2**31 slots");
             return -1;
         }
-        int32_t *t = new_table(nslots);
-        if (t == NULL) return -1;
+        int32_t *t = m->next;
+        if (t != NULL && m->next_nslots >= nslots - nslots / 8) { /* made ahead (prefault) */
+            nslots = m->next_nslots;
+            advise_huge(t, (size_t)nslots * sizeof(int32_t)); /* if not all in yet */
+            m->next = NULL;
+        } else if ((t = new_table(nslots, 0)) == NULL) {
+            return -1;
+        }
+        drop_next(m);
         if (m->nslots && m->live) {
             m->old = m->slots;
             m->old_nslots = m->nslots;
@@ -1016,24 +1152,14 @@ static int map_reserve(NativeMap *m) {
 static int map_presize(NativeMap *m, Py_ssize_t extra) {
     if (extra <= 0 || m->used + extra > MAX_ENTRIES) return 0; /* the normal path decides */
     Py_ssize_t want = m->used + extra;
-    if (want > m->ecap) {
-        entry_t *e = arr_realloc(m->entries, (size_t)m->ecap * ENTRY_BYTES,
-                                 (size_t)want * ENTRY_BYTES);
-        if (e == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        m->entries = e;
-        m->flags = (u8 *)(e + want);
-        memmove(m->flags, (u8 *)(e + m->ecap), (size_t)m->used);
-        m->ecap = want;
-    }
+    if (want > CAP(m) && entries_resize(m, want) < 0) return -1;
     if (m->nslots && (m->filled + extra + 1) * 4 <= m->nslots * 3) return 0;
     migrate(m, PY_SSIZE_T_MAX);
     Py_ssize_t nslots = table_size_for(m->live + extra + 1, 0);
     if (nslots > ((Py_ssize_t)1 << 31)) return 0;
-    int32_t *t = new_table(nslots);
+    int32_t *t = new_table(nslots, 0);
     if (t == NULL) return -1;
+    drop_next(m);
     arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
     m->slots = t;
     m->nslots = nslots;
@@ -1059,6 +1185,24 @@ static inline Py_ssize_t free_slot_for(NativeMap *m, u64 h) {
     while (m->slots[i] > 0)
         if (++i == n) i = 0;
     return (Py_ssize_t)i;
+}
+
+/* Tables from this size on get their successor made ahead (prefault); smaller ones are
+ * calloc'ed at the growth, a few hundred KB at most. */
+#define NEXT_MIN_SLOTS ((Py_ssize_t)(BIG_ARRAY / sizeof(int32_t)))
+
+/* Make the next table, sized for the entries the map will hold when it grows (every insert
+ * until then new), unless memory is short: the growth then makes it as before. */
+static void make_next(NativeMap *m) {
+    Py_ssize_t n = table_size_for(m->live + m->nslots * 3 / 4 - m->filled, m->nslots);
+    if (n > ((Py_ssize_t)1 << 31)) return;
+    m->next = new_table(n, 1);
+    if (m->next == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    m->next_nslots = n;
+    m->next_fault = m->fault_credit = 0;
 }
 
 /* Append a new entry (the key is known absent; `slot` from find_*). Object keys and values
@@ -1090,7 +1234,13 @@ static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObjec
     m->slots[slot] = SLOT_OF(ix, h);
     m->live++;
     m->version++;
-    if (m->old) migrate(m, MIGRATE_STEP);
+    if (m->retired && m->used % RETIRE_EVERY == 0) retire_some(m, RETIRE_BYTES);
+    if (m->old)
+        migrate(m, MIGRATE_STEP);
+    else if (m->next)
+        prefault(m, 1);
+    else if (m->nslots >= NEXT_MIN_SLOTS && (m->filled + 1) * 100 > m->nslots * NEXT_AT)
+        make_next(m);
     return 0;
 }
 
@@ -1115,10 +1265,11 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
     }
     if (m->live == 0) { /* start over: nothing to skip or probe past, no memory kept */
         m->used = m->first = 0;
-        arr_free(m->entries, (size_t)m->ecap * ENTRY_BYTES);
+        arr_free(m->entries, (size_t)m->ecap * sizeof(entry_t));
+        arr_free(m->flags, (size_t)m->fcap);
         m->entries = NULL;
         m->flags = NULL;
-        m->ecap = 0;
+        m->ecap = m->fcap = 0;
         arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
         m->old = NULL;
         m->old_nslots = m->old_pos = m->old_end = 0;
@@ -1126,6 +1277,8 @@ static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
         arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t)); /* the next insert sizes anew */
         m->slots = NULL;
         m->nslots = m->filled = 0;
+        drop_next(m);
+        retire_some(m, SIZE_MAX);
     }
     Py_XDECREF(kobj);
     Py_XDECREF(vobj);
@@ -1168,12 +1321,15 @@ static void map_clear(NativeMap *m) {
     entry_t *entries = m->entries;
     u8 *flags = m->flags;
     Py_ssize_t used = m->used, first = m->first, objects = m->objects, ecap = m->ecap;
+    Py_ssize_t fcap = m->fcap;
     arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
     arr_free(m->old, (size_t)m->old_nslots * sizeof(int32_t));
     m->entries = NULL;
     m->flags = NULL;
     m->slots = m->old = NULL;
-    m->ecap = m->nslots = m->filled = m->used = m->live = m->first = m->objects = 0;
+    m->ecap = m->fcap = m->nslots = m->filled = m->used = m->live = m->first = m->objects = 0;
+    drop_next(m);
+    retire_some(m, SIZE_MAX);
     m->old_nslots = m->old_pos = m->old_end = 0;
     m->npend = 0;
     m->version++;
@@ -1183,8 +1339,8 @@ static void map_clear(NativeMap *m) {
             if (flags[ix] & F_OVAL) Py_DECREF((PyObject *)(uintptr_t)entries[ix].v);
         }
     }
-    (void)flags; /* in the same block as the entries */
-    arr_free(entries, (size_t)ecap * ENTRY_BYTES);
+    arr_free(entries, (size_t)ecap * sizeof(entry_t));
+    arr_free(flags, (size_t)fcap);
 }
 
 static PyObject *NativeMap_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -1297,7 +1453,10 @@ static PyObject *NativeMap_migrate_some(NativeMap *m, PyObject *arg) {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     migrate(m, n);
-    return PyBool_FromLong(m->old != NULL);
+    if (m->old == NULL) prefault(m, n / 32); /* 4,096: 32 pages, ~0.1 ms */
+    if (m->retired && n > 0) retire_some(m, RETIRE_IDLE);
+    return PyBool_FromLong(m->old != NULL || m->retired ||
+                           (m->next && m->next_fault < m->next_nslots));
 }
 
 static PyObject *NativeMap_clear_method(NativeMap *m, PyObject *unused) {
@@ -1317,8 +1476,9 @@ static PyObject *NativeMap_reserve(NativeMap *m, PyObject *arg) {
 }
 
 static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
-    size_t n = sizeof(NativeMap) + (size_t)m->ecap * ENTRY_BYTES +
-               (size_t)(m->nslots + m->old_nslots) * sizeof(int32_t);
+    size_t n = sizeof(NativeMap) + (size_t)m->ecap * sizeof(entry_t) + (size_t)m->fcap +
+               (size_t)(m->nslots + m->old_nslots + m->next_nslots) * sizeof(int32_t) +
+               (m->retired ? m->retired_size - m->retired_pos : 0);
     return PyLong_FromSize_t(n);
 }
 

@@ -144,17 +144,20 @@ def test_native_map_iteration_refuses_a_changed_map(native: Any) -> None:
         next(it)
 
 
-def test_native_map_grows_and_shrinks_through_many_keys(native: Any) -> None:
-    m, d = native.NativeMap(), {}
-    rng = random.Random(5)
-    for i in range(60_000):
+def _store_and_evict(m: Any, d: dict[int, int], rng: random.Random, count: int, every: int) -> None:
+    """`count` random keys into both maps; each `every`-th store also evicts the oldest key."""
+    for i in range(count):
         k = rng.getrandbits(64)
-        m[k] = i
-        d[k] = i
-        if i % 3 == 0:
+        m[k] = d[k] = i
+        if i % every == 0:
             victim = next(iter(d))
             del m[victim]
             del d[victim]
+
+
+def test_native_map_grows_and_shrinks_through_many_keys(native: Any) -> None:
+    m, d = native.NativeMap(), {}
+    _store_and_evict(m, d, random.Random(5), 60_000, 3)
     assert m == d
     assert list(m) == list(d)
     assert m.nbytes() > 0
@@ -290,6 +293,43 @@ def test_native_map_stays_a_dict_while_a_growing_table_migrates(
     assert list(m.items()) == list(d.items())
     m.migrate_some(1 << 30)
     assert m == d
+
+
+def test_a_big_native_map_stays_a_dict_across_tables_made_ahead(native: Any) -> None:
+    # From 65,536 slots a table's successor is made at 73 % full and faulted in a page per 4
+    # inserts, or 32 pages per `migrate_some` (_native.c `prefault`); the growth at 3/4 takes
+    # it, and the table it migrated from is unmapped a piece at a time (`retire_some`). Here it
+    # is made and taken, made and dropped by a compaction (a removal-heavy phase), by `reserve`
+    # and by `clear`, with idle upkeep now and then: the map reads as a dict, and once upkeep
+    # says it is done and the map is cleared, nothing is held.
+    m, d = native.NativeMap(), {}
+    rng = random.Random(11)
+    pending = []
+    for chunk in range(240):
+        _store_and_evict(m, d, rng, 1000, 5)
+        pending.append(m.migrate_some(0))  # a pure look: is a growth or a prefault under way?
+        if chunk % 7 == 0:
+            m.migrate_some(4096)
+    assert any(pending) and not all(pending)
+    assert m == d and list(m) == list(d)
+    for k in list(d)[: len(d) * 9 // 10]:  # removal-heavy: the next inserts compact the map
+        del m[k]
+        del d[k]
+    for i in range(120_000):
+        k = rng.getrandbits(64)
+        m[k] = d[k] = i
+    assert m == d and list(m) == list(d)
+    m.reserve(len(m) + 50_000)
+    for i in range(60_000):
+        k = rng.getrandbits(64)
+        m[k] = d[k] = i
+    while m.migrate_some(4096):
+        pass
+    assert m == d and list(m.items()) == list(d.items())
+    m.clear()
+    assert len(m) == 0 and m.nbytes() < 1024
+    m[5] = 6
+    assert dict(m.items()) == {5: 6}
 
 
 def test_a_shrunken_map_gives_its_memory_back(native: Any) -> None:
