@@ -6,15 +6,15 @@ import asyncio
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
 
 from kvroute.errors import ConfigError
 from kvroute.tokenize.ids import require_token_ids
 from kvroute.tokenize.protocol import Tokenizer
 from kvroute.tokenize.timing import Observe, observe_since
 
-__all__ = ["CachingTokenizer", "estimated_bytes"]
+__all__ = ["CachingTokenizer", "IdsLru", "estimated_bytes"]
 
 _Key = tuple[Any, ...]
 # What an entry costs, roughly and on the high side: its key's text, and per id a tuple slot and
@@ -31,6 +31,57 @@ def estimated_bytes(text_chars: int, ids: int) -> int:
 
 def _entry_bytes(key: _Key, ids: tuple[int, ...]) -> int:
     return estimated_bytes(sum(len(part) for part in key if isinstance(part, str)), len(ids))
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class IdsLru(Generic[K]):
+    """Token ids by key, least recently used out first, within `max_entries` (None: no bound)
+    and `max_bytes` of `size_of(key, ids)` (0: no bound); one entry larger than the whole byte
+    bound is not kept (it would push every other out). The tokenizer cache and the piece cache
+    (tokenize/pieces.py) both keep theirs here."""
+
+    def __init__(
+        self,
+        size_of: Callable[[K, tuple[int, ...]], int],
+        *,
+        max_entries: int | None = None,
+        max_bytes: int = 0,
+    ) -> None:
+        self._size_of = size_of
+        self._max = max_entries
+        self._max_bytes = max(0, max_bytes)
+        self.bytes = 0  # the estimated size of what is kept
+        self._entries: OrderedDict[K, tuple[int, ...]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._entries
+
+    def get(self, key: K) -> tuple[int, ...] | None:
+        """The ids of `key`, now the most recently used, or None."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: K, ids: tuple[int, ...]) -> None:
+        size = self._size_of(key, ids)
+        if self._max_bytes and size > self._max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= self._size_of(key, old)
+        self._entries[key] = ids
+        self.bytes += size
+        while (self._max is not None and len(self._entries) > self._max) or (
+            self._max_bytes and self.bytes > self._max_bytes
+        ):
+            gone_key, gone = self._entries.popitem(last=False)
+            self.bytes -= self._size_of(gone_key, gone)
 
 
 class CachingTokenizer:
@@ -56,17 +107,19 @@ class CachingTokenizer:
         if max_entries < 1:
             raise ConfigError(f"max_entries: expected >= 1, got {max_entries}")
         self._inner = inner
-        self._max = max_entries
-        self._max_bytes = max(0, max_bytes)
-        self.bytes = 0  # the estimated size of what is kept (_entry_bytes)
         self._observe = observe
-        self._entries: OrderedDict[_Key, tuple[int, ...]] = OrderedDict()
+        self._entries = IdsLru[_Key](_entry_bytes, max_entries=max_entries, max_bytes=max_bytes)
         self._pending: dict[_Key, asyncio.Task[tuple[int, ...]]] = {}
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """The estimated size of what is kept (_entry_bytes)."""
+        return self._entries.bytes
 
     async def tokenize_prompt(self, model: str, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):
@@ -127,7 +180,7 @@ class CachingTokenizer:
             ids = tuple(await call())
         finally:
             self._pending.pop(key, None)
-        self._store(key, ids)
+        self._entries.put(key, ids)
         return ids
 
     def _lookup(self, key: _Key, started: float) -> list[int] | None:
@@ -135,20 +188,6 @@ class CachingTokenizer:
         if entry is None:
             self.misses += 1
             return None
-        self._entries.move_to_end(key)
         self.hits += 1
         observe_since(self._observe, "cache", started)
         return list(entry)
-
-    def _store(self, key: _Key, ids: tuple[int, ...]) -> None:
-        size = _entry_bytes(key, ids)
-        if self._max_bytes and size > self._max_bytes:
-            return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.bytes -= _entry_bytes(key, old)
-        self._entries[key] = ids
-        self.bytes += size
-        while len(self._entries) > self._max or (self._max_bytes and self.bytes > self._max_bytes):
-            gone_key, gone = self._entries.popitem(last=False)
-            self.bytes -= _entry_bytes(gone_key, gone)

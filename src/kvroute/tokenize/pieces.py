@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from kvroute.tokenize.caching import estimated_bytes
+from kvroute.tokenize.caching import IdsLru, estimated_bytes
 
 __all__ = ["PieceEncoder", "piece_plan"]
 
@@ -108,7 +107,6 @@ class PieceEncoder:
         self._tokenizer = tokenizer
         self._chunk = chunk_chars
         self._spaces = spaces
-        self._max_bytes = max_bytes
         self._special = special
         added = tokenizer.get_added_tokens_decoder()
         self._ids = {t.content: i for i, t in added.items()}
@@ -116,8 +114,7 @@ class PieceEncoder:
         # to the raw text here: piece_plan refuses them with a normalizer) in what is left.
         self._raw = _alternation([t.content for t in added.values() if not t.normalized])
         self._normalized = _alternation([t.content for t in added.values() if t.normalized])
-        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self.bytes = 0
+        self._entries = IdsLru[str](_piece_bytes, max_bytes=max_bytes)
         self.hits = 0
         self.misses = 0
 
@@ -147,6 +144,11 @@ class PieceEncoder:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        """The estimated size of the cached pieces."""
+        return self._entries.bytes
+
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int] | None:
         """The ids a whole-text encode gives, or None when this cannot tell (special tokens
         asked for and the post-processor's were not learnt): the caller encodes whole."""
@@ -168,12 +170,12 @@ class PieceEncoder:
                 continue
             got = fresh.get(part)
             if got is None:
-                got = entries[part]
-                entries.move_to_end(part)
+                got = entries.get(part)
+                assert got is not None  # not a miss, and nothing was stored since the look
                 self.hits += 1
             ids.extend(got)
         for piece, piece_ids in fresh.items():
-            self._store(piece, piece_ids)
+            entries.put(piece, piece_ids)
         self.misses += len(misses)
         if add_special_tokens and self._special:
             ids.extend(self._special[1])
@@ -215,17 +217,9 @@ class PieceEncoder:
                 mark = (start // self._chunk + 1) * self._chunk
         out.append(text[start:end])
 
-    # --- the cache
 
-    def _store(self, piece: str, ids: tuple[int, ...]) -> None:
-        size = estimated_bytes(len(piece), len(ids))
-        if size > self._max_bytes:
-            return
-        self._entries[piece] = ids
-        self.bytes += size
-        while self.bytes > self._max_bytes:
-            gone, gone_ids = self._entries.popitem(last=False)
-            self.bytes -= estimated_bytes(len(gone), len(gone_ids))
+def _piece_bytes(piece: str, ids: tuple[int, ...]) -> int:
+    return estimated_bytes(len(piece), len(ids))
 
 
 _PROBES = ("a b", "x")
