@@ -445,15 +445,16 @@ async def run_trace_async(options: TraceOptions) -> int:
     with tempfile.TemporaryDirectory(prefix="kvroute-trace-") as tmp, _Progress() as progress:
         workdir = Path(tmp)
         rate_text = f"{rate * options.time_factor**-1:.2f} req/s" if rate else "one burst"
+        # An unbounded cache's hit rate (the trace's own reuse), then one fleet-sized LRU's.
+        reuse = prefix_reuse(requests), prefix_reuse(requests, _fleet_hash_blocks(options, config))
         progress.note(
             f"kvroute bench trace: {options.trace} ({len(requests)} requests, arrivals "
             f"×{options.time_factor:g} in time: {rate_text}); {options.engines} simulated engines "
             f"of {config.num_gpu_blocks} blocks × {config.block_size} tokens; "
             f"{scaling.tokens_per_hash} tokens per hash id (scale {scaling.effective_scale:g}); "
             f"sim speed ×{options.speed:g}; TTFT SLO p90 ≤ {options.slo_ms:g} ms; the trace "
-            f"reuses {prefix_reuse(requests):.1%} of its prompt tokens (an unbounded cache's hit "
-            f"rate), one LRU cache of the fleet's KV would hit "
-            f"{prefix_reuse(requests, _fleet_hash_blocks(options, config)):.1%}"
+            f"reuses {reuse[0]:.1%} of its prompt tokens (an unbounded cache's hit rate), one LRU "
+            f"cache of the fleet's KV would hit {reuse[1]:.1%}"
             + (f"; vs vllm-router {peer.version}" if peer is not None else "")
         )
         for name in options.runs:
@@ -493,7 +494,7 @@ async def run_trace_async(options: TraceOptions) -> int:
     for name, outcome in outcomes.items():
         for sample in outcome.main.error_samples:
             print(f"{name}: a failed request: {sample}")
-    data = _report(options, outcomes, rate, requests, config, elapsed)
+    data = _report(options, outcomes, rate, requests, reuse, config, elapsed)
     path = save_json("trace", data, options.out_dir)
     print(f"wrote {path}")
     if options.chart:
@@ -587,6 +588,7 @@ def _report(
     outcomes: dict[str, _PolicyOutcome],
     rate: float | None,
     requests: Sequence[TraceRequest],
+    reuse: tuple[float, float],
     config: SimConfig,
     elapsed: float,
 ) -> dict[str, Any]:
@@ -610,7 +612,6 @@ def _report(
             }
         policies[name] = entry
     scaling = options.scaling
-    fleet_reuse = prefix_reuse(requests, _fleet_hash_blocks(options, config))
     return {
         "trace": str(options.trace),
         "slo_ms": options.slo_ms,
@@ -619,9 +620,9 @@ def _report(
             "requests": len(requests),
             "trace_rate_rps": round_opt(rate, 3),
             # the hit rate of one unbounded cache holding every earlier prompt: the trace's reuse
-            "prefix_reuse": round(prefix_reuse(requests), 4),
+            "prefix_reuse": round(reuse[0], 4),
             # the same for one LRU cache as large as the whole fleet's KV: finite pools' reference
-            "fleet_lru_reuse": round(fleet_reuse, 4),
+            "fleet_lru_reuse": round(reuse[1], 4),
             "time_factor": options.time_factor,
             "arrival_rate_rps": round_opt(rate / options.time_factor if rate else None, 3),
             "token_scale": scaling.effective_scale,
