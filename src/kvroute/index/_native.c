@@ -637,6 +637,20 @@ static void *arr_realloc(void *p, size_t old, size_t size) {
 #define F_LIVE 1u
 #define F_OKEY 2u /* k holds a PyObject* (a key that is not a u64 int) */
 #define F_OVAL 4u /* v holds a PyObject* (a value that is not a u64 int) */
+/* The flags are a nibble per entry, two entries to a byte: half a byte per entry and map less
+ * than a byte array (RSS per (block, source) at 10^6 blocks with one source 48.5 -> 47.5 B;
+ * docs/notes/issue-12-next.md, eighth session). `fcap` counts entries, the array has
+ * FLAG_BYTES(fcap) bytes. */
+#define FLAG_BYTES(n) (((size_t)(n) + 1) / 2)
+static inline unsigned flag_of(const u8 *flags, Py_ssize_t ix) {
+    return (unsigned)(flags[ix >> 1] >> ((ix & 1) << 2)) & 15u;
+}
+static inline void flag_put(u8 *flags, Py_ssize_t ix, unsigned f) {
+    u8 *p = &flags[ix >> 1];
+    unsigned shift = (unsigned)(ix & 1) << 2;
+    *p = (u8)((*p & ~(15u << shift)) | (f << shift));
+}
+#define FLAG(m, ix) flag_of((m)->flags, (ix))
 /* A slot is 0 when empty (so a new table is zero pages, mapped lazily: no memset, no stall),
  * -1 when its entry was deleted, else ((entry index + 1) << TAG_BITS) | tag, the tag being low
  * bits of the key's slot hash: a probe reads an entry (a cache miss) only when tags agree. */
@@ -676,9 +690,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     entry_t *entries;
-    u8 *flags;              /* per entry: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
+    u8 *flags;              /* per entry a nibble: F_LIVE | F_OKEY | F_OVAL, 0 when dead */
     Py_ssize_t ecap;        /* entries allocated */
-    Py_ssize_t fcap;        /* flag bytes allocated (= ecap, unless a resize failed half-way) */
+    Py_ssize_t fcap;        /* entries the flags cover (= ecap, unless a resize failed half-way) */
     Py_ssize_t used;        /* entries written (live and dead) */
     Py_ssize_t live;
     Py_ssize_t first;       /* no live entry before this index */
@@ -741,7 +755,7 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
             if (free_slot < 0) free_slot = (Py_ssize_t)i;
         } else if ((s & TAG_MASK) == tag) {
             int32_t ix = SLOT_IX(s);
-            if (m->entries[ix].k == k && (m->flags[ix] & F_OKEY) == 0) {
+            if (m->entries[ix].k == k && (FLAG(m, ix) & F_OKEY) == 0) {
                 *slot = (Py_ssize_t)i;
                 return ix;
             }
@@ -757,7 +771,7 @@ static inline Py_ssize_t find_int(NativeMap *m, u64 k, Py_ssize_t *slot) {
             if (s > 0 && (s & TAG_MASK) == tag) {
                 int32_t ix = SLOT_IX(s);
                 /* F_LIVE: the slot of an entry moved and deleted since is stale (see above) */
-                if (m->entries[ix].k == k && (m->flags[ix] & (F_LIVE | F_OKEY)) == F_LIVE) {
+                if (m->entries[ix].k == k && (FLAG(m, ix) & (F_LIVE | F_OKEY)) == F_LIVE) {
                     *slot = m->nslots + (Py_ssize_t)j;
                     return ix;
                 }
@@ -785,7 +799,7 @@ static Py_ssize_t probe_obj(NativeMap *m, int32_t *table, Py_ssize_t n, PyObject
         }
         if (s == SLOT_DUMMY) {
             if (free_slot && *free_slot < 0) *free_slot = (Py_ssize_t)i;
-        } else if ((s & TAG_MASK) == tag && (m->flags[ix] & F_OKEY)) {
+        } else if ((s & TAG_MASK) == tag && (FLAG(m, ix) & F_OKEY)) {
             PyObject *other = (PyObject *)(uintptr_t)m->entries[ix].k;
             int eq = other == key;
             if (!eq && PyObject_Hash(other) == h) {
@@ -859,7 +873,7 @@ static inline Py_ssize_t find_key(NativeMap *m, mkey_t *key, Py_ssize_t *slot) {
 }
 
 static inline u64 entry_slot_hash(NativeMap *m, Py_ssize_t ix) {
-    if (m->flags[ix] & F_OKEY) {
+    if (FLAG(m, ix) & F_OKEY) {
         /* The hash of a stored key cannot fail: it was computed once on insert. */
         return obj_slot_hash(PyObject_Hash((PyObject *)(uintptr_t)m->entries[ix].k));
     }
@@ -867,7 +881,7 @@ static inline u64 entry_slot_hash(NativeMap *m, Py_ssize_t ix) {
 }
 
 static PyObject *value_of(NativeMap *m, Py_ssize_t ix) {
-    if (m->flags[ix] & F_OVAL) {
+    if (FLAG(m, ix) & F_OVAL) {
         PyObject *v = (PyObject *)(uintptr_t)m->entries[ix].v;
         Py_INCREF(v);
         return v;
@@ -876,7 +890,7 @@ static PyObject *value_of(NativeMap *m, Py_ssize_t ix) {
 }
 
 static PyObject *key_of(NativeMap *m, Py_ssize_t ix) {
-    if (m->flags[ix] & F_OKEY) {
+    if (FLAG(m, ix) & F_OKEY) {
         PyObject *k = (PyObject *)(uintptr_t)m->entries[ix].k;
         Py_INCREF(k);
         return k;
@@ -979,7 +993,7 @@ static inline void place(NativeMap *m, Py_ssize_t ix) { place_hashed(m, ix, entr
  * since is skipped; until placed, an entry is still found through its old slot. */
 static inline void place_pending(NativeMap *m) {
     for (int j = 0; j < m->npend; j++)
-        if (m->flags[m->pend_ix[j]]) place_hashed(m, m->pend_ix[j], m->pend_h[j]);
+        if (FLAG(m, m->pend_ix[j])) place_hashed(m, m->pend_ix[j], m->pend_h[j]);
     m->npend = 0;
 }
 
@@ -997,7 +1011,7 @@ static void migrate(NativeMap *m, Py_ssize_t n) {
         int k = 0;
         size_t ns = (size_t)m->nslots;
         for (Py_ssize_t ix = m->old_pos; ix < end; ix++) {
-            if (!m->flags[ix]) continue; /* dead: its old slot (if any) is DUMMY or stale */
+            if (!FLAG(m, ix)) continue; /* dead: its old slot (if any) is DUMMY or stale */
             ixs[k] = (int32_t)ix;
             hs[k] = entry_slot_hash(m, ix);
             prefetch(&m->slots[home(hs[k], ns)]);
@@ -1006,7 +1020,7 @@ static void migrate(NativeMap *m, Py_ssize_t n) {
         /* The next step's entries: read in order, but an insert's own misses come between. */
         if (end + MIGRATE_STEP < m->old_end) {
             for (int q = 0; q < MIGRATE_STEP; q += 4) prefetch(&m->entries[end + q]);
-            prefetch(&m->flags[end]);
+            prefetch(&m->flags[end >> 1]);
         }
         place_pending(m);
         memcpy(m->pend_ix, ixs, sizeof(int32_t) * (size_t)k);
@@ -1047,7 +1061,7 @@ static int entries_resize(NativeMap *m, Py_ssize_t ecap) {
         m->ecap = ecap;
     }
     if (m->fcap != ecap) { /* on failure the map keeps working on min(ecap, fcap) entries */
-        u8 *f = arr_realloc(m->flags, (size_t)m->fcap, (size_t)ecap);
+        u8 *f = arr_realloc(m->flags, FLAG_BYTES(m->fcap), FLAG_BYTES(ecap));
         if (f == NULL) goto fail;
         m->flags = f;
         m->fcap = ecap;
@@ -1071,9 +1085,10 @@ static int map_compact(NativeMap *m) {
     drop_next(m);
     Py_ssize_t n = 0;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
-        if (!m->flags[ix]) continue;
+        unsigned f = FLAG(m, ix);
+        if (!f) continue;
         m->entries[n] = m->entries[ix];
-        m->flags[n] = m->flags[ix];
+        flag_put(m->flags, n, f);
         n++;
     }
     arr_free(m->slots, (size_t)m->nslots * sizeof(int32_t));
@@ -1165,7 +1180,7 @@ static int map_presize(NativeMap *m, Py_ssize_t extra) {
     m->nslots = nslots;
     m->filled = 0;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++)
-        if (m->flags[ix]) place(m, ix);
+        if (FLAG(m, ix)) place(m, ix);
     m->version++;
     return 0;
 }
@@ -1228,7 +1243,7 @@ static int map_append(NativeMap *m, mkey_t *key, Py_ssize_t slot, u64 v, PyObjec
     } else {
         m->entries[ix].v = v;
     }
-    m->flags[ix] = f;
+    flag_put(m->flags, ix, f);
     if (f & (F_OKEY | F_OVAL)) m->objects++;
     if (m->slots[slot] == SLOT_EMPTY) m->filled++;
     m->slots[slot] = SLOT_OF(ix, h);
@@ -1252,21 +1267,21 @@ static inline int map_append_int(NativeMap *m, u64 k, u64 v, Py_ssize_t slot) {
 
 /* Drop entry ix found at slot: its references go at the end (a decref may run Python). */
 static void map_delete(NativeMap *m, Py_ssize_t ix, Py_ssize_t slot) {
-    u8 f = m->flags[ix];
+    unsigned f = FLAG(m, ix);
     PyObject *kobj = (f & F_OKEY) ? (PyObject *)(uintptr_t)m->entries[ix].k : NULL;
     PyObject *vobj = (f & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
-    m->flags[ix] = 0;
+    flag_put(m->flags, ix, 0);
     *slot_ptr(m, slot) = SLOT_DUMMY;
     m->live--;
     if (kobj || vobj) m->objects--;
     m->version++;
     if (ix == m->first) {
-        while (m->first < m->used && !m->flags[m->first]) m->first++;
+        while (m->first < m->used && !FLAG(m, m->first)) m->first++;
     }
     if (m->live == 0) { /* start over: nothing to skip or probe past, no memory kept */
         m->used = m->first = 0;
         arr_free(m->entries, (size_t)m->ecap * sizeof(entry_t));
-        arr_free(m->flags, (size_t)m->fcap);
+        arr_free(m->flags, FLAG_BYTES(m->fcap));
         m->entries = NULL;
         m->flags = NULL;
         m->ecap = m->fcap = 0;
@@ -1289,17 +1304,19 @@ static int map_set_value(NativeMap *m, Py_ssize_t ix, PyObject *value) {
     u64 v;
     int r = as_u64(value, &v);
     if (r < 0) return -1;
-    PyObject *old = (m->flags[ix] & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
-    int had_obj = (m->flags[ix] & (F_OKEY | F_OVAL)) != 0;
+    unsigned f = FLAG(m, ix);
+    PyObject *old = (f & F_OVAL) ? (PyObject *)(uintptr_t)m->entries[ix].v : NULL;
+    int had_obj = (f & (F_OKEY | F_OVAL)) != 0;
     if (r == 1) {
         m->entries[ix].v = v;
-        m->flags[ix] &= (u8)~F_OVAL;
+        f &= ~F_OVAL;
     } else {
         Py_INCREF(value);
         m->entries[ix].v = (u64)(uintptr_t)value;
-        m->flags[ix] |= F_OVAL;
+        f |= F_OVAL;
     }
-    int has_obj = (m->flags[ix] & (F_OKEY | F_OVAL)) != 0;
+    flag_put(m->flags, ix, f);
+    int has_obj = (f & (F_OKEY | F_OVAL)) != 0;
     m->objects += has_obj - had_obj;
     Py_XDECREF(old);
     return 0;
@@ -1335,12 +1352,12 @@ static void map_clear(NativeMap *m) {
     m->version++;
     if (objects) {
         for (Py_ssize_t ix = first; ix < used; ix++) {
-            if (flags[ix] & F_OKEY) Py_DECREF((PyObject *)(uintptr_t)entries[ix].k);
-            if (flags[ix] & F_OVAL) Py_DECREF((PyObject *)(uintptr_t)entries[ix].v);
+            if (flag_of(flags, ix) & F_OKEY) Py_DECREF((PyObject *)(uintptr_t)entries[ix].k);
+            if (flag_of(flags, ix) & F_OVAL) Py_DECREF((PyObject *)(uintptr_t)entries[ix].v);
         }
     }
     arr_free(entries, (size_t)ecap * sizeof(entry_t));
-    arr_free(flags, (size_t)fcap);
+    arr_free(flags, FLAG_BYTES(fcap));
 }
 
 static PyObject *NativeMap_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -1476,7 +1493,7 @@ static PyObject *NativeMap_reserve(NativeMap *m, PyObject *arg) {
 }
 
 static PyObject *NativeMap_nbytes(NativeMap *m, PyObject *unused) {
-    size_t n = sizeof(NativeMap) + (size_t)m->ecap * sizeof(entry_t) + (size_t)m->fcap +
+    size_t n = sizeof(NativeMap) + (size_t)m->ecap * sizeof(entry_t) + FLAG_BYTES(m->fcap) +
                (size_t)(m->nslots + m->old_nslots + m->next_nslots) * sizeof(int32_t) +
                (m->retired ? m->retired_size - m->retired_pos : 0);
     return PyLong_FromSize_t(n);
@@ -1523,7 +1540,7 @@ static PyObject *MapIter_next(MapIter *it) {
         PyErr_SetString(PyExc_RuntimeError, "NativeMap changed during iteration");
         return NULL;
     }
-    while (it->pos < m->used && !m->flags[it->pos]) it->pos++;
+    while (it->pos < m->used && !FLAG(m, it->pos)) it->pos++;
     if (it->pos >= m->used) {
         it->map = NULL;
         Py_DECREF(m);
@@ -1573,7 +1590,7 @@ static PyObject *NativeMap_to_dict(NativeMap *m) {
     PyObject *d = PyDict_New();
     if (d == NULL) return NULL;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
-        if (!m->flags[ix]) continue;
+        if (!FLAG(m, ix)) continue;
         PyObject *k = key_of(m, ix), *v = k ? value_of(m, ix) : NULL;
         int bad = v == NULL || PyDict_SetItem(d, k, v) < 0;
         Py_XDECREF(k);
@@ -1858,7 +1875,7 @@ static PyObject *get_hm(run_t *r) {
 /* Drop `bit` from holders[local]; 1 if the hash is now held by nobody, -1 on error. */
 static inline int release_bit(NativeMap *holders, u64 local, u64 bit) {
     Py_ssize_t slot, ix = find_int(holders, local, &slot);
-    if (ix < 0 || (holders->flags[ix] & F_OVAL)) {
+    if (ix < 0 || (FLAG(holders, ix) & F_OVAL)) {
         PyErr_SetString(PyExc_RuntimeError, "NativeMap: a held block has no holder entry");
         return -1;
     }
@@ -1941,7 +1958,7 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
         if (ix < 0) {
             if (map_append_int(hold, local, r->bit, slot) < 0) return -1;
             new_hashes++;
-        } else if (hold->flags[ix] & F_OVAL) {
+        } else if (FLAG(hold, ix) & F_OVAL) {
             PyErr_SetString(PyExc_RuntimeError, "apply_run: a holder mask past bit 63");
             return -1;
         } else if (!(hold->entries[ix].v & r->bit)) {
@@ -2054,7 +2071,7 @@ static PyObject *py_int_pairs(PyObject *mod, PyObject *arg) {
     u8 *w = (u8 *)PyBytes_AS_STRING(out);
     Py_ssize_t n = 0;
     for (Py_ssize_t ix = m->first; ix < m->used; ix++) {
-        if (m->flags[ix] != F_LIVE) continue; /* dead, or an object key or value */
+        if (FLAG(m, ix) != F_LIVE) continue; /* dead, or an object key or value */
         u64 kv[2] = {m->entries[ix].k, m->entries[ix].v};
 #if HOST_BIG_ENDIAN
         kv[0] = __builtin_bswap64(kv[0]);
@@ -2113,7 +2130,7 @@ static PyObject *py_restore_pairs(PyObject *mod, PyObject *const *args, Py_ssize
         Py_ssize_t bslot, hslot;
         if (find_int(blocks, kv[0], &bslot) >= 0) continue;
         Py_ssize_t hx = find_int(holders, kv[1], &hslot);
-        if (hx >= 0 && ((holders->flags[hx] & F_OVAL) || (holders->entries[hx].v & bit)))
+        if (hx >= 0 && ((FLAG(holders, hx) & F_OVAL) || (holders->entries[hx].v & bit)))
             continue;
         if (map_append_int(blocks, kv[0], kv[1], bslot) < 0) goto fail;
         if (hx >= 0) {
@@ -2455,7 +2472,7 @@ static PyObject *py_release_all(PyObject *mod, PyObject *const *args, Py_ssize_t
     NativeMap *blocks = (NativeMap *)args[0], *holders = (NativeMap *)args[1];
     long gone = 0;
     for (Py_ssize_t ix = blocks->first; ix < blocks->used; ix++) {
-        if (!blocks->flags[ix]) continue;
+        if (!FLAG(blocks, ix)) continue;
         int g = release_bit(holders, blocks->entries[ix].v, bit);
         if (g < 0) return NULL;
         gone += g;
@@ -2481,8 +2498,8 @@ static PyObject *py_evict_oldest(PyObject *mod, PyObject *const *args, Py_ssize_
     long evicted = 0, gone = 0;
     while (evicted < n && blocks->live > 0) {
         Py_ssize_t ix = blocks->first;
-        while (!blocks->flags[ix]) ix++;
-        int okey = (blocks->flags[ix] & F_OKEY) != 0;
+        while (!FLAG(blocks, ix)) ix++;
+        int okey = (FLAG(blocks, ix) & F_OKEY) != 0;
         u64 local = blocks->entries[ix].v;
         Py_ssize_t slot = -1;
         if (okey || PyDict_GET_SIZE(dups)) {
@@ -2596,7 +2613,7 @@ static int match_walk(NativeMap *holders, PyObject *tokens_obj, Py_ssize_t n, Py
             if (s4 > 0) prefetch(&holders->entries[SLOT_IX(s4)]);
         }
         Py_ssize_t slot, ix = find_int(holders, hashes[i], &slot);
-        if (ix >= 0 && (holders->flags[ix] & F_OVAL)) {
+        if (ix >= 0 && (FLAG(holders, ix) & F_OVAL)) {
             PyErr_SetString(PyExc_RuntimeError, "match: a holder mask past bit 63");
             rc = -1;
             break;
