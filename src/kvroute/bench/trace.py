@@ -94,6 +94,9 @@ class TraceOptions:
     # KV cache per engine: about what an 80 GB GPU holds for an 8B model (128 KiB per token).
     kv_tokens: int = 1 << 19
     prefill_tok_per_s: float = _SIM.prefill_tok_per_s
+    # Prefill tokens an engine computes per step at most, chunking longer prompts as vLLM V1
+    # does (sim/scheduler.py); 0: each prompt prefilled whole in one step.
+    max_num_batched_tokens: int = 8192
     token_scale: float = TraceScaling.token_scale
     time_factor: float = 1.0  # arrival times × this (< 1: a higher rate than the trace's)
     speed: float = TRACE_SPEED  # simulated seconds per wall second
@@ -222,6 +225,11 @@ def _workload(options: TraceOptions, requests: list[TraceRequest]) -> _Workload:
     )
 
 
+def _scaled_budget(tokens: int, scale: float) -> int | None:
+    """A step budget of `tokens` trace tokens in simulated tokens (None: 0, no chunking)."""
+    return max(_SIM.block_size, round(tokens * scale)) if tokens > 0 else None
+
+
 def _sim_config(options: TraceOptions, workload: _Workload) -> SimConfig:
     scale = options.scaling.effective_scale
     return SimConfig(
@@ -229,6 +237,9 @@ def _sim_config(options: TraceOptions, workload: _Workload) -> SimConfig:
         speed=options.speed,
         # A scaled token costs the prefill time of the trace tokens it stands for.
         prefill_tok_per_s=options.prefill_tok_per_s * scale,
+        # The step budget scaled like the prompts: a scaled prompt stands for 1/scale times its
+        # tokens, and prefilled whole in one step it would hold its engine that much longer.
+        max_num_batched_tokens=_scaled_budget(options.max_num_batched_tokens, scale),
         max_model_len=max(_SIM.max_model_len, workload.longest),
         # vLLM's default topic: vllm-router's static event sources subscribe to no other
         # (vllm_router.py); kvroute takes any.
@@ -633,6 +644,8 @@ def _report(
             "kv_tokens_per_engine": options.kv_tokens,
             "prefill_tok_per_s": options.prefill_tok_per_s,
             "sim_prefill_tok_per_s": config.prefill_tok_per_s,
+            "max_num_batched_tokens": options.max_num_batched_tokens,
+            "sim_max_num_batched_tokens": config.max_num_batched_tokens,
             "decode_step_s": config.decode_step_s,
             "sim_speed": options.speed,
             "capacity_steps": options.capacity_steps if options.capacity else 0,
@@ -727,6 +740,14 @@ def add_arguments(parser: Any) -> None:
         help="prefill speed of an engine in trace tokens per simulated second",
     )
     parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d.max_num_batched_tokens,
+        help="prefill tokens an engine computes per step at most, in trace tokens (vLLM V1 "
+        "chunks longer prompts; scaled like them); 0: each prompt prefilled whole (default "
+        "%(default)s)",
+    )
+    parser.add_argument(
         "--token-scale",
         type=float,
         default=d.token_scale,
@@ -781,6 +802,7 @@ def options(args: argparse.Namespace) -> TraceOptions:
         ("--engines", args.engines, 1),
         ("--kv-tokens", args.kv_tokens, 1),
         ("--capacity-steps", args.capacity_steps, 0),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens, 0),
     ):
         if value is not None and value < low:
             raise ConfigError(f"{flag}: expected >= {low}, got {value}")
@@ -811,6 +833,7 @@ def options(args: argparse.Namespace) -> TraceOptions:
         engines=args.engines,
         kv_tokens=args.kv_tokens,
         prefill_tok_per_s=args.prefill_tok_per_s,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         token_scale=args.token_scale,
         time_factor=args.time_factor,
         speed=args.speed if args.speed is not None else d.speed,

@@ -78,6 +78,13 @@ def register(sub: Any) -> None:
         help="prefill speed, prompt tokens per simulated second",
     )
     p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=0,
+        help="prefill tokens a step computes at most, as vLLM V1 chunks prefills (default 0: "
+        "each admitted prompt is prefilled whole in one step)",
+    )
+    p.add_argument(
         "--decode-step-ms",
         type=float,
         default=d.decode_step_s * 1000,
@@ -122,6 +129,10 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> SimConfig:
+    if args.max_num_batched_tokens < 0:
+        raise ValueError(
+            f"--max-num-batched-tokens: expected >= 0, got {args.max_num_batched_tokens}"
+        )
     curve = None
     if args.curve_secret_key_file is not None:
         try:
@@ -134,6 +145,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
         num_gpu_blocks=args.num_gpu_blocks,
         max_num_seqs=args.max_num_seqs,
         prefill_tok_per_s=args.prefill_tok_per_s,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
         decode_step_s=args.decode_step_ms / 1000.0,
         speed=args.speed,
         release=args.vllm_version,

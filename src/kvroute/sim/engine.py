@@ -41,6 +41,8 @@ class SimConfig:
     max_model_len: int = 32_768
     default_max_tokens: int = 16
     vocab_size: int = 32_000
+    # Prefill tokens per step at most (chunked prefill, sim/scheduler.py); None: whole prompts.
+    max_num_batched_tokens: int | None = None
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
@@ -50,6 +52,7 @@ class SimConfig:
             prefill_tok_per_s=self.prefill_tok_per_s,
             decode_step_s=self.decode_step_s,
             bytes_hashes=self.bytes_hashes,
+            max_num_batched_tokens=self.max_num_batched_tokens,
         )
 
 

@@ -15,7 +15,13 @@ __all__ = ["SchedulerConfig", "SimRequest", "SimScheduler", "StepOutcome"]
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The time model: a step costs prefill_tokens / prefill_tok_per_s + decode_step_s."""
+    """The time model: a step costs prefill_tokens / prefill_tok_per_s + decode_step_s.
+
+    `max_num_batched_tokens`: the prefill tokens one step computes at most (vLLM V1 chunks
+    every prefill to its per-step token budget); None: each admitted prompt is prefilled whole
+    in its admitting step. Decode tokens are not counted against it (one per running request
+    and step; with token-scaled prompts they would take a budget scaled down with them).
+    """
 
     block_size: int = 16
     num_gpu_blocks: int = 8192
@@ -23,6 +29,13 @@ class SchedulerConfig:
     prefill_tok_per_s: float = 16_000.0
     decode_step_s: float = 0.012
     bytes_hashes: bool = False
+    max_num_batched_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens: expected >= 1 or None, got {self.max_num_batched_tokens}"
+            )
 
 
 @dataclass(eq=False)
@@ -87,8 +100,10 @@ class StepOutcome:
 
 
 class SimScheduler:
-    """FIFO admission up to `max_num_seqs`; whole uncached prefill in the admitting step; one
-    decode token per running request per step.
+    """FIFO admission up to `max_num_seqs`; uncached prefill in the admitting step, or in chunks
+    of the step's token budget (`max_num_batched_tokens`: requests part-way through their
+    prefill first, in admission order, then new ones while budget is left), the first token at
+    the end of the step that completes it; one decode token per request per step after.
 
     Admission promises a request every block it will ever need (so nothing is preempted);
     blocks are taken from the pool only when tokens need them, so eviction happens as late
@@ -163,20 +178,41 @@ class SimScheduler:
             # Idle engine: time jumps to the next arrival.
             self.clock = max(self.clock, min(r.arrival for r in self.waiting))
         start = self.clock
-        decoding = list(self.running)
-        admitted = self._admit(start)
-        if not decoding and not admitted:
-            return None  # cannot happen: an idle pool always fits the head request
-
         cfg = self.config
-        # Compute: admitted requests prefill their whole uncached prompt, others decode one.
+        budget = cfg.max_num_batched_tokens
+        decoding = [r for r in self.running if r._num_computed >= len(r.prompt)]
+        prefilling = [r for r in self.running if r._num_computed < len(r.prompt)]
+        left = None if budget is None else budget
         prefill_tokens = 0
-        for req in admitted:
-            prefill_tokens += len(req.prompt) - req.cached_tokens
-            req._num_computed = len(req.prompt)
+        work: list[SimRequest] = []  # requests whose KV grows this step
+        advanced: list[SimRequest] = []  # requests that emit a token this step
         for req in decoding:
             req._num_computed += 1
-        work = decoding + admitted
+            work.append(req)
+            advanced.append(req)
+
+        def prefill(req: SimRequest) -> None:
+            nonlocal left, prefill_tokens
+            todo = len(req.prompt) - req._num_computed
+            chunk = todo if left is None else min(todo, left)
+            if chunk <= 0:
+                return
+            req._num_computed += chunk
+            prefill_tokens += chunk
+            if left is not None:
+                left -= chunk
+            work.append(req)
+            if req._num_computed >= len(req.prompt):
+                advanced.append(req)
+
+        for req in prefilling:
+            prefill(req)
+        admitted = self._admit(start, left)
+        for req in admitted:
+            req._num_computed = req.cached_tokens
+            prefill(req)
+        if not work:
+            return None  # cannot happen: an idle pool always fits the head request
         # Allocation first (evictions precede stores within a step), then caching.
         for req in work:
             need = -(-req._num_computed // cfg.block_size) - len(req._block_ids)
@@ -191,7 +227,7 @@ class SimScheduler:
         end = start + cost
         self.clock = end
         finished = []
-        for req in work:
+        for req in advanced:
             if req.first_token_time is None:
                 req.first_token_time = end
             req.emitted += 1
@@ -203,17 +239,21 @@ class SimScheduler:
             self.running.remove(req)
             self._release(req)
             self.finished_total += 1
-        return StepOutcome(start, end, prefill_tokens, self.pool.drain_events(), work, finished)
+        return StepOutcome(start, end, prefill_tokens, self.pool.drain_events(), advanced, finished)
 
     def drain_events(self) -> list[VllmEvent]:
         """Events made outside a step (none today; reset_prefix_cache waits for a step)."""
         return self.pool.drain_events()
 
     # -- internals -----------------------------------------------------------------------------
-    def _admit(self, now: float) -> list[SimRequest]:
+    def _admit(self, now: float, budget: int | None = None) -> list[SimRequest]:
+        """Admit waiting requests in order while they fit (sequences, KV blocks) and, with a
+        `budget` of prefill tokens for this step, while some of it is left."""
         cfg = self.config
         admitted = []
         while self.waiting and len(self.running) < cfg.max_num_seqs:
+            if budget is not None and budget <= 0:
+                break
             req = self.waiting[0]
             if req.arrival > now:
                 break
@@ -240,6 +280,8 @@ class SimScheduler:
             self.prompt_tokens_total += len(req.prompt)
             self.running.append(req)
             admitted.append(req)
+            if budget is not None:
+                budget -= len(req.prompt) - req.cached_tokens
         return admitted
 
     def _cache_full_blocks(self, req: SimRequest) -> None:

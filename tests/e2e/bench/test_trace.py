@@ -59,6 +59,12 @@ async def test_replay_writes_the_report_and_kv_aware_hits_at_least_as_often(
     assert kv["hit_rate"] > 0.3
     assert kv["hit_rate"] >= rr["hit_rate"]
     assert report["setup"]["requests"] == 30
+    # Prefills chunked as vLLM V1 does, the step budget scaled like the prompts.
+    setup = report["setup"]
+    assert setup["max_num_batched_tokens"] == options.max_num_batched_tokens
+    assert setup["sim_max_num_batched_tokens"] == max(
+        16, round(options.max_num_batched_tokens * setup["token_scale"])
+    )
     assert (tmp_path / "out" / "trace.png").read_bytes()[:8] == PNG
 
 

@@ -103,6 +103,7 @@ def test_errors_count_as_misses_of_the_slo() -> None:
         (["FILE", "--time-factor", "0"], "--time-factor: expected > 0"),
         (["FILE", "--slo-ms", "-5"], "--slo-ms: expected > 0"),
         (["FILE", "--capacity-steps", "-1"], "--capacity-steps: expected >= 0"),
+        (["FILE", "--max-num-batched-tokens", "-1"], "--max-num-batched-tokens: expected >= 0"),
         (["FILE", "--router-setting", "w_load"], "expected NAME=VALUE"),
         (["FILE", "--router-setting", "nowhere=1"], "nowhere"),
         (["FILE", "--policies", "oracle,oracle"], "each policy once"),
