@@ -33,6 +33,7 @@ from kvroute.bench.report import DEFAULT_OUT_DIR, print_table, save_json
 from kvroute.bench.trace_summary import (
     RunSummary,
     TraceRecord,
+    median_run,
     round_finite,
     round_opt,
     summarise,
@@ -103,6 +104,9 @@ class TraceOptions:
     slo_ms: float = 5000.0  # TTFT p90 objective
     capacity: bool = True
     capacity_steps: int = 5  # runs of the bisection per policy, beyond the main run
+    # Runs per step of the search (the start's included); a step passes when their median
+    # TTFT p90 meets the SLO, so one lucky or unlucky run does not decide it.
+    capacity_repeats: int = 1
     out_dir: Path = DEFAULT_OUT_DIR
     chart: bool = True
     router_settings: tuple[tuple[str, str], ...] = ()  # NAME=VALUE gateway setting overrides
@@ -423,7 +427,9 @@ async def _run_once(
 class _PolicyOutcome:
     main: RunSummary
     search: CapacitySearch | None = None
-    runs: dict[float, RunSummary] = field(default_factory=dict)  # by time factor
+    runs: dict[float, RunSummary] = field(default_factory=dict)  # by time factor (the median)
+    # Every run's TTFT p90 (ms) at a time factor, when the search repeats its steps.
+    repeats: dict[float, list[float]] = field(default_factory=dict)
 
     @property
     def capacity_rps(self) -> float | None:
@@ -479,24 +485,38 @@ async def run_trace_async(options: TraceOptions) -> int:
                 outcome = outcomes[name]
                 step = 0
 
+                async def repeated(
+                    factor: float, first: RunSummary | None, label: str, name: str = name
+                ) -> bool:
+                    """The step at `factor`: `capacity_repeats` runs (`first` is one already
+                    made), the median's verdict."""
+                    done = [] if first is None else [first]
+                    while len(done) < options.capacity_repeats:
+                        again = f" run {len(done) + 1}/{options.capacity_repeats}"
+                        tick = progress.phase(
+                            label + (again if options.capacity_repeats > 1 else ""),
+                            len(requests),
+                        )
+                        done.append(
+                            await _run_once(
+                                options, workload, config, name, factor, workdir, tick, peer
+                            )
+                        )
+                    outcomes[name].runs[factor] = median_run(done)
+                    if len(done) > 1:
+                        outcomes[name].repeats[factor] = [r.ttft_p90_all_ms for r in done]
+                    return outcomes[name].runs[factor].passes(options.slo_ms)
+
                 async def passes(factor: float, name: str = name) -> bool:
                     nonlocal step
                     step += 1
-                    tick = progress.phase(
-                        f"{name} capacity {step}/{options.capacity_steps} ×{factor:.3g}",
-                        len(requests),
-                    )
-                    summary = await _run_once(
-                        options, workload, config, name, factor, workdir, tick, peer
-                    )
-                    outcomes[name].runs[factor] = summary
-                    return summary.passes(options.slo_ms)
+                    label = f"{name} capacity {step}/{options.capacity_steps} ×{factor:.3g}"
+                    return await repeated(factor, None, label, name)
 
+                start = options.time_factor
+                start_passed = await repeated(start, outcome.main, f"{name} ×{start:g}", name)
                 outcome.search = await bisect_time_factor(
-                    passes,
-                    options.time_factor,
-                    outcome.main.passes(options.slo_ms),
-                    options.capacity_steps,
+                    passes, start, start_passed, options.capacity_steps
                 )
     elapsed = time.perf_counter() - started
     _print(options, outcomes)
@@ -615,6 +635,11 @@ def _report(
                     {
                         "time_factor": round(f, 4),
                         "ttft_p90_ms": round_finite(o.runs[f].ttft_p90_all_ms),
+                        **(
+                            {"ttft_p90_ms_runs": [round_finite(v) for v in o.repeats[f]]}
+                            if f in o.repeats
+                            else {}
+                        ),
                         "arrival_rps": round_opt(o.runs[f].arrival_rps, 3),
                         "passed": ok,
                     }
@@ -649,6 +674,7 @@ def _report(
             "decode_step_s": config.decode_step_s,
             "sim_speed": options.speed,
             "capacity_steps": options.capacity_steps if options.capacity else 0,
+            "capacity_repeats": options.capacity_repeats if options.capacity else 0,
             "gateway_settings": options.gateway_settings(),
             "wall_seconds": round(elapsed, 1),
         },
@@ -773,6 +799,13 @@ def add_arguments(parser: Any) -> None:
         help="runs per policy of the search for the highest arrival rate meeting the SLO",
     )
     parser.add_argument(
+        "--capacity-repeats",
+        type=int,
+        default=d.capacity_repeats,
+        help="runs per step of that search (the first run's included); a step passes when "
+        "their median TTFT p90 meets the SLO (default %(default)s)",
+    )
+    parser.add_argument(
         "--no-capacity", action="store_true", help="skip the capacity search (one run per policy)"
     )
     parser.add_argument(
@@ -802,6 +835,7 @@ def options(args: argparse.Namespace) -> TraceOptions:
         ("--engines", args.engines, 1),
         ("--kv-tokens", args.kv_tokens, 1),
         ("--capacity-steps", args.capacity_steps, 0),
+        ("--capacity-repeats", args.capacity_repeats, 1),
         ("--max-num-batched-tokens", args.max_num_batched_tokens, 0),
     ):
         if value is not None and value < low:
@@ -840,6 +874,7 @@ def options(args: argparse.Namespace) -> TraceOptions:
         slo_ms=args.slo_ms,
         capacity=not args.no_capacity,
         capacity_steps=args.capacity_steps,
+        capacity_repeats=args.capacity_repeats,
         out_dir=args.out_dir,
         chart=not args.no_chart,
         router_settings=tuple(settings),

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunSummary", "TraceRecord", "percentile", "round_finite", "round_opt", "summarise"]
+__all__ = [
+    "RunSummary",
+    "TraceRecord",
+    "median_run",
+    "percentile",
+    "round_finite",
+    "round_opt",
+    "summarise",
+]
 
 
 @dataclass(frozen=True)
@@ -140,3 +148,12 @@ def summarise(
 
 def round_opt(value: float | None, digits: int) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def median_run(runs: Sequence[RunSummary]) -> RunSummary:
+    """The run of median TTFT p90 (errors counted as infinite) among repeats at one rate; for
+    an even count the worse of the two middle ones, so a step passes only when more than half
+    of its runs met the SLO."""
+    if not runs:
+        raise ValueError("runs: expected at least one")
+    return sorted(runs, key=lambda r: r.ttft_p90_all_ms)[len(runs) // 2]

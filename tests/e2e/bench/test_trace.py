@@ -91,6 +91,29 @@ async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
     assert not (tmp_path / "trace.png").exists()
 
 
+async def test_a_repeated_capacity_search_runs_each_step_that_often(tmp_path: Path) -> None:
+    trace = conversations(tmp_path / "chats.jsonl", users=3, turns=2, gap_ms=1000)
+    options = TraceOptions(
+        trace=trace,
+        policies=(PolicyName.KV_AWARE,),
+        speed=10.0,
+        slo_ms=600_000.0,  # met by any run of 6 small requests
+        capacity_steps=1,
+        capacity_repeats=2,
+        out_dir=tmp_path,
+        chart=False,
+    )
+    assert await run_trace_async(options) == 0
+    report = json.loads((tmp_path / "trace.json").read_text())
+    assert report["setup"]["capacity_repeats"] == 2
+    trials = report["policies"]["kv_aware"]["capacity"]["trials"]
+    assert [t["time_factor"] for t in trials] == [1.0, 0.5]
+    for t in trials:  # the main run and one more at the start; two at the step
+        assert len(t["ttft_p90_ms_runs"]) == 2
+        assert t["ttft_p90_ms"] == max(t["ttft_p90_ms_runs"])  # of two, the worse decides
+        assert t["passed"]
+
+
 async def test_the_oracle_runs_through_the_same_gateway_path(tmp_path: Path) -> None:
     trace = conversations(tmp_path / "chats.jsonl", users=6, turns=4, gap_ms=500)
     options = TraceOptions(

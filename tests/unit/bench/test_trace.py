@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvroute.bench.trace import bisect_time_factor
-from kvroute.bench.trace_summary import TraceRecord, summarise
+from kvroute.bench.trace_summary import RunSummary, TraceRecord, median_run, summarise
 from kvroute.cli import main
 
 
@@ -81,6 +81,21 @@ def test_summary_of_a_run() -> None:
     assert not s.passes(75.0) and s.passes(90.0)
 
 
+def test_the_median_of_repeated_runs_decides_a_step() -> None:
+    def run(ttft: float) -> RunSummary:
+        return summarise("kv_aware", 1.0, [_record(0, "e", ttft, 0)], sim_seconds=1.0, engines=1,
+                         slo_ms=100.0)  # fmt: skip
+
+    runs = [run(t) for t in (300.0, 50.0, 90.0)]
+    assert median_run(runs) is runs[2]
+    # Of an even count the worse middle run: more than half must meet the SLO.
+    pair = [run(50.0), run(300.0)]
+    assert median_run(pair) is pair[1]
+    assert not median_run(pair).passes(100.0)
+    with pytest.raises(ValueError):
+        median_run([])
+
+
 def test_errors_count_as_misses_of_the_slo() -> None:
     records = [_record(i, "engine-0", 10.0, 0) for i in range(8)]
     records += [_record(8, "?", None, 0, status=500), _record(9, "?", None, 0, status=0)]
@@ -104,6 +119,7 @@ def test_errors_count_as_misses_of_the_slo() -> None:
         (["FILE", "--slo-ms", "-5"], "--slo-ms: expected > 0"),
         (["FILE", "--capacity-steps", "-1"], "--capacity-steps: expected >= 0"),
         (["FILE", "--max-num-batched-tokens", "-1"], "--max-num-batched-tokens: expected >= 0"),
+        (["FILE", "--capacity-repeats", "0"], "--capacity-repeats: expected >= 1"),
         (["FILE", "--router-setting", "w_load"], "expected NAME=VALUE"),
         (["FILE", "--router-setting", "nowhere=1"], "nowhere"),
         (["FILE", "--policies", "oracle,oracle"], "each policy once"),
