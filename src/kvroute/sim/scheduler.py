@@ -179,10 +179,9 @@ class SimScheduler:
             self.clock = max(self.clock, min(r.arrival for r in self.waiting))
         start = self.clock
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
+        left = cfg.max_num_batched_tokens  # prefill tokens this step may still compute
         decoding = [r for r in self.running if r._num_computed >= len(r.prompt)]
         prefilling = [r for r in self.running if r._num_computed < len(r.prompt)]
-        left = None if budget is None else budget
         prefill_tokens = 0
         work: list[SimRequest] = []  # requests whose KV grows this step
         advanced: list[SimRequest] = []  # requests that emit a token this step

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from kvroute.bench.trace import TraceOptions, run_trace_async
 from kvroute.core import PolicyName
@@ -68,19 +69,29 @@ async def test_replay_writes_the_report_and_kv_aware_hits_at_least_as_often(
     assert (tmp_path / "out" / "trace.png").read_bytes()[:8] == PNG
 
 
-async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
-    trace = conversations(tmp_path / "chats.jsonl", users=3, turns=3, gap_ms=1000)
+async def _kv_aware_capacity(
+    tmp_path: Path, turns: int, *, capacity_steps: int, capacity_repeats: int = 1
+) -> dict[str, Any]:
+    """The report of kv_aware's capacity search on 3 users × `turns` small chat requests, whose
+    SLO any run meets."""
+    trace = conversations(tmp_path / "chats.jsonl", users=3, turns=turns, gap_ms=1000)
     options = TraceOptions(
         trace=trace,
         policies=(PolicyName.KV_AWARE,),
         speed=10.0,
-        slo_ms=600_000.0,  # met by any run of 9 small requests
-        capacity_steps=2,
+        slo_ms=600_000.0,  # met by any run of these few small requests
         out_dir=tmp_path,
         chart=False,
+        capacity_steps=capacity_steps,
+        capacity_repeats=capacity_repeats,
     )
     assert await run_trace_async(options) == 0
-    report = json.loads((tmp_path / "trace.json").read_text())
+    report: dict[str, Any] = json.loads((tmp_path / "trace.json").read_text())
+    return report
+
+
+async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
+    report = await _kv_aware_capacity(tmp_path, 3, capacity_steps=2)
     row = report["policies"]["kv_aware"]
     trials = row["capacity"]["trials"]
     assert [t["time_factor"] for t in trials] == [1.0, 0.5, 0.25]
@@ -92,19 +103,7 @@ async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
 
 
 async def test_a_repeated_capacity_search_runs_each_step_that_often(tmp_path: Path) -> None:
-    trace = conversations(tmp_path / "chats.jsonl", users=3, turns=2, gap_ms=1000)
-    options = TraceOptions(
-        trace=trace,
-        policies=(PolicyName.KV_AWARE,),
-        speed=10.0,
-        slo_ms=600_000.0,  # met by any run of 6 small requests
-        capacity_steps=1,
-        capacity_repeats=2,
-        out_dir=tmp_path,
-        chart=False,
-    )
-    assert await run_trace_async(options) == 0
-    report = json.loads((tmp_path / "trace.json").read_text())
+    report = await _kv_aware_capacity(tmp_path, 2, capacity_steps=1, capacity_repeats=2)
     assert report["setup"]["capacity_repeats"] == 2
     trials = report["policies"]["kv_aware"]["capacity"]["trials"]
     assert [t["time_factor"] for t in trials] == [1.0, 0.5]
