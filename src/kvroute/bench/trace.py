@@ -65,6 +65,7 @@ __all__ = [
     "TraceOptions",
     "add_arguments",
     "bisect_time_factor",
+    "jittered_factor",
     "options",
     "run",
     "run_trace_async",
@@ -107,6 +108,10 @@ class TraceOptions:
     # Runs per step of the search (the start's included); a step passes when their median
     # TTFT p90 meets the SLO, so one lucky or unlucky run does not decide it.
     capacity_repeats: int = 1
+    # Repeat k of a step runs at the step's factor × (1 + jitter × o_k), o = 0, +1, -1, +2, ...:
+    # a replay's TTFT p90 can jump by 20% for a 0.1% change of its arrival times (a long prompt
+    # landing before or after a queue drains), and same-factor repeats land on the same side.
+    capacity_jitter: float = 0.002
     out_dir: Path = DEFAULT_OUT_DIR
     chart: bool = True
     router_settings: tuple[tuple[str, str], ...] = ()  # NAME=VALUE gateway setting overrides
@@ -192,6 +197,15 @@ async def bisect_time_factor(
         else:
             search.failed = factor
     return search
+
+
+def jittered_factor(factor: float, repeat: int, jitter: float) -> float:
+    """The time factor of a step's `repeat`-th run (0-based): `factor` itself first, then
+    `factor` × (1 + `jitter` × o) for o = +1, -1, +2, -2, ... (TraceOptions.capacity_jitter)."""
+    if repeat <= 0 or jitter == 0:
+        return factor
+    offset = (repeat + 1) // 2 * (1 if repeat % 2 else -1)
+    return factor * (1.0 + jitter * offset)
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -428,8 +442,8 @@ class _PolicyOutcome:
     main: RunSummary
     search: CapacitySearch | None = None
     runs: dict[float, RunSummary] = field(default_factory=dict)  # by time factor (the median)
-    # Every run's TTFT p90 (ms) at a time factor, when the search repeats its steps.
-    repeats: dict[float, list[float]] = field(default_factory=dict)
+    # Every run's (time factor, TTFT p90 ms) at a step's factor, when the search repeats steps.
+    repeats: dict[float, list[tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def capacity_rps(self) -> float | None:
@@ -497,14 +511,17 @@ async def run_trace_async(options: TraceOptions) -> int:
                             label + (again if options.capacity_repeats > 1 else ""),
                             len(requests),
                         )
+                        at = jittered_factor(factor, len(done), options.capacity_jitter)
                         done.append(
                             await _run_once(
-                                options, workload, config, name, factor, workdir, tick, peer
+                                options, workload, config, name, at, workdir, tick, peer
                             )
                         )
                     outcomes[name].runs[factor] = median_run(done)
                     if len(done) > 1:
-                        outcomes[name].repeats[factor] = [r.ttft_p90_all_ms for r in done]
+                        outcomes[name].repeats[factor] = [
+                            (r.time_factor, r.ttft_p90_all_ms) for r in done
+                        ]
                     return outcomes[name].runs[factor].passes(options.slo_ms)
 
                 async def passes(factor: float, name: str = name) -> bool:
@@ -636,7 +653,10 @@ def _report(
                         "time_factor": round(f, 4),
                         "ttft_p90_ms": round_finite(o.runs[f].ttft_p90_all_ms),
                         **(
-                            {"ttft_p90_ms_runs": [round_finite(v) for v in o.repeats[f]]}
+                            {
+                                "ttft_p90_ms_runs": [round_finite(v) for _, v in o.repeats[f]],
+                                "time_factor_runs": [round(t, 5) for t, _ in o.repeats[f]],
+                            }
                             if f in o.repeats
                             else {}
                         ),
@@ -675,6 +695,7 @@ def _report(
             "sim_speed": options.speed,
             "capacity_steps": options.capacity_steps if options.capacity else 0,
             "capacity_repeats": options.capacity_repeats if options.capacity else 0,
+            "capacity_jitter": options.capacity_jitter,
             "gateway_settings": options.gateway_settings(),
             "wall_seconds": round(elapsed, 1),
         },
@@ -806,6 +827,14 @@ def add_arguments(parser: Any) -> None:
         "their median TTFT p90 meets the SLO (default %(default)s)",
     )
     parser.add_argument(
+        "--capacity-jitter",
+        type=float,
+        default=d.capacity_jitter,
+        help="a step's repeats run at its time factor × (1 ± this, ± twice this, ...), so they "
+        "sample its neighbourhood: a replay's TTFT p90 can change by 20%% for a 0.1%% change "
+        "of arrival times (default %(default)s; 0: every repeat at the same factor)",
+    )
+    parser.add_argument(
         "--no-capacity", action="store_true", help="skip the capacity search (one run per policy)"
     )
     parser.add_argument(
@@ -848,6 +877,8 @@ def options(args: argparse.Namespace) -> TraceOptions:
     ):
         if not (math.isfinite(number) and number > 0):
             raise ConfigError(f"{flag}: expected > 0, got {number}")
+    if not (math.isfinite(args.capacity_jitter) and 0 <= args.capacity_jitter < 0.1):
+        raise ConfigError(f"--capacity-jitter: expected in [0, 0.1), got {args.capacity_jitter}")
     settings: list[tuple[str, str]] = []
     for item in args.router_setting:
         name, sep, value = item.partition("=")
@@ -875,6 +906,7 @@ def options(args: argparse.Namespace) -> TraceOptions:
         capacity=not args.no_capacity,
         capacity_steps=args.capacity_steps,
         capacity_repeats=args.capacity_repeats,
+        capacity_jitter=args.capacity_jitter,
         out_dir=args.out_dir,
         chart=not args.no_chart,
         router_settings=tuple(settings),

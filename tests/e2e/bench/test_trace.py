@@ -105,11 +105,14 @@ async def test_capacity_search_reports_a_rate(tmp_path: Path) -> None:
 async def test_a_repeated_capacity_search_runs_each_step_that_often(tmp_path: Path) -> None:
     report = await _kv_aware_capacity(tmp_path, 2, capacity_steps=1, capacity_repeats=2)
     assert report["setup"]["capacity_repeats"] == 2
+    assert report["setup"]["capacity_jitter"] == 0.002
     trials = report["policies"]["kv_aware"]["capacity"]["trials"]
     assert [t["time_factor"] for t in trials] == [1.0, 0.5]
     for t in trials:  # the main run and one more at the start; two at the step
         assert len(t["ttft_p90_ms_runs"]) == 2
         assert t["ttft_p90_ms"] == max(t["ttft_p90_ms_runs"])  # of two, the worse decides
+        # the repeat ran just off the step's factor (TraceOptions.capacity_jitter)
+        assert t["time_factor_runs"] == [t["time_factor"], round(t["time_factor"] * 1.002, 5)]
         assert t["passed"]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvroute.bench.trace import bisect_time_factor
+from kvroute.bench.trace import bisect_time_factor, jittered_factor
 from kvroute.bench.trace_summary import RunSummary, TraceRecord, median_run, summarise
 from kvroute.cli import main
 
@@ -96,6 +96,12 @@ def test_the_median_of_repeated_runs_decides_a_step() -> None:
         median_run([])
 
 
+def test_a_steps_repeats_run_around_its_factor_the_first_at_it() -> None:
+    factors = [jittered_factor(0.8, k, 0.002) for k in range(5)]
+    assert factors == pytest.approx([0.8, 0.8 * 1.002, 0.8 * 0.998, 0.8 * 1.004, 0.8 * 0.996])
+    assert [jittered_factor(0.8, k, 0.0) for k in range(3)] == [0.8, 0.8, 0.8]  # off
+
+
 def test_errors_count_as_misses_of_the_slo() -> None:
     records = [_record(i, "engine-0", 10.0, 0) for i in range(8)]
     records += [_record(8, "?", None, 0, status=500), _record(9, "?", None, 0, status=0)]
@@ -120,6 +126,8 @@ def test_errors_count_as_misses_of_the_slo() -> None:
         (["FILE", "--capacity-steps", "-1"], "--capacity-steps: expected >= 0"),
         (["FILE", "--max-num-batched-tokens", "-1"], "--max-num-batched-tokens: expected >= 0"),
         (["FILE", "--capacity-repeats", "0"], "--capacity-repeats: expected >= 1"),
+        (["FILE", "--capacity-jitter", "-0.001"], "--capacity-jitter: expected in [0, 0.1)"),
+        (["FILE", "--capacity-jitter", "0.5"], "--capacity-jitter: expected in [0, 0.1)"),
         (["FILE", "--router-setting", "w_load"], "expected NAME=VALUE"),
         (["FILE", "--router-setting", "nowhere=1"], "nowhere"),
         (["FILE", "--policies", "oracle,oracle"], "each policy once"),
