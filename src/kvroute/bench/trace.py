@@ -442,8 +442,8 @@ class _PolicyOutcome:
     main: RunSummary
     search: CapacitySearch | None = None
     runs: dict[float, RunSummary] = field(default_factory=dict)  # by time factor (the median)
-    # Every run's (time factor, TTFT p90 ms) at a step's factor, when the search repeats steps.
-    repeats: dict[float, list[tuple[float, float]]] = field(default_factory=dict)
+    # Every run at a step's factor (each at its own jittered factor), when the search repeats.
+    repeats: dict[float, list[RunSummary]] = field(default_factory=dict)
 
     @property
     def capacity_rps(self) -> float | None:
@@ -519,9 +519,7 @@ async def run_trace_async(options: TraceOptions) -> int:
                         )
                     outcomes[name].runs[factor] = median_run(done)
                     if len(done) > 1:
-                        outcomes[name].repeats[factor] = [
-                            (r.time_factor, r.ttft_p90_all_ms) for r in done
-                        ]
+                        outcomes[name].repeats[factor] = done
                     return outcomes[name].runs[factor].passes(options.slo_ms)
 
                 async def passes(factor: float, name: str = name) -> bool:
@@ -654,8 +652,10 @@ def _report(
                         "ttft_p90_ms": round_finite(o.runs[f].ttft_p90_all_ms),
                         **(
                             {
-                                "ttft_p90_ms_runs": [round_finite(v) for _, v in o.repeats[f]],
-                                "time_factor_runs": [round(t, 5) for t, _ in o.repeats[f]],
+                                "ttft_p90_ms_runs": [
+                                    round_finite(r.ttft_p90_all_ms) for r in o.repeats[f]
+                                ],
+                                "time_factor_runs": [round(r.time_factor, 5) for r in o.repeats[f]],
                             }
                             if f in o.repeats
                             else {}
