@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 NATIVE_SOURCES := src/kvroute/index/_native.c src/kvroute/events/_recv.c
 PYTEST := $(PY) -m pytest
+# Worker processes of `make test` and `make test-index-python` (pytest-xdist); 0: one process.
+TEST_WORKERS ?= 2
 # pytest exits 5 when a folder holds no tests yet; that is not a failure of the target.
 RUN_TESTS = $(PYTEST) $(1) || [ $$? -eq 5 ]
 SHARED ?= $(or $(KVROUTE_SHARED),../shared)
@@ -38,12 +40,12 @@ demo: $(DEMO_STAMP)
 	$(VENV)/bin/kvroute demo
 
 test: $(STAMP)
-	KVROUTE_INDEX_IMPL=native KVROUTE_RECEIVE_IMPL=native $(call RUN_TESTS,tests -q -p no:cacheprovider)
+	KVROUTE_INDEX_IMPL=native KVROUTE_RECEIVE_IMPL=native $(call RUN_TESTS,tests -q -p no:cacheprovider -n $(TEST_WORKERS))
 
 # The index and event-path tests again on the pure-Python reference index and pyzmq's receive
 # calls (`make test` runs everything on the native core and receive loop).
 test-index-python: $(STAMP)
-	KVROUTE_INDEX_IMPL=python KVROUTE_RECEIVE_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider)
+	KVROUTE_INDEX_IMPL=python KVROUTE_RECEIVE_IMPL=python $(call RUN_TESTS,tests/unit/index tests/unit/events tests/zmq/events -q -p no:cacheprovider -n $(TEST_WORKERS))
 
 # The Grafana dashboard's every panel query against a real Prometheus (Debian's package,
 # installed here when missing) scraping a gateway under load (tests/e2e/dashboard).

@@ -43,7 +43,12 @@ def test_a_fleet_entrys_curve_server_key_reaches_every_source() -> None:
     assert plain.curve_server_key is None and plain.sources()[0].curve_server_key is None
 
 
-@pytest.mark.parametrize("bad", ["short", KEY[:-1] + " ", KEY + "x", 12, KEY[:-1] + "~", ""])
+@pytest.mark.parametrize(
+    "bad",
+    ["short", KEY[:-1] + " ", KEY + "x", 12, KEY[:-1] + "~", ""],
+    # Named, not shown: the key is made at import, so its ids would differ between processes.
+    ids=["short", "space", "long", "int", "not-z85", "empty"],
+)
 def test_a_malformed_curve_server_key_is_a_config_error_naming_the_field(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"engine 'e' \(#0\): field 'curve_server_key'"):
         parse_fleet({"engines": [_engine(curve_server_key=bad)]})
