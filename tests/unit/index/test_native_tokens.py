@@ -68,9 +68,17 @@ ints = st.one_of(
 )
 
 
+# Runs of small ids, which the scan takes eight at a time (`fixint8` in _native.c), broken by
+# other encodings at every offset.
+small_runs = st.lists(
+    st.one_of(st.lists(st.integers(0, 127), min_size=1, max_size=20), st.lists(ints, max_size=3)),
+    max_size=6,
+).map(lambda parts: [v for part in parts for v in part])
+
+
 @st.composite
 def int_arrays(draw: st.DrawFn) -> bytes:
-    values = draw(st.lists(ints, max_size=40))
+    values = draw(st.one_of(st.lists(ints, max_size=40), small_runs))
     head = _header(len(values), draw(st.integers(0, 2)))
     body = b"".join(draw(st.sampled_from(_encodings(v))) for v in values)
     return head + body
@@ -110,6 +118,9 @@ def _agrees(raw: bytes) -> None:
         in_u32 = all(0 <= t < 2**32 for t in want)
         assert status == (U32 if in_u32 else WIDE), raw.hex()
     assert native.token_list(raw) == want, raw.hex()
+    # The packing the apply hashes: big-endian u32 of every id, or nothing for other verdicts.
+    packed = struct.pack(f">{len(want)}I", *want) if status == U32 else None
+    assert native.token_pack(raw) == packed, raw.hex()
 
 
 _settings = settings(
@@ -163,6 +174,15 @@ def test_random_bytes_are_refused_or_read_as_msgspec_reads_them(raw: bytes) -> N
         b"\x91\xcc\xff",
         b"\x92\xce\xff\xff\xff\xff\xd0\xff",  # wide after a u32: still scanned to the end
         b"\x92\xd0\xff\xcd\x01",  # wide, then a cut uint16
+        # eight-fixint steps: exactly eight, eight with one more array byte than ids, a run cut
+        # short of its count, a run ending on a multi-byte id, a trailing byte after a run
+        b"\x98" + bytes(range(8)),
+        b"\x97" + bytes(range(8)),
+        b"\x99" + bytes(range(8)),
+        b"\x99" + bytes(range(8)) + b"\xcd\x01\x02",
+        b"\x9a" + bytes(range(8)) + b"\xcd\x01",
+        b"\x98" + bytes(range(8)) + b"\x00",
+        b"\xdc\x00\x11" + bytes(range(17)),
     ],
 )
 def test_edge_cases_read_as_msgspec_reads_them(raw: bytes) -> None:
