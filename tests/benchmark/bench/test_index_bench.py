@@ -59,8 +59,9 @@ def test_the_live_path_applies_the_same_stores_as_the_int_lists() -> None:
     if factory is None:
         pytest.skip("the native index is not built")
     lists, raw = factory(), factory()
-    index_bench._time_apply(lists, 300, 32)
-    index_bench._time_apply(raw, 300, 32, raw=True)
+    payloads = index_bench._aibrix_payloads(300, 32)
+    index_bench._time_apply(lists, payloads)
+    index_bench._time_apply(raw, payloads, raw=True)
     src = source_id("engine-0", 0)
     assert lists.source_block_count(src) == raw.source_block_count(src) == 300
     for i in (0, 7, 299, 300):
