@@ -1917,6 +1917,8 @@ typedef struct {
     NativeMap *blocks, *holders;
     u64 bit;
     int plain; /* no aliases and no other media: release is one holder bit */
+    int pend;  /* a store's last block waits for its holder step: pend_local (flush_holder) */
+    u64 pend_local;
 } run_t;
 
 static int refresh_plain(run_t *r) {
@@ -1970,6 +1972,44 @@ static PyObject *call_method_long(PyObject *obj, PyObject *name, PyObject *a, Py
 /* One common BlockStored (the checks of prefix_index.py's inline path hold): store its blocks.
  * Returns the number of new hashes, or -1 on error. */
 #define STORE_CHUNK 16
+/* One block's holder: this source's bit set on its local hash. 1 if the hash is new to the
+ * index, 0 if not, -1 on error. */
+static long holder_step(run_t *r, u64 local) {
+    NativeMap *hold = r->holders;
+    Py_ssize_t slot, ix = find_int(hold, local, &slot);
+    if (ix < 0) {
+        if (map_append_int(hold, local, r->bit, slot) < 0) return -1;
+        return 1;
+    }
+    if (FLAG(hold, ix) & F_OVAL) {
+        PyErr_SetString(PyExc_RuntimeError, "apply_run: a holder mask past bit 63");
+        return -1;
+    }
+    if (!(hold->entries[ix].v & r->bit)) {
+        hold->entries[ix].v |= r->bit;
+        return 0;
+    }
+    /* held already under another key or in another medium */
+    PyObject *lo = PyLong_FromUnsignedLongLong(local);
+    PyObject *hm = lo ? get_hm(r) : NULL;
+    PyObject *res = hm ? call_method_long(hm, s_hold_again, r->src, lo, NULL, NULL) : NULL;
+    Py_XDECREF(lo);
+    if (res == NULL) return -1;
+    Py_DECREF(res);
+    return refresh_plain(r) < 0 ? -1 : 0;
+}
+
+/* The holder step a store left pending (its last block's), taken now. A store's last holder
+ * slot was asked for (prefetch) only a hash before its read, and its miss was ~half of
+ * `find_int`'s time; it now waits until the next store's tokens are scanned and hashed. Only
+ * pure C runs between (the next event's checks, its parent's and blocks' slots in the block
+ * map, packing, hashing): every other step, and every call into Python, takes it first. */
+static long flush_holder(run_t *r) {
+    if (!r->pend) return 0;
+    r->pend = 0;
+    return holder_step(r, r->pend_local);
+}
+
 static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n,
                          Py_ssize_t step, u64 h, PyObject *spec) {
     long new_hashes = 0;
@@ -1981,6 +2021,11 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
             for (Py_ssize_t k = j; k < n && k < j + STORE_CHUNK; k++) {
                 locals[k - j] = h = xxh3_64(buf + step * k, (size_t)step, h);
                 prefetch_slot(r->holders, h);
+            }
+            if (j == 0) {
+                long got = flush_holder(r); /* the store before's last block */
+                if (got < 0) return -1;
+                new_hashes += got;
             }
         }
         u64 local = locals[j % STORE_CHUNK];
@@ -2016,25 +2061,14 @@ static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n
             continue;
         }
         if (map_append_int(r->blocks, eh, local, slot) < 0) return -1;
-        NativeMap *hold = r->holders;
-        ix = find_int(hold, local, &slot);
-        if (ix < 0) {
-            if (map_append_int(hold, local, r->bit, slot) < 0) return -1;
-            new_hashes++;
-        } else if (FLAG(hold, ix) & F_OVAL) {
-            PyErr_SetString(PyExc_RuntimeError, "apply_run: a holder mask past bit 63");
-            return -1;
-        } else if (!(hold->entries[ix].v & r->bit)) {
-            hold->entries[ix].v |= r->bit;
-        } else { /* held already under another key or in another medium */
-            PyObject *lo = PyLong_FromUnsignedLongLong(local);
-            PyObject *hm = lo ? get_hm(r) : NULL;
-            PyObject *res = hm ? call_method_long(hm, s_hold_again, r->src, lo, NULL, NULL) : NULL;
-            Py_XDECREF(lo);
-            if (res == NULL) return -1;
-            Py_DECREF(res);
-            if (refresh_plain(r) < 0) return -1;
+        if (j == n - 1) { /* its holder slot is read once the next store is hashed */
+            r->pend = 1;
+            r->pend_local = local;
+            continue;
         }
+        long got = holder_step(r, local);
+        if (got < 0) return -1;
+        new_hashes += got;
     }
     return new_hashes;
 }
@@ -2377,6 +2411,7 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
     long stored = 0, removed = 0, new_hashes = 0, gone = 0;
     int unhandled = 0;
     r.hm = NULL;
+    r.pend = 0;
     if (!PyObject_TypeCheck(r.src, g_state_type)) {
         PyErr_SetString(PyExc_TypeError, "apply_run: src must be a SourceState");
         return NULL;
@@ -2494,6 +2529,9 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
                 unhandled = 1;
                 break;
             }
+            long got = flush_holder(&r);
+            if (got < 0) goto done;
+            new_hashes += got;
             int ok = remove_blocks(&r, hashes, &gone);
             if (ok < 0) goto done;
             removed += ok;
@@ -2502,6 +2540,9 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
         unhandled = 1;
         break;
     }
+    long got = flush_holder(&r); /* before the caller, or the reference model, reads anything */
+    if (got < 0) goto done;
+    new_hashes += got;
     /* The counts go into the caller's list, the next index is the result: no tuple per call
      * (a tuple is tracked by the GC, and a collection inside apply would walk every young
      * object of the process). */
@@ -2515,6 +2556,12 @@ static PyObject *py_apply_run(PyObject *mod, PyObject *const *args, Py_ssize_t n
     }
     result = PyLong_FromSsize_t(i);
 done:
+    if (r.pend) { /* an error after a store: its holder step still belongs to the index */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (flush_holder(&r) < 0) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
     Py_XDECREF(r.hm);
     Py_XDECREF(last_size_obj);
     Py_XDECREF(last_lora);
