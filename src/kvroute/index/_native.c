@@ -457,8 +457,8 @@ static inline int tok_int(const u8 *p, size_t len, size_t *pos, u64 *v, int *neg
 /* 1 if the 8 bytes at p[pos] are all there and all positive fixints: eight whole ids of one
  * byte each, tested with one load. The loops below test it only at an id that is itself a
  * fixint, so streams of other encodings pay nothing; runs of small ids (a small vocabulary,
- * bytes and punctuation, the AIBrix apply workload in bench/index_bench.py) then take one step
- * for eight ids instead of eight of ~1-2 ns. */
+ * the AIBrix apply workload in bench/index_bench.py) then take one step for eight ids instead
+ * of eight of ~1-2 ns. */
 static inline int fixint8(const u8 *p, size_t len, size_t pos, size_t ids_left, u64 *w) {
     if (ids_left < 8 || pos > len || len - pos < 8) return 0;
     memcpy(w, p + pos, 8);
@@ -1969,9 +1969,6 @@ static PyObject *call_method_long(PyObject *obj, PyObject *name, PyObject *a, Py
     return res;
 }
 
-/* One common BlockStored (the checks of prefix_index.py's inline path hold): store its blocks.
- * Returns the number of new hashes, or -1 on error. */
-#define STORE_CHUNK 16
 /* One block's holder: this source's bit set on its local hash. 1 if the hash is new to the
  * index, 0 if not, -1 on error. */
 static long holder_step(run_t *r, u64 local) {
@@ -2010,6 +2007,9 @@ static long flush_holder(run_t *r) {
     return holder_step(r, r->pend_local);
 }
 
+/* One common BlockStored (the checks of prefix_index.py's inline path hold): store its blocks.
+ * Returns the number of new hashes, or -1 on error. */
+#define STORE_CHUNK 16
 static long store_blocks(run_t *r, PyObject *hashes, const u8 *buf, Py_ssize_t n,
                          Py_ssize_t step, u64 h, PyObject *spec) {
     long new_hashes = 0;
