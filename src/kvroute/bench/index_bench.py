@@ -154,25 +154,20 @@ class NaiveIndex:
 # --- (a) apply rate -----------------------------------------------------------------------------
 
 
-def _aibrix_batches(n: int, per_batch: int, start: int = 0) -> Iterator[list[EventBatch]]:
-    """1-block BlockStored events of 100 tokens, block size 100, unique hashes; in chunks."""
+def _aibrix_batches(n: int, per_batch: int) -> Iterator[EventBatch]:
+    """1-block BlockStored events of 100 tokens, block size 100, unique hashes."""
     tail = list(range(1, 100))
-    chunk = 8192
-    for lo in range(start, start + n, chunk):
-        hi = min(start + n, lo + chunk)
-        batches = []
-        for b in range(lo, hi, per_batch):
-            events: list[Any] = [
-                BlockStored([(1 << 63) + i], None, [i, *tail], 100, None, "GPU", 0)
-                for i in range(b, min(hi, b + per_batch))
-            ]
-            batches.append(EventBatch(float(b), events))
-        yield batches
+    for b in range(0, n, per_batch):
+        events: list[Any] = [
+            BlockStored([(1 << 63) + i], None, [i, *tail], 100, None, "GPU", 0)
+            for i in range(b, min(n, b + per_batch))
+        ]
+        yield EventBatch(float(b), events)
 
 
 def _aibrix_payloads(n: int, per_batch: int) -> list[bytes]:
     """The AIBrix events as an engine publishes them: one msgpack message per batch."""
-    return [encode_batch(_wire(b)) for chunk in _aibrix_batches(n, per_batch) for b in chunk]
+    return [encode_batch(_wire(b)) for b in _aibrix_batches(n, per_batch)]
 
 
 def _wire(batch: EventBatch) -> VllmEventBatch:
@@ -236,12 +231,14 @@ def run_apply(size: str = "smoke", out_dir: Path = DEFAULT_OUT_DIR) -> dict[str,
     ]
     runs.append((NAIVE, 32, False))
     rates: dict[tuple[str, int], float] = {}
-    payloads: dict[int, list[bytes]] = {}
+    # The runs come by events per batch, so one set of payloads is held at a time.
+    held_for, payloads = 0, list[bytes]()
     for name, per_batch, raw in runs:
-        if per_batch not in payloads:
-            payloads = {per_batch: _aibrix_payloads(n, per_batch)}  # one set held at a time
+        if per_batch != held_for:
+            payloads = []  # the last set freed before the next is made
+            held_for, payloads = per_batch, _aibrix_payloads(n, per_batch)
         gc.collect()
-        seconds = _time_apply(made[name](), payloads[per_batch], raw=raw)
+        seconds = _time_apply(made[name](), payloads, raw=raw)
         rate = n / seconds
         if not raw:
             rates[(name, per_batch)] = rate
